@@ -1,0 +1,4593 @@
+/* iii.c - the iii engine in one C file.
+ *
+ * WHAT IT DOES
+ * Workers written in any language connect over WebSocket, register functions, trigger types
+ * and triggers; the engine keeps the live registry and routes every invocation to the worker
+ * that provides the target function, then routes the result back. It speaks the wire protocol
+ * of the reference iii engine (../shared/spec/PROTOCOL.md) so the official SDKs work unchanged.
+ *
+ * PROCESS MODEL
+ * One thread, one poll() loop. Sockets are non-blocking; signals arrive through a self-pipe;
+ * timers are monotonic-clock deadlines scanned when the poll set is built. Declared workers
+ * are child processes (fork/exec) in their own process groups, their output captured through
+ * pipes that are part of the same poll set.
+ *
+ * MESSAGE FLOW
+ *   caller --invokefunction--> engine: parse the envelope (data is validated, not tokenized),
+ *   look up (namespace, function_id), record the pending call on both connections, append one
+ *   invokefunction frame to the target's output buffer with data copied once as raw bytes
+ *   --> target --invocationresult--> engine: find the call by id, append one invocationresult
+ *   frame to the caller's output --> caller. Output is written once per connection per turn.
+ *
+ * MEMORY AND LIMITS
+ * All allocation goes through xmalloc/xrealloc/xfree (counted, fail-injectable in tests). Every
+ * buffer append checks a cap; an allocation failure closes one connection, never the engine.
+ * Limits live in iii.h and in the `iii-worker-manager` config block.
+ *
+ * CONTENTS (grep -n '^/\* ====' iii.c)
+ *   includes and types, utilities, buffer, SHA-1 and base64, UTF-8, JSON, YAML subset, config,
+ *   hash map, sockets, HTTP, WebSocket frames, connections, registry, router, engine functions,
+ *   triggers and discovery, channels, supervisor, event loop, CLI client, main.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "iii.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <netdb.h>
+#include <poll.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/utsname.h>
+#include <sys/wait.h>
+
+/* ==== Utilities =============================================================================
+ * Logging through one macro that checks the level before formatting; die() only before the
+ * loop starts; allocation wrappers that count live bytes and can be told to fail (tests);
+ * clocks in int64 milliseconds; random ids from /dev/urandom with a xorshift fallback.
+ */
+enum { LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG, LOG_TRACE };
+static int log_level = LOG_INFO;
+static const char *log_names[] = {"error", "warn", "info", "debug", "trace"};
+
+#ifdef __GNUC__
+#define III_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#define III_NORETURN __attribute__((noreturn))
+#else
+#define III_PRINTF(a, b)
+#define III_NORETURN
+#endif
+
+static void log_write(int level, const char *fmt, ...) III_PRINTF(2, 3);
+#define LOG(level, ...)                                                                        \
+    do {                                                                                       \
+        if ((level) <= log_level) log_write((level), __VA_ARGS__);                             \
+    } while (0)
+
+/* Writes one "iii: level: text" line to stderr in a single write() (lines do not interleave). */
+static void log_write(int level, const char *fmt, ...)
+{
+    char line[1024];
+    int n = snprintf(line, sizeof line, "iii: %s: ", log_names[level]);
+    va_list ap;
+    va_start(ap, fmt);
+    int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
+    va_end(ap);
+    if (m < 0) m = 0;
+    size_t len = (size_t)n + (size_t)m;
+    if (len > sizeof line - 2) len = sizeof line - 2;
+    line[len++] = '\n';
+    ssize_t w = write(2, line, len);
+    (void)w;
+}
+
+static void die(const char *fmt, ...) III_PRINTF(1, 2) III_NORETURN;
+/* Prints "iii: message" and exits 1. Only for start-up errors, before the loop runs. */
+static void die(const char *fmt, ...)
+{
+    va_list ap;
+    fputs("iii: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    exit(1);
+}
+
+/* Allocation accounting: a size header in front of every block keeps live-byte counts exact. */
+static size_t mem_live_bytes, mem_allocs_total;
+static long mem_fail_after = -1; /* tests: fail the k-th allocation from now (-1 = never) */
+#define MEM_HDR 16               /* keeps the user pointer aligned for any type */
+
+static void *xmalloc(size_t n)
+{
+    if (mem_fail_after >= 0 && mem_fail_after-- == 0) return NULL;
+    if (n > SIZE_MAX - MEM_HDR) return NULL;
+    unsigned char *p = malloc(n + MEM_HDR);
+    if (!p) return NULL;
+    memcpy(p, &n, sizeof n);
+    mem_live_bytes += n;
+    mem_allocs_total++;
+    return p + MEM_HDR;
+}
+
+static void xfree(void *q)
+{
+    if (!q) return;
+    unsigned char *p = (unsigned char *)q - MEM_HDR;
+    size_t n;
+    memcpy(&n, p, sizeof n);
+    mem_live_bytes -= n;
+    free(p);
+}
+
+static void *xrealloc(void *q, size_t n)
+{
+    if (!q) return xmalloc(n);
+    if (mem_fail_after >= 0 && mem_fail_after-- == 0) return NULL;
+    if (n > SIZE_MAX - MEM_HDR) return NULL;
+    unsigned char *p = (unsigned char *)q - MEM_HDR;
+    size_t old;
+    memcpy(&old, p, sizeof old);
+    p = realloc(p, n + MEM_HDR);
+    if (!p) return NULL;
+    memcpy(p, &n, sizeof n);
+    mem_live_bytes = mem_live_bytes - old + n;
+    mem_allocs_total++;
+    return p + MEM_HDR;
+}
+
+static void *xcalloc(size_t n)
+{
+    void *p = xmalloc(n);
+    if (p) memset(p, 0, n);
+    return p;
+}
+
+static char *xstrndup(const char *s, size_t n)
+{
+    char *d = xmalloc(n + 1);
+    if (!d) return NULL;
+    memcpy(d, s, n);
+    d[n] = 0;
+    return d;
+}
+
+static char *xstrdup(const char *s) { return s ? xstrndup(s, strlen(s)) : NULL; }
+
+/* Milliseconds from CLOCK_MONOTONIC: immune to wall-clock jumps. */
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Wall-clock milliseconds since the epoch, for connected_at_ms. */
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Random bytes: a ChaCha-free design is enough here, ids need uniqueness and unguessability
+ * (reattach tokens, channel keys), so the pool is refilled from /dev/urandom; when that is
+ * unavailable a xorshift seeded from time and pid keeps the engine working (logged once). */
+static unsigned char rnd_pool[512];
+static size_t rnd_left;
+static uint64_t rnd_state;
+
+static void rnd_bytes(unsigned char *out, size_t n)
+{
+    while (n) {
+        if (!rnd_left) {
+            int fd = open("/dev/urandom", O_RDONLY);
+            ssize_t r = fd >= 0 ? read(fd, rnd_pool, sizeof rnd_pool) : -1;
+            if (fd >= 0) close(fd);
+            if (r != (ssize_t)sizeof rnd_pool) {
+                if (!rnd_state) rnd_state = (uint64_t)now_ms() * 0x9E3779B97F4A7C15u ^ (uint64_t)getpid();
+                for (size_t i = 0; i < sizeof rnd_pool; i++) {
+                    rnd_state ^= rnd_state << 13, rnd_state ^= rnd_state >> 7, rnd_state ^= rnd_state << 17;
+                    rnd_pool[i] = (unsigned char)(rnd_state >> 32);
+                }
+            }
+            rnd_left = sizeof rnd_pool;
+        }
+        *out++ = rnd_pool[--rnd_left];
+        n--;
+    }
+}
+
+/* Writes a lowercase hyphenated UUIDv4 (36 chars + NUL) into out. */
+static void uuid_new(char out[37])
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char b[16];
+    rnd_bytes(b, 16);
+    b[6] = (unsigned char)((b[6] & 0x0F) | 0x40);
+    b[8] = (unsigned char)((b[8] & 0x3F) | 0x80);
+    int j = 0;
+    for (int i = 0; i < 16; i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10) out[j++] = '-';
+        out[j++] = hex[b[i] >> 4];
+        out[j++] = hex[b[i] & 15];
+    }
+    out[36] = 0;
+}
+
+/* 1 if s[0..n) is a hyphenated UUID (8-4-4-4-12 hex digits, any case). */
+static int uuid_valid(const char *s, size_t n)
+{
+    if (n != 36) return 0;
+    for (size_t i = 0; i < 36; i++) {
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (s[i] != '-') return 0;
+        } else if (!isxdigit((unsigned char)s[i])) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* 1 if a[0..n) equals b[0..n) ignoring ASCII case (no locale involved). */
+static int str_ncaseeq(const char *a, const char *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (tolower((unsigned char)a[i]) != tolower((unsigned char)b[i])) return 0;
+    return 1;
+}
+
+/* 1 if s[0..n) is empty or only ASCII white space (a "blank" namespace). */
+static int str_blank(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!isspace((unsigned char)s[i])) return 0;
+    return 1;
+}
+
+/* ==== Buffer ================================================================================
+ * One growable byte buffer for everything: append at len, consume by advancing off, compact
+ * lazily. Sizes are checked for overflow before any arithmetic (32-bit matters). Appends fail
+ * with -1 on OOM; callers turn that into closing one connection.
+ */
+struct buf {
+    unsigned char *p;
+    size_t len, cap, off; /* data is p[off..len) */
+};
+
+/* Ensures room for n more bytes after len. 0 ok, -1 OOM or overflow. */
+static int buf_reserve(struct buf *b, size_t n)
+{
+    if (b->cap - b->len >= n) return 0;
+    if (b->off && b->off == b->len) b->off = b->len = 0;
+    if (b->off > b->cap / 2 || (b->off && b->cap - (b->len - b->off) >= n)) {
+        memmove(b->p, b->p + b->off, b->len - b->off);
+        b->len -= b->off;
+        b->off = 0;
+        if (b->cap - b->len >= n) return 0;
+    }
+    if (n > SIZE_MAX - b->len) return -1;
+    size_t need = b->len + n, cap = b->cap ? b->cap : 256;
+    while (cap < need) {
+        if (cap > SIZE_MAX / 2) {
+            cap = need;
+            break;
+        }
+        cap *= 2;
+    }
+    unsigned char *p = xrealloc(b->p, cap);
+    if (!p) return -1;
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static int buf_append(struct buf *b, const void *d, size_t n)
+{
+    if (!n) return 0;
+    if (buf_reserve(b, n) < 0) return -1;
+    memcpy(b->p + b->len, d, n);
+    b->len += n;
+    return 0;
+}
+
+static int buf_puts(struct buf *b, const char *s) { return buf_append(b, s, strlen(s)); }
+
+static int buf_putc(struct buf *b, int c)
+{
+    if (buf_reserve(b, 1) < 0) return -1;
+    b->p[b->len++] = (unsigned char)c;
+    return 0;
+}
+
+static int buf_printf(struct buf *b, const char *fmt, ...) III_PRINTF(2, 3);
+static int buf_printf(struct buf *b, const char *fmt, ...)
+{
+    char tmp[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    if (n < 0) return -1;
+    if ((size_t)n < sizeof tmp) return buf_append(b, tmp, (size_t)n);
+    if (buf_reserve(b, (size_t)n + 1) < 0) return -1;
+    va_start(ap, fmt);
+    vsnprintf((char *)b->p + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+    return 0;
+}
+
+static size_t buf_used(const struct buf *b) { return b->len - b->off; }
+static unsigned char *buf_data(const struct buf *b) { return b->p + b->off; }
+
+/* Marks n bytes consumed; releases a large buffer once it is drained (frugal when idle). */
+static void buf_consume(struct buf *b, size_t n)
+{
+    b->off += n;
+    if (b->off >= b->len) {
+        b->off = b->len = 0;
+        if (b->cap > III_BUF_SHRINK) {
+            xfree(b->p);
+            b->p = NULL;
+            b->cap = 0;
+        }
+    }
+}
+
+static void buf_free(struct buf *b)
+{
+    xfree(b->p);
+    b->p = NULL;
+    b->len = b->cap = b->off = 0;
+}
+
+/* Makes the buffer's data a NUL-terminated C string (NUL not counted). NULL on OOM. */
+static char *buf_cstr(struct buf *b)
+{
+    if (buf_reserve(b, 1) < 0) return NULL;
+    b->p[b->len] = 0;
+    return (char *)b->p + b->off;
+}
+
+/* ==== SHA-1 and base64 ======================================================================
+ * SHA-1 (FIPS 180-4 / RFC 3174) only for the Sec-WebSocket-Accept value; base64 (RFC 4648 §4)
+ * for the same, and for validating Sec-WebSocket-Key. Byte order is explicit (big-endian words
+ * assembled with shifts), so the code is right on any host.
+ */
+struct sha1 {
+    uint32_t h[5];
+    uint64_t n; /* bytes hashed so far */
+    unsigned char blk[64];
+    size_t fill;
+};
+
+#define SHA1_ROL(x, k) (((x) << (k)) | ((x) >> (32 - (k))))
+
+static void sha1_block(struct sha1 *s, const unsigned char *p)
+{
+    uint32_t w[80], a = s->h[0], b = s->h[1], c = s->h[2], d = s->h[3], e = s->h[4];
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 |
+               (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
+    for (int i = 16; i < 80; i++) w[i] = SHA1_ROL(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
+    for (int i = 0; i < 80; i++) {
+        uint32_t f, k;
+        if (i < 20) f = (b & c) | (~b & d), k = 0x5A827999;
+        else if (i < 40) f = b ^ c ^ d, k = 0x6ED9EBA1;
+        else if (i < 60) f = (b & c) | (b & d) | (c & d), k = 0x8F1BBCDC;
+        else f = b ^ c ^ d, k = 0xCA62C1D6;
+        uint32_t t = SHA1_ROL(a, 5) + f + e + k + w[i];
+        e = d, d = c, c = SHA1_ROL(b, 30), b = a, a = t;
+    }
+    s->h[0] += a, s->h[1] += b, s->h[2] += c, s->h[3] += d, s->h[4] += e;
+}
+
+static void sha1_init(struct sha1 *s)
+{
+    static const uint32_t h0[5] = {0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0};
+    memcpy(s->h, h0, sizeof h0);
+    s->n = 0;
+    s->fill = 0;
+}
+
+static void sha1_update(struct sha1 *s, const void *data, size_t len)
+{
+    const unsigned char *p = data;
+    s->n += len;
+    while (len) {
+        size_t k = 64 - s->fill < len ? 64 - s->fill : len;
+        memcpy(s->blk + s->fill, p, k);
+        s->fill += k, p += k, len -= k;
+        if (s->fill == 64) sha1_block(s, s->blk), s->fill = 0;
+    }
+}
+
+static void sha1_final(struct sha1 *s, unsigned char out[20])
+{
+    uint64_t bits = s->n * 8;
+    unsigned char pad = 0x80, zero = 0, len[8];
+    sha1_update(s, &pad, 1);
+    while (s->fill != 56) sha1_update(s, &zero, 1);
+    for (int i = 0; i < 8; i++) len[i] = (unsigned char)(bits >> (56 - 8 * i));
+    sha1_update(s, len, 8);
+    for (int i = 0; i < 20; i++) out[i] = (unsigned char)(s->h[i / 4] >> (24 - 8 * (i % 4)));
+}
+
+static const char b64_tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/* Encodes n bytes to out (4*ceil(n/3)+1 bytes of room), NUL-terminated. Returns the length. */
+static size_t b64_encode(const unsigned char *in, size_t n, char *out)
+{
+    size_t j = 0;
+    for (size_t i = 0; i < n; i += 3) {
+        uint32_t v = (uint32_t)in[i] << 16;
+        if (i + 1 < n) v |= (uint32_t)in[i + 1] << 8;
+        if (i + 2 < n) v |= in[i + 2];
+        out[j++] = b64_tab[v >> 18 & 63];
+        out[j++] = b64_tab[v >> 12 & 63];
+        out[j++] = i + 1 < n ? b64_tab[v >> 6 & 63] : '=';
+        out[j++] = i + 2 < n ? b64_tab[v & 63] : '=';
+    }
+    out[j] = 0;
+    return j;
+}
+
+/* Decodes canonical padded base64; returns the decoded length or -1 if malformed. */
+static long b64_decode(const char *in, size_t n, unsigned char *out, size_t cap)
+{
+    if (n % 4) return -1;
+    size_t j = 0;
+    for (size_t i = 0; i < n; i += 4) {
+        uint32_t v = 0;
+        int pad = 0;
+        for (int k = 0; k < 4; k++) {
+            char c = in[i + k];
+            const char *q = c ? strchr(b64_tab, c) : NULL;
+            if (c == '=' && i + 4 == n && k >= 2) {
+                pad++;
+                v <<= 6;
+                continue;
+            }
+            if (!q || pad) return -1;
+            v = v << 6 | (uint32_t)(q - b64_tab);
+        }
+        for (int k = 0; k < 3 - pad; k++) {
+            if (j >= cap) return -1;
+            out[j++] = (unsigned char)(v >> (16 - 8 * k));
+        }
+    }
+    return (long)j;
+}
+
+/* ==== UTF-8 =================================================================================
+ * A streaming validator (RFC 3629): the state survives between fragments, so a text message is
+ * rejected at its first invalid byte even when the message is not complete (RFC 6455 §8.1
+ * "fail fast"). Overlongs, surrogates and code points above U+10FFFF are invalid.
+ */
+struct utf8 {
+    unsigned char need, lo, hi; /* continuation bytes still expected; allowed range of next */
+};
+
+/* Feeds n bytes. 0 while valid so far, -1 at the first invalid byte. */
+static int utf8_feed(struct utf8 *u, const unsigned char *p, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        if (!u->need) {
+            /* fast path: skip ASCII eight bytes at a time */
+            while (i + 8 <= n) {
+                uint64_t w;
+                memcpy(&w, p + i, 8);
+                if (w & UINT64_C(0x8080808080808080)) break;
+                i += 8;
+            }
+            if (i >= n) break;
+            unsigned char c = p[i++];
+            if (c < 0x80) continue;
+            u->lo = 0x80, u->hi = 0xBF;
+            if (c >= 0xC2 && c <= 0xDF) u->need = 1;
+            else if (c == 0xE0) u->need = 2, u->lo = 0xA0;
+            else if ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF) u->need = 2;
+            else if (c == 0xED) u->need = 2, u->hi = 0x9F;
+            else if (c == 0xF0) u->need = 3, u->lo = 0x90;
+            else if (c >= 0xF1 && c <= 0xF3) u->need = 3;
+            else if (c == 0xF4) u->need = 3, u->hi = 0x8F;
+            else return -1;
+        } else {
+            unsigned char c = p[i++];
+            if (c < u->lo || c > u->hi) return -1;
+            u->need--;
+            u->lo = 0x80, u->hi = 0xBF;
+        }
+    }
+    return 0;
+}
+
+/* 1 if the whole of p[0..n) is valid UTF-8. */
+static int utf8_valid(const unsigned char *p, size_t n)
+{
+    struct utf8 u = {0, 0, 0};
+    return utf8_feed(&u, p, n) == 0 && u.need == 0;
+}
+
+/* Appends code point cp as UTF-8. */
+static int utf8_put(struct buf *b, uint32_t cp)
+{
+    unsigned char t[4];
+    size_t n;
+    if (cp < 0x80) t[0] = (unsigned char)cp, n = 1;
+    else if (cp < 0x800) t[0] = (unsigned char)(0xC0 | cp >> 6), t[1] = (unsigned char)(0x80 | (cp & 63)), n = 2;
+    else if (cp < 0x10000)
+        t[0] = (unsigned char)(0xE0 | cp >> 12), t[1] = (unsigned char)(0x80 | (cp >> 6 & 63)),
+        t[2] = (unsigned char)(0x80 | (cp & 63)), n = 3;
+    else
+        t[0] = (unsigned char)(0xF0 | cp >> 18), t[1] = (unsigned char)(0x80 | (cp >> 12 & 63)),
+        t[2] = (unsigned char)(0x80 | (cp >> 6 & 63)), t[3] = (unsigned char)(0x80 | (cp & 63)), n = 4;
+    return buf_append(b, t, n);
+}
+
+/* ==== JSON ==================================================================================
+ * A strict RFC 8259 parser that produces a flat token array (jsmn style) without recursion:
+ * an explicit stack of at most III_JSON_MAX_DEPTH containers. Each token records the byte span
+ * of its value in the source, so any sub-value can be relayed as the exact bytes that arrived
+ * (numbers keep their spelling, duplicate keys stay). Containers deeper than `tokdepth` are
+ * validated but not tokenized: routing only needs the envelope, never the payload's inside.
+ *
+ * Tokens: an object token is followed by its members as key (string) token, value token(s);
+ * an array token by its elements. `next` is the index just past a value's subtree, so walking
+ * siblings is `i = t[i].next`.
+ *
+ * The writer side is a handful of buf helpers that escape strings (json_put_str) and splice raw
+ * slices (json_put_raw).
+ */
+enum { J_NULL = 1, J_FALSE, J_TRUE, J_NUMBER, J_STRING, J_ARRAY, J_OBJECT };
+
+struct jtok {
+    unsigned char type;
+    unsigned char esc;   /* string: contains a backslash escape */
+    unsigned char opaque; /* container deeper than tokdepth: children not tokenized */
+    uint32_t start, end; /* value's bytes: src[start..end), strings include their quotes */
+    uint32_t next;       /* token index after this value's subtree */
+    uint32_t n;          /* children: array elements or object members */
+};
+
+struct jdoc {
+    const unsigned char *src;
+    size_t len;
+    struct jtok *t;
+    uint32_t nt, cap;
+    uint32_t max; /* token cap for this parse */
+};
+
+/* Validates one string starting at the opening quote s[*pos]; advances *pos past the closing
+ * quote. Control characters are rejected, escapes checked (\uXXXX needs four hex digits; lone
+ * surrogates are syntactically valid JSON and accepted), raw bytes must be valid UTF-8 unless
+ * the caller already validated the whole input. Sets *esc when a backslash was seen. */
+static int json_scan_str(const unsigned char *s, size_t n, size_t *pos, int check_utf8, int *esc)
+{
+    size_t i = *pos + 1;
+    struct utf8 u = {0, 0, 0};
+    *esc = 0;
+    for (;;) {
+        size_t st = i;
+        while (i < n && s[i] != '"' && s[i] != '\\' && s[i] >= 0x20) i++;
+        if (check_utf8 && utf8_feed(&u, s + st, i - st) < 0) return -1;
+        if (i >= n || s[i] < 0x20) return -1;
+        if (s[i] == '"') break;
+        *esc = 1;
+        if (++i >= n) return -1;
+        switch (s[i]) {
+        case '"': case '\\': case '/': case 'b': case 'f': case 'n': case 'r': case 't':
+            i++;
+            break;
+        case 'u':
+            if (i + 4 >= n) return -1;
+            for (int k = 1; k <= 4; k++)
+                if (!isxdigit(s[i + k])) return -1;
+            i += 5;
+            break;
+        default:
+            return -1;
+        }
+    }
+    if (u.need) return -1;
+    *pos = i + 1;
+    return 0;
+}
+
+/* Validates a number per the RFC 8259 grammar; advances *pos. */
+static int json_scan_num(const unsigned char *s, size_t n, size_t *pos)
+{
+    size_t i = *pos;
+    if (i < n && s[i] == '-') i++;
+    if (i >= n) return -1;
+    if (s[i] == '0') i++;
+    else if (s[i] >= '1' && s[i] <= '9') while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+    else return -1;
+    if (i < n && s[i] == '.') {
+        i++;
+        if (i >= n || s[i] < '0' || s[i] > '9') return -1;
+        while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+    }
+    if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+        i++;
+        if (i < n && (s[i] == '+' || s[i] == '-')) i++;
+        if (i >= n || s[i] < '0' || s[i] > '9') return -1;
+        while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+    }
+    *pos = i;
+    return 0;
+}
+
+static int json_push(struct jdoc *d, int type, size_t start)
+{
+    if (d->nt >= d->max) return -1;
+    if (d->nt == d->cap) {
+        uint32_t nc = d->cap ? d->cap * 2 : 64;
+        if (nc > d->max) nc = d->max;
+        struct jtok *t = xrealloc(d->t, (size_t)nc * sizeof *t);
+        if (!t) return -1;
+        d->t = t, d->cap = nc;
+    }
+    struct jtok *t = &d->t[d->nt];
+    t->type = (unsigned char)type, t->esc = 0, t->opaque = 0;
+    t->start = (uint32_t)start, t->end = (uint32_t)start, t->next = d->nt + 1, t->n = 0;
+    return (int)d->nt++;
+}
+
+#define JSON_WS(c) ((c) == ' ' || (c) == '\t' || (c) == '\n' || (c) == '\r')
+
+/* Parses s[0..n) as one JSON text into d (tokens reused between calls; the caller owns d and
+ * frees d->t). Containers nested deeper than tokdepth (1 = only the top value) are validated
+ * but kept as one opaque token. check_utf8: 0 when the input was already validated.
+ * Returns 0, or -1 on a syntax error, a depth over III_JSON_MAX_DEPTH, more than d->max tokens,
+ * or OOM. */
+static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokdepth, int check_utf8)
+{
+    int stack[III_JSON_MAX_DEPTH]; /* token index per open container, -1 when untokenized */
+    unsigned char kind[III_JSON_MAX_DEPTH]; /* '{' or '[' */
+    int depth = 0;
+    size_t i = 0;
+    int expect_key = 0; /* inside an object, a key (string) comes next */
+    d->src = s, d->len = n, d->nt = 0;
+    if (!d->max) d->max = III_JSON_MAX_TOKENS;
+    if (n > UINT32_MAX - 1) return -1;
+    for (;;) {
+        while (i < n && JSON_WS(s[i])) i++;
+        if (i >= n) return -1;
+        /* a value (or an object key) starts at s[i] */
+        int tokenize = depth < tokdepth;
+        int ti = -1;
+        unsigned char c = s[i];
+        if (expect_key && c != '"') return -1;
+        if (c == '{' || c == '[') {
+            if (depth >= III_JSON_MAX_DEPTH) return -1;
+            if (tokenize) {
+                if ((ti = json_push(d, c == '{' ? J_OBJECT : J_ARRAY, i)) < 0) return -1;
+                if (depth + 1 >= tokdepth) d->t[ti].opaque = 1;
+                if (depth > 0 && kind[depth - 1] == '[') d->t[stack[depth - 1]].n++;
+            }
+            stack[depth] = ti;
+            kind[depth] = c;
+            depth++;
+            i++;
+            while (i < n && JSON_WS(s[i])) i++;
+            if (i < n && (s[i] == '}' || s[i] == ']')) {
+                if (s[i] != (c == '{' ? '}' : ']')) return -1;
+                i++;
+                depth--;
+                if (ti >= 0) d->t[ti].end = (uint32_t)i, d->t[ti].next = d->nt;
+                goto after_value;
+            }
+            expect_key = c == '{';
+            continue;
+        }
+        if (c == '"') {
+            size_t st = i;
+            int esc;
+            if (json_scan_str(s, n, &i, check_utf8, &esc) < 0) return -1;
+            if (tokenize) {
+                if ((ti = json_push(d, J_STRING, st)) < 0) return -1;
+                d->t[ti].end = (uint32_t)i, d->t[ti].esc = (unsigned char)esc;
+            }
+            if (expect_key) {
+                /* object key: count the member, then expect ':' and the value */
+                if (tokenize) d->t[stack[depth - 1]].n++;
+                while (i < n && JSON_WS(s[i])) i++;
+                if (i >= n || s[i] != ':') return -1;
+                i++;
+                expect_key = 0;
+                continue;
+            }
+        } else {
+            size_t st = i;
+            int type;
+            if (c == '-' || (c >= '0' && c <= '9')) {
+                if (json_scan_num(s, n, &i) < 0) return -1;
+                type = J_NUMBER;
+            } else if (n - i >= 4 && !memcmp(s + i, "true", 4)) i += 4, type = J_TRUE;
+            else if (n - i >= 5 && !memcmp(s + i, "false", 5)) i += 5, type = J_FALSE;
+            else if (n - i >= 4 && !memcmp(s + i, "null", 4)) i += 4, type = J_NULL;
+            else return -1;
+            if (tokenize) {
+                if ((ti = json_push(d, type, st)) < 0) return -1;
+                d->t[ti].end = (uint32_t)i;
+            }
+        }
+        if (tokenize && depth > 0 && kind[depth - 1] == '[') d->t[stack[depth - 1]].n++;
+    after_value:
+        /* after a complete value: close containers or expect a separator */
+        for (;;) {
+            while (i < n && JSON_WS(s[i])) i++;
+            if (depth == 0) return i == n ? 0 : -1;
+            if (i >= n) return -1;
+            char close = kind[depth - 1] == '{' ? '}' : ']';
+            if (s[i] == ',') {
+                i++;
+                expect_key = kind[depth - 1] == '{';
+                break;
+            }
+            if (s[i] != close) return -1;
+            i++;
+            depth--;
+            int ct = stack[depth];
+            if (ct >= 0) d->t[ct].end = (uint32_t)i, d->t[ct].next = d->nt;
+        }
+    }
+}
+
+/* Finds member `key` of object token obj. Returns the value's token index or -1. Keys with
+ * escapes are compared after decoding (rare; the common path is a memcmp). */
+static int json_get_n(const struct jdoc *d, int obj, const char *key, size_t klen);
+static int json_get(const struct jdoc *d, int obj, const char *key)
+{
+    return json_get_n(d, obj, key, strlen(key));
+}
+
+/* Decodes string token ti (escapes resolved, lone surrogates become U+FFFD) and appends the
+ * UTF-8 bytes to out. 0 ok, -1 OOM or not a string. */
+static int json_unescape(const struct jdoc *d, int ti, struct buf *out)
+{
+    const struct jtok *t = &d->t[ti];
+    if (t->type != J_STRING) return -1;
+    const unsigned char *s = d->src + t->start + 1, *e = d->src + t->end - 1;
+    if (!t->esc) return buf_append(out, s, (size_t)(e - s));
+    while (s < e) {
+        const unsigned char *q = s;
+        while (q < e && *q != '\\') q++;
+        if (buf_append(out, s, (size_t)(q - s)) < 0) return -1;
+        if (q >= e) break;
+        q++;
+        int c = *q++;
+        switch (c) {
+        case 'b': c = '\b'; break;
+        case 'f': c = '\f'; break;
+        case 'n': c = '\n'; break;
+        case 'r': c = '\r'; break;
+        case 't': c = '\t'; break;
+        case 'u': {
+            uint32_t cp = (uint32_t)strtoul((char[]){(char)q[0], (char)q[1], (char)q[2], (char)q[3], 0}, NULL, 16);
+            q += 4;
+            if (cp >= 0xD800 && cp <= 0xDBFF && e - q >= 6 && q[0] == '\\' && q[1] == 'u') {
+                uint32_t lo = (uint32_t)strtoul((char[]){(char)q[2], (char)q[3], (char)q[4], (char)q[5], 0}, NULL, 16);
+                if (lo >= 0xDC00 && lo <= 0xDFFF) {
+                    cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+                    q += 6;
+                }
+            }
+            if (cp >= 0xD800 && cp <= 0xDFFF) cp = 0xFFFD;
+            if (utf8_put(out, cp) < 0) return -1;
+            s = q;
+            continue;
+        }
+        default: break; /* '"', '\\', '/' stand for themselves */
+        }
+        if (buf_putc(out, c) < 0) return -1;
+        s = q;
+    }
+    return 0;
+}
+
+static int json_get_n(const struct jdoc *d, int obj, const char *key, size_t klen)
+{
+    if (obj < 0 || d->t[obj].type != J_OBJECT || d->t[obj].opaque) return -1;
+    uint32_t i = (uint32_t)obj + 1;
+    for (uint32_t k = 0; k < d->t[obj].n; k++) {
+        const struct jtok *kt = &d->t[i];
+        if (!kt->esc) {
+            if (kt->end - kt->start - 2 == klen && !memcmp(d->src + kt->start + 1, key, klen))
+                return (int)i + 1;
+        } else {
+            struct buf tmp = {0};
+            int eq = json_unescape(d, (int)i, &tmp) == 0 && buf_used(&tmp) == klen &&
+                     !memcmp(buf_data(&tmp), key, klen);
+            buf_free(&tmp);
+            if (eq) return (int)i + 1;
+        }
+        i = d->t[i + 1].next;
+    }
+    return -1;
+}
+
+/* Length and pointer of token ti's raw bytes. */
+#define JRAW(d, ti) ((d)->src + (d)->t[ti].start)
+#define JLEN(d, ti) ((size_t)((d)->t[ti].end - (d)->t[ti].start))
+#define JTYPE(d, ti) ((ti) < 0 ? 0 : (d)->t[ti].type)
+
+/* 1 if token ti is a string equal to lit (exact bytes; escaped strings are decoded first). */
+static int json_streq(const struct jdoc *d, int ti, const char *lit)
+{
+    if (JTYPE(d, ti) != J_STRING) return 0;
+    size_t n = strlen(lit);
+    if (!d->t[ti].esc) return JLEN(d, ti) - 2 == n && !memcmp(JRAW(d, ti) + 1, lit, n);
+    struct buf tmp = {0};
+    int eq = json_unescape(d, ti, &tmp) == 0 && buf_used(&tmp) == n && !memcmp(buf_data(&tmp), lit, n);
+    buf_free(&tmp);
+    return eq;
+}
+
+/* Returns a newly allocated decoded copy of string token ti (caller frees), NULL if not a
+ * string or OOM. The copy may contain NUL bytes from \u0000; *len gets the true length. */
+static char *json_strdup(const struct jdoc *d, int ti, size_t *len)
+{
+    struct buf tmp = {0};
+    if (JTYPE(d, ti) != J_STRING || json_unescape(d, ti, &tmp) < 0 || !buf_cstr(&tmp)) {
+        buf_free(&tmp);
+        return NULL;
+    }
+    if (len) *len = buf_used(&tmp);
+    if (!tmp.p) return xstrdup("");
+    return (char *)tmp.p;
+}
+
+/* Reads an integer token (no fraction or exponent) into *v. 0 ok, -1 otherwise. */
+static int json_int(const struct jdoc *d, int ti, int64_t *v)
+{
+    if (JTYPE(d, ti) != J_NUMBER) return -1;
+    const unsigned char *p = JRAW(d, ti);
+    size_t n = JLEN(d, ti), i = 0;
+    int neg = 0;
+    uint64_t acc = 0;
+    if (p[0] == '-') neg = 1, i = 1;
+    for (; i < n; i++) {
+        if (p[i] < '0' || p[i] > '9') return -1;
+        if (acc > (UINT64_MAX - 9) / 10) return -1;
+        acc = acc * 10 + (uint64_t)(p[i] - '0');
+    }
+    if (acc > (uint64_t)INT64_MAX) return -1;
+    *v = neg ? -(int64_t)acc : (int64_t)acc;
+    return 0;
+}
+
+/* 1 when the key is absent or null (the spec reads null as absent for optional fields). */
+#define JABSENT(d, ti) ((ti) < 0 || (d)->t[ti].type == J_NULL)
+
+/* Appends s[0..n) as a JSON string literal with quotes; control characters, '"' and '\\'
+ * escaped. The input must be valid UTF-8 (all engine strings are). */
+static int json_put_str(struct buf *b, const char *s, size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    if (buf_reserve(b, n + 2) < 0) return -1;
+    b->p[b->len++] = '"';
+    size_t st = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x20 && c != '"' && c != '\\') continue;
+        if (buf_append(b, s + st, i - st) < 0) return -1;
+        char e[7] = {'\\', 0, 0, 0, 0, 0, 0};
+        size_t el = 2;
+        switch (c) {
+        case '"': e[1] = '"'; break;
+        case '\\': e[1] = '\\'; break;
+        case '\n': e[1] = 'n'; break;
+        case '\r': e[1] = 'r'; break;
+        case '\t': e[1] = 't'; break;
+        case '\b': e[1] = 'b'; break;
+        case '\f': e[1] = 'f'; break;
+        default: e[1] = 'u', e[2] = '0', e[3] = '0', e[4] = hex[c >> 4], e[5] = hex[c & 15], el = 6;
+        }
+        if (buf_append(b, e, el) < 0) return -1;
+        st = i + 1;
+    }
+    if (buf_append(b, s + st, n - st) < 0) return -1;
+    return buf_putc(b, '"');
+}
+
+static int json_put_cstr(struct buf *b, const char *s)
+{
+    return s ? json_put_str(b, s, strlen(s)) : buf_append(b, "null", 4);
+}
+
+/* Appends token ti's raw bytes exactly as they arrived. */
+static int json_put_raw(struct buf *b, const struct jdoc *d, int ti)
+{
+    return buf_append(b, JRAW(d, ti), JLEN(d, ti));
+}
+
+/* ==== YAML subset and config ================================================================
+ * (filled in by the config section below)
+ */
+
+/* ==== Hash map ==============================================================================
+ * Intrusive chained hash map keyed by byte strings: the node lives inside the object, so an
+ * insert allocates nothing but the (rarely grown) bucket array. FNV-1a hashing; the table
+ * doubles at load factor 1. Every keyed object starts with a struct hnode.
+ */
+struct hnode {
+    struct hnode *next;
+    uint32_t hash;
+    uint32_t klen;
+    const char *key; /* points into the owning object */
+};
+
+struct hmap {
+    struct hnode **b;
+    size_t nb, n;
+};
+
+static uint32_t hm_hash(const char *k, size_t n)
+{
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)k[i]) * 16777619u;
+    return h;
+}
+
+static struct hnode *hm_get(const struct hmap *m, const char *k, size_t n)
+{
+    if (!m->nb) return NULL;
+    uint32_t h = hm_hash(k, n);
+    for (struct hnode *e = m->b[h & (m->nb - 1)]; e; e = e->next)
+        if (e->hash == h && e->klen == n && !memcmp(e->key, k, n)) return e;
+    return NULL;
+}
+
+/* Inserts e under key k[0..n) (k must stay valid while e is in the map). 0 ok, -1 OOM. */
+static int hm_put(struct hmap *m, struct hnode *e, const char *k, size_t n)
+{
+    if (m->n >= m->nb) {
+        size_t nb = m->nb ? m->nb * 2 : 16;
+        struct hnode **b = xcalloc(nb * sizeof *b);
+        if (!b) return -1;
+        for (size_t i = 0; i < m->nb; i++) {
+            struct hnode *x = m->b[i], *nx;
+            for (; x; x = nx) {
+                nx = x->next;
+                x->next = b[x->hash & (nb - 1)];
+                b[x->hash & (nb - 1)] = x;
+            }
+        }
+        xfree(m->b);
+        m->b = b, m->nb = nb;
+    }
+    e->key = k, e->klen = (uint32_t)n, e->hash = hm_hash(k, n);
+    e->next = m->b[e->hash & (m->nb - 1)];
+    m->b[e->hash & (m->nb - 1)] = e;
+    m->n++;
+    return 0;
+}
+
+static void hm_del(struct hmap *m, struct hnode *e)
+{
+    if (!m->nb) return;
+    struct hnode **pp = &m->b[e->hash & (m->nb - 1)];
+    for (; *pp; pp = &(*pp)->next)
+        if (*pp == e) {
+            *pp = e->next;
+            m->n--;
+            return;
+        }
+}
+
+/* Collects every node into a new array (caller frees); *n gets the count. For sorted output. */
+static struct hnode **hm_list(const struct hmap *m, size_t *n)
+{
+    struct hnode **v = xmalloc((m->n ? m->n : 1) * sizeof *v);
+    size_t k = 0;
+    if (!v) return NULL;
+    for (size_t i = 0; i < m->nb; i++)
+        for (struct hnode *e = m->b[i]; e; e = e->next) v[k++] = e;
+    *n = k;
+    return v;
+}
+
+static void hm_free(struct hmap *m)
+{
+    xfree(m->b);
+    m->b = NULL, m->nb = m->n = 0;
+}
+
+/* ==== Types and the global state ============================================================
+ * Connections, functions, calls in flight, trigger types, bindings, name leases and channels.
+ * Registry strings are copied once when an object is created and freed with it.
+ */
+enum conn_kind {
+    CK_HTTP,   /* accepted, request head not complete yet */
+    CK_WORKER, /* "/" : the worker protocol */
+    CK_OTEL,   /* "/otel": telemetry side socket, frames counted and dropped */
+    CK_ECHO,   /* "/echo" (--echo only): conformance echo */
+    CK_CHAN_W, /* "/ws/channels/<id>?dir=write" */
+    CK_CHAN_R, /* "/ws/channels/<id>?dir=read" */
+    CK_PLAIN   /* plain HTTP answer being flushed, then closed */
+};
+enum ns_state { NS_PENDING, NS_RESOLVED, NS_ABORTED };
+
+struct func;
+struct inv;
+struct chan;
+
+struct conn {
+    struct hnode h;           /* in S.workers, keyed by wid (worker connections only) */
+    struct conn *prev, *next; /* S.conns list */
+    struct conn *dnext;       /* S.dirty list (output pending) */
+    int fd, kind;
+    unsigned dirty : 1, closing : 1, dead : 1, torn : 1, ws : 1, has_pid : 1, leased : 1;
+    struct buf in, out, msg;  /* input, queued output, fragmented message being reassembled */
+    int msg_op;               /* opcode of the message in msg, 0 when none */
+    struct utf8 u8;           /* validator state of a fragmented text message */
+    int64_t t_accept, t_rx, t_ping, t_close; /* monotonic ms */
+    int64_t connected_wall;   /* epoch ms, for connected_at_ms */
+    char wid[37], token[37];  /* worker_id and reattach_token */
+    char ip[48];
+    /* metadata from engine::workers::register (NULL = not reported) */
+    char *name, *desc, *runtime, *version, *os, *isolation, *telemetry;
+    uint32_t pid;
+    char *ns;                 /* resolved namespace (NULL while pending) */
+    int ns_state;
+    int64_t grace_at;         /* when buffered registrations land in default */
+    struct buf pendq;         /* buffered registration frames: [u32 length][bytes]... */
+    struct func *funcs;       /* functions this connection owns (f->cnext list) */
+    struct inv *calls_out, *calls_in; /* calls it made / calls dispatched to it */
+    size_t n_calls;
+    struct chan *chan;        /* channel side */
+    uint64_t otel_frames;
+};
+
+struct func {
+    struct hnode h;          /* S.funcs, key "ns\0id" */
+    char *key;               /* ns '\0' id */
+    size_t klen;
+    const char *ns, *id;     /* into key */
+    struct conn *owner;      /* NULL: in-process builtin */
+    struct func *cnext;      /* owner's list */
+    void (*bi)(struct conn *caller, const struct jdoc *d, int data, struct buf *res, struct buf *err);
+    char *desc_raw, *req_raw, *resp_raw, *meta_raw; /* raw JSON values as registered, or NULL */
+    int internal;            /* metadata.internal == true */
+};
+
+enum inv_kind { INV_CALL, INV_VOID, INV_ENQUEUE, INV_FIRE };
+
+struct inv {
+    struct hnode h;          /* S.invs keyed by id */
+    char id[37];             /* the id the target sees */
+    int kind;
+    struct conn *caller, *target;
+    struct inv *cprev, *cnext, *tprev, *tnext; /* caller's / target's in-flight lists */
+    char *fid;               /* function_id as requested (JSON string, raw), for the reply */
+    size_t fid_len;
+    char *ctx;               /* caller's raw ,"traceparent":..,"baggage":.. members, echoed back */
+    size_t ctx_len;
+    char receipt[37];        /* enqueue: the engine's messageReceiptId */
+    char fid_small[96];      /* inline storage: no allocation for ordinary ids */
+    char ctx_small[160];
+    struct inv *free_next;
+};
+
+struct ttype {
+    struct hnode h;          /* S.ttypes, key "ns\0id" */
+    char *key;
+    size_t klen;
+    const char *ns, *id;
+    struct conn *provider;   /* NULL: in-process (the discovery events) */
+    char *desc_raw, *treq_raw, *creq_raw; /* raw JSON */
+};
+
+struct trig {
+    struct hnode h;          /* S.trigs keyed by id */
+    char *id, *type, *fid;
+    char *config_raw, *meta_raw;
+    struct conn *owner;      /* NULL: durable (engine::register_trigger) */
+    char *ns;                /* target namespace */
+    char *trigger_ns;        /* explicit provider namespace or NULL */
+    char *home_ns;           /* registering connection's namespace */
+    char *provider_ns;       /* where the provider was found (live only) */
+    int live;                /* 0: parked */
+};
+
+struct lease {
+    struct hnode h;          /* S.leases key "ns\0name" */
+    char *key;
+    size_t klen;
+    struct conn *owner;
+};
+
+struct chan {
+    struct hnode h;          /* S.chans keyed by channel id */
+    char id[37], key[37];
+    struct conn *w, *r;
+    int w_taken, r_taken, w_done;
+    struct buf pending;      /* frames written before the reader arrived */
+    int64_t created;
+};
+
+struct settings {
+    char *host;
+    int port;
+    int64_t handshake_timeout_ms, ping_interval_ms, idle_timeout_ms;
+    size_t max_message_bytes, max_frame_bytes, max_header_bytes, max_connections, max_outbound_bytes;
+    char **origins;
+    size_t n_origins;
+};
+
+static struct {
+    struct settings set;
+    int64_t grace_ms;
+    const char *cfg_path;
+    int lfd;                  /* listening socket */
+    char listen_url[80];
+    int echo;
+    int sigpipe[2];
+    volatile sig_atomic_t sig_term, sig_hup, sig_chld;
+    int stop;                 /* shutdown requested */
+    int exit_code;
+    struct conn *conns;
+    size_t nconns;
+    struct conn *dirty;
+    struct hmap workers, funcs, invs, ttypes, trigs, leases, chans;
+    struct inv *inv_free;
+    size_t inv_free_n;
+    int64_t start_ms, start_wall;
+    int64_t accept_pause_until;
+    uint64_t fn_fp, fn_fp_sent;  /* discovery: fingerprint of the function id set */
+    size_t fn_n, fn_n_sent;
+    struct jdoc jd;           /* scratch envelope tokens, reused: no allocation per message */
+    struct jdoc jd2;          /* scratch for engine::* inputs */
+    struct buf tmp, tmp2;     /* scratch output */
+    uint64_t n_invocations, n_inv_errors, n_spawns, n_deaths, n_msgs_in;
+} S;
+
+static const char NS_DEFAULT[] = "default";
+
+/* ==== Sockets ===============================================================================
+ * Non-blocking, close-on-exec sockets; TCP_NODELAY on every accepted connection (frames are
+ * small and latency-bound). IPv4 and IPv6 through getaddrinfo.
+ */
+static int net_flags(int fd)
+{
+    int fl = fcntl(fd, F_GETFL, 0);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return -1;
+    return fcntl(fd, F_SETFD, FD_CLOEXEC);
+}
+
+/* Binds and listens on host:port. Returns the fd, or -1 with a message in err. */
+static int net_listen(const char *host, int port, int *bound_port, char *err, size_t errlen)
+{
+    struct addrinfo hints, *res = NULL, *ai;
+    char ps[16];
+    int fd = -1, e = 0;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    snprintf(ps, sizeof ps, "%d", port);
+    int rc = getaddrinfo(host, ps, &hints, &res);
+    if (rc) {
+        snprintf(err, errlen, "cannot resolve listen host '%s': %s", host, gai_strerror(rc));
+        return -1;
+    }
+    for (ai = res; ai; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
+        if (fd < 0) {
+            e = errno;
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 1024) == 0 && net_flags(fd) == 0)
+            break;
+        e = errno;
+        close(fd);
+        fd = -1;
+    }
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot listen on %s:%d: %s", host, port, strerror(e));
+        freeaddrinfo(res);
+        return -1;
+    }
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    *bound_port = port;
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0) {
+        if (ss.ss_family == AF_INET) *bound_port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+        else if (ss.ss_family == AF_INET6) *bound_port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+    }
+    freeaddrinfo(res);
+    return fd;
+}
+
+/* Text form of a peer address, without port. */
+static void net_peer(const struct sockaddr_storage *ss, char *out, size_t n)
+{
+    out[0] = 0;
+    if (ss->ss_family == AF_INET) inet_ntop(AF_INET, &((const struct sockaddr_in *)ss)->sin_addr, out, (socklen_t)n);
+    else if (ss->ss_family == AF_INET6) inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)ss)->sin6_addr, out, (socklen_t)n);
+}
+
+/* ==== WebSocket frames ======================================================================
+ * RFC 6455 §5. Outgoing frames are built directly in the destination's output buffer: the
+ * header is reserved from a size estimate and fixed up (memmove only when the estimate picked
+ * the wrong header size). Server frames are never masked; the CLI client masks its own.
+ */
+enum { WS_CONT = 0, WS_TEXT = 1, WS_BIN = 2, WS_CLOSE = 8, WS_PING = 9, WS_PONG = 10 };
+
+static size_t ws_hdr_len(size_t n) { return n < 126 ? 2 : n < 65536 ? 4 : 10; }
+
+/* Starts a frame in b for a payload of about est bytes; returns a position token for ws_end,
+ * or SIZE_MAX on OOM. The token is relative to b->off, so buffer compaction cannot break it.
+ * mask: room for a masking key (client frames). */
+static size_t ws_begin(struct buf *b, size_t est, int mask)
+{
+    size_t hl = ws_hdr_len(est) + (mask ? 4 : 0);
+    if (est > SIZE_MAX - 16 || buf_reserve(b, hl + est) < 0) return SIZE_MAX;
+    size_t at = b->len - b->off;
+    b->p[b->len] = (unsigned char)hl;
+    b->len += hl;
+    return at;
+}
+
+/* Finishes the frame started at `at`: writes FIN + opcode and the real length (mask bit from
+ * `mask`: the CLI client masks with a zero key, which is legal and keeps the code simple). */
+static int ws_end(struct buf *b, size_t at, int op, int mask)
+{
+    size_t pos = b->off + at, hl0 = b->p[pos], n = b->len - pos - hl0;
+    size_t hl = ws_hdr_len(n) + (mask ? 4 : 0);
+    if (hl != hl0) {
+        if (hl > hl0 && buf_reserve(b, hl - hl0) < 0) return -1;
+        pos = b->off + at;
+        memmove(b->p + pos + hl, b->p + pos + hl0, n);
+        b->len = pos + hl + n;
+    }
+    unsigned char *h = b->p + pos;
+    unsigned char mb = mask ? 0x80 : 0;
+    h[0] = (unsigned char)(0x80 | op);
+    if (n < 126) {
+        h[1] = (unsigned char)(mb | n);
+    } else if (n < 65536) {
+        h[1] = mb | 126, h[2] = (unsigned char)(n >> 8), h[3] = (unsigned char)n;
+    } else {
+        h[1] = mb | 127;
+        uint64_t v = n;
+        for (int i = 0; i < 8; i++) h[2 + i] = (unsigned char)(v >> (56 - 8 * i));
+    }
+    if (mask) memset(h + hl - 4, 0, 4); /* zero masking key: payload unchanged */
+    return 0;
+}
+
+/* Appends one complete frame. */
+static int ws_frame(struct buf *b, int op, const void *p, size_t n, int mask)
+{
+    size_t at = ws_begin(b, n, mask);
+    if (at == SIZE_MAX) return -1;
+    if (buf_append(b, p, n) < 0) return -1;
+    return ws_end(b, at, op, mask);
+}
+
+/* Close codes a peer may send (RFC 6455 §7.4.1, IANA registry): 1000-1003, 1007-1014,
+ * 3000-4999. 1004-1006 and 1015 are reserved for local use and never on the wire. */
+static int ws_close_code_ok(unsigned code)
+{
+    return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) ||
+           (code >= 3000 && code <= 4999);
+}
+
+/* Computes Sec-WebSocket-Accept for key (RFC 6455 §4.2.2). out: 29 bytes. */
+static void ws_accept_key(const char *key, size_t klen, char out[29])
+{
+    static const char guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    struct sha1 s;
+    unsigned char dg[20];
+    sha1_init(&s);
+    sha1_update(&s, key, klen);
+    sha1_update(&s, guid, sizeof guid - 1);
+    sha1_final(&s, dg);
+    b64_encode(dg, 20, out);
+}
+
+/* Incremental frame header parser. Given the bytes available, returns >0 = header length and
+ * fills *op, *fin, *plen, mask; 0 = need more bytes; -1 = protocol error with *code set
+ * (1002, or 1009 for a frame over max_frame). `server`: frames must be masked (and vice
+ * versa for the client side). The 64-bit length is checked before any conversion. */
+static int ws_parse_hdr(const unsigned char *p, size_t avail, int server, size_t max_frame,
+                        int *op, int *fin, size_t *plen, unsigned char mask[4], int *code)
+{
+    if (avail < 2) return 0;
+    int b0 = p[0], b1 = p[1];
+    *fin = b0 >> 7;
+    *op = b0 & 15;
+    *code = 1002;
+    if (b0 & 0x70) return -1;                                       /* RSV without extension */
+    if ((*op > 2 && *op < 8) || *op > 10) return -1;                 /* reserved opcodes */
+    if (!!(b1 & 0x80) != !!server) return -1;                        /* §5.1 masking rules */
+    size_t hl = 2 + (server ? 4 : 0);
+    uint64_t n = b1 & 127;
+    if (n == 126) hl += 2;
+    else if (n == 127) hl += 8;
+    if (avail < hl) return 0;
+    if (n == 126) {
+        n = (uint64_t)p[2] << 8 | p[3];
+    } else if (n == 127) {
+        n = 0;
+        for (int i = 0; i < 8; i++) n = n << 8 | p[2 + i];
+        if (n >> 63) return -1;                                      /* §5.2: MSB must be 0 */
+    }
+    if (*op >= 8 && (!*fin || n > 125)) return -1;                   /* §5.5 control frames */
+    if (n > (uint64_t)max_frame) {
+        *code = 1009;
+        return -1;
+    }
+    *plen = (size_t)n;
+    if (server) memcpy(mask, p + hl - 4, 4);
+    return (int)hl;
+}
+
+/* Unmasks n bytes in place; the key phase starts at 0. Word-at-a-time for long payloads. */
+static void ws_unmask(unsigned char *p, size_t n, const unsigned char k[4])
+{
+    size_t i = 0;
+    if (n >= 16) {
+        uint32_t k32;
+        memcpy(&k32, k, 4); /* host order is fine: the same bytes XOR the same bytes */
+        uint64_t k64 = (uint64_t)k32 << 32 | k32;
+        for (; i + 8 <= n; i += 8) {
+            uint64_t w;
+            memcpy(&w, p + i, 8);
+            w ^= k64;
+            memcpy(p + i, &w, 8);
+        }
+    }
+    for (; i < n; i++) p[i] ^= k[i & 3];
+}
+
+/* ==== Connections ===========================================================================
+ * A connection is never freed inside its own handler: handlers mark it (closing: a Close frame
+ * is queued and being flushed; dead: drop now) and the loop's reap pass tears it down and frees
+ * it after dispatch. Output is appended to c->out and the connection put on the dirty list; the
+ * loop writes each dirty connection once per turn.
+ */
+static void worker_on_open(struct conn *c);
+static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, int check_utf8);
+static void worker_teardown(struct conn *c);
+static void chan_on_message(struct conn *c, int op, const unsigned char *p, size_t n);
+static void chan_teardown(struct conn *c);
+static void http_health(struct buf *b);
+static void http_metrics(struct buf *b);
+static struct chan *chan_lookup(const char *path, const char *query, int *dir, int *status);
+
+static void conn_dirty(struct conn *c)
+{
+    if (!c->dirty) {
+        c->dirty = 1;
+        c->dnext = S.dirty;
+        S.dirty = c;
+    }
+}
+
+/* 1 if frames may still be queued to c. */
+static int conn_open(const struct conn *c) { return !c->closing && !c->dead; }
+
+/* Drops c at once, without a Close frame (I/O error, EOF, slow reader, OOM). */
+static void conn_abort(struct conn *c, const char *why)
+{
+    if (c->dead) return;
+    if (c->kind == CK_WORKER) LOG(LOG_DEBUG, "worker %s: closing: %s", c->wid, why);
+    c->dead = 1;
+}
+
+/* Starts a close: queues a Close frame with code (0 = no code) on WebSocket connections and
+ * stops processing input; the reap pass closes the socket once the frame is flushed. */
+static void conn_close(struct conn *c, unsigned code, const char *reason)
+{
+    if (c->closing || c->dead) return;
+    if (c->ws) {
+        unsigned char p[125];
+        size_t n = 0;
+        if (code) {
+            p[0] = (unsigned char)(code >> 8), p[1] = (unsigned char)code, n = 2;
+            size_t rl = reason ? strlen(reason) : 0;
+            if (rl > sizeof p - 2) rl = sizeof p - 2;
+            if (rl) memcpy(p + 2, reason, rl), n += rl;
+        }
+        if (ws_frame(&c->out, WS_CLOSE, p, n, 0) < 0) {
+            conn_abort(c, "out of memory");
+            return;
+        }
+    }
+    c->closing = 1;
+    c->t_close = now_ms();
+    conn_dirty(c);
+}
+
+/* Queues a frame to c; a failure to queue (OOM, over the outbound cap) drops c. */
+static void conn_frame(struct conn *c, int op, const void *p, size_t n)
+{
+    if (!conn_open(c)) return;
+    if (ws_frame(&c->out, op, p, n, 0) < 0) {
+        conn_abort(c, "out of memory");
+        return;
+    }
+    conn_dirty(c);
+}
+
+/* Called after a frame was appended to c->out by hand: enforces the outbound cap (a reader
+ * that does not keep up is disconnected rather than allowed to grow the engine's memory). */
+static void conn_queued(struct conn *c)
+{
+    if (buf_used(&c->out) > S.set.max_outbound_bytes) {
+        LOG(LOG_WARN, "connection %s: outbound queue over %zu bytes, disconnecting a slow reader",
+            c->kind == CK_WORKER ? c->wid : c->ip, S.set.max_outbound_bytes);
+        conn_abort(c, "slow reader");
+        return;
+    }
+    conn_dirty(c);
+}
+
+static struct conn *conn_new(int fd, const char *ip)
+{
+    struct conn *c = xcalloc(sizeof *c);
+    if (!c) return NULL;
+    c->fd = fd;
+    c->kind = CK_HTTP;
+    c->t_accept = c->t_rx = now_ms();
+    snprintf(c->ip, sizeof c->ip, "%s", ip);
+    c->next = S.conns;
+    if (S.conns) S.conns->prev = c;
+    S.conns = c;
+    S.nconns++;
+    return c;
+}
+
+static void conn_free(struct conn *c)
+{
+    if (c->prev) c->prev->next = c->next;
+    else S.conns = c->next;
+    if (c->next) c->next->prev = c->prev;
+    S.nconns--;
+    if (c->fd >= 0) close(c->fd);
+    buf_free(&c->in), buf_free(&c->out), buf_free(&c->msg), buf_free(&c->pendq);
+    xfree(c->name), xfree(c->desc), xfree(c->runtime), xfree(c->version), xfree(c->os);
+    xfree(c->isolation), xfree(c->telemetry), xfree(c->ns);
+    xfree(c);
+}
+
+/* Writes as much of c->out as the socket takes. */
+static void conn_flush(struct conn *c)
+{
+    while (buf_used(&c->out) && !c->dead) {
+        ssize_t w = write(c->fd, buf_data(&c->out), buf_used(&c->out));
+        if (w > 0) {
+            buf_consume(&c->out, (size_t)w);
+        } else if (w < 0 && errno == EINTR) {
+            continue;
+        } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            break;
+        } else {
+            conn_abort(c, "write error");
+        }
+    }
+}
+
+/* ==== HTTP ==================================================================================
+ * Just enough HTTP/1.1 (RFC 7230) for the WebSocket upgrade (RFC 6455 §4.2) and two plain
+ * answers (/health, /metrics). The request head must arrive within handshake_timeout_ms and
+ * max_header_bytes. Every plain answer closes the connection.
+ */
+static void http_reply(struct conn *c, int status, const char *reason, const char *ctype,
+                       const char *extra, const char *body, size_t blen)
+{
+    buf_printf(&c->out, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s"
+               "Connection: close\r\n\r\n", status, reason, ctype, blen, extra ? extra : "");
+    buf_append(&c->out, body, blen);
+    c->kind = CK_PLAIN;
+    c->closing = 1;
+    c->t_close = now_ms();
+    conn_dirty(c);
+}
+
+static void http_error(struct conn *c, int status, const char *reason, const char *extra)
+{
+    char body[160];
+    int n = snprintf(body, sizeof body, "%d %s\n", status, reason);
+    http_reply(c, status, reason, "text/plain", extra, body, (size_t)n);
+}
+
+/* Case-insensitive search for token tok in a comma-separated header value. */
+static int http_has_token(const char *v, const char *tok)
+{
+    size_t tl = strlen(tok);
+    while (v && *v) {
+        while (*v == ' ' || *v == '\t' || *v == ',') v++;
+        const char *e = v;
+        while (*e && *e != ',') e++;
+        const char *t = e;
+        while (t > v && (t[-1] == ' ' || t[-1] == '\t')) t--;
+        if ((size_t)(t - v) == tl && str_ncaseeq(v, tok, tl)) return 1;
+        v = e;
+    }
+    return 0;
+}
+
+/* Origin policy (DECISIONS.md item 7): no Origin = not a browser, allowed. Otherwise the origin
+ * must equal an allowed entry, or be that entry plus ":port". "*" allows every origin. */
+static int http_origin_ok(const char *o)
+{
+    if (!o) return 1;
+    size_t ol = strlen(o);
+    for (size_t i = 0; i < S.set.n_origins; i++) {
+        const char *a = S.set.origins[i];
+        size_t al = strlen(a);
+        if (!strcmp(a, "*")) return 1;
+        if (ol == al && str_ncaseeq(o, a, al)) return 1;
+        if (ol > al + 1 && str_ncaseeq(o, a, al) && o[al] == ':') {
+            size_t k = al + 1;
+            while (k < ol && isdigit((unsigned char)o[k])) k++;
+            if (k == ol) return 1;
+        }
+    }
+    return 0;
+}
+
+static void ws_on_data(struct conn *c);
+
+/* Parses a complete request head in c->in and answers it: 101 and a WebSocket role, a plain
+ * answer, or an error status. Returns without action while the head is incomplete. */
+static void http_on_data(struct conn *c)
+{
+    unsigned char *p = buf_data(&c->in);
+    size_t n = buf_used(&c->in), end = 0;
+    for (size_t i = 3; i < n; i++)
+        if (p[i] == '\n' && p[i - 1] == '\r' && p[i - 2] == '\n' && p[i - 3] == '\r') {
+            end = i + 1;
+            break;
+        }
+    if (!end || end > S.set.max_header_bytes) {
+        if ((!end && n > S.set.max_header_bytes) || end > S.set.max_header_bytes)
+            http_error(c, 431, "Request Header Fields Too Large", NULL);
+        return;
+    }
+    char *h = (char *)p;
+    h[end - 2] = 0; /* head as one C string ending after the last header's CRLF */
+    if (memchr(h, 0, end - 2)) {
+        http_error(c, 400, "Bad Request", NULL);
+        return;
+    }
+    /* request line */
+    char *line = h, *eol = strstr(line, "\r\n");
+    if (!eol) {
+        http_error(c, 400, "Bad Request", NULL);
+        return;
+    }
+    *eol = 0;
+    char *meth = line, *target = strchr(line, ' ');
+    char *ver = target ? strchr(target + 1, ' ') : NULL;
+    if (!target || !ver || strchr(ver + 1, ' ')) {
+        http_error(c, 400, "Bad Request", NULL);
+        return;
+    }
+    *target++ = 0, *ver++ = 0;
+    if (strcmp(ver, "HTTP/1.1") && strcmp(ver, "HTTP/1.0")) {
+        http_error(c, 400, "Bad Request", NULL);
+        return;
+    }
+    const char *upgrade = NULL, *key = NULL, *version = NULL, *origin = NULL, *host = NULL;
+    char connection[256] = "";
+    for (line = eol + 2; *line; line = eol + 2) {
+        eol = strstr(line, "\r\n");
+        if (!eol) break;
+        *eol = 0;
+        char *colon = strchr(line, ':');
+        if (!colon || colon == line || line[0] == ' ' || line[0] == '\t') {
+            http_error(c, 400, "Bad Request", NULL);
+            return;
+        }
+        *colon = 0;
+        char *v = colon + 1;
+        while (*v == ' ' || *v == '\t') v++;
+        char *ve = v + strlen(v);
+        while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) *--ve = 0;
+        size_t nl = strlen(line);
+#define HDR_IS(x) (nl == sizeof(x) - 1 && str_ncaseeq(line, x, nl))
+        if (HDR_IS("upgrade")) upgrade = v;
+        else if (HDR_IS("sec-websocket-key")) key = v;
+        else if (HDR_IS("sec-websocket-version")) version = v;
+        else if (HDR_IS("origin")) origin = v;
+        else if (HDR_IS("host")) host = v;
+        else if (HDR_IS("connection")) {
+            size_t cl = strlen(connection);
+            snprintf(connection + cl, sizeof connection - cl, "%s%s", cl ? "," : "", v);
+        }
+#undef HDR_IS
+    }
+    char *query = strchr(target, '?');
+    if (query) *query++ = 0;
+    int is_ws_path = !strcmp(target, "/") || !strcmp(target, "/otel") ||
+                     (S.echo && !strcmp(target, "/echo")) || !strncmp(target, "/ws/channels/", 13);
+    if (!upgrade) {
+        if (!strcmp(meth, "GET") && !strcmp(target, "/health")) {
+            S.tmp.len = S.tmp.off = 0;
+            http_health(&S.tmp);
+            http_reply(c, 200, "OK", "application/json", NULL, (char *)buf_data(&S.tmp), buf_used(&S.tmp));
+        } else if (!strcmp(meth, "GET") && !strcmp(target, "/metrics")) {
+            S.tmp.len = S.tmp.off = 0;
+            http_metrics(&S.tmp);
+            http_reply(c, 200, "OK", "text/plain; version=0.0.4", NULL, (char *)buf_data(&S.tmp), buf_used(&S.tmp));
+        } else if (!strcmp(target, "/health") || !strcmp(target, "/metrics")) {
+            http_error(c, 405, "Method Not Allowed", "Allow: GET\r\n");
+        } else if (is_ws_path) {
+            if (strcmp(meth, "GET")) http_error(c, 405, "Method Not Allowed", "Allow: GET\r\n");
+            else http_error(c, 400, "Bad Request", NULL);
+        } else {
+            http_error(c, 404, "Not Found", NULL);
+        }
+        return;
+    }
+    if (strcmp(meth, "GET")) {
+        http_error(c, 405, "Method Not Allowed", "Allow: GET\r\n");
+        return;
+    }
+    if (!is_ws_path) {
+        http_error(c, 404, "Not Found", NULL);
+        return;
+    }
+    if (!version || strcmp(version, "13")) {
+        http_error(c, 426, "Upgrade Required", "Sec-WebSocket-Version: 13\r\n");
+        return;
+    }
+    unsigned char kb[20];
+    if (strcmp(ver, "HTTP/1.1") || !host || !http_has_token(upgrade, "websocket") ||
+        !http_has_token(connection, "upgrade") || !key ||
+        b64_decode(key, strlen(key), kb, sizeof kb) != 16) {
+        http_error(c, 400, "Bad Request", NULL);
+        return;
+    }
+    if (!http_origin_ok(origin)) {
+        LOG(LOG_WARN, "refused upgrade from %s: origin '%s' not in allowed_origins", c->ip, origin);
+        http_error(c, 403, "Forbidden", NULL);
+        return;
+    }
+    int kind, dir = 0, status = 0;
+    struct chan *ch = NULL;
+    if (!strcmp(target, "/")) kind = CK_WORKER;
+    else if (!strcmp(target, "/otel")) kind = CK_OTEL;
+    else if (!strcmp(target, "/echo")) kind = CK_ECHO;
+    else {
+        ch = chan_lookup(target, query, &dir, &status);
+        if (!ch) {
+            if (status == 404) http_error(c, 404, "Channel not found", NULL);
+            else http_error(c, 400, "Bad Request", NULL);
+            return;
+        }
+        kind = dir == 'w' ? CK_CHAN_W : CK_CHAN_R;
+    }
+    char acc[29];
+    ws_accept_key(key, strlen(key), acc);
+    buf_printf(&c->out, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n", acc);
+    buf_consume(&c->in, end);
+    c->kind = kind;
+    c->ws = 1;
+    c->t_rx = now_ms();
+    conn_dirty(c);
+    if (kind == CK_WORKER) {
+        worker_on_open(c);
+    } else if (ch) {
+        int taken = dir == 'w' ? ch->w_taken : ch->r_taken;
+        if (taken) {
+            conn_close(c, 1008, "channel side already taken");
+            return;
+        }
+        c->chan = ch;
+        if (dir == 'w') ch->w = c, ch->w_taken = 1;
+        else {
+            ch->r = c, ch->r_taken = 1;
+            if (buf_used(&ch->pending)) {
+                buf_append(&c->out, buf_data(&ch->pending), buf_used(&ch->pending));
+                buf_free(&ch->pending);
+            }
+            if (ch->w_done) conn_close(c, 1000, NULL);
+        }
+    }
+    if (buf_used(&c->in)) ws_on_data(c);
+}
+
+/* Delivers one complete message to the connection's role. p points into c->in or c->msg and
+ * is valid only during the call. */
+static void ws_on_message(struct conn *c, int op, const unsigned char *p, size_t n)
+{
+    S.n_msgs_in++;
+    switch (c->kind) {
+    case CK_WORKER:
+        /* §1.5: binary OTLP/MTRC/LOGS frames are telemetry; other binary frames are JSON */
+        if (op == WS_BIN && n >= 4 && (!memcmp(p, "OTLP", 4) || !memcmp(p, "MTRC", 4) || !memcmp(p, "LOGS", 4))) {
+            c->otel_frames++;
+            return;
+        }
+        worker_on_message(c, p, n, op == WS_BIN);
+        break;
+    case CK_OTEL:
+        c->otel_frames++;
+        break;
+    case CK_ECHO:
+        conn_frame(c, op, p, n);
+        break;
+    case CK_CHAN_W:
+    case CK_CHAN_R:
+        chan_on_message(c, op, p, n);
+        break;
+    default:
+        break;
+    }
+}
+
+/* Parses and handles every complete frame in c->in (RFC 6455 §5): control frames answered,
+ * fragments reassembled, text validated as UTF-8 as it arrives (fail fast, §8.1), limits
+ * enforced before payload bytes are awaited. Stops at the first incomplete frame. */
+static void ws_on_data(struct conn *c)
+{
+    while (!c->closing && !c->dead) {
+        unsigned char *p = buf_data(&c->in), mask[4];
+        size_t avail = buf_used(&c->in), plen = 0;
+        int op, fin, code;
+        int hl = ws_parse_hdr(p, avail, 1, S.set.max_frame_bytes, &op, &fin, &plen, mask, &code);
+        if (hl < 0) {
+            conn_close(c, (unsigned)code, code == 1009 ? "frame too big" : "protocol error");
+            return;
+        }
+        if (hl == 0) return;
+        if (op < 8) {
+            if (op == WS_CONT && !c->msg_op) {
+                conn_close(c, 1002, "continuation without a message");
+                return;
+            }
+            if (op != WS_CONT && c->msg_op) {
+                conn_close(c, 1002, "new message inside a fragmented one");
+                return;
+            }
+            size_t have = c->msg_op ? buf_used(&c->msg) : 0;
+            if (plen > S.set.max_message_bytes - have || have > S.set.max_message_bytes) {
+                conn_close(c, 1009, "message too big");
+                return;
+            }
+        }
+        if (avail - (size_t)hl < plen) {
+            /* wait for the payload; reserve it once so a large frame does not re-grow */
+            if (buf_reserve(&c->in, (size_t)hl + plen - avail) < 0) conn_abort(c, "out of memory");
+            return;
+        }
+        unsigned char *pl = p + hl;
+        ws_unmask(pl, plen, mask);
+        c->t_rx = now_ms();
+        if (op == WS_PING) {
+            conn_frame(c, WS_PONG, pl, plen);
+        } else if (op == WS_CLOSE) {
+            unsigned cc = 0;
+            if (plen == 1) {
+                conn_close(c, 1002, "bad close payload");
+                return;
+            }
+            if (plen >= 2) {
+                cc = (unsigned)pl[0] << 8 | pl[1];
+                if (!ws_close_code_ok(cc)) {
+                    conn_close(c, 1002, "invalid close code");
+                    return;
+                }
+                if (!utf8_valid(pl + 2, plen - 2)) {
+                    conn_close(c, 1007, "invalid utf-8 in close reason");
+                    return;
+                }
+            }
+            conn_close(c, cc ? cc : 1000, NULL);
+            return;
+        } else if (op == WS_PONG) {
+            /* activity only (t_rx updated above) */
+        } else if (op != WS_CONT && fin) {
+            if (op == WS_TEXT && !utf8_valid(pl, plen)) {
+                conn_close(c, 1007, "invalid utf-8");
+                return;
+            }
+            ws_on_message(c, op, pl, plen);
+        } else {
+            if (op != WS_CONT) {
+                c->msg_op = op;
+                memset(&c->u8, 0, sizeof c->u8);
+                c->msg.len = c->msg.off = 0;
+            }
+            if (c->msg_op == WS_TEXT && utf8_feed(&c->u8, pl, plen) < 0) {
+                conn_close(c, 1007, "invalid utf-8");
+                return;
+            }
+            if (buf_append(&c->msg, pl, plen) < 0) {
+                conn_abort(c, "out of memory");
+                return;
+            }
+            if (fin) {
+                if (c->msg_op == WS_TEXT && c->u8.need) {
+                    conn_close(c, 1007, "truncated utf-8");
+                    return;
+                }
+                int mop = c->msg_op;
+                c->msg_op = 0;
+                ws_on_message(c, mop, buf_data(&c->msg), buf_used(&c->msg));
+                buf_consume(&c->msg, buf_used(&c->msg));
+            }
+        }
+        buf_consume(&c->in, (size_t)hl + plen);
+    }
+}
+
+/* ==== Registry ==============================================================================
+ * Functions keyed (namespace, id) with at most one owner; worker-name leases keyed
+ * (namespace, name); the connection map keyed by worker_id. Keys are "ns\0id" byte strings.
+ * The set of function ids is summarised by an order-independent fingerprint (sum of 64-bit
+ * hashes plus a count) so the loop can tell in O(1) whether functions-available must fire.
+ */
+static uint64_t fnv64(const char *k, size_t n)
+{
+    uint64_t h = UINT64_C(14695981039346656037);
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)k[i]) * UINT64_C(1099511628211);
+    return h ^ (h >> 29);
+}
+
+/* Builds "ns\0id" in stackbuf when it fits, else in a new allocation (caller frees when the
+ * result differs from stackbuf). NULL on OOM. */
+static char *reg_key(char *stackbuf, size_t cap, const char *ns, size_t nl, const char *id, size_t il,
+                     size_t *klen)
+{
+    char *k = nl + il + 1 <= cap ? stackbuf : xmalloc(nl + il + 1);
+    if (!k) return NULL;
+    memcpy(k, ns, nl);
+    k[nl] = 0;
+    memcpy(k + nl + 1, id, il);
+    *klen = nl + il + 1;
+    return k;
+}
+
+static struct hnode *reg_find(struct hmap *m, const char *ns, size_t nl, const char *id, size_t il)
+{
+    char sb[256];
+    size_t kl;
+    char *k = reg_key(sb, sizeof sb, ns, nl, id, il, &kl);
+    if (!k) return NULL;
+    struct hnode *e = hm_get(m, k, kl);
+    if (k != sb) xfree(k);
+    return e;
+}
+
+static struct func *func_find(const char *ns, size_t nl, const char *id, size_t il)
+{
+    return (struct func *)reg_find(&S.funcs, ns, nl, id, il);
+}
+
+static struct func *func_find_c(const char *ns, const char *id)
+{
+    return func_find(ns, strlen(ns), id, strlen(id));
+}
+
+/* Creates function (ns, id) owned by owner (NULL = builtin). Strings are copied. */
+static struct func *func_add(struct conn *owner, const char *ns, size_t nl, const char *id, size_t il)
+{
+    struct func *f = xcalloc(sizeof *f);
+    size_t kl;
+    if (!f) return NULL;
+    f->key = reg_key(NULL, 0, ns, nl, id, il, &kl);
+    if (!f->key || hm_put(&S.funcs, &f->h, f->key, kl) < 0) {
+        xfree(f->key);
+        xfree(f);
+        return NULL;
+    }
+    f->klen = kl;
+    f->ns = f->key;
+    f->id = f->key + nl + 1;
+    f->owner = owner;
+    if (owner) f->cnext = owner->funcs, owner->funcs = f;
+    S.fn_fp += fnv64(f->key, kl);
+    S.fn_n++;
+    return f;
+}
+
+static void func_clear_meta(struct func *f)
+{
+    xfree(f->desc_raw), xfree(f->req_raw), xfree(f->resp_raw), xfree(f->meta_raw);
+    f->desc_raw = f->req_raw = f->resp_raw = f->meta_raw = NULL;
+    f->internal = 0;
+}
+
+static void func_remove(struct func *f)
+{
+    hm_del(&S.funcs, &f->h);
+    if (f->owner) {
+        struct func **pp = &f->owner->funcs;
+        while (*pp && *pp != f) pp = &(*pp)->cnext;
+        if (*pp) *pp = f->cnext;
+    }
+    S.fn_fp -= fnv64(f->key, f->klen);
+    S.fn_n--;
+    func_clear_meta(f);
+    xfree(f->key);
+    xfree(f);
+}
+
+/* The worker name reported for a function: the owner's name, "iii-engine-functions" for
+ * builtins, else the id's first "::" segment. Writes a JSON string. */
+static int func_put_worker_name(struct buf *b, const struct func *f)
+{
+    if (!f->owner) return buf_puts(b, "\"iii-engine-functions\"");
+    if (f->owner->name) return json_put_cstr(b, f->owner->name);
+    const char *sep = strstr(f->id, "::");
+    return json_put_str(b, f->id, sep ? (size_t)(sep - f->id) : strlen(f->id));
+}
+
+/* A connection that is going away no longer holds its leases (§1.7, §11.15). */
+static int conn_live(const struct conn *c) { return c && !c->torn && !c->closing && !c->dead; }
+
+/* ==== Router ================================================================================
+ * invokefunction → resolve (namespace, id) strictly → builtin: run inline; worker: record the
+ * call on both connections and append one invokefunction frame to the target. A call record
+ * (struct inv) comes from a free list and keeps the caller's id, the requested function_id and
+ * the caller's trace context in inline storage, so a routed call allocates nothing once warm.
+ */
+static struct inv *inv_new(const char *id, int kind)
+{
+    struct inv *v = S.inv_free;
+    if (v) {
+        S.inv_free = v->free_next;
+        S.inv_free_n--;
+    } else if (!(v = xmalloc(sizeof *v))) {
+        return NULL;
+    }
+    memset(v, 0, offsetof(struct inv, fid_small));
+    memcpy(v->id, id, 36);
+    v->id[36] = 0;
+    v->kind = kind;
+    if (hm_put(&S.invs, &v->h, v->id, 36) < 0) {
+        v->free_next = S.inv_free, S.inv_free = v, S.inv_free_n++;
+        return NULL;
+    }
+    return v;
+}
+
+/* Stores a copy of s[0..n) in inline storage when it fits, else allocates. */
+static char *inv_store(char *small, size_t cap, const unsigned char *s, size_t n)
+{
+    char *d = n <= cap ? small : xmalloc(n ? n : 1);
+    if (d && n) memcpy(d, s, n);
+    return d;
+}
+
+static void inv_link(struct inv *v, struct conn *caller, struct conn *target)
+{
+    if (caller) {
+        v->caller = caller;
+        v->cnext = caller->calls_out;
+        if (caller->calls_out) caller->calls_out->cprev = v;
+        caller->calls_out = v;
+        caller->n_calls++;
+    }
+    if (target) {
+        v->target = target;
+        v->tnext = target->calls_in;
+        if (target->calls_in) target->calls_in->tprev = v;
+        target->calls_in = v;
+        target->n_calls++;
+    }
+}
+
+static void inv_unlink(struct inv *v)
+{
+    if (v->caller) {
+        if (v->cprev) v->cprev->cnext = v->cnext;
+        else v->caller->calls_out = v->cnext;
+        if (v->cnext) v->cnext->cprev = v->cprev;
+        v->caller->n_calls--;
+        v->caller = NULL;
+    }
+    if (v->target) {
+        if (v->tprev) v->tprev->tnext = v->tnext;
+        else v->target->calls_in = v->tnext;
+        if (v->tnext) v->tnext->tprev = v->tprev;
+        v->target->n_calls--;
+        v->target = NULL;
+    }
+}
+
+static void inv_free(struct inv *v)
+{
+    inv_unlink(v);
+    hm_del(&S.invs, &v->h);
+    if (v->fid && v->fid != v->fid_small) xfree(v->fid);
+    if (v->ctx && v->ctx != v->ctx_small) xfree(v->ctx);
+    if (S.inv_free_n < 4096) {
+        v->free_next = S.inv_free, S.inv_free = v, S.inv_free_n++;
+    } else {
+        xfree(v);
+    }
+}
+
+/* Appends an invocationresult frame to c: fid is the raw JSON string of the function id, res
+ * and err raw JSON values (NULL/0 = omitted), ctx raw ",k:v" members echoed back. */
+static void rt_send_result(struct conn *c, const char *id, size_t idlen, const char *fid, size_t fidlen,
+                           const unsigned char *res, size_t rlen, const unsigned char *err, size_t elen,
+                           const char *ctx, size_t ctxlen)
+{
+    if (!conn_open(c)) return;
+    struct buf *b = &c->out;
+    size_t at = ws_begin(b, 80 + idlen + fidlen + rlen + elen + ctxlen, 0);
+    if (at == SIZE_MAX || buf_puts(b, "{\"type\":\"invocationresult\",\"invocation_id\":") < 0 ||
+        json_put_str(b, id, idlen) < 0 || buf_puts(b, ",\"function_id\":") < 0 ||
+        buf_append(b, fid, fidlen) < 0 ||
+        (res && (buf_puts(b, ",\"result\":") < 0 || buf_append(b, res, rlen) < 0)) ||
+        (err && (buf_puts(b, ",\"error\":") < 0 || buf_append(b, err, elen) < 0)) ||
+        buf_append(b, ctx, ctxlen) < 0 || buf_putc(b, '}') < 0 || ws_end(b, at, WS_TEXT, 0) < 0) {
+        conn_abort(c, "out of memory");
+        return;
+    }
+    conn_queued(c);
+}
+
+/* Writes an error body {"code":..,"message":..} into e. */
+static void rt_err(struct buf *e, const char *code, const char *fmt, ...) III_PRINTF(3, 4);
+static void rt_err(struct buf *e, const char *code, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    e->len = e->off = 0;
+    buf_puts(e, "{\"code\":");
+    json_put_cstr(e, code);
+    buf_puts(e, ",\"message\":");
+    json_put_cstr(e, msg);
+    buf_putc(e, '}');
+}
+
+/* Namespace hint of function_not_found: ". It is registered in namespace(s): a, b." */
+static void rt_ns_hint(const char *id, size_t il, char *out, size_t cap)
+{
+    size_t n = 0;
+    struct hnode **v = hm_list(&S.funcs, &n);
+    const char *names[64];
+    size_t k = 0;
+    out[0] = 0;
+    if (!v) return;
+    for (size_t i = 0; i < n && k < 64; i++) {
+        struct func *f = (struct func *)v[i];
+        if (strlen(f->id) == il && !memcmp(f->id, id, il)) names[k++] = f->ns;
+    }
+    xfree(v);
+    if (!k) return;
+    /* sorted, as the reference engine does */
+    for (size_t i = 1; i < k; i++)
+        for (size_t j = i; j > 0 && strcmp(names[j - 1], names[j]) > 0; j--) {
+            const char *t = names[j];
+            names[j] = names[j - 1], names[j - 1] = t;
+        }
+    size_t o = (size_t)snprintf(out, cap, " It is registered in namespace(s): ");
+    for (size_t i = 0; i < k && o < cap; i++)
+        o += (size_t)snprintf(out + o, cap - o, "%s%s", i ? ", " : "", names[i]);
+    if (o < cap) snprintf(out + o, cap - o, ".");
+}
+
+/* Appends data with "_caller_worker_id" set (§3.2 step 3): objects get the member added last
+ * (replacing any caller-supplied one), anything else passes unchanged. Fast path: no copy of
+ * the payload beyond the single append into the target's buffer. */
+static int rt_put_data(struct buf *b, const unsigned char *data, size_t dl, const char *wid)
+{
+    if (!wid || dl < 2 || data[0] != '{') return buf_append(b, data, dl);
+    size_t close = dl - 1; /* the parser guarantees data[dl-1] == '}' for objects */
+    size_t i = 1;
+    while (i < close && JSON_WS(data[i])) i++;
+    int empty = i == close;
+    static const char key[] = "\"_caller_worker_id\"";
+    int has = 0;
+    for (size_t k = 0; !empty && k + sizeof key - 1 <= dl; k++)
+        if (data[k] == '"' && !memcmp(data + k, key, sizeof key - 1)) {
+            has = 1;
+            break;
+        }
+    if (has) {
+        /* rare: rebuild the object without the caller-supplied member(s) */
+        struct jdoc d = {0};
+        d.max = UINT32_MAX;
+        if (json_parse(&d, data, dl, 2, 0) < 0) {
+            xfree(d.t);
+            return buf_append(b, data, dl);
+        }
+        int first = 1;
+        if (buf_putc(b, '{') < 0) goto oom;
+        uint32_t t = 1;
+        for (uint32_t m = 0; m < d.t[0].n; m++) {
+            uint32_t val = t + 1;
+            if (!json_streq(&d, (int)t, "_caller_worker_id")) {
+                if (!first && buf_putc(b, ',') < 0) goto oom;
+                if (json_put_raw(b, &d, (int)t) < 0 || buf_putc(b, ':') < 0 || json_put_raw(b, &d, (int)val) < 0)
+                    goto oom;
+                first = 0;
+            }
+            t = d.t[val].next;
+        }
+        xfree(d.t);
+        if (!first && buf_putc(b, ',') < 0) return -1;
+        return buf_puts(b, "\"_caller_worker_id\":\"") < 0 || buf_puts(b, wid) < 0 || buf_puts(b, "\"}") < 0 ? -1 : 0;
+    oom:
+        xfree(d.t);
+        return -1;
+    }
+    if (buf_append(b, data, close) < 0) return -1;
+    if (!empty && buf_putc(b, ',') < 0) return -1;
+    return buf_puts(b, "\"_caller_worker_id\":\"") < 0 || buf_puts(b, wid) < 0 || buf_puts(b, "\"}") < 0 ? -1 : 0;
+}
+
+/* Appends an invokefunction frame for target t. fid: raw JSON string; ctx: raw
+ * ",\"traceparent\":..,\"baggage\":..,\"metadata\":.." members (may be empty). */
+static int rt_send_invoke(struct conn *t, const char *id, const char *fid, size_t fidlen,
+                          const unsigned char *data, size_t dl, const char *caller_wid,
+                          const char *ctx, size_t ctxlen)
+{
+    struct buf *b = &t->out;
+    size_t at = ws_begin(b, 110 + fidlen + dl + ctxlen, 0);
+    if (at == SIZE_MAX || buf_puts(b, "{\"type\":\"invokefunction\",\"invocation_id\":\"") < 0 ||
+        buf_append(b, id, 36) < 0 || buf_puts(b, "\",\"function_id\":") < 0 ||
+        buf_append(b, fid, fidlen) < 0 || buf_puts(b, ",\"data\":") < 0 ||
+        rt_put_data(b, data, dl, caller_wid) < 0 || buf_append(b, ctx, ctxlen) < 0 ||
+        buf_putc(b, '}') < 0 || ws_end(b, at, WS_TEXT, 0) < 0) {
+        conn_abort(t, "out of memory");
+        return -1;
+    }
+    conn_queued(t);
+    return 0;
+}
+
+/* Points *s and *n at string token ti's decoded text: the raw bytes when there is no escape, else
+ * a decoded copy in scratch (caller frees scratch). -1 if not a string or OOM. */
+static int jstr(const struct jdoc *d, int ti, struct buf *scratch, const char **s, size_t *n)
+{
+    if (JTYPE(d, ti) != J_STRING) return -1;
+    if (!d->t[ti].esc) {
+        *s = (const char *)JRAW(d, ti) + 1;
+        *n = JLEN(d, ti) - 2;
+        return 0;
+    }
+    scratch->len = scratch->off = 0;
+    if (json_unescape(d, ti, scratch) < 0 || !buf_cstr(scratch)) return -1;
+    *s = (const char *)buf_data(scratch);
+    *n = buf_used(scratch);
+    return 0;
+}
+
+/* Tokenizes the raw value of token ti on its own (for small nested objects such as `action`)
+ * into fixed storage: no allocation. -1 if it does not fit or is not valid. */
+static int json_sub(const struct jdoc *d, int ti, struct jdoc *sub, struct jtok *arr, uint32_t n)
+{
+    memset(sub, 0, sizeof *sub);
+    sub->t = arr, sub->cap = sub->max = n;
+    return json_parse(sub, JRAW(d, ti), JLEN(d, ti), 2, 0);
+}
+
+/* Runs builtin f on data (raw JSON) for caller (NULL = engine-internal). The builtin writes a
+ * result into res (nothing = no result) or an error body into err. */
+static void rt_run_builtin(struct func *f, struct conn *caller, const unsigned char *data, size_t dl,
+                           struct buf *res, struct buf *err)
+{
+    struct jdoc d = {0};
+    if (json_parse(&d, data, dl, 3, 0) < 0 || d.t[0].type != J_OBJECT)
+        rt_err(err, "deserialization_error", "Failed to deserialize input for %s: invalid type: expected a JSON object", f->id);
+    else
+        f->bi(caller, &d, 0, res, err);
+    xfree(d.t);
+}
+
+static const char ERR_STOPPED[] = "{\"code\":\"invocation_stopped\",\"message\":\"Invocation stopped\"}";
+
+/* Engine-internal call (trigger fires, discovery events): resolve in ns, run or dispatch with a
+ * fresh id; the result is discarded. meta: raw JSON metadata or NULL. */
+static void rt_call_internal(const char *ns, const char *fid, const unsigned char *data, size_t dl,
+                             const char *meta)
+{
+    struct func *f = func_find_c(ns, fid);
+    if (!f) {
+        LOG(LOG_DEBUG, "trigger fire: function %s not found in namespace %s", fid, ns);
+        return;
+    }
+    S.n_invocations++;
+    if (!f->owner) {
+        struct buf res = {0}, err = {0};
+        rt_run_builtin(f, NULL, data, dl, &res, &err);
+        buf_free(&res), buf_free(&err);
+        return;
+    }
+    if (!conn_open(f->owner)) return;
+    char id[37];
+    uuid_new(id);
+    struct inv *v = inv_new(id, INV_FIRE);
+    if (!v) return;
+    inv_link(v, NULL, f->owner);
+    struct buf *ctx = &S.tmp2;
+    ctx->len = ctx->off = 0;
+    if (meta) buf_puts(ctx, ",\"metadata\":"), buf_puts(ctx, meta);
+    struct buf q = {0};
+    json_put_cstr(&q, fid);
+    rt_send_invoke(f->owner, v->id, (char *)buf_data(&q), buf_used(&q), data, dl, NULL,
+                   (char *)buf_data(ctx), buf_used(ctx));
+    buf_free(&q);
+}
+
+/* Baggage for an enqueue: the caller's W3C baggage with iii.function.id set to the target
+ * (§3.4), written as a JSON string. */
+static void rt_baggage(struct buf *b, const struct jdoc *d, int bg, const char *fid, size_t fl)
+{
+    struct buf in = {0}, out = {0};
+    if (JTYPE(d, bg) == J_STRING) json_unescape(d, bg, &in);
+    buf_cstr(&in);
+    const char *s = in.p ? (const char *)in.p : "";
+    while (*s) {
+        const char *e = strchr(s, ',');
+        size_t n = e ? (size_t)(e - s) : strlen(s);
+        const char *k = s;
+        while (k < s + n && *k == ' ') k++;
+        if (!((size_t)(s + n - k) >= 15 && !memcmp(k, "iii.function.id", 15) &&
+              (k[15] == '=' || k[15] == ' ')) && n) {
+            if (buf_used(&out)) buf_putc(&out, ',');
+            buf_append(&out, s, n);
+        }
+        s += n + (e ? 1 : 0);
+    }
+    if (buf_used(&out)) buf_putc(&out, ',');
+    buf_puts(&out, "iii.function.id=");
+    buf_append(&out, fid, fl);
+    json_put_str(b, (char *)buf_data(&out), buf_used(&out));
+    buf_free(&in), buf_free(&out);
+}
+
+/* §3.4: an enqueue action calls engine::queue::enqueue in default with the engine's receipt. */
+static void rt_enqueue(struct conn *c, const struct jdoc *d, int iid, int fidt, const char *fid, size_t fl,
+                       const char *ns, int data, int tp, int bg, const char *queue, size_t ql)
+{
+    int reply = !JABSENT(d, iid);
+    const char *qfid = "engine::queue::enqueue";
+    struct func *f = func_find_c(NS_DEFAULT, qfid);
+    struct buf err = {0};
+    if (!f || !f->owner || !conn_open(f->owner)) {
+        if (reply) {
+            rt_err(&err, "enqueue_error",
+                   "Failed to enqueue '%.*s' on queue '%.*s': function engine::queue::enqueue is not "
+                   "registered in namespace default (no queue worker is connected; add one with "
+                   "`iii worker add queue`)", (int)fl, fid, (int)ql, queue);
+            rt_send_result(c, (const char *)JRAW(d, iid) + 1, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt),
+                           NULL, 0, buf_data(&err), buf_used(&err), "", 0);
+        }
+        S.n_inv_errors++;
+        buf_free(&err);
+        return;
+    }
+    char id[37];
+    uuid_new(id);
+    struct inv *v = inv_new(id, INV_ENQUEUE);
+    if (!v) return;
+    uuid_new(v->receipt);
+    if (reply) {
+        /* the reply goes out under the caller's id: keep it in fid's place as a prefix */
+        v->fid = inv_store(v->fid_small, sizeof v->fid_small, JRAW(d, fidt), JLEN(d, fidt));
+        v->fid_len = JLEN(d, fidt);
+        struct buf cid = {0};
+        buf_append(&cid, JRAW(d, iid) + 1, 36);
+        v->ctx = inv_store(v->ctx_small, sizeof v->ctx_small, buf_data(&cid), 36);
+        v->ctx_len = 36;
+        buf_free(&cid);
+    }
+    inv_link(v, reply ? c : NULL, f->owner);
+    struct buf in = {0};
+    buf_puts(&in, "{\"queue\":");
+    json_put_str(&in, queue, ql);
+    buf_puts(&in, ",\"function_id\":");
+    json_put_str(&in, fid, fl);
+    buf_puts(&in, ",\"data\":");
+    json_put_raw(&in, d, data);
+    buf_printf(&in, ",\"messageReceiptId\":\"%s\"", v->receipt);
+    if (!JABSENT(d, tp)) buf_puts(&in, ",\"traceparent\":"), json_put_raw(&in, d, tp);
+    buf_puts(&in, ",\"baggage\":");
+    rt_baggage(&in, d, bg, fid, fl);
+    if (strcmp(ns, NS_DEFAULT)) buf_puts(&in, ",\"namespace\":"), json_put_cstr(&in, ns);
+    buf_putc(&in, '}');
+    static const char qf[] = "\"engine::queue::enqueue\"";
+    rt_send_invoke(f->owner, v->id, qf, sizeof qf - 1, buf_data(&in), buf_used(&in), NULL, "", 0);
+    buf_free(&in);
+    S.n_invocations++;
+}
+
+/* Handles an invokefunction frame from worker c (§3). Malformed frames are dropped silently. */
+static void rt_invoke(struct conn *c, const struct jdoc *d)
+{
+    int iid = json_get(d, 0, "invocation_id"), fidt = json_get(d, 0, "function_id");
+    int data = json_get(d, 0, "data"), tp = json_get(d, 0, "traceparent");
+    int bg = json_get(d, 0, "baggage"), act = json_get(d, 0, "action");
+    int meta = json_get(d, 0, "metadata"), nsi = json_get(d, 0, "namespace");
+    struct buf s1 = {0}, s2 = {0}, s3 = {0};
+    const char *fid, *ns = NS_DEFAULT, *queue = NULL;
+    size_t fl, nl = sizeof NS_DEFAULT - 1, ql = 0;
+    int is_void = 0, is_enq = 0;
+    if (data < 0 || jstr(d, fidt, &s1, &fid, &fl) < 0) goto drop;
+    if (!JABSENT(d, iid) && (JTYPE(d, iid) != J_STRING || !uuid_valid((const char *)JRAW(d, iid) + 1, JLEN(d, iid) - 2)))
+        goto drop;
+    if ((!JABSENT(d, tp) && JTYPE(d, tp) != J_STRING) || (!JABSENT(d, bg) && JTYPE(d, bg) != J_STRING) ||
+        (!JABSENT(d, nsi) && JTYPE(d, nsi) != J_STRING))
+        goto drop;
+    if (!JABSENT(d, act)) {
+        struct jdoc ad;
+        struct jtok at[16];
+        if (JTYPE(d, act) != J_OBJECT || json_sub(d, act, &ad, at, 16) < 0) goto drop;
+        int ty = json_get(&ad, 0, "type");
+        if (json_streq(&ad, ty, "void")) {
+            is_void = 1;
+        } else if (json_streq(&ad, ty, "enqueue")) {
+            if (jstr(&ad, json_get(&ad, 0, "queue"), &s3, &queue, &ql) < 0) goto drop;
+            is_enq = 1;
+        } else {
+            goto drop;
+        }
+    }
+    int reply = !JABSENT(d, iid) && !is_void;
+    if (!JABSENT(d, nsi)) {
+        if (jstr(d, nsi, &s2, &ns, &nl) < 0) goto drop;
+        if (str_blank(ns, nl)) {
+            if (reply) {
+                struct buf e = {0};
+                rt_err(&e, "INVALID_NAMESPACE", "`namespace` is empty: it was named and left blank. "
+                       "Give it a name, or omit it to use `default`.");
+                rt_send_result(c, (const char *)JRAW(d, iid) + 1, 36, (const char *)JRAW(d, fidt),
+                               JLEN(d, fidt), NULL, 0, buf_data(&e), buf_used(&e), "", 0);
+                buf_free(&e);
+            } else {
+                LOG(LOG_WARN, "worker %s: invoke of %.*s with a blank namespace dropped", c->wid, (int)fl, fid);
+            }
+            goto done;
+        }
+    }
+    if (is_enq) {
+        char *nsz = xstrndup(ns, nl);
+        if (nsz) rt_enqueue(c, d, reply ? iid : -1, fidt, fid, fl, nsz, data, tp, bg, queue, ql);
+        xfree(nsz);
+        goto done;
+    }
+    S.n_invocations++;
+    /* the trace context echoed to the caller, and the sidecars forwarded to the target */
+    struct buf *ctx = &S.tmp2;
+    ctx->len = ctx->off = 0;
+    if (!JABSENT(d, tp)) buf_puts(ctx, ",\"traceparent\":"), json_put_raw(ctx, d, tp);
+    if (!JABSENT(d, bg)) buf_puts(ctx, ",\"baggage\":"), json_put_raw(ctx, d, bg);
+    size_t replyctx = buf_used(ctx);
+    if (!JABSENT(d, meta)) buf_puts(ctx, ",\"metadata\":"), json_put_raw(ctx, d, meta);
+    const char *cid = reply ? (const char *)JRAW(d, iid) + 1 : NULL;
+    struct func *f = func_find(ns, nl, fid, fl);
+    if (!f) {
+        S.n_inv_errors++;
+        if (reply) {
+            char hint[512];
+            struct buf e = {0};
+            rt_ns_hint(fid, fl, hint, sizeof hint);
+            rt_err(&e, "function_not_found", "Function %.*s not found in namespace %.*s.%s", (int)fl, fid,
+                   (int)nl, ns, hint);
+            rt_send_result(c, cid, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt), NULL, 0, buf_data(&e),
+                           buf_used(&e), (char *)buf_data(ctx), replyctx);
+            buf_free(&e);
+        }
+        goto done;
+    }
+    if (!f->owner) {
+        struct buf res = {0}, err = {0};
+        rt_run_builtin(f, c, JRAW(d, data), JLEN(d, data), &res, &err);
+        if (buf_used(&err)) S.n_inv_errors++;
+        if (reply && conn_open(c))
+            rt_send_result(c, cid, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt),
+                           buf_used(&err) ? NULL : (buf_used(&res) ? buf_data(&res) : NULL), buf_used(&res),
+                           buf_used(&err) ? buf_data(&err) : NULL, buf_used(&err), (char *)buf_data(ctx), replyctx);
+        buf_free(&res), buf_free(&err);
+        goto done;
+    }
+    struct conn *t = f->owner;
+    char mint[37];
+    if (!reply) uuid_new(mint);
+    if (!conn_open(t) || (reply && hm_get(&S.invs, cid, 36))) {
+        S.n_inv_errors++;
+        if (reply) {
+            struct buf e = {0};
+            if (!conn_open(t)) rt_err(&e, "channel_send_failed", "Worker connection for %.*s is closed", (int)fl, fid);
+            else rt_err(&e, "invocation_error", "invocation_id %.36s is already in flight", cid);
+            rt_send_result(c, cid, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt), NULL, 0, buf_data(&e),
+                           buf_used(&e), (char *)buf_data(ctx), replyctx);
+            buf_free(&e);
+        }
+        goto done;
+    }
+    struct inv *v = inv_new(reply ? cid : mint, reply ? INV_CALL : INV_VOID);
+    if (!v) {
+        conn_abort(c, "out of memory");
+        goto done;
+    }
+    if (reply) {
+        v->fid = inv_store(v->fid_small, sizeof v->fid_small, JRAW(d, fidt), JLEN(d, fidt));
+        v->fid_len = JLEN(d, fidt);
+        v->ctx = inv_store(v->ctx_small, sizeof v->ctx_small, buf_data(ctx), replyctx);
+        v->ctx_len = replyctx;
+        if (!v->fid || !v->ctx) {
+            inv_free(v);
+            conn_abort(c, "out of memory");
+            goto done;
+        }
+    }
+    inv_link(v, reply ? c : NULL, t);
+    rt_send_invoke(t, v->id, (const char *)JRAW(d, fidt), JLEN(d, fidt), JRAW(d, data), JLEN(d, data), c->wid,
+                   (char *)buf_data(ctx), buf_used(ctx));
+    goto done;
+drop:
+    LOG(LOG_WARN, "worker %s: json decode error: invalid invokefunction dropped", c->wid);
+done:
+    buf_free(&s1), buf_free(&s2), buf_free(&s3);
+}
+
+/* Handles an invocationresult from worker c (§2.3): the call is found by id; only its target
+ * may answer it (a stricter rule than the reference: no connection can settle another's call). */
+static void rt_result(struct conn *c, const struct jdoc *d)
+{
+    int iid = json_get(d, 0, "invocation_id"), fidt = json_get(d, 0, "function_id");
+    int res = json_get(d, 0, "result"), err = json_get(d, 0, "error");
+    if (JTYPE(d, iid) != J_STRING || !uuid_valid((const char *)JRAW(d, iid) + 1, JLEN(d, iid) - 2) ||
+        JTYPE(d, fidt) != J_STRING) {
+        LOG(LOG_WARN, "worker %s: json decode error: invalid invocationresult dropped", c->wid);
+        return;
+    }
+    struct inv *v = (struct inv *)hm_get(&S.invs, (const char *)JRAW(d, iid) + 1, 36);
+    if (!v || v->target != c) {
+        LOG(LOG_DEBUG, "worker %s: result for unknown invocation %.36s ignored", c->wid, JRAW(d, iid) + 1);
+        return;
+    }
+    int has_err = !JABSENT(d, err), has_res = !JABSENT(d, res);
+    if (has_err) S.n_inv_errors++;
+    if (v->kind == INV_CALL && v->caller) {
+        rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len, has_err || !has_res ? NULL : JRAW(d, res),
+                       has_res ? JLEN(d, res) : 0, has_err ? JRAW(d, err) : NULL, has_err ? JLEN(d, err) : 0,
+                       v->ctx, v->ctx_len);
+    } else if (v->kind == INV_ENQUEUE && v->caller) {
+        struct buf out = {0};
+        if (has_err) {
+            struct jdoc ed;
+            struct jtok et[16];
+            size_t ml = 0;
+            const char *m = NULL;
+            struct buf sc = {0};
+            if (json_sub(d, err, &ed, et, 16) < 0 || jstr(&ed, json_get(&ed, 0, "message"), &sc, &m, &ml) < 0)
+                m = "enqueue failed", ml = strlen(m);
+            rt_err(&out, "enqueue_error", "%.*s", (int)ml, m);
+            buf_free(&sc);
+            rt_send_result(v->caller, v->ctx, 36, v->fid, v->fid_len, NULL, 0, buf_data(&out), buf_used(&out), "", 0);
+        } else {
+            buf_printf(&out, "{\"messageReceiptId\":\"%s\"}", v->receipt);
+            rt_send_result(v->caller, v->ctx, 36, v->fid, v->fid_len, buf_data(&out), buf_used(&out), NULL, 0, "", 0);
+        }
+        buf_free(&out);
+    } else if (has_err && v->kind == INV_FIRE) {
+        LOG(LOG_DEBUG, "trigger fire %s failed: %.*s", v->id, (int)JLEN(d, err), JRAW(d, err));
+    }
+    inv_free(v);
+}
+
+/* ==== Triggers and discovery ================================================================
+ * Trigger types keyed (namespace, id) with one provider each (replace, never skip); bindings
+ * keyed by id, live or parked. Provider resolution: the explicit trigger_namespace only, else
+ * the binding's home namespace, then default (§4.1). WS-provided types are fired by their
+ * provider; the engine's own types (the two discovery events) are fired here.
+ */
+static const char TT_WORKERS[] = "engine::workers-available";
+static const char TT_FUNCTIONS[] = "engine::functions-available";
+
+static struct ttype *tt_find(const char *ns, const char *id)
+{
+    return (struct ttype *)reg_find(&S.ttypes, ns, strlen(ns), id, strlen(id));
+}
+
+static struct trig *trig_find(const char *id, size_t n) { return (struct trig *)hm_get(&S.trigs, id, n); }
+
+static struct ttype *trig_resolve(const struct trig *t)
+{
+    if (t->trigger_ns) return tt_find(t->trigger_ns, t->type);
+    struct ttype *tt = tt_find(t->home_ns, t->type);
+    return tt ? tt : tt_find(NS_DEFAULT, t->type);
+}
+
+/* The provider type currently serving live binding t, or NULL. */
+static struct ttype *trig_provider(const struct trig *t)
+{
+    return t->live && t->provider_ns ? tt_find(t->provider_ns, t->type) : NULL;
+}
+
+/* Sends registertrigger for t to a WS provider (§4.2 step 8): namespace omitted when the
+ * target is default, trigger_namespace omitted when the provider namespace is default. */
+static void trig_send_register(struct conn *p, const struct trig *t, const char *provider_ns)
+{
+    struct buf *b = &p->out;
+    size_t at = ws_begin(b, 128 + strlen(t->id) + strlen(t->type) + strlen(t->fid) + strlen(t->config_raw) +
+                                (t->meta_raw ? strlen(t->meta_raw) : 0), 0);
+    if (at == SIZE_MAX) goto oom;
+    buf_puts(b, "{\"type\":\"registertrigger\",\"id\":");
+    json_put_cstr(b, t->id);
+    buf_puts(b, ",\"trigger_type\":");
+    json_put_cstr(b, t->type);
+    buf_puts(b, ",\"function_id\":");
+    json_put_cstr(b, t->fid);
+    buf_puts(b, ",\"config\":");
+    buf_puts(b, t->config_raw);
+    if (t->meta_raw) buf_puts(b, ",\"metadata\":"), buf_puts(b, t->meta_raw);
+    if (strcmp(t->ns, NS_DEFAULT)) buf_puts(b, ",\"namespace\":"), json_put_cstr(b, t->ns);
+    if (strcmp(provider_ns, NS_DEFAULT)) buf_puts(b, ",\"trigger_namespace\":"), json_put_cstr(b, provider_ns);
+    if (buf_putc(b, '}') < 0 || ws_end(b, at, WS_TEXT, 0) < 0) goto oom;
+    conn_queued(p);
+    return;
+oom:
+    conn_abort(p, "out of memory");
+}
+
+static void trig_send_unregister(struct conn *p, const struct trig *t)
+{
+    if (!conn_open(p)) return;
+    struct buf *b = &p->out;
+    size_t at = ws_begin(b, 64 + strlen(t->id) + strlen(t->type), 0);
+    if (at == SIZE_MAX) goto oom;
+    buf_puts(b, "{\"type\":\"unregistertrigger\",\"id\":");
+    json_put_cstr(b, t->id);
+    buf_puts(b, ",\"trigger_type\":");
+    json_put_cstr(b, t->type);
+    if (buf_putc(b, '}') < 0 || ws_end(b, at, WS_TEXT, 0) < 0) goto oom;
+    conn_queued(p);
+    return;
+oom:
+    conn_abort(p, "out of memory");
+}
+
+/* Delivers t to provider tt: a WS provider gets registertrigger (fire-and-forget, live at
+ * once); an in-process one just books it. A provider that is gone parks the binding. */
+static void trig_deliver(struct trig *t, struct ttype *tt)
+{
+    if (tt->provider && !conn_open(tt->provider)) {
+        t->live = 0;
+        return;
+    }
+    if (tt->provider) trig_send_register(tt->provider, t, tt->ns);
+    char *pn = xstrdup(tt->ns);
+    if (!pn) {
+        t->live = 0;
+        return;
+    }
+    xfree(t->provider_ns);
+    t->provider_ns = pn;
+    t->live = 1;
+}
+
+static void trig_free(struct trig *t)
+{
+    hm_del(&S.trigs, &t->h);
+    xfree(t->id), xfree(t->type), xfree(t->fid), xfree(t->config_raw), xfree(t->meta_raw);
+    xfree(t->ns), xfree(t->trigger_ns), xfree(t->home_ns), xfree(t->provider_ns);
+    xfree(t);
+}
+
+/* Removes binding t; a live one's provider is told with unregistertrigger (§2.5). */
+static void trig_remove(struct trig *t)
+{
+    struct ttype *tt = trig_provider(t);
+    if (tt && tt->provider) trig_send_unregister(tt->provider, t);
+    trig_free(t);
+}
+
+/* Creates or replaces binding id (§4.2): owner NULL = durable. All strings are copied.
+ * Returns the binding or NULL on OOM. */
+static struct trig *trig_register(struct conn *owner, const char *id, const char *type, const char *fid,
+                                  const char *config_raw, const char *meta_raw, const char *ns,
+                                  const char *trigger_ns, const char *home_ns)
+{
+    struct trig *old = trig_find(id, strlen(id));
+    struct ttype *oldp = old ? trig_provider(old) : NULL;
+    struct trig *t = xcalloc(sizeof *t);
+    if (!t) return NULL;
+    t->id = xstrdup(id), t->type = xstrdup(type), t->fid = xstrdup(fid);
+    t->config_raw = xstrdup(config_raw), t->meta_raw = meta_raw ? xstrdup(meta_raw) : NULL;
+    t->ns = xstrdup(ns), t->trigger_ns = trigger_ns ? xstrdup(trigger_ns) : NULL;
+    t->home_ns = xstrdup(home_ns);
+    t->owner = owner;
+    if (!t->id || !t->type || !t->fid || !t->config_raw || (meta_raw && !t->meta_raw) || !t->ns ||
+        (trigger_ns && !t->trigger_ns) || !t->home_ns) {
+        t->h.key = NULL;
+        xfree(t->id), xfree(t->type), xfree(t->fid), xfree(t->config_raw), xfree(t->meta_raw);
+        xfree(t->ns), xfree(t->trigger_ns), xfree(t->home_ns), xfree(t);
+        return NULL;
+    }
+    struct ttype *tt = trig_resolve(t);
+    if (old) {
+        /* the id moves (ownership included); a different provider is told the old one is gone */
+        if (oldp && oldp->provider && (!tt || oldp != tt)) trig_send_unregister(oldp->provider, old);
+        trig_free(old);
+    }
+    if (hm_put(&S.trigs, &t->h, t->id, strlen(t->id)) < 0) {
+        xfree(t->id), xfree(t->type), xfree(t->fid), xfree(t->config_raw), xfree(t->meta_raw);
+        xfree(t->ns), xfree(t->trigger_ns), xfree(t->home_ns), xfree(t);
+        return NULL;
+    }
+    if (tt) trig_deliver(t, tt);
+    else LOG(LOG_WARN, "trigger %s: no provider for trigger type '%s' yet; parked until a worker registers it",
+             id, type);
+    return t;
+}
+
+/* Registers (replaces) trigger type (ns, id) provided by p (NULL = in-process), then replays
+ * and activates the bindings that now resolve to it (§2.4). */
+static struct ttype *tt_register(struct conn *p, const char *ns, const char *id, const char *desc_raw,
+                                 const char *treq_raw, const char *creq_raw)
+{
+    /* sweep parked intents whose owner is gone */
+    size_t n = 0;
+    struct hnode **v = hm_list(&S.trigs, &n);
+    if (!v) return NULL;
+    for (size_t i = 0; i < n; i++) {
+        struct trig *t = (struct trig *)v[i];
+        if (!t->live && t->owner && !conn_live(t->owner)) trig_free(t), v[i] = NULL;
+    }
+    struct ttype *tt = tt_find(ns, id);
+    if (!tt) {
+        tt = xcalloc(sizeof *tt);
+        size_t kl;
+        if (!tt || !(tt->key = reg_key(NULL, 0, ns, strlen(ns), id, strlen(id), &kl)) ||
+            hm_put(&S.ttypes, &tt->h, tt->key, kl) < 0) {
+            if (tt) xfree(tt->key);
+            xfree(tt);
+            xfree(v);
+            return NULL;
+        }
+        tt->klen = kl;
+        tt->ns = tt->key;
+        tt->id = tt->key + strlen(ns) + 1;
+    }
+    xfree(tt->desc_raw), xfree(tt->treq_raw), xfree(tt->creq_raw);
+    tt->desc_raw = desc_raw ? xstrdup(desc_raw) : NULL;
+    tt->treq_raw = treq_raw ? xstrdup(treq_raw) : NULL;
+    tt->creq_raw = creq_raw ? xstrdup(creq_raw) : NULL;
+    tt->provider = p;
+    for (size_t i = 0; i < n; i++) {
+        struct trig *t = (struct trig *)v[i];
+        if (!t || strcmp(t->type, id) || trig_resolve(t) != tt) continue;
+        struct ttype *cur = trig_provider(t);
+        if (t->live && cur && cur != tt && cur->provider) trig_send_unregister(cur->provider, t); /* re-home */
+        trig_deliver(t, tt);
+    }
+    xfree(v);
+    return tt;
+}
+
+/* Removes trigger type tt (its provider left): bindings it served fall back or park (§4.5). */
+static void tt_remove(struct ttype *tt)
+{
+    hm_del(&S.ttypes, &tt->h);
+    size_t n = 0;
+    struct hnode **v = hm_list(&S.trigs, &n);
+    for (size_t i = 0; v && i < n; i++) {
+        struct trig *t = (struct trig *)v[i];
+        if (!t->live || !t->provider_ns || strcmp(t->type, tt->id) || strcmp(t->provider_ns, tt->ns)) continue;
+        struct ttype *alt = trig_resolve(t);
+        if (alt) trig_deliver(t, alt);
+        else {
+            t->live = 0;
+            LOG(LOG_INFO, "trigger %s disabled until trigger type '%s' returns", t->id, t->type);
+        }
+    }
+    xfree(v);
+    xfree(tt->desc_raw), xfree(tt->treq_raw), xfree(tt->creq_raw), xfree(tt->key), xfree(tt);
+}
+
+/* Fires an in-process trigger type: every live binding of that type gets the event. */
+static void trig_fire(const char *type, const unsigned char *data, size_t dl)
+{
+    size_t n = 0;
+    struct hnode **v = hm_list(&S.trigs, &n);
+    for (size_t i = 0; v && i < n; i++) {
+        struct trig *t = (struct trig *)v[i];
+        if (t->live && !strcmp(t->type, type)) rt_call_internal(t->ns, t->fid, data, dl, t->meta_raw);
+    }
+    xfree(v);
+}
+
+static void ev_worker(const char *event, const char *wid)
+{
+    char data[128];
+    int n = snprintf(data, sizeof data, "{\"event\":\"%s\",\"worker_id\":\"%s\"}", event, wid);
+    trig_fire(TT_WORKERS, (unsigned char *)data, (size_t)n);
+}
+
+static int fn_summary(struct buf *b, const struct func *f);
+
+/* Called once per loop turn: fires functions_changed when the id set changed (DECISIONS.md
+ * item 1: immediate, coalesced to one event per turn; keyed on the id set only). */
+static void ev_functions_tick(void)
+{
+    if (S.fn_fp == S.fn_fp_sent && S.fn_n == S.fn_n_sent) return;
+    S.fn_fp_sent = S.fn_fp, S.fn_n_sent = S.fn_n;
+    int any = 0;
+    for (size_t i = 0; i < S.trigs.nb && !any; i++)
+        for (struct hnode *e = S.trigs.b[i]; e; e = e->next)
+            if (((struct trig *)e)->live && !strcmp(((struct trig *)e)->type, TT_FUNCTIONS)) any = 1;
+    if (!any) return;
+    struct buf b = {0};
+    size_t n = 0;
+    struct hnode **v = hm_list(&S.funcs, &n);
+    buf_puts(&b, "{\"event\":\"functions_changed\",\"functions\":[");
+    for (size_t i = 0; v && i < n; i++) {
+        if (i) buf_putc(&b, ',');
+        fn_summary(&b, (struct func *)v[i]);
+    }
+    buf_puts(&b, "]}");
+    xfree(v);
+    trig_fire(TT_FUNCTIONS, buf_data(&b), buf_used(&b));
+    buf_free(&b);
+}
+
+/* ==== Worker protocol =======================================================================
+ * One connection's life: workerregistered first; registration frames buffered until the
+ * namespace is known (engine::workers::register or the grace period, §1.4), then applied in
+ * arrival order; invokes and results routed at once; reattach retires a previous connection;
+ * teardown (§7) runs exactly once, in the spec's order, whatever ended the connection.
+ */
+static void worker_send(struct conn *c, const struct buf *b)
+{
+    conn_frame(c, WS_TEXT, buf_data(b), buf_used(b));
+}
+
+static void worker_rejected(struct conn *c, const char *code, const char *ns, const char *name,
+                            const char *fid, const char *owner)
+{
+    struct buf b = {0};
+    buf_puts(&b, "{\"type\":\"registrationrejected\",\"code\":");
+    json_put_cstr(&b, code);
+    buf_puts(&b, ",\"namespace\":");
+    json_put_cstr(&b, ns);
+    if (name) buf_puts(&b, ",\"worker_name\":"), json_put_cstr(&b, name);
+    if (fid) buf_puts(&b, ",\"function_id\":"), json_put_cstr(&b, fid);
+    buf_puts(&b, ",\"owner_worker_id\":");
+    json_put_cstr(&b, owner);
+    buf_putc(&b, '}');
+    worker_send(c, &b);
+    buf_free(&b);
+}
+
+/* Copies the raw bytes of token ti into a new string, NULL when absent/null (or OOM). */
+static char *jraw_dup(const struct jdoc *d, int ti)
+{
+    return JABSENT(d, ti) ? NULL : xstrndup((const char *)JRAW(d, ti), JLEN(d, ti));
+}
+
+/* registerfunction (§2.1), already in the connection's namespace. */
+static void reg_function(struct conn *c, const struct jdoc *d)
+{
+    size_t il;
+    const char *id;
+    struct buf sc = {0};
+    if (jstr(d, json_get(d, 0, "id"), &sc, &id, &il) < 0 || !il) goto done;
+    if (!JABSENT(d, json_get(d, 0, "invocation"))) {
+        LOG(LOG_ERROR, "worker %s: function %.*s is HTTP-invoked; this engine has no http_functions module",
+            c->wid, (int)il, id);
+        goto done;
+    }
+    char *idz = xstrndup(id, il);
+    if (!idz) goto done;
+    if (il >= 8 && !memcmp(id, "engine::", 8) && strcmp(c->ns, NS_DEFAULT)) {
+        worker_rejected(c, "FUNCTION_NAMESPACE_CONFLICT", c->ns, NULL, idz, "");
+        xfree(idz);
+        goto done;
+    }
+    struct func *f = func_find(c->ns, strlen(c->ns), id, il);
+    if (f && f->owner != c) {
+        if (!f->owner) {
+            /* deliberate deviation (§11.24): builtins cannot be overwritten by a worker */
+            worker_rejected(c, "FUNCTION_NAMESPACE_CONFLICT", c->ns, NULL, idz, "");
+            xfree(idz);
+            goto done;
+        }
+        if (conn_live(f->owner)) {
+            worker_rejected(c, "FUNCTION_NAMESPACE_CONFLICT", c->ns, NULL, idz, f->owner->wid);
+            xfree(idz);
+            goto done;
+        }
+        func_remove(f); /* the owner is tearing down: a fast restart takes over */
+        f = NULL;
+    }
+    xfree(idz);
+    if (!f && !(f = func_add(c, c->ns, strlen(c->ns), id, il))) {
+        conn_abort(c, "out of memory");
+        goto done;
+    }
+    func_clear_meta(f);
+    f->desc_raw = jraw_dup(d, json_get(d, 0, "description"));
+    f->req_raw = jraw_dup(d, json_get(d, 0, "request_format"));
+    f->resp_raw = jraw_dup(d, json_get(d, 0, "response_format"));
+    int mt = json_get(d, 0, "metadata");
+    f->meta_raw = jraw_dup(d, mt);
+    if (JTYPE(d, mt) == J_OBJECT) {
+        struct jdoc md = {0};
+        md.max = 4096;
+        if (json_parse(&md, JRAW(d, mt), JLEN(d, mt), 2, 0) == 0)
+            f->internal = JTYPE(&md, json_get(&md, 0, "internal")) == J_TRUE;
+        xfree(md.t);
+    }
+done:
+    buf_free(&sc);
+}
+
+/* Sends triggerregistrationresult with an error to c. */
+static void trig_result_error(struct conn *c, const struct jdoc *d, int id, int type, int fid, const char *errjson)
+{
+    struct buf b = {0};
+    buf_puts(&b, "{\"type\":\"triggerregistrationresult\",\"id\":");
+    JABSENT(d, id) ? buf_puts(&b, "null") : json_put_raw(&b, d, id);
+    buf_puts(&b, ",\"trigger_type\":");
+    JABSENT(d, type) ? buf_puts(&b, "null") : json_put_raw(&b, d, type);
+    buf_puts(&b, ",\"function_id\":");
+    JABSENT(d, fid) ? buf_puts(&b, "null") : json_put_raw(&b, d, fid);
+    buf_puts(&b, ",\"error\":");
+    buf_puts(&b, errjson);
+    buf_putc(&b, '}');
+    worker_send(c, &b);
+    buf_free(&b);
+}
+
+/* Applies one registration frame of connection c (resolved namespace). */
+static void reg_apply(struct conn *c, const struct jdoc *d)
+{
+    int ty = json_get(d, 0, "type");
+    if (json_streq(d, ty, "registerfunction")) {
+        reg_function(c, d);
+    } else if (json_streq(d, ty, "unregisterfunction")) {
+        char *id = json_strdup(d, json_get(d, 0, "id"), NULL);
+        struct func *f = id ? func_find_c(c->ns, id) : NULL;
+        if (f && f->owner == c) func_remove(f);
+        xfree(id);
+    } else if (json_streq(d, ty, "registertriggertype")) {
+        int nsi = json_get(d, 0, "namespace"), dsc = json_get(d, 0, "description");
+        char *id = json_strdup(d, json_get(d, 0, "id"), NULL);
+        char *ns = JABSENT(d, nsi) ? xstrdup(c->ns) : json_strdup(d, nsi, NULL);
+        if (!id || !ns || JTYPE(d, dsc) != J_STRING) {
+            LOG(LOG_WARN, "worker %s: json decode error: invalid registertriggertype dropped", c->wid);
+        } else if (str_blank(ns, strlen(ns))) {
+            LOG(LOG_ERROR, "worker %s: registertriggertype %s: `namespace` is empty; nothing registered", c->wid, id);
+        } else {
+            char *dr = jraw_dup(d, dsc), *tr = jraw_dup(d, json_get(d, 0, "trigger_request_format"));
+            char *cr = jraw_dup(d, json_get(d, 0, "call_request_format"));
+            tt_register(c, ns, id, dr, tr, cr);
+            xfree(dr), xfree(tr), xfree(cr);
+        }
+        xfree(id), xfree(ns);
+    } else if (json_streq(d, ty, "registertrigger")) {
+        int id = json_get(d, 0, "id"), tt = json_get(d, 0, "trigger_type"), fid = json_get(d, 0, "function_id");
+        int cfg = json_get(d, 0, "config"), mt = json_get(d, 0, "metadata");
+        int nsi = json_get(d, 0, "namespace"), tns = json_get(d, 0, "trigger_namespace");
+        if (JTYPE(d, id) != J_STRING || JTYPE(d, tt) != J_STRING || JTYPE(d, fid) != J_STRING || cfg < 0 ||
+            (!JABSENT(d, nsi) && JTYPE(d, nsi) != J_STRING) || (!JABSENT(d, tns) && JTYPE(d, tns) != J_STRING)) {
+            LOG(LOG_WARN, "worker %s: json decode error: invalid registertrigger dropped", c->wid);
+            return;
+        }
+        char *ids = json_strdup(d, id, NULL), *tts = json_strdup(d, tt, NULL), *fids = json_strdup(d, fid, NULL);
+        char *ns = JABSENT(d, nsi) ? xstrdup(NS_DEFAULT) : json_strdup(d, nsi, NULL);
+        char *tn = JABSENT(d, tns) ? NULL : json_strdup(d, tns, NULL);
+        char *cr = jraw_dup(d, cfg), *mr = jraw_dup(d, mt);
+        if (!cr) cr = xstrdup("null");
+        if (ids && tts && fids && ns && cr) {
+            const char *blank = str_blank(ns, strlen(ns)) ? "namespace" : tn && str_blank(tn, strlen(tn)) ? "trigger_namespace" : NULL;
+            if (blank) {
+                struct buf e = {0};
+                rt_err(&e, "INVALID_NAMESPACE", "`%s` is empty: it was named and left blank. Give it a name, "
+                       "or omit it to use `default`.", blank);
+                trig_result_error(c, d, id, tt, fid, buf_cstr(&e));
+                buf_free(&e);
+            } else if (!trig_register(c, ids, tts, fids, cr, mr, ns, tn, c->ns)) {
+                conn_abort(c, "out of memory");
+            }
+        }
+        xfree(ids), xfree(tts), xfree(fids), xfree(ns), xfree(tn), xfree(cr), xfree(mr);
+    } else if (json_streq(d, ty, "unregistertrigger")) {
+        size_t n;
+        char *id = json_strdup(d, json_get(d, 0, "id"), &n);
+        struct trig *t = id ? trig_find(id, n) : NULL;
+        if (t) trig_remove(t);
+        xfree(id);
+    }
+    /* registerservice: internal bookkeeping only in the reference; accepted and ignored */
+}
+
+/* Applies the buffered registration frames of c in arrival order (§1.4). */
+static void worker_drain(struct conn *c)
+{
+    struct buf q = c->pendq;
+    memset(&c->pendq, 0, sizeof c->pendq);
+    struct jdoc d = {0};
+    d.max = 4096;
+    size_t at = q.off;
+    while (at + 4 <= q.len && c->ns_state == NS_RESOLVED && !c->torn) {
+        uint32_t n;
+        memcpy(&n, q.p + at, 4);
+        at += 4;
+        if (json_parse(&d, q.p + at, n, 2, 0) == 0 && d.t[0].type == J_OBJECT) reg_apply(c, &d);
+        at += n;
+    }
+    xfree(d.t);
+    buf_free(&q);
+}
+
+/* Pins c to namespace ns and drains its buffer. */
+static void worker_resolve(struct conn *c, const char *ns)
+{
+    if (c->ns_state != NS_PENDING) return;
+    char *n = xstrdup(ns);
+    if (!n) {
+        conn_abort(c, "out of memory");
+        return;
+    }
+    xfree(c->ns);
+    c->ns = n;
+    c->ns_state = NS_RESOLVED;
+    worker_drain(c);
+}
+
+static void worker_on_open(struct conn *c)
+{
+    uuid_new(c->wid);
+    uuid_new(c->token);
+    c->connected_wall = wall_ms();
+    c->ns_state = NS_PENDING;
+    c->grace_at = now_ms() + S.grace_ms;
+    if (hm_put(&S.workers, &c->h, c->wid, 36) < 0) {
+        conn_abort(c, "out of memory");
+        return;
+    }
+    char m[160];
+    int n = snprintf(m, sizeof m, "{\"type\":\"workerregistered\",\"worker_id\":\"%s\",\"reattach_token\":\"%s\"}",
+                     c->wid, c->token);
+    conn_frame(c, WS_TEXT, m, (size_t)n);
+    LOG(LOG_DEBUG, "worker %s connected from %s", c->wid, c->ip);
+    ev_worker("worker_connected", c->wid);
+}
+
+/* reattach (§1.7): with the right token the previous connection is retired now, inline, so
+ * that everything after it on this socket sees a clean slate. No reply. */
+static void worker_reattach(struct conn *c, const struct jdoc *d)
+{
+    int pw = json_get(d, 0, "previous_worker_id"), tk = json_get(d, 0, "reattach_token");
+    if (JTYPE(d, pw) != J_STRING || !uuid_valid((const char *)JRAW(d, pw) + 1, JLEN(d, pw) - 2)) return;
+    const char *prev = (const char *)JRAW(d, pw) + 1;
+    if (!memcmp(prev, c->wid, 36)) return;
+    struct conn *old = (struct conn *)hm_get(&S.workers, prev, 36);
+    if (!old || old->torn) return;
+    if (JTYPE(d, tk) != J_STRING || JLEN(d, tk) != 38 || memcmp(JRAW(d, tk) + 1, old->token, 36)) {
+        LOG(LOG_WARN, "worker %s: reattach to %s refused: missing or wrong reattach_token", c->wid, old->wid);
+        return;
+    }
+    LOG(LOG_INFO, "worker %s: reattached, retiring previous connection %s", c->wid, old->wid);
+    worker_teardown(old);
+    conn_abort(old, "retired by reattach");
+}
+
+/* Every frame from a worker connection. Malformed or unknown frames are dropped without a
+ * reply and without closing (§1.5). Text frames arrive UTF-8-validated; binary ones are
+ * checked by the parser (check_utf8). */
+static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, int check_utf8)
+{
+    if (str_blank((const char *)p, n)) return;
+    struct jdoc *d = &S.jd;
+    d->max = 4096;
+    if (json_parse(d, p, n, 2, check_utf8) < 0 || d->t[0].type != J_OBJECT) {
+        LOG(LOG_WARN, "worker %s: json decode error: frame dropped", c->wid);
+        return;
+    }
+    int ty = json_get(d, 0, "type");
+    if (JTYPE(d, ty) != J_STRING) {
+        LOG(LOG_WARN, "worker %s: json decode error: frame without type dropped", c->wid);
+        return;
+    }
+    const char *t = (const char *)JRAW(d, ty) + 1;
+    size_t tl = JLEN(d, ty) - 2;
+#define TYPE_IS(x) (tl == sizeof(x) - 1 && !memcmp(t, x, tl))
+    if (TYPE_IS("invokefunction")) {
+        rt_invoke(c, d);
+    } else if (TYPE_IS("invocationresult")) {
+        rt_result(c, d);
+    } else if (TYPE_IS("ping")) {
+        conn_frame(c, WS_TEXT, "{\"type\":\"pong\"}", 15);
+    } else if (TYPE_IS("registerfunction") || TYPE_IS("unregisterfunction") || TYPE_IS("registertriggertype") ||
+               TYPE_IS("registertrigger") || TYPE_IS("unregistertrigger") || TYPE_IS("registerservice")) {
+        if (c->ns_state == NS_PENDING) {
+            uint32_t len = (uint32_t)n;
+            if (buf_append(&c->pendq, &len, 4) < 0 || buf_append(&c->pendq, p, n) < 0) conn_abort(c, "out of memory");
+        } else if (c->ns_state == NS_RESOLVED) {
+            reg_apply(c, d);
+        }
+    } else if (TYPE_IS("triggerregistrationresult")) {
+        int id = json_get(d, 0, "id"), err = json_get(d, 0, "error");
+        struct buf sc = {0};
+        const char *ids;
+        size_t il;
+        if (jstr(d, id, &sc, &ids, &il) == 0) {
+            struct trig *tr = trig_find(ids, il);
+            struct ttype *pt = tr ? trig_provider(tr) : NULL;
+            if (tr && pt && pt->provider == c && !JABSENT(d, err)) {
+                /* §4.3: a provider's error parks the binding and is forwarded to its owner */
+                tr->live = 0;
+                LOG(LOG_WARN, "trigger %s: provider refused it; parked", tr->id);
+                if (tr->owner && conn_open(tr->owner)) {
+                    struct buf b = {0};
+                    buf_puts(&b, "{\"type\":\"triggerregistrationresult\",\"id\":");
+                    json_put_cstr(&b, tr->id);
+                    buf_puts(&b, ",\"trigger_type\":");
+                    json_put_cstr(&b, tr->type);
+                    buf_puts(&b, ",\"function_id\":");
+                    json_put_cstr(&b, tr->fid);
+                    buf_puts(&b, ",\"error\":");
+                    json_put_raw(&b, d, err);
+                    buf_putc(&b, '}');
+                    worker_send(tr->owner, &b);
+                    buf_free(&b);
+                }
+            } else if (tr && pt && pt->provider != c) {
+                LOG(LOG_WARN, "worker %s: triggerregistrationresult for %s from a non-provider ignored", c->wid, tr->id);
+            }
+        }
+        buf_free(&sc);
+    } else if (TYPE_IS("reattach")) {
+        worker_reattach(c, d);
+    } else if (TYPE_IS("pong") || TYPE_IS("workerregistered") || TYPE_IS("registrationrejected")) {
+        /* no-ops */
+    } else {
+        LOG(LOG_DEBUG, "worker %s: unknown message type %.*s dropped", c->wid, (int)tl, t);
+    }
+#undef TYPE_IS
+}
+
+/* Disconnect cleanup (§7), exactly once per connection, in the spec's order. */
+static void worker_teardown(struct conn *c)
+{
+    if (c->torn || c->kind != CK_WORKER) return;
+    c->torn = 1;
+    c->ns_state = NS_ABORTED;
+    /* 2-3: release the functions it still owns */
+    while (c->funcs) func_remove(c->funcs);
+    /* 5: halt every call it was party to */
+    while (c->calls_in) {
+        struct inv *v = c->calls_in;
+        if (v->caller && (v->kind == INV_CALL || v->kind == INV_ENQUEUE)) {
+            if (v->kind == INV_CALL)
+                rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len, NULL, 0, (const unsigned char *)ERR_STOPPED,
+                               sizeof ERR_STOPPED - 1, v->ctx, v->ctx_len);
+            else
+                rt_send_result(v->caller, v->ctx, 36, v->fid, v->fid_len, NULL, 0, (const unsigned char *)ERR_STOPPED,
+                               sizeof ERR_STOPPED - 1, "", 0);
+        }
+        inv_free(v);
+    }
+    while (c->calls_out) inv_free(c->calls_out);
+    /* 6: its bindings, parked intents and trigger types */
+    size_t n = 0;
+    struct hnode **v = hm_list(&S.trigs, &n);
+    for (size_t i = 0; v && i < n; i++) {
+        struct trig *t = (struct trig *)v[i];
+        if (t->owner == c) trig_remove(t);
+    }
+    xfree(v);
+    v = hm_list(&S.ttypes, &n);
+    for (size_t i = 0; v && i < n; i++) {
+        struct ttype *tt = (struct ttype *)v[i];
+        if (tt->provider == c) tt_remove(tt);
+    }
+    xfree(v);
+    /* 8: the name lease */
+    if (c->leased && c->name && c->ns) {
+        struct lease *l = (struct lease *)reg_find(&S.leases, c->ns, strlen(c->ns), c->name, strlen(c->name));
+        if (l && l->owner == c) {
+            hm_del(&S.leases, &l->h);
+            xfree(l->key);
+            xfree(l);
+        }
+    }
+    /* 9-10: out of the registry; never-applied registrations are discarded */
+    hm_del(&S.workers, &c->h);
+    buf_free(&c->pendq);
+    LOG(LOG_DEBUG, "worker %s disconnected", c->wid);
+    /* 11 */
+    ev_worker("worker_disconnected", c->wid);
+}
+
+/* ==== Engine functions ======================================================================
+ * The in-process engine::* functions of §5, registered in `default` with no owner. Each reads
+ * its input object (d, token 0), writes a result into res or an error body into err. Lists are
+ * collected into arrays and sorted with qsort; nothing here is on the routing hot path.
+ */
+#define BI_ARGS struct conn *caller, const struct jdoc *d, int in, struct buf *res, struct buf *err
+
+/* Optional string input: 0 absent, 1 present (decoded copy in *out, caller frees), -1 wrong type. */
+static int bi_str(const struct jdoc *d, int in, const char *key, char **out)
+{
+    int t = json_get(d, in, key);
+    *out = NULL;
+    if (JABSENT(d, t)) return 0;
+    if (JTYPE(d, t) != J_STRING || !(*out = json_strdup(d, t, NULL))) return -1;
+    return 1;
+}
+
+static int bi_bool(const struct jdoc *d, int in, const char *key)
+{
+    return JTYPE(d, json_get(d, in, key)) == J_TRUE;
+}
+
+/* Case-insensitive substring test (ASCII folding). */
+static int str_icontains(const char *hay, const char *needle)
+{
+    size_t nl = strlen(needle);
+    if (!nl) return 1;
+    for (; *hay; hay++)
+        if (str_ncaseeq(hay, needle, nl) && strlen(hay) >= nl) return 1;
+    return 0;
+}
+
+static int str_prefix(const char *s, const char *p) { return !strncmp(s, p, strlen(p)); }
+
+/* A raw JSON string value decoded (for searching descriptions); NULL when not a string. */
+static char *raw_str(const char *raw)
+{
+    if (!raw || raw[0] != '"') return NULL;
+    struct jdoc d = {0};
+    struct jtok t[2];
+    d.t = t, d.cap = d.max = 2;
+    if (json_parse(&d, (const unsigned char *)raw, strlen(raw), 1, 0) < 0) return NULL;
+    return json_strdup(&d, 0, NULL);
+}
+
+/* Writes the worker name of f as a C string into out. */
+static const char *fn_wname(const struct func *f, char *out, size_t cap)
+{
+    if (!f->owner) return "iii-engine-functions";
+    if (f->owner->name) return f->owner->name;
+    const char *sep = strstr(f->id, "::");
+    size_t n = sep ? (size_t)(sep - f->id) : strlen(f->id);
+    if (n >= cap) n = cap - 1;
+    memcpy(out, f->id, n);
+    out[n] = 0;
+    return out;
+}
+
+static int fn_summary(struct buf *b, const struct func *f)
+{
+    buf_puts(b, "{\"function_id\":");
+    json_put_cstr(b, f->id);
+    buf_puts(b, ",\"namespace\":");
+    json_put_cstr(b, f->ns);
+    buf_puts(b, ",\"worker_name\":");
+    func_put_worker_name(b, f);
+    if (f->desc_raw) buf_puts(b, ",\"description\":"), buf_puts(b, f->desc_raw);
+    if (f->meta_raw) buf_puts(b, ",\"metadata\":"), buf_puts(b, f->meta_raw);
+    return buf_putc(b, '}');
+}
+
+struct ranked {
+    int rank;
+    const char *a, *b; /* sort keys */
+    void *p;
+};
+
+static int ranked_cmp(const void *x, const void *y)
+{
+    const struct ranked *p = x, *q = y;
+    if (p->rank != q->rank) return p->rank - q->rank;
+    int c = strcmp(p->a, q->a);
+    return c ? c : strcmp(p->b ? p->b : "", q->b ? q->b : "");
+}
+
+/* 1 when the id is hidden from default listings: engine::* (but engine::queue::*) or internal. */
+static int fn_hidden(const struct func *f)
+{
+    return (str_prefix(f->id, "engine::") && !str_prefix(f->id, "engine::queue::")) || f->internal;
+}
+
+/* Search rank of §5.1: 0 id starts with needle or a "::" segment equals it, 1 id contains it,
+ * 2 only the description matches, -1 no match. */
+static int fn_rank(const struct func *f, const char *needle)
+{
+    size_t nl = strlen(needle);
+    if (str_ncaseeq(f->id, needle, nl) && strlen(f->id) >= nl) return 0;
+    for (const char *s = f->id; (s = strstr(s, "::")); ) {
+        s += 2;
+        const char *e = strstr(s, "::");
+        size_t sl = e ? (size_t)(e - s) : strlen(s);
+        if (sl == nl && str_ncaseeq(s, needle, nl)) return 0;
+    }
+    if (str_icontains(f->id, needle)) return 1;
+    char *ds = raw_str(f->desc_raw);
+    int m = ds && str_icontains(ds, needle);
+    xfree(ds);
+    return m ? 2 : -1;
+}
+
+static void bi_functions_list(BI_ARGS)
+{
+    (void)caller;
+    char *search = NULL, *prefix = NULL, *worker = NULL;
+    if (bi_str(d, in, "search", &search) < 0 || bi_str(d, in, "prefix", &prefix) < 0 ||
+        bi_str(d, in, "worker", &worker) < 0) {
+        rt_err(err, "deserialization_error", "Failed to deserialize input for engine::functions::list: invalid type");
+        goto out;
+    }
+    int incl = bi_bool(d, in, "include_internal");
+    int wl = json_get(d, in, "workers");
+    size_t n = 0, k = 0;
+    struct hnode **v = hm_list(&S.funcs, &n);
+    struct ranked *r = xmalloc((n ? n : 1) * sizeof *r);
+    if (!v || !r) {
+        xfree(v), xfree(r);
+        rt_err(err, "invocation_error", "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        struct func *f = (struct func *)v[i];
+        char tmp[128];
+        if (!incl && fn_hidden(f)) continue;
+        if (prefix && !str_prefix(f->id, prefix)) continue;
+        const char *wn = fn_wname(f, tmp, sizeof tmp);
+        if (worker || JTYPE(d, wl) == J_ARRAY) {
+            int ok = worker && !strcmp(worker, wn);
+            if (!ok && JTYPE(d, wl) == J_ARRAY && !d->t[wl].opaque)
+                for (uint32_t j = 0, e = (uint32_t)wl + 1; j < d->t[wl].n; j++, e = d->t[e].next)
+                    if (json_streq(d, (int)e, wn)) ok = 1;
+            if (!ok) continue;
+        }
+        int rank = 0;
+        if (search && *search && (rank = fn_rank(f, search)) < 0) continue;
+        r[k].rank = rank, r[k].a = f->id, r[k].b = f->ns, r[k].p = f;
+        k++;
+    }
+    qsort(r, k, sizeof *r, ranked_cmp);
+    buf_puts(res, "{\"functions\":[");
+    for (size_t i = 0; i < k; i++) {
+        if (i) buf_putc(res, ',');
+        fn_summary(res, r[i].p);
+    }
+    buf_puts(res, "]}");
+    xfree(v), xfree(r);
+out:
+    xfree(search), xfree(prefix), xfree(worker);
+}
+
+static int trig_row(struct buf *b, const struct trig *t);
+
+/* FunctionDetail (§5.2). */
+static void fn_detail(struct buf *b, const struct func *f)
+{
+    buf_puts(b, "{\"function_id\":");
+    json_put_cstr(b, f->id);
+    buf_puts(b, ",\"namespace\":");
+    json_put_cstr(b, f->ns);
+    buf_puts(b, ",\"worker_name\":");
+    func_put_worker_name(b, f);
+    if (f->desc_raw) buf_puts(b, ",\"description\":"), buf_puts(b, f->desc_raw);
+    if (f->req_raw) buf_puts(b, ",\"request_schema\":"), buf_puts(b, f->req_raw);
+    if (f->resp_raw) buf_puts(b, ",\"response_schema\":"), buf_puts(b, f->resp_raw);
+    if (f->meta_raw) buf_puts(b, ",\"metadata\":"), buf_puts(b, f->meta_raw);
+    buf_puts(b, ",\"registered_triggers\":[");
+    size_t n = 0, k = 0;
+    struct hnode **v = hm_list(&S.trigs, &n);
+    struct ranked *r = xmalloc((n ? n : 1) * sizeof *r);
+    for (size_t i = 0; v && r && i < n; i++) {
+        struct trig *t = (struct trig *)v[i];
+        if (t->live && !strcmp(t->ns, f->ns) && !strcmp(t->fid, f->id))
+            r[k].rank = 0, r[k].a = t->id, r[k].b = NULL, r[k++].p = t;
+    }
+    if (r) qsort(r, k, sizeof *r, ranked_cmp);
+    for (size_t i = 0; i < k; i++) {
+        struct trig *t = r[i].p;
+        if (i) buf_putc(b, ',');
+        buf_puts(b, "{\"id\":");
+        json_put_cstr(b, t->id);
+        buf_puts(b, ",\"trigger_type\":");
+        json_put_cstr(b, t->type);
+        buf_puts(b, ",\"config\":");
+        buf_puts(b, t->config_raw);
+        buf_putc(b, '}');
+    }
+    xfree(v), xfree(r);
+    buf_puts(b, "]}");
+}
+
+/* The namespaces in which id is registered, sorted, as "a, b" (empty when none). */
+static void fn_namespaces(const char *id, char *out, size_t cap, int *count, struct func **only)
+{
+    size_t n = 0, k = 0;
+    struct hnode **v = hm_list(&S.funcs, &n);
+    const char *names[64];
+    out[0] = 0;
+    *count = 0;
+    for (size_t i = 0; v && i < n && k < 64; i++) {
+        struct func *f = (struct func *)v[i];
+        if (!strcmp(f->id, id)) names[k++] = f->ns, *only = f;
+    }
+    xfree(v);
+    for (size_t i = 1; i < k; i++)
+        for (size_t j = i; j > 0 && strcmp(names[j - 1], names[j]) > 0; j--) {
+            const char *t = names[j];
+            names[j] = names[j - 1], names[j - 1] = t;
+        }
+    size_t o = 0;
+    for (size_t i = 0; i < k && o < cap; i++) o += (size_t)snprintf(out + o, cap - o, "%s%s", i ? ", " : "", names[i]);
+    *count = (int)k;
+}
+
+/* Resolves id for functions::info: explicit ns strict; else default, else the only one. */
+static struct func *fn_info_resolve(const char *id, const char *ns, struct buf *err)
+{
+    char where[512];
+    int cnt;
+    struct func *only = NULL;
+    if (ns) {
+        struct func *f = func_find_c(ns, id);
+        if (f) return f;
+        fn_namespaces(id, where, sizeof where, &cnt, &only);
+        if (err) {
+            if (cnt) rt_err(err, "NOT_FOUND", "Function '%s' is not registered in namespace '%s'. It is registered in namespace(s): %s.", id, ns, where);
+            else rt_err(err, "NOT_FOUND", "Function '%s' is not registered.", id);
+        }
+        return NULL;
+    }
+    struct func *f = func_find_c(NS_DEFAULT, id);
+    if (f) return f;
+    fn_namespaces(id, where, sizeof where, &cnt, &only);
+    if (cnt == 1) return only;
+    if (err) {
+        if (cnt > 1) rt_err(err, "NOT_FOUND", "Function '%s' is ambiguous: it is registered in namespace(s): %s. Pass `namespace` to select one.", id, where);
+        else rt_err(err, "NOT_FOUND", "Function '%s' is not registered.", id);
+    }
+    return NULL;
+}
+
+static void bi_functions_info(BI_ARGS)
+{
+    (void)caller;
+    int one = json_get(d, in, "function_id"), many = json_get(d, in, "function_ids");
+    char *ns = NULL, *id = NULL;
+    if (bi_str(d, in, "namespace", &ns) < 0) {
+        rt_err(err, "INVALID_ARGUMENTS", "`namespace` must be a string");
+        return;
+    }
+    if (!JABSENT(d, one) && !JABSENT(d, many)) {
+        rt_err(err, "INVALID_ARGUMENTS", "pass either `function_id` or `function_ids`, not both");
+    } else if (JABSENT(d, one) && JABSENT(d, many)) {
+        rt_err(err, "INVALID_ARGUMENTS", "missing field `function_id` (or `function_ids` for a batch)");
+    } else if (!JABSENT(d, one)) {
+        if (!(id = json_strdup(d, one, NULL))) {
+            rt_err(err, "INVALID_ARGUMENTS", "`function_id` must be a string");
+        } else {
+            struct func *f = fn_info_resolve(id, ns, err);
+            if (f) fn_detail(res, f);
+        }
+    } else if (JTYPE(d, many) != J_ARRAY || d->t[many].opaque || !d->t[many].n) {
+        rt_err(err, "INVALID_ARGUMENTS", "`function_ids` must be a non-empty array of function ids");
+    } else {
+        const char *ids[33];
+        char *own[33];
+        size_t k = 0, bad = 0;
+        uint32_t e = (uint32_t)many + 1;
+        for (uint32_t j = 0; j < d->t[many].n && !bad; j++, e = d->t[e].next) {
+            char *s = json_strdup(d, (int)e, NULL);
+            if (!s) {
+                bad = 1;
+                break;
+            }
+            int dup = 0;
+            for (size_t q = 0; q < k; q++) dup |= !strcmp(ids[q], s);
+            if (dup) {
+                xfree(s);
+                continue;
+            }
+            if (k == 32) {
+                xfree(s);
+                bad = 2;
+                break;
+            }
+            ids[k] = own[k] = s, k++;
+        }
+        if (bad == 1) rt_err(err, "INVALID_ARGUMENTS", "`function_ids` must be a non-empty array of function ids");
+        else if (bad == 2) rt_err(err, "INVALID_ARGUMENTS", "too many function_ids (max 32)");
+        else {
+            buf_puts(res, "{\"functions\":[");
+            for (size_t q = 0; q < k; q++) {
+                struct func *f = fn_info_resolve(ids[q], ns, NULL);
+                if (q) buf_putc(res, ',');
+                if (f) fn_detail(res, f);
+                else buf_puts(res, "{\"function_id\":"), json_put_cstr(res, ids[q]), buf_puts(res, ",\"error\":\"not_found\"}");
+            }
+            buf_puts(res, "]}");
+        }
+        for (size_t q = 0; q < k; q++) xfree(own[q]);
+    }
+    xfree(ns), xfree(id);
+}
+
+/* ---- workers ---- */
+static const char *const BUILTIN_MODULES[] = {"iii-worker-manager", "iii-engine-functions"};
+
+static size_t conn_fn_count(const struct conn *c)
+{
+    size_t n = 0;
+    for (const struct func *f = c->funcs; f; f = f->cnext) n++;
+    return n;
+}
+
+/* One engine::workers::list row for worker c (extra: the info-only fields). */
+static void worker_row(struct buf *b, const struct conn *c, int extra)
+{
+    buf_puts(b, "{\"name\":");
+    json_put_cstr(b, c->name);
+    buf_puts(b, ",\"description\":");
+    json_put_cstr(b, c->desc);
+    buf_puts(b, ",\"version\":");
+    json_put_cstr(b, c->version);
+    buf_printf(b, ",\"id\":\"%s\",\"namespace\":", c->wid);
+    json_put_cstr(b, c->ns ? c->ns : NS_DEFAULT);
+    buf_puts(b, ",\"runtime\":");
+    json_put_cstr(b, c->runtime ? c->runtime : "unknown");
+    buf_puts(b, ",\"os\":");
+    json_put_cstr(b, c->os);
+    buf_printf(b, ",\"status\":\"connected\",\"function_count\":%zu,\"connected_at_ms\":%lld,"
+               "\"active_invocations\":%zu,\"isolation\":", conn_fn_count(c), (long long)c->connected_wall, c->n_calls);
+    json_put_cstr(b, c->isolation);
+    buf_puts(b, ",\"ip_address\":");
+    json_put_cstr(b, c->ip);
+    if (extra) {
+        if (c->has_pid) buf_printf(b, ",\"pid\":%lu", (unsigned long)c->pid);
+        buf_puts(b, ",\"internal\":false");
+    }
+    buf_putc(b, '}');
+}
+
+static void module_row(struct buf *b, const char *name, int extra)
+{
+    size_t nf = 0;
+    if (!strcmp(name, "iii-engine-functions"))
+        for (size_t i = 0; i < S.funcs.nb; i++)
+            for (struct hnode *e = S.funcs.b[i]; e; e = e->next) nf += !((struct func *)e)->owner;
+    buf_puts(b, "{\"name\":");
+    json_put_cstr(b, name);
+    buf_puts(b, ",\"description\":null,\"version\":\"" III_VERSION "\",\"id\":");
+    json_put_cstr(b, name);
+    buf_printf(b, ",\"namespace\":\"default\",\"runtime\":\"engine\",\"os\":null,\"status\":\"available\","
+               "\"function_count\":%zu,\"connected_at_ms\":%lld,\"active_invocations\":0,"
+               "\"isolation\":\"in-process\",\"ip_address\":null", nf, (long long)S.start_wall);
+    if (extra) buf_puts(b, ",\"internal\":true");
+    buf_putc(b, '}');
+}
+
+static void bi_workers_list(BI_ARGS)
+{
+    (void)caller, (void)err;
+    char *search = NULL, *runtime = NULL, *status = NULL;
+    bi_str(d, in, "search", &search), bi_str(d, in, "runtime", &runtime), bi_str(d, in, "status", &status);
+    size_t n = 0, k = 0;
+    for (struct conn *c = S.conns; c; c = c->next) n++;
+    struct ranked *r = xmalloc((n + 2) * sizeof *r);
+    if (!r) {
+        rt_err(err, "invocation_error", "out of memory");
+        goto out;
+    }
+    for (struct conn *c = S.conns; c; c = c->next) {
+        if (c->kind != CK_WORKER || !c->has_pid || c->torn) continue; /* §5.7: pid-less hidden */
+        if (search && (!c->name || !strstr(c->name, search))) continue;
+        if (runtime && strcmp(runtime, c->runtime ? c->runtime : "unknown")) continue;
+        if (status && strcmp(status, "connected")) continue;
+        r[k].rank = 0, r[k].a = c->name ? c->name : c->wid, r[k].b = c->wid, r[k++].p = c;
+    }
+    for (size_t i = 0; i < 2; i++) {
+        const char *m = BUILTIN_MODULES[i];
+        if (search && !strstr(m, search)) continue;
+        if (runtime && strcmp(runtime, "engine")) continue;
+        if (status && strcmp(status, "available")) continue;
+        r[k].rank = 0, r[k].a = m, r[k].b = m, r[k++].p = NULL;
+    }
+    qsort(r, k, sizeof *r, ranked_cmp);
+    buf_puts(res, "{\"workers\":[");
+    for (size_t i = 0; i < k; i++) {
+        if (i) buf_putc(res, ',');
+        if (r[i].p) worker_row(res, r[i].p, 0);
+        else module_row(res, r[i].a, 0);
+    }
+    buf_puts(res, "]}");
+    xfree(r);
+out:
+    xfree(search), xfree(runtime), xfree(status);
+}
+
+static const char *tt_worker_name(const struct ttype *tt)
+{
+    static const char *const known[][2] = {{"http", "iii-http"}, {"cron", "iii-cron"}, {"state", "iii-state"},
+        {"stream", "iii-stream"}, {"subscribe", "iii-pubsub"}, {"durable:subscriber", "queue"}};
+    static char seg[128];
+    if (tt->provider && tt->provider->name) return tt->provider->name;
+    if (!tt->provider) return "iii-engine-functions";
+    for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
+        if (!strcmp(tt->id, known[i][0])) return known[i][1];
+    const char *sep = strstr(tt->id, "::");
+    size_t n = sep ? (size_t)(sep - tt->id) : strlen(tt->id);
+    if (n >= sizeof seg) n = sizeof seg - 1;
+    memcpy(seg, tt->id, n);
+    seg[n] = 0;
+    return seg;
+}
+
+static void tt_row(struct buf *b, const struct ttype *tt)
+{
+    buf_puts(b, "{\"id\":");
+    json_put_cstr(b, tt->id);
+    buf_puts(b, ",\"namespace\":");
+    json_put_cstr(b, tt->ns);
+    buf_puts(b, ",\"worker_name\":");
+    json_put_cstr(b, tt_worker_name(tt));
+    buf_puts(b, ",\"description\":");
+    buf_puts(b, tt->desc_raw ? tt->desc_raw : "null");
+    buf_putc(b, '}');
+}
+
+/* Compact JSON of config truncated to 80 characters with "…" appended (§5.5). */
+static void config_summary(struct buf *b, const char *raw)
+{
+    struct buf c = {0};
+    int in_str = 0;
+    for (const char *p = raw; *p; p++) {
+        if (in_str) {
+            buf_putc(&c, *p);
+            if (*p == '\\' && p[1]) buf_putc(&c, *++p);
+            else if (*p == '"') in_str = 0;
+        } else if (!JSON_WS(*p)) {
+            buf_putc(&c, *p);
+            if (*p == '"') in_str = 1;
+        }
+    }
+    size_t n = buf_used(&c), chars = 0, i = 0;
+    const unsigned char *s = buf_data(&c);
+    while (i < n && chars < 80) {
+        i++;
+        while (i < n && (s[i] & 0xC0) == 0x80) i++;
+        chars++;
+    }
+    if (i < n) {
+        struct buf t = {0};
+        buf_append(&t, s, i);
+        buf_puts(&t, "\xE2\x80\xA6");
+        json_put_str(b, (char *)buf_data(&t), buf_used(&t));
+        buf_free(&t);
+    } else {
+        json_put_str(b, s ? (const char *)s : "", n);
+    }
+    buf_free(&c);
+}
+
+/* The worker name of a binding's target function (in its namespace), JSON. */
+static void trig_target_wname(struct buf *b, const struct trig *t)
+{
+    struct func *f = func_find_c(t->ns, t->fid);
+    if (f) func_put_worker_name(b, f);
+    else buf_puts(b, "null");
+}
+
+static int trig_row(struct buf *b, const struct trig *t)
+{
+    buf_puts(b, "{\"id\":");
+    json_put_cstr(b, t->id);
+    buf_puts(b, ",\"trigger_type\":");
+    json_put_cstr(b, t->type);
+    buf_puts(b, ",\"function_id\":");
+    json_put_cstr(b, t->fid);
+    buf_puts(b, ",\"worker_name\":");
+    trig_target_wname(b, t);
+    buf_puts(b, ",\"config\":");
+    buf_puts(b, t->config_raw);
+    buf_puts(b, ",\"config_summary\":");
+    config_summary(b, t->config_raw);
+    return buf_putc(b, '}');
+}
+
+/* Sorted live bindings matching a filter; fills r, returns the count. */
+static size_t trig_collect(struct ranked *r, struct hnode **v, size_t n, const struct conn *target_owner,
+                           const char *target_ns)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        struct trig *t = (struct trig *)v[i];
+        if (!t->live) continue;
+        if (target_owner) {
+            struct func *f = func_find_c(t->ns, t->fid);
+            if (!f || f->owner != target_owner || strcmp(t->ns, target_ns)) continue;
+        }
+        r[k].rank = 0, r[k].a = t->id, r[k].b = NULL, r[k++].p = t;
+    }
+    qsort(r, k, sizeof *r, ranked_cmp);
+    return k;
+}
+
+/* Resolves a worker name for workers::info (§5.8). NULL with err set when not found. */
+static struct conn *worker_by_name(const char *name, const char *ns, struct buf *err)
+{
+    struct conn *in_default = NULL, *in_ns = NULL, *any = NULL;
+    const char *nss[64];
+    size_t k = 0;
+    for (struct conn *c = S.conns; c; c = c->next) {
+        if (c->kind != CK_WORKER || c->torn || !c->name || strcmp(c->name, name)) continue;
+        const char *cn = c->ns ? c->ns : NS_DEFAULT;
+        if (ns && !strcmp(cn, ns)) in_ns = c;
+        if (!strcmp(cn, NS_DEFAULT)) in_default = c;
+        int seen = 0;
+        for (size_t i = 0; i < k; i++) seen |= !strcmp(nss[i], cn);
+        if (!seen && k < 64) nss[k++] = cn;
+        any = c;
+    }
+    for (size_t i = 1; i < k; i++)
+        for (size_t j = i; j > 0 && strcmp(nss[j - 1], nss[j]) > 0; j--) {
+            const char *t = nss[j];
+            nss[j] = nss[j - 1], nss[j - 1] = t;
+        }
+    char where[512];
+    size_t o = 0;
+    where[0] = 0;
+    for (size_t i = 0; i < k && o < sizeof where; i++) o += (size_t)snprintf(where + o, sizeof where - o, "%s%s", i ? ", " : "", nss[i]);
+    if (ns) {
+        if (in_ns) return in_ns;
+        if (k) rt_err(err, "NOT_FOUND", "Worker '%s' is not connected in the requested namespace; it is connected in namespace(s): %s", name, where);
+        else rt_err(err, "NOT_FOUND", "Worker '%s' is not connected.", name);
+        return NULL;
+    }
+    if (in_default) return in_default;
+    if (k == 1) return any;
+    if (k > 1) rt_err(err, "NOT_FOUND", "Worker '%s' is ambiguous: it is connected in namespace(s): %s. Pass `namespace` to disambiguate.", name, where);
+    else rt_err(err, "NOT_FOUND", "Worker '%s' is not connected.", name);
+    return NULL;
+}
+
+static void bi_workers_info(BI_ARGS)
+{
+    (void)caller;
+    char *name = NULL, *ns = NULL;
+    if (bi_str(d, in, "name", &name) <= 0 || bi_str(d, in, "namespace", &ns) < 0) {
+        rt_err(err, "deserialization_error", "Failed to deserialize input for engine::workers::info: missing field `name`");
+        goto out;
+    }
+    for (size_t i = 0; i < 2; i++)
+        if (!strcmp(name, BUILTIN_MODULES[i]) && (!ns || !strcmp(ns, NS_DEFAULT))) {
+            buf_puts(res, "{\"worker\":");
+            module_row(res, name, 1);
+            buf_puts(res, ",\"functions\":[");
+            size_t n = 0, k = 0;
+            struct hnode **v = hm_list(&S.funcs, &n);
+            struct ranked *r = xmalloc((n ? n : 1) * sizeof *r);
+            for (size_t j = 0; v && r && i == 1 && j < n; j++)
+                if (!((struct func *)v[j])->owner) r[k].rank = 0, r[k].a = ((struct func *)v[j])->id, r[k].b = NULL, r[k++].p = v[j];
+            if (r) qsort(r, k, sizeof *r, ranked_cmp);
+            for (size_t j = 0; j < k; j++) {
+                if (j) buf_putc(res, ',');
+                fn_summary(res, r[j].p);
+            }
+            xfree(v), xfree(r);
+            buf_puts(res, "],\"trigger_types\":[],\"registered_triggers\":[]}");
+            goto out;
+        }
+    struct conn *c = worker_by_name(name, ns, err);
+    if (!c) goto out;
+    buf_puts(res, "{\"worker\":");
+    worker_row(res, c, 1);
+    buf_puts(res, ",\"functions\":[");
+    size_t n = 0, k = 0;
+    for (struct func *f = c->funcs; f; f = f->cnext) n++;
+    struct hnode **tv = NULL;
+    size_t tn = 0;
+    struct ranked *r = xmalloc((n + S.ttypes.n + S.trigs.n + 1) * sizeof *r);
+    if (!r) goto out;
+    for (struct func *f = c->funcs; f; f = f->cnext) r[k].rank = 0, r[k].a = f->id, r[k].b = NULL, r[k++].p = f;
+    qsort(r, k, sizeof *r, ranked_cmp);
+    for (size_t j = 0; j < k; j++) {
+        if (j) buf_putc(res, ',');
+        fn_summary(res, r[j].p);
+    }
+    buf_puts(res, "],\"trigger_types\":[");
+    k = 0;
+    tv = hm_list(&S.ttypes, &tn);
+    for (size_t j = 0; tv && j < tn; j++) {
+        struct ttype *tt = (struct ttype *)tv[j];
+        if (tt->provider == c) r[k].rank = 0, r[k].a = tt->id, r[k].b = tt->ns, r[k++].p = tt;
+    }
+    xfree(tv);
+    qsort(r, k, sizeof *r, ranked_cmp);
+    for (size_t j = 0; j < k; j++) {
+        if (j) buf_putc(res, ',');
+        tt_row(res, r[j].p);
+    }
+    buf_puts(res, "],\"registered_triggers\":[");
+    tv = hm_list(&S.trigs, &tn);
+    k = tv ? trig_collect(r, tv, tn, c, c->ns ? c->ns : NS_DEFAULT) : 0;
+    for (size_t j = 0; j < k; j++) {
+        if (j) buf_putc(res, ',');
+        trig_row(res, r[j].p);
+    }
+    xfree(tv);
+    buf_puts(res, "]}");
+    xfree(r);
+out:
+    xfree(name), xfree(ns);
+}
+
+/* Sanitises a worker name/description (§5.9 step 3): control, bidi and line-separator
+ * characters dropped, cut to III_MAX_NAME characters, trimmed; NULL when empty. */
+static char *sanitize(const char *s)
+{
+    struct buf b = {0};
+    size_t chars = 0;
+    const unsigned char *p = (const unsigned char *)s;
+    while (*p && chars < III_MAX_NAME) {
+        size_t l = *p < 0x80 ? 1 : *p < 0xE0 ? 2 : *p < 0xF0 ? 3 : 4;
+        uint32_t cp = *p;
+        if (l == 2) cp = (uint32_t)(p[0] & 0x1F) << 6 | (p[1] & 0x3F);
+        else if (l == 3) cp = (uint32_t)(p[0] & 0x0F) << 12 | (uint32_t)(p[1] & 0x3F) << 6 | (p[2] & 0x3F);
+        int drop = cp < 0x20 || cp == 0x7F || (cp >= 0x80 && cp < 0xA0) || cp == 0x061C || cp == 0x200E ||
+                   cp == 0x200F || (cp >= 0x2028 && cp <= 0x202E) || (cp >= 0x2066 && cp <= 0x2069);
+        if (!drop) buf_append(&b, p, l), chars++;
+        p += l;
+    }
+    char *out = buf_cstr(&b);
+    if (!out) {
+        buf_free(&b);
+        return NULL;
+    }
+    size_t st = 0, n = strlen(out);
+    while (st < n && isspace((unsigned char)out[st])) st++;
+    while (n > st && isspace((unsigned char)out[n - 1])) n--;
+    char *r = n > st ? xstrndup(out + st, n - st) : NULL;
+    buf_free(&b);
+    return r;
+}
+
+static void bi_workers_register(BI_ARGS)
+{
+    struct conn *c = caller;
+    char *ns = NULL, *name = NULL, *raw = NULL;
+    if (!c) {
+        rt_err(err, "deserialization_error", "Failed to deserialize input for engine::workers::register: missing field `_caller_worker_id`");
+        return;
+    }
+    int nsi = json_get(d, in, "namespace"), nm = json_get(d, in, "name");
+    if (!JABSENT(d, nm) && JTYPE(d, nm) == J_STRING && (raw = json_strdup(d, nm, NULL))) name = sanitize(raw);
+    xfree(raw);
+    if (!JABSENT(d, nsi)) {
+        if (JTYPE(d, nsi) != J_STRING || !(ns = json_strdup(d, nsi, NULL))) {
+            rt_err(err, "deserialization_error", "Failed to deserialize input for engine::workers::register: invalid type for `namespace`");
+            goto out;
+        }
+        if (str_blank(ns, strlen(ns))) {
+            rt_err(err, "INVALID_NAMESPACE", "namespace is empty: worker '%s' declared \"%s\". Give it a name, or omit the field to register in 'default'.",
+                   name ? name : "", ns);
+            goto out;
+        }
+    }
+    const char *eff = c->ns_state != NS_PENDING && c->ns ? c->ns : ns ? ns : NS_DEFAULT;
+    if (c->ns_state != NS_PENDING && ns && strcmp(ns, eff))
+        LOG(LOG_WARN, "worker %s: late engine::workers::register for namespace '%s' honoured in fixed namespace '%s'", c->wid, ns, eff);
+    if (name) {
+        struct lease *l = (struct lease *)reg_find(&S.leases, eff, strlen(eff), name, strlen(name));
+        if (l && l->owner != c && conn_live(l->owner)) {
+            worker_rejected(c, "WORKER_NAMESPACE_CONFLICT", eff, name, NULL, l->owner->wid);
+            conn_close(c, 1008, "WORKER_NAMESPACE_CONFLICT");
+            buf_puts(res, "{\"success\":false}");
+            goto out;
+        }
+        /* a re-register under another name gives the old lease up */
+        if (c->leased && c->name && (strcmp(c->name, name) || strcmp(c->ns ? c->ns : "", eff))) {
+            struct lease *o = (struct lease *)reg_find(&S.leases, c->ns ? c->ns : eff, strlen(c->ns ? c->ns : eff), c->name, strlen(c->name));
+            if (o && o->owner == c) hm_del(&S.leases, &o->h), xfree(o->key), xfree(o);
+            c->leased = 0;
+        }
+        if (!l) {
+            size_t kl;
+            l = xcalloc(sizeof *l);
+            if (!l || !(l->key = reg_key(NULL, 0, eff, strlen(eff), name, strlen(name), &kl)) ||
+                hm_put(&S.leases, &l->h, l->key, kl) < 0) {
+                if (l) xfree(l->key);
+                xfree(l);
+                rt_err(err, "invocation_error", "out of memory");
+                goto out;
+            }
+        }
+        l->owner = c;
+        c->leased = 1;
+    }
+    xfree(c->name);
+    c->name = name;
+    name = NULL;
+    char *s;
+    int t;
+    if (bi_str(d, in, "description", &s) > 0) xfree(c->desc), c->desc = sanitize(s), xfree(s);
+    if (bi_str(d, in, "runtime", &s) > 0) xfree(c->runtime), c->runtime = s;
+    else if (!c->runtime) c->runtime = xstrdup("unknown");
+    if (bi_str(d, in, "version", &s) > 0) xfree(c->version), c->version = s;
+    if (bi_str(d, in, "os", &s) > 0) xfree(c->os), c->os = s;
+    if (bi_str(d, in, "isolation", &s) > 0) xfree(c->isolation), c->isolation = s;
+    if (!JABSENT(d, (t = json_get(d, in, "telemetry")))) xfree(c->telemetry), c->telemetry = jraw_dup(d, t);
+    int64_t pid;
+    if (json_int(d, json_get(d, in, "pid"), &pid) == 0 && pid >= 0 && pid <= UINT32_MAX) c->pid = (uint32_t)pid, c->has_pid = 1;
+    worker_resolve(c, eff);
+    ev_worker("worker_metadata_updated", c->wid);
+    buf_puts(res, "{\"success\":true}");
+out:
+    xfree(ns), xfree(name);
+}
+
+static void bi_triggers_list(BI_ARGS)
+{
+    (void)caller, (void)err;
+    char *search = NULL, *prefix = NULL, *worker = NULL;
+    bi_str(d, in, "search", &search), bi_str(d, in, "prefix", &prefix), bi_str(d, in, "worker", &worker);
+    int incl = bi_bool(d, in, "include_internal");
+    size_t n = 0, k = 0;
+    struct hnode **v = hm_list(&S.ttypes, &n);
+    struct ranked *r = xmalloc((n ? n : 1) * sizeof *r);
+    for (size_t i = 0; v && r && i < n; i++) {
+        struct ttype *tt = (struct ttype *)v[i];
+        if (!incl && str_prefix(tt->id, "engine::")) continue;
+        if (prefix && !str_prefix(tt->id, prefix)) continue;
+        if (worker && strcmp(worker, tt_worker_name(tt))) continue;
+        if (search && *search) {
+            char *ds = raw_str(tt->desc_raw);
+            int m = str_icontains(tt->id, search) || (ds && str_icontains(ds, search));
+            xfree(ds);
+            if (!m) continue;
+        }
+        r[k].rank = 0, r[k].a = tt->id, r[k].b = tt->ns, r[k++].p = tt;
+    }
+    if (r) qsort(r, k, sizeof *r, ranked_cmp);
+    buf_puts(res, "{\"triggers\":[");
+    for (size_t i = 0; i < k; i++) {
+        if (i) buf_putc(res, ',');
+        tt_row(res, r[i].p);
+    }
+    buf_puts(res, "]}");
+    xfree(v), xfree(r), xfree(search), xfree(prefix), xfree(worker);
+}
+
+static void tt_detail(struct buf *b, const struct ttype *tt)
+{
+    size_t cnt = 0;
+    for (size_t i = 0; i < S.trigs.nb; i++)
+        for (struct hnode *e = S.trigs.b[i]; e; e = e->next)
+            cnt += ((struct trig *)e)->live && !strcmp(((struct trig *)e)->type, tt->id);
+    buf_puts(b, "{\"id\":");
+    json_put_cstr(b, tt->id);
+    buf_puts(b, ",\"namespace\":");
+    json_put_cstr(b, tt->ns);
+    buf_puts(b, ",\"worker_name\":");
+    json_put_cstr(b, tt_worker_name(tt));
+    buf_puts(b, ",\"description\":");
+    buf_puts(b, tt->desc_raw ? tt->desc_raw : "null");
+    if (tt->treq_raw) buf_puts(b, ",\"configuration_schema\":"), buf_puts(b, tt->treq_raw);
+    if (tt->creq_raw) buf_puts(b, ",\"request_schema\":"), buf_puts(b, tt->creq_raw);
+    buf_printf(b, ",\"instance_count\":%zu}", cnt);
+}
+
+static void bi_triggers_info(BI_ARGS)
+{
+    (void)caller;
+    char *id = NULL, *ns = NULL;
+    if (bi_str(d, in, "id", &id) <= 0 || bi_str(d, in, "namespace", &ns) < 0) {
+        rt_err(err, "deserialization_error", "Failed to deserialize input for engine::triggers::info: missing field `id`");
+    } else {
+        struct ttype *tt = tt_find(ns ? ns : NS_DEFAULT, id);
+        if (!tt) rt_err(err, "NOT_FOUND", "Trigger type '%s' is not registered in namespace '%s'.", id, ns ? ns : NS_DEFAULT);
+        else tt_detail(res, tt);
+    }
+    xfree(id), xfree(ns);
+}
+
+static void bi_rtriggers_list(BI_ARGS)
+{
+    (void)caller, (void)err;
+    char *search = NULL, *type = NULL, *fid = NULL, *worker = NULL;
+    bi_str(d, in, "search", &search), bi_str(d, in, "trigger_type", &type);
+    bi_str(d, in, "function_id", &fid), bi_str(d, in, "worker", &worker);
+    int incl = bi_bool(d, in, "include_internal");
+    size_t n = 0, k = 0;
+    struct hnode **v = hm_list(&S.trigs, &n);
+    struct ranked *r = xmalloc((n ? n : 1) * sizeof *r);
+    for (size_t i = 0; v && r && i < n; i++) {
+        struct trig *t = (struct trig *)v[i];
+        if (!t->live) continue;
+        if (!incl && str_prefix(t->fid, "engine::")) continue;
+        if (type && strcmp(type, t->type)) continue;
+        if (fid && strcmp(fid, t->fid)) continue;
+        if (search && *search && !str_icontains(t->id, search) && !str_icontains(t->type, search) &&
+            !str_icontains(t->fid, search))
+            continue;
+        if (worker) {
+            struct func *f = func_find_c(t->ns, t->fid);
+            char tmp[128];
+            if (!f || strcmp(fn_wname(f, tmp, sizeof tmp), worker)) continue;
+        }
+        r[k].rank = 0, r[k].a = t->id, r[k].b = NULL, r[k++].p = t;
+    }
+    if (r) qsort(r, k, sizeof *r, ranked_cmp);
+    buf_puts(res, "{\"registered_triggers\":[");
+    for (size_t i = 0; i < k; i++) {
+        if (i) buf_putc(res, ',');
+        trig_row(res, r[i].p);
+    }
+    buf_puts(res, "]}");
+    xfree(v), xfree(r), xfree(search), xfree(type), xfree(fid), xfree(worker);
+}
+
+static void bi_rtriggers_info(BI_ARGS)
+{
+    (void)caller;
+    char *id = NULL;
+    if (bi_str(d, in, "id", &id) <= 0) {
+        rt_err(err, "deserialization_error", "Failed to deserialize input for engine::registered-triggers::info: missing field `id`");
+        return;
+    }
+    struct trig *t = trig_find(id, strlen(id));
+    if (!t || !t->live) {
+        rt_err(err, "NOT_FOUND", "Registered trigger '%s' was not found.", id);
+        xfree(id);
+        return;
+    }
+    buf_puts(res, "{\"id\":");
+    json_put_cstr(res, t->id);
+    buf_puts(res, ",\"trigger_type\":");
+    json_put_cstr(res, t->type);
+    buf_puts(res, ",\"function_id\":");
+    json_put_cstr(res, t->fid);
+    buf_puts(res, ",\"worker_name\":");
+    trig_target_wname(res, t);
+    buf_puts(res, ",\"config\":");
+    buf_puts(res, t->config_raw);
+    if (t->meta_raw) buf_puts(res, ",\"metadata\":"), buf_puts(res, t->meta_raw);
+    buf_puts(res, ",\"trigger\":");
+    struct ttype *tt = trig_provider(t);
+    if (tt) tt_detail(res, tt);
+    else buf_puts(res, "null");
+    buf_puts(res, ",\"function\":");
+    struct func *f = func_find_c(t->ns, t->fid);
+    if (f) fn_detail(res, f);
+    else buf_puts(res, "null");
+    buf_putc(res, '}');
+    xfree(id);
+}
+
+static void bi_register_trigger(BI_ARGS)
+{
+    (void)caller;
+    char *type = NULL, *fid = NULL, *tns = NULL;
+    if (bi_str(d, in, "trigger_type", &type) <= 0 || bi_str(d, in, "function_id", &fid) <= 0 ||
+        bi_str(d, in, "trigger_namespace", &tns) < 0) {
+        rt_err(err, "deserialization_error", "Failed to deserialize input for engine::register_trigger: missing field `trigger_type` or `function_id`");
+        goto out;
+    }
+    int ct = json_get(d, in, "config"), mt = json_get(d, in, "metadata");
+    char *cr = ct >= 0 ? jraw_dup(d, ct) : NULL, *mr = jraw_dup(d, mt);
+    char id[37];
+    uuid_new(id);
+    if (!trig_register(NULL, id, type, fid, cr ? cr : "null", mr, NS_DEFAULT, tns, NS_DEFAULT))
+        rt_err(err, "trigger_registration_failed", "out of memory");
+    else
+        buf_printf(res, "{\"id\":\"%s\"}", id);
+    xfree(cr), xfree(mr);
+out:
+    xfree(type), xfree(fid), xfree(tns);
+}
+
+static void bi_unregister_trigger(BI_ARGS)
+{
+    (void)caller;
+    char *id = NULL;
+    if (bi_str(d, in, "id", &id) <= 0) {
+        rt_err(err, "deserialization_error", "Failed to deserialize input for engine::unregister_trigger: missing field `id`");
+        return;
+    }
+    struct trig *t = trig_find(id, strlen(id));
+    if (t) trig_remove(t);
+    buf_printf(res, "{\"removed\":%s}", t ? "true" : "false");
+    xfree(id);
+}
+
+static void bi_log(struct conn *caller, const struct jdoc *d, int in, int level)
+{
+    char *msg = NULL;
+    bi_str(d, in, "message", &msg);
+    int data = json_get(d, in, "data");
+    const char *who = caller ? (caller->name ? caller->name : caller->wid) : "engine";
+    if (level <= log_level) {
+        if (data >= 0)
+            log_write(level, "[%s] %s %.*s", who, msg ? msg : "", (int)(JLEN(d, data) > 600 ? 600 : JLEN(d, data)), JRAW(d, data));
+        else
+            log_write(level, "[%s] %s", who, msg ? msg : "");
+    }
+    xfree(msg);
+}
+static void bi_log_info(BI_ARGS) { (void)res, (void)err, bi_log(caller, d, in, LOG_INFO); }
+static void bi_log_warn(BI_ARGS) { (void)res, (void)err, bi_log(caller, d, in, LOG_WARN); }
+static void bi_log_error(BI_ARGS) { (void)res, (void)err, bi_log(caller, d, in, LOG_ERROR); }
+static void bi_log_debug(BI_ARGS) { (void)res, (void)err, bi_log(caller, d, in, LOG_DEBUG); }
+static void bi_log_trace(BI_ARGS) { (void)res, (void)err, bi_log(caller, d, in, LOG_TRACE); }
+
+static void bi_channels_create(BI_ARGS);
+
+static const struct {
+    const char *id;
+    void (*fn)(BI_ARGS);
+} BUILTINS[] = {
+    {"engine::functions::list", bi_functions_list},
+    {"engine::functions::info", bi_functions_info},
+    {"engine::workers::list", bi_workers_list},
+    {"engine::workers::info", bi_workers_info},
+    {"engine::workers::register", bi_workers_register},
+    {"engine::triggers::list", bi_triggers_list},
+    {"engine::triggers::info", bi_triggers_info},
+    {"engine::registered-triggers::list", bi_rtriggers_list},
+    {"engine::registered-triggers::info", bi_rtriggers_info},
+    {"engine::register_trigger", bi_register_trigger},
+    {"engine::unregister_trigger", bi_unregister_trigger},
+    {"engine::channels::create", bi_channels_create},
+    {"engine::log::info", bi_log_info},
+    {"engine::log::warn", bi_log_warn},
+    {"engine::log::error", bi_log_error},
+    {"engine::log::debug", bi_log_debug},
+    {"engine::log::trace", bi_log_trace},
+};
+
+/* Registers the builtins and the engine's own trigger types (start-up). */
+static int bi_init(void)
+{
+    for (size_t i = 0; i < sizeof BUILTINS / sizeof BUILTINS[0]; i++) {
+        struct func *f = func_add(NULL, NS_DEFAULT, 7, BUILTINS[i].id, strlen(BUILTINS[i].id));
+        if (!f) return -1;
+        f->bi = BUILTINS[i].fn;
+    }
+    if (!tt_register(NULL, NS_DEFAULT, TT_WORKERS, "\"Fires when a worker connects, registers or disconnects\"", NULL, NULL) ||
+        !tt_register(NULL, NS_DEFAULT, TT_FUNCTIONS, "\"Fires when the set of registered functions changes\"", NULL, NULL))
+        return -1;
+    S.fn_fp_sent = S.fn_fp, S.fn_n_sent = S.fn_n; /* baseline: no event at start */
+    return 0;
+}
+
+/* ==== Channels ==============================================================================
+ * engine::channels::create (§5.13): a one-way relay between a writer and a reader socket on
+ * /ws/channels/<id>?key=<key>&dir=write|read. Frames written before the reader arrives wait
+ * in the channel (bounded by max_outbound_bytes); the writer's close reaches the reader after
+ * the data. Channels have no owner; one not fully connected after III_CHANNEL_TTL_MS is swept.
+ */
+static void bi_channels_create(BI_ARGS)
+{
+    (void)caller, (void)d, (void)in;
+    struct chan *ch = xcalloc(sizeof *ch);
+    if (!ch) {
+        rt_err(err, "invocation_error", "out of memory");
+        return;
+    }
+    uuid_new(ch->id);
+    uuid_new(ch->key);
+    ch->created = now_ms();
+    if (hm_put(&S.chans, &ch->h, ch->id, 36) < 0) {
+        xfree(ch);
+        rt_err(err, "invocation_error", "out of memory");
+        return;
+    }
+    buf_printf(res, "{\"writer\":{\"channel_id\":\"%s\",\"access_key\":\"%s\",\"direction\":\"write\"},"
+               "\"reader\":{\"channel_id\":\"%s\",\"access_key\":\"%s\",\"direction\":\"read\"}}",
+               ch->id, ch->key, ch->id, ch->key);
+}
+
+/* Finds the channel of an upgrade path; *dir = 'w' or 'r'; *status 404 or 400 on failure. */
+static struct chan *chan_lookup(const char *path, const char *query, int *dir, int *status)
+{
+    const char *id = path + 13; /* after "/ws/channels/" */
+    char key[64] = "", dv[16] = "";
+    *status = 404;
+    for (const char *q = query; q && *q;) {
+        const char *e = strchr(q, '&');
+        size_t n = e ? (size_t)(e - q) : strlen(q);
+        if (n > 4 && !strncmp(q, "key=", 4) && n - 4 < sizeof key) memcpy(key, q + 4, n - 4), key[n - 4] = 0;
+        if (n > 4 && !strncmp(q, "dir=", 4) && n - 4 < sizeof dv) memcpy(dv, q + 4, n - 4), dv[n - 4] = 0;
+        q = e ? e + 1 : NULL;
+    }
+    struct chan *ch = strlen(id) == 36 ? (struct chan *)hm_get(&S.chans, id, 36) : NULL;
+    if (!ch || strcmp(key, ch->key)) return NULL;
+    if (!strcmp(dv, "write")) *dir = 'w';
+    else if (!strcmp(dv, "read")) *dir = 'r';
+    else {
+        *status = 400;
+        return NULL;
+    }
+    return ch;
+}
+
+static void chan_free(struct chan *ch)
+{
+    hm_del(&S.chans, &ch->h);
+    buf_free(&ch->pending);
+    xfree(ch);
+}
+
+static void chan_on_message(struct conn *c, int op, const unsigned char *p, size_t n)
+{
+    struct chan *ch = c->chan;
+    if (!ch || c->kind != CK_CHAN_W) return; /* the reader's data frames are ignored */
+    if (ch->r) {
+        conn_frame(ch->r, op, p, n);
+        if (conn_open(ch->r)) conn_queued(ch->r);
+    } else if (ws_frame(&ch->pending, op, p, n, 0) < 0 || buf_used(&ch->pending) > S.set.max_outbound_bytes) {
+        conn_close(c, 1009, "channel buffer full");
+    }
+}
+
+/* A channel side went away: the writer's end closes the reader (after queued data); the
+ * channel is freed when both sides are gone. */
+static void chan_teardown(struct conn *c)
+{
+    struct chan *ch = c->chan;
+    if (!ch) return;
+    c->chan = NULL;
+    if (c == ch->w) {
+        ch->w = NULL;
+        ch->w_done = 1;
+        if (ch->r) conn_close(ch->r, 1000, NULL);
+    } else if (c == ch->r) {
+        ch->r = NULL;
+    }
+    if (!ch->w && !ch->r && ch->w_taken && ch->r_taken) chan_free(ch);
+}
+
+/* ==== Health and metrics ====================================================================
+ * Plain HTTP on the worker port (DECISIONS.md item 8).
+ */
+static size_t count_workers(void)
+{
+    size_t n = 0;
+    for (struct conn *c = S.conns; c; c = c->next) n += c->kind == CK_WORKER && !c->torn;
+    return n;
+}
+
+static void http_health(struct buf *b)
+{
+    buf_printf(b, "{\"status\":\"ok\",\"workers\":%zu,\"functions\":%zu,\"uptime_ms\":%lld}", count_workers(),
+               S.funcs.n, (long long)(now_ms() - S.start_ms));
+}
+
+static void http_metrics(struct buf *b)
+{
+    buf_printf(b,
+               "# HELP iii_invocations_total Invocations routed.\n# TYPE iii_invocations_total counter\n"
+               "iii_invocations_total %llu\n"
+               "# HELP iii_invocation_errors_total Invocations that ended in an error.\n"
+               "# TYPE iii_invocation_errors_total counter\niii_invocation_errors_total %llu\n"
+               "# HELP iii_workers_active Connected workers.\n# TYPE iii_workers_active gauge\n"
+               "iii_workers_active %zu\n"
+               "# HELP iii_workers_spawns_total Worker processes started.\n# TYPE iii_workers_spawns_total counter\n"
+               "iii_workers_spawns_total %llu\n"
+               "# HELP iii_workers_deaths_total Worker processes that exited.\n"
+               "# TYPE iii_workers_deaths_total counter\niii_workers_deaths_total %llu\n"
+               "# HELP iii_connections_active Open sockets.\n# TYPE iii_connections_active gauge\n"
+               "iii_connections_active %zu\n"
+               "# HELP iii_functions_registered Functions in the registry.\n# TYPE iii_functions_registered gauge\n"
+               "iii_functions_registered %zu\n"
+               "# HELP iii_invocations_in_flight Calls awaiting a result.\n# TYPE iii_invocations_in_flight gauge\n"
+               "iii_invocations_in_flight %zu\n"
+               "# HELP iii_memory_bytes Bytes allocated by the engine.\n# TYPE iii_memory_bytes gauge\n"
+               "iii_memory_bytes %zu\n",
+               (unsigned long long)S.n_invocations, (unsigned long long)S.n_inv_errors, count_workers(),
+               (unsigned long long)S.n_spawns, (unsigned long long)S.n_deaths, S.nconns, S.funcs.n, S.invs.n,
+               mem_live_bytes);
+}
+
+/* ==== Event loop ============================================================================
+ * One poll() per turn over: the signal self-pipe, the listener, supervised children's output
+ * pipes, and every connection. Deadlines (handshake, grace, ping, idle, close flush) are
+ * computed while the poll set is built, so no timer structure is needed. After dispatch each
+ * dirty connection is written once, functions-available is checked, and closed connections
+ * are torn down and freed (the reap pass).
+ */
+static void sig_handler(int sig)
+{
+    int e = errno;
+    if (sig == SIGINT || sig == SIGTERM) S.sig_term = 1;
+    else if (sig == SIGHUP) S.sig_hup = 1;
+    else if (sig == SIGCHLD) S.sig_chld = 1;
+    unsigned char b = (unsigned char)sig;
+    ssize_t w = write(S.sigpipe[1], &b, 1);
+    (void)w;
+    errno = e;
+}
+
+static void loop_signals_init(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_IGN;
+    sigaction(SIGPIPE, &sa, NULL);
+    if (pipe(S.sigpipe) < 0 || net_flags(S.sigpipe[0]) < 0 || net_flags(S.sigpipe[1]) < 0)
+        die("cannot create the signal pipe: %s", strerror(errno));
+    sa.sa_handler = sig_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    sigaction(SIGCHLD, &sa, NULL);
+}
+
+static void loop_accept(void)
+{
+    for (int i = 0; i < 64 && S.nconns < S.set.max_connections; i++) {
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof ss;
+        int fd = accept(S.lfd, (struct sockaddr *)&ss, &sl);
+        if (fd < 0) {
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                /* out of descriptors: stop accepting for a moment instead of spinning */
+                LOG(LOG_WARN, "accept: %s; pausing accepts for 100 ms", strerror(errno));
+                S.accept_pause_until = now_ms() + 100;
+            }
+            return;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        char ip[48];
+        net_peer(&ss, ip, sizeof ip);
+        if (net_flags(fd) < 0 || !conn_new(fd, ip)) close(fd);
+    }
+}
+
+/* Reads what the socket has into c->in and processes it. A closing connection's input is read
+ * and discarded (lingering close: the peer gets our Close instead of a reset). */
+static void loop_read(struct conn *c)
+{
+    if (c->closing) {
+        unsigned char sink[4096];
+        ssize_t r = read(c->fd, sink, sizeof sink);
+        if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) c->dead = 1;
+        return;
+    }
+    if (buf_reserve(&c->in, III_READ_CHUNK) < 0) {
+        conn_abort(c, "out of memory");
+        return;
+    }
+    ssize_t r = read(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len);
+    if (r == 0) {
+        conn_abort(c, "eof");
+        return;
+    }
+    if (r < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) conn_abort(c, "read error");
+        return;
+    }
+    c->in.len += (size_t)r;
+    if (c->kind == CK_HTTP) http_on_data(c);
+    else if (c->ws) ws_on_data(c);
+}
+
+/* Per-connection deadlines; returns the earliest future deadline (or INT64_MAX). */
+static int64_t loop_timers(struct conn *c, int64_t now)
+{
+    int64_t next = INT64_MAX;
+#define DUE(t) ((t) <= now ? 1 : ((t) < next ? (next = (t)), 0 : 0))
+    if (c->dead) return next;
+    if (c->closing) {
+        if (DUE(c->t_close + III_CLOSE_FLUSH_MS)) c->dead = 1;
+        return next;
+    }
+    if (c->kind == CK_HTTP) {
+        if (DUE(c->t_accept + S.set.handshake_timeout_ms)) conn_abort(c, "handshake timeout");
+        return next;
+    }
+    if (!c->ws) return next;
+    if (c->kind == CK_WORKER && c->ns_state == NS_PENDING && DUE(c->grace_at)) {
+        LOG(LOG_WARN, "worker %s: no engine::workers::register within %lld ms; its registrations land in 'default'",
+            c->wid, (long long)S.grace_ms);
+        worker_resolve(c, NS_DEFAULT);
+    }
+    if (S.set.idle_timeout_ms > 0 && DUE(c->t_rx + S.set.idle_timeout_ms)) {
+        conn_close(c, 1001, "idle timeout");
+        return next;
+    }
+    if (S.set.ping_interval_ms > 0) {
+        int64_t last = c->t_rx > c->t_ping ? c->t_rx : c->t_ping;
+        if (DUE(last + S.set.ping_interval_ms)) {
+            conn_frame(c, WS_PING, "", 0);
+            c->t_ping = now;
+            DUE(now + S.set.ping_interval_ms);
+        }
+    }
+#undef DUE
+    return next;
+}
+
+/* Tears down and frees connections that are done. */
+static void loop_reap(void)
+{
+    struct conn *c = S.conns, *nx;
+    for (; c; c = nx) {
+        nx = c->next;
+        if ((c->closing || c->dead) && !c->torn) {
+            if (c->kind == CK_WORKER) worker_teardown(c);
+            else if (c->kind == CK_CHAN_W || c->kind == CK_CHAN_R) chan_teardown(c);
+            c->torn = 1;
+        }
+    }
+    for (c = S.conns; c; c = nx) {
+        nx = c->next;
+        if (c->dead) {
+            if (c->dirty) {
+                /* unlink from the dirty list before freeing */
+                struct conn **pp = &S.dirty;
+                while (*pp && *pp != c) pp = &(*pp)->dnext;
+                if (*pp) *pp = c->dnext;
+            }
+            conn_free(c);
+        }
+    }
+}
+
+/* Writes every dirty connection once; a closing one is half-closed once its output is out. */
+static void loop_flush(void)
+{
+    struct conn *c = S.dirty;
+    S.dirty = NULL;
+    while (c) {
+        struct conn *nx = c->dnext;
+        c->dirty = 0;
+        c->dnext = NULL;
+        if (!c->dead) {
+            conn_flush(c);
+            if (c->closing && !buf_used(&c->out) && !c->dead) {
+                if (c->kind == CK_HTTP || c->kind == CK_PLAIN || c->ws) shutdown(c->fd, SHUT_WR);
+            }
+        }
+        c = nx;
+    }
+}
+
+static void sup_tick(int64_t now, int64_t *next);
+static int sup_pollfds(struct pollfd *p, size_t cap);
+static void sup_on_poll(struct pollfd *p, size_t n);
+static void sup_reap_children(void);
+static void cfg_watch_tick(int64_t now, int64_t *next);
+static void cfg_reload(const char *why);
+static void sup_stop_all(void);
+static int sup_running(void);
+
+/* Graceful shutdown (SIGINT/SIGTERM): stop accepting, end every worker's calls with
+ * invocation_stopped, close every connection with 1001, stop supervised workers, flush. */
+static void loop_shutdown(void)
+{
+    LOG(LOG_INFO, "shutting down");
+    if (S.lfd >= 0) close(S.lfd), S.lfd = -1;
+    for (struct conn *c = S.conns; c; c = c->next)
+        if (c->kind == CK_WORKER) worker_teardown(c);
+    for (struct conn *c = S.conns; c; c = c->next) {
+        if (c->ws) conn_close(c, 1001, "engine shutting down");
+        else conn_abort(c, "shutdown");
+    }
+    sup_stop_all();
+    loop_flush();
+    int64_t until = now_ms() + III_CLOSE_FLUSH_MS;
+    while (now_ms() < until && (S.conns || sup_running())) {
+        struct pollfd pf[256];
+        struct conn *pc[256];
+        size_t n = 0;
+        for (struct conn *c = S.conns; c && n < 200; c = c->next) {
+            if (c->dead) continue;
+            pf[n].fd = c->fd, pf[n].events = (short)(POLLIN | (buf_used(&c->out) ? POLLOUT : 0)), pc[n++] = c;
+        }
+        size_t ns = sup_pollfds(pf + n, 256 - n);
+        poll(pf, (nfds_t)(n + ns), 20);
+        for (size_t i = 0; i < n; i++) {
+            if (pf[i].revents & POLLOUT) conn_flush(pc[i]);
+            if (!buf_used(&pc[i]->out) && !pc[i]->dead) shutdown(pc[i]->fd, SHUT_WR);
+            if (pf[i].revents & (POLLIN | POLLHUP | POLLERR)) loop_read(pc[i]);
+        }
+        sup_on_poll(pf + n, ns);
+        sup_reap_children();
+        int64_t nx = INT64_MAX;
+        sup_tick(now_ms(), &nx);
+        loop_reap();
+    }
+    while (S.conns) S.conns->dead = 1, S.conns->torn = 1, loop_reap();
+}
+
+static void loop_run(void)
+{
+    struct pollfd *pf = NULL;
+    struct conn **pc = NULL;
+    size_t cap = 0;
+    while (!S.stop) {
+        loop_flush();
+        loop_reap();
+        int64_t now = now_ms(), next = INT64_MAX;
+        size_t need = S.nconns + 64;
+        if (need > cap) {
+            struct pollfd *np = xrealloc(pf, need * sizeof *pf);
+            struct conn **nc = np ? xrealloc(pc, need * sizeof *pc) : NULL;
+            if (np) pf = np;
+            if (nc) pc = nc, cap = need;
+        }
+        size_t n = 0;
+        pf[n].fd = S.sigpipe[0], pf[n].events = POLLIN, pc[n++] = NULL;
+        size_t lidx = SIZE_MAX;
+        if (S.lfd >= 0 && S.nconns < S.set.max_connections && now >= S.accept_pause_until)
+            lidx = n, pf[n].fd = S.lfd, pf[n].events = POLLIN, pc[n++] = NULL;
+        else if (S.accept_pause_until > now && S.accept_pause_until < next)
+            next = S.accept_pause_until;
+        size_t sidx = n;
+        size_t ns = sup_pollfds(pf + n, 32);
+        n += ns;
+        for (struct conn *c = S.conns; c && n < cap; c = c->next) {
+            int64_t t = loop_timers(c, now);
+            if (t < next) next = t;
+            if (c->dead) {
+                next = now; /* reap it without waiting */
+                continue;
+            }
+            pf[n].fd = c->fd;
+            pf[n].events = (short)(POLLIN | (buf_used(&c->out) ? POLLOUT : 0));
+            pc[n++] = c;
+        }
+        sup_tick(now, &next);
+        cfg_watch_tick(now, &next);
+        if (S.dirty) next = now;
+        int timeout = next == INT64_MAX ? -1 : next <= now ? 0 : next - now > 60000 ? 60000 : (int)(next - now);
+        int rc = poll(pf, (nfds_t)n, timeout);
+        if (rc < 0 && errno != EINTR) {
+            LOG(LOG_ERROR, "poll: %s", strerror(errno));
+            continue;
+        }
+        if (rc > 0) {
+            if (pf[0].revents & POLLIN) {
+                unsigned char sink[64];
+                while (read(S.sigpipe[0], sink, sizeof sink) > 0) {}
+            }
+            if (lidx != SIZE_MAX && (pf[lidx].revents & POLLIN)) loop_accept();
+            sup_on_poll(pf + sidx, ns);
+            for (size_t i = sidx + ns; i < n; i++) {
+                struct conn *c = pc[i];
+                if (!pf[i].revents || c->dead) continue;
+                if (pf[i].revents & POLLOUT) conn_flush(c);
+                if (pf[i].revents & (POLLIN | POLLHUP | POLLERR)) loop_read(c);
+            }
+        }
+        if (S.sig_chld) S.sig_chld = 0, sup_reap_children();
+        if (S.sig_hup) S.sig_hup = 0, cfg_reload("SIGHUP");
+        if (S.sig_term) S.stop = 1;
+        ev_functions_tick();
+    }
+    xfree(pf);
+    xfree(pc);
+    loop_shutdown();
+}
+
+/* ==== Supervisor (placeholder until the config section lands) =============================== */
+static void sup_tick(int64_t now, int64_t *next) { (void)now, (void)next; }
+static int sup_pollfds(struct pollfd *p, size_t cap) { (void)p, (void)cap; return 0; }
+static void sup_on_poll(struct pollfd *p, size_t n) { (void)p, (void)n; }
+static void sup_reap_children(void) { while (waitpid(-1, NULL, WNOHANG) > 0) {} }
+static void cfg_watch_tick(int64_t now, int64_t *next) { (void)now, (void)next; }
+static void cfg_reload(const char *why) { (void)why; }
+static void sup_stop_all(void) {}
+static int sup_running(void) { return 0; }
+
+/* ==== main ================================================================================== */
+static void settings_defaults(struct settings *s)
+{
+    static char *origins[] = {"http://localhost", "http://127.0.0.1"};
+    s->host = III_DEFAULT_HOST;
+    s->port = III_DEFAULT_PORT;
+    s->handshake_timeout_ms = III_DEFAULT_HANDSHAKE_TIMEOUT_MS;
+    s->ping_interval_ms = III_DEFAULT_PING_INTERVAL_MS;
+    s->idle_timeout_ms = III_DEFAULT_IDLE_TIMEOUT_MS;
+    s->max_message_bytes = III_DEFAULT_MAX_MESSAGE_BYTES;
+    s->max_frame_bytes = III_DEFAULT_MAX_FRAME_BYTES;
+    s->max_header_bytes = III_DEFAULT_MAX_HEADER_BYTES;
+    s->max_connections = III_DEFAULT_MAX_CONNECTIONS;
+    s->max_outbound_bytes = III_DEFAULT_MAX_OUTBOUND_BYTES;
+    s->origins = origins;
+    s->n_origins = 2;
+}
+
+static void usage(FILE *f)
+{
+    fputs("usage: iii [-c|--config FILE] [--host H] [--port N] [--echo] [-v|--version] [-h|--help]\n"
+          "       iii trigger FUNCTION_ID [JSON] [--url URL] [--timeout MS] [--namespace NS] [--json]\n"
+          "       iii list functions|workers|triggers|registered-triggers [--url URL] [--json]\n", f);
+}
+
+#ifndef III_NO_MAIN
+int main(int argc, char **argv)
+{
+    const char *host = NULL;
+    long port = -1;
+    S.cfg_path = "config.yaml";
+    S.lfd = -1;
+    const char *lv = getenv("III_LOG");
+    for (int i = 0; lv && i <= LOG_TRACE; i++)
+        if (!strcmp(lv, log_names[i])) log_level = i;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if ((!strcmp(a, "-c") || !strcmp(a, "--config")) && i + 1 < argc) S.cfg_path = argv[++i];
+        else if (!strcmp(a, "--host") && i + 1 < argc) host = argv[++i];
+        else if (!strcmp(a, "--port") && i + 1 < argc) {
+            char *e;
+            port = strtol(argv[++i], &e, 10);
+            if (*e || port < 0 || port > 65535) die("--port: '%s' is not a port number (0-65535)", argv[i]);
+        } else if (!strcmp(a, "--echo")) S.echo = 1;
+        else if (!strcmp(a, "-v") || !strcmp(a, "--version")) {
+            printf("iii %s\n", III_VERSION);
+            return 0;
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage(stdout);
+            return 0;
+        } else {
+            usage(stderr);
+            die("unknown argument '%s'", a);
+        }
+    }
+    S.start_ms = now_ms();
+    S.start_wall = wall_ms();
+    settings_defaults(&S.set);
+    S.grace_ms = III_DEFAULT_GRACE_MS;
+    const char *ge = getenv("III_NAMESPACE_GRACE_MS");
+    if (ge && *ge) {
+        char *e;
+        long long v = strtoll(ge, &e, 10);
+        if (*e || v < 0) die("III_NAMESPACE_GRACE_MS: '%s' is not a number of milliseconds", ge);
+        S.grace_ms = v;
+    }
+    if (host) S.set.host = (char *)host;
+    if (port >= 0) S.set.port = (int)port;
+    loop_signals_init();
+    if (bi_init() < 0) die("out of memory");
+    char err[512];
+    int bound;
+    S.lfd = net_listen(S.set.host, S.set.port, &bound, err, sizeof err);
+    if (S.lfd < 0) die("%s", err);
+    snprintf(S.listen_url, sizeof S.listen_url, strchr(S.set.host, ':') ? "ws://[%s]:%d" : "ws://%s:%d",
+             S.set.host, bound);
+    char line[128];
+    int n = snprintf(line, sizeof line, "iii: listening on %s\n", S.listen_url);
+    ssize_t w = write(1, line, (size_t)n);
+    (void)w;
+    loop_run();
+    return S.exit_code;
+}
+#endif

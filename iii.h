@@ -1,0 +1,94 @@
+/* iii.h - version, protocol constants and every tunable limit of the iii engine.
+ *
+ * Each limit can be overridden at build time (cc -DIII_MAX_X=...); most are also config keys
+ * of the `iii-worker-manager` entry (see README.md). The comment on each says why that value.
+ */
+#ifndef III_H
+#define III_H
+
+#define III_VERSION "0.23.0-c.1"
+#define III_PROTOCOL_VERSION "0.23" /* the reference engine's wire protocol we speak */
+
+/* ---- listener defaults (DECISIONS.md item 7) ---------------------------------------------- */
+#ifndef III_DEFAULT_HOST
+#define III_DEFAULT_HOST "127.0.0.1" /* loopback unless the config says otherwise */
+#endif
+#ifndef III_DEFAULT_PORT
+#define III_DEFAULT_PORT 49134 /* the port every iii SDK dials by default */
+#endif
+#ifndef III_DEFAULT_HANDSHAKE_TIMEOUT_MS
+#define III_DEFAULT_HANDSHAKE_TIMEOUT_MS 10000 /* same as the SDK's own handshake timeout */
+#endif
+#ifndef III_DEFAULT_MAX_MESSAGE_BYTES
+#define III_DEFAULT_MAX_MESSAGE_BYTES (64u << 20) /* tungstenite's default; SDK payloads fit */
+#endif
+#ifndef III_DEFAULT_MAX_FRAME_BYTES
+#define III_DEFAULT_MAX_FRAME_BYTES (64u << 20) /* SDK OTLP frames can exceed 16 MiB */
+#endif
+#ifndef III_DEFAULT_MAX_HEADER_BYTES
+#define III_DEFAULT_MAX_HEADER_BYTES 16384 /* an upgrade request is < 1 KiB; 16 KiB is generous */
+#endif
+#ifndef III_DEFAULT_MAX_CONNECTIONS
+#define III_DEFAULT_MAX_CONNECTIONS 10000 /* accept is paused above this */
+#endif
+#ifndef III_DEFAULT_MAX_OUTBOUND_BYTES
+#define III_DEFAULT_MAX_OUTBOUND_BYTES (256u << 20) /* 4 max messages queued: then a slow reader goes */
+#endif
+#ifndef III_DEFAULT_PING_INTERVAL_MS
+#define III_DEFAULT_PING_INTERVAL_MS 20000 /* matches the SDK's own ping cadence */
+#endif
+#ifndef III_DEFAULT_IDLE_TIMEOUT_MS
+#define III_DEFAULT_IDLE_TIMEOUT_MS 60000 /* matches the SDK's idle timeout */
+#endif
+#ifndef III_DEFAULT_GRACE_MS
+#define III_DEFAULT_GRACE_MS 5000 /* registration buffering before engine::workers::register */
+#endif
+#ifndef III_DEFAULT_STOP_TIMEOUT_MS
+#define III_DEFAULT_STOP_TIMEOUT_MS 3000 /* SIGTERM, then SIGKILL after this long */
+#endif
+
+/* ---- hard limits (not config keys) -------------------------------------------------------- */
+#ifndef III_JSON_MAX_DEPTH
+#define III_JSON_MAX_DEPTH 64 /* nesting cap of the JSON parser: no unbounded stack */
+#endif
+#ifndef III_JSON_MAX_TOKENS
+#define III_JSON_MAX_TOKENS 65536 /* tokens in one engine::* input (data is relayed untokenized) */
+#endif
+#ifndef III_YAML_MAX_DEPTH
+#define III_YAML_MAX_DEPTH 64 /* nesting cap of the config reader */
+#endif
+#ifndef III_CLOSE_FLUSH_MS
+#define III_CLOSE_FLUSH_MS 2000 /* how long a closing socket may take to flush its Close frame */
+#endif
+#ifndef III_READ_CHUNK
+#define III_READ_CHUNK 65536 /* bytes asked of one read(): many frames per call */
+#endif
+#ifndef III_MAX_NAME
+#define III_MAX_NAME 280 /* worker name/description cap, as the reference engine sanitises */
+#endif
+#ifndef III_BUF_SHRINK
+#define III_BUF_SHRINK (1u << 20) /* a buffer grown past this is released once drained */
+#endif
+#ifndef III_CHANNEL_TTL_MS
+#define III_CHANNEL_TTL_MS 300000 /* a channel not fully connected after 5 min is swept */
+#endif
+#ifndef III_WORKER_LINE_MAX
+#define III_WORKER_LINE_MAX 8192 /* a captured worker output line longer than this is split */
+#endif
+#ifndef III_BACKOFF_MIN_MS
+#define III_BACKOFF_MIN_MS 1000 /* restart backoff: 1 s doubling ... */
+#endif
+#ifndef III_BACKOFF_MAX_MS
+#define III_BACKOFF_MAX_MS 30000 /* ... to 30 s */
+#endif
+#ifndef III_BACKOFF_RESET_MS
+#define III_BACKOFF_RESET_MS 60000 /* reset after 60 s of uptime */
+#endif
+#ifndef III_RELOAD_DEBOUNCE_MS
+#define III_RELOAD_DEBOUNCE_MS 500 /* config watch debounce, as the reference engine */
+#endif
+#ifndef III_WATCH_INTERVAL_MS
+#define III_WATCH_INTERVAL_MS 250 /* how often config.yaml's stat is compared */
+#endif
+
+#endif /* III_H */
