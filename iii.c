@@ -1854,16 +1854,17 @@ static uint64_t fnv64(const char *k, size_t n)
     return h ^ (h >> 29);
 }
 
-/* Builds "ns\0id" in stackbuf when it fits, else in a new allocation (caller frees when the
+/* Builds "ns\0id\0" in stackbuf when it fits, else in a new allocation (caller frees when the
  * result differs from stackbuf). NULL on OOM. */
 static char *reg_key(char *stackbuf, size_t cap, const char *ns, size_t nl, const char *id, size_t il,
                      size_t *klen)
 {
-    char *k = nl + il + 1 <= cap ? stackbuf : xmalloc(nl + il + 1);
+    char *k = nl + il + 2 <= cap ? stackbuf : xmalloc(nl + il + 2);
     if (!k) return NULL;
     memcpy(k, ns, nl);
     k[nl] = 0;
     memcpy(k + nl + 1, id, il);
+    k[nl + il + 1] = 0; /* both halves are C strings */
     *klen = nl + il + 1;
     return k;
 }
@@ -4427,6 +4428,36 @@ static void loop_shutdown(void)
     while (S.conns) S.conns->dead = 1, S.conns->torn = 1, loop_reap();
 }
 
+/* Frees every registry object at exit, so a leak checker sees only real leaks. */
+static void engine_free_all(void)
+{
+    struct hmap *maps[] = {&S.funcs, &S.trigs, &S.ttypes, &S.leases, &S.chans, &S.invs};
+    for (size_t m = 0; m < sizeof maps / sizeof maps[0]; m++) {
+        size_t n = 0;
+        struct hnode **v = hm_list(maps[m], &n);
+        for (size_t i = 0; v && i < n; i++) {
+            if (maps[m] == &S.funcs) func_remove((struct func *)v[i]);
+            else if (maps[m] == &S.trigs) trig_free((struct trig *)v[i]);
+            else if (maps[m] == &S.ttypes) {
+                struct ttype *tt = (struct ttype *)v[i];
+                xfree(tt->desc_raw), xfree(tt->treq_raw), xfree(tt->creq_raw), xfree(tt->key), xfree(tt);
+            } else if (maps[m] == &S.leases) {
+                xfree(((struct lease *)v[i])->key), xfree(v[i]);
+            } else if (maps[m] == &S.chans) chan_free((struct chan *)v[i]);
+            else inv_free((struct inv *)v[i]);
+        }
+        xfree(v);
+        hm_free(maps[m]);
+    }
+    while (S.inv_free) {
+        struct inv *v = S.inv_free;
+        S.inv_free = v->free_next;
+        xfree(v);
+    }
+    xfree(S.jd.t), xfree(S.jd2.t);
+    buf_free(&S.tmp), buf_free(&S.tmp2);
+}
+
 static void loop_run(void)
 {
     struct pollfd *pf = NULL;
@@ -4588,6 +4619,7 @@ int main(int argc, char **argv)
     ssize_t w = write(1, line, (size_t)n);
     (void)w;
     loop_run();
+    engine_free_all();
     return S.exit_code;
 }
 #endif

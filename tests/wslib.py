@@ -94,6 +94,13 @@ class Engine:
         with open(self.logpath, "rb") as f:
             return f.read().decode("utf-8", "replace")
 
+    def sanitizer_report(self):
+        """The first sanitizer/leak report line in the engine's stderr, or None."""
+        for l in self.stderr().splitlines():
+            if "AddressSanitizer" in l or "LeakSanitizer" in l or "runtime error:" in l:
+                return l
+        return None
+
     def stop(self, sig=signal.SIGTERM, timeout=5.0):
         """Stop the engine; returns its exit status (None if it had to be killed)."""
         if self.proc.poll() is None:
@@ -115,8 +122,11 @@ class Engine:
     def __enter__(self):
         return self
 
-    def __exit__(self, *a):
+    def __exit__(self, exc_type, *a):
         self.stop()
+        rep = self.sanitizer_report()
+        if rep and exc_type is None:
+            raise AssertionError("engine sanitizer report: " + rep)
 
 
 class Closed(Exception):

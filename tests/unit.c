@@ -1,0 +1,467 @@
+/* Unit tests: the engine's own code, included whole so every static is reachable.
+ * Build: cc -DIII_NO_MAIN tests/unit.c -o build/unit   Run: build/unit [JSONTestSuite/test_parsing]
+ * Prints one "ok - name" / "not ok - name: why" line per test; exits 1 on any failure.
+ */
+#ifndef III_NO_MAIN
+#define III_NO_MAIN
+#endif
+#include "../iii.c"
+
+#include <dirent.h>
+
+static int failed, passed;
+
+#define CHECK(cond, ...)                                                                       \
+    do {                                                                                       \
+        if (!(cond)) {                                                                         \
+            printf("not ok - %s: ", test_name);                                                \
+            printf(__VA_ARGS__);                                                               \
+            printf("\n");                                                                      \
+            failed++;                                                                          \
+            return;                                                                            \
+        }                                                                                      \
+    } while (0)
+#define PASS() (printf("ok - %s\n", test_name), passed++)
+
+static void hex(const unsigned char *d, size_t n, char *out)
+{
+    for (size_t i = 0; i < n; i++) sprintf(out + 2 * i, "%02x", d[i]);
+}
+
+static void t_sha1(void)
+{
+    const char *test_name = "sha1_fips180_vectors";
+    static const struct {
+        const char *in;
+        const char *out;
+    } v[] = {
+        {"abc", "a9993e364706816aba3e25717850c26c9cd0d89d"},
+        {"", "da39a3ee5e6b4b0d3255bfef95601890afd80709"},
+        {"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq", "84983e441c3bd26ebaae4aa1f95129e5e54670f1"},
+    };
+    for (size_t i = 0; i < 3; i++) {
+        struct sha1 s;
+        unsigned char d[20];
+        char h[41];
+        sha1_init(&s);
+        sha1_update(&s, v[i].in, strlen(v[i].in));
+        sha1_final(&s, d);
+        hex(d, 20, h);
+        CHECK(!strcmp(h, v[i].out), "vector %zu: %s", i, h);
+    }
+    /* one million 'a', fed in uneven pieces */
+    struct sha1 s;
+    unsigned char d[20], a[997];
+    char h[41];
+    memset(a, 'a', sizeof a);
+    sha1_init(&s);
+    size_t left = 1000000;
+    while (left) {
+        size_t k = left < sizeof a ? left : sizeof a;
+        sha1_update(&s, a, k);
+        left -= k;
+    }
+    sha1_final(&s, d);
+    hex(d, 20, h);
+    CHECK(!strcmp(h, "34aa973cd4c4daa4f61eeb2bdbad27316534016f"), "million a: %s", h);
+    PASS();
+}
+
+static void t_base64(void)
+{
+    const char *test_name = "base64_rfc4648_vectors";
+    static const char *in[] = {"", "f", "fo", "foo", "foob", "fooba", "foobar"};
+    static const char *out[] = {"", "Zg==", "Zm8=", "Zm9v", "Zm9vYg==", "Zm9vYmE=", "Zm9vYmFy"};
+    for (int i = 0; i < 7; i++) {
+        char b[16];
+        unsigned char r[16];
+        b64_encode((const unsigned char *)in[i], strlen(in[i]), b);
+        CHECK(!strcmp(b, out[i]), "encode %s -> %s", in[i], b);
+        long n = b64_decode(out[i], strlen(out[i]), r, sizeof r);
+        CHECK(n == (long)strlen(in[i]) && !memcmp(r, in[i], (size_t)n), "decode %s", out[i]);
+    }
+    unsigned char r[32];
+    CHECK(b64_decode("Zm9v=", 5, r, sizeof r) < 0, "bad length accepted");
+    CHECK(b64_decode("Zm=v", 4, r, sizeof r) < 0, "inner padding accepted");
+    CHECK(b64_decode("Zm9*", 4, r, sizeof r) < 0, "bad char accepted");
+    PASS();
+}
+
+static void t_handshake(void)
+{
+    const char *test_name = "rfc6455_1_3_handshake_example";
+    char acc[29];
+    ws_accept_key("dGhlIHNhbXBsZSBub25jZQ==", 24, acc);
+    CHECK(!strcmp(acc, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "got %s", acc);
+    PASS();
+}
+
+static void t_utf8(void)
+{
+    const char *test_name = "utf8_edge_cases";
+    static const struct {
+        const char *s;
+        int ok;
+    } v[] = {
+        {"plain ascii", 1}, {"\xc3\xa9", 1}, {"\xe2\x82\xac", 1}, {"\xf0\x9f\x98\x80", 1},
+        {"\xf4\x8f\xbf\xbf", 1},        /* U+10FFFF */
+        {"\xef\xbf\xbf", 1},            /* U+FFFF */
+        {"\xc0\x80", 0},                /* overlong NUL */
+        {"\xc1\xbf", 0},                /* overlong */
+        {"\xe0\x80\x80", 0},            /* overlong 3-byte */
+        {"\xe0\x9f\xbf", 0},            /* overlong 3-byte upper edge */
+        {"\xf0\x80\x80\x80", 0},        /* overlong 4-byte */
+        {"\xf0\x8f\xbf\xbf", 0},        /* overlong 4-byte upper edge */
+        {"\xed\xa0\x80", 0},            /* U+D800 surrogate */
+        {"\xed\xbf\xbf", 0},            /* U+DFFF surrogate */
+        {"\xf4\x90\x80\x80", 0},        /* > U+10FFFF */
+        {"\xf5\x80\x80\x80", 0},
+        {"\xff", 0}, {"\xfe", 0}, {"\x80", 0}, {"\xbf", 0},
+        {"\xc3", 0},                    /* truncated */
+        {"\xe2\x82", 0},                /* truncated */
+        {"a\xf0\x9f\x98", 0},           /* truncated at end */
+        {"\xc3\x28", 0},                /* bad continuation */
+    };
+    for (size_t i = 0; i < sizeof v / sizeof v[0]; i++)
+        CHECK(utf8_valid((const unsigned char *)v[i].s, strlen(v[i].s)) == v[i].ok, "case %zu", i);
+    /* split across fragments: every split point of a 4-byte sequence stays valid */
+    const unsigned char e[] = "x\xf0\x9f\x98\x80y";
+    for (size_t cut = 0; cut <= 6; cut++) {
+        struct utf8 u = {0, 0, 0};
+        CHECK(utf8_feed(&u, e, cut) == 0 && utf8_feed(&u, e + cut, 6 - cut) == 0 && !u.need, "split at %zu", cut);
+    }
+    /* fail fast: the invalid byte is reported before the message ends */
+    struct utf8 u = {0, 0, 0};
+    CHECK(utf8_feed(&u, (const unsigned char *)"ok\xed\xa0", 4) < 0, "surrogate prefix not caught early");
+    PASS();
+}
+
+/* ---- frame parser through a fake connection ------------------------------------------------ */
+static struct conn *fake_conn(int kind)
+{
+    struct conn *c = xcalloc(sizeof *c);
+    c->fd = -1;
+    c->kind = kind;
+    c->ws = 1;
+    return c;
+}
+
+static void fake_free(struct conn *c)
+{
+    buf_free(&c->in), buf_free(&c->out), buf_free(&c->msg);
+    struct conn **pp = &S.dirty;
+    while (*pp && *pp != c) pp = &(*pp)->dnext;
+    if (*pp) *pp = c->dnext;
+    xfree(c);
+}
+
+static void mkframe(struct buf *b, int fin, int op, const void *p, size_t n, int mask)
+{
+    unsigned char h[14];
+    size_t hl = 2;
+    h[0] = (unsigned char)((fin ? 0x80 : 0) | op);
+    if (n < 126) h[1] = (unsigned char)n;
+    else if (n < 65536) h[1] = 126, h[2] = (unsigned char)(n >> 8), h[3] = (unsigned char)n, hl = 4;
+    else {
+        h[1] = 127;
+        for (int i = 0; i < 8; i++) h[2 + i] = (unsigned char)((uint64_t)n >> (56 - 8 * i));
+        hl = 10;
+    }
+    if (mask) {
+        static const unsigned char k[4] = {0x37, 0xfa, 0x21, 0x3d};
+        h[1] |= 0x80;
+        memcpy(h + hl, k, 4);
+        hl += 4;
+        buf_append(b, h, hl);
+        for (size_t i = 0; i < n; i++) buf_putc(b, ((const unsigned char *)p)[i] ^ k[i & 3]);
+    } else {
+        buf_append(b, h, hl);
+        buf_append(b, p, n);
+    }
+}
+
+/* Feeds `in` to a fresh echo connection whole (bytewise=0) or one byte at a time; returns the
+ * output bytes in out and the close code the engine sent (0 = none). */
+static unsigned feed(const struct buf *in, int bytewise, struct buf *out)
+{
+    struct conn *c = fake_conn(CK_ECHO);
+    size_t n = buf_used(in);
+    if (!bytewise) {
+        buf_append(&c->in, buf_data(in), n);
+        ws_on_data(c);
+    } else {
+        for (size_t i = 0; i < n && !c->closing && !c->dead; i++) {
+            buf_append(&c->in, buf_data(in) + i, 1);
+            ws_on_data(c);
+        }
+    }
+    buf_append(out, buf_data(&c->out), buf_used(&c->out));
+    unsigned code = 0;
+    /* find a close frame in the output */
+    const unsigned char *p = buf_data(&c->out);
+    size_t left = buf_used(&c->out);
+    while (left >= 2) {
+        size_t len = p[1] & 127, hl = 2;
+        if (len == 126) len = (size_t)p[2] << 8 | p[3], hl = 4;
+        else if (len == 127) {
+            len = 0;
+            for (int i = 0; i < 8; i++) len = len << 8 | p[2 + i];
+            hl = 10;
+        }
+        if ((p[0] & 15) == WS_CLOSE) code = len >= 2 ? (unsigned)p[hl] << 8 | p[hl + 1] : 1000;
+        if (hl + len > left) break;
+        p += hl + len, left -= hl + len;
+    }
+    fake_free(c);
+    return code;
+}
+
+static void t_frames(void)
+{
+    const char *test_name = "frame_parser_whole_and_bytewise";
+    static const unsigned char big_payload[70000];
+    for (int bw = 0; bw < 2; bw++) {
+        struct buf in = {0}, out = {0};
+        /* echo: text, binary, fragmented text with a ping in between, 126 and 65536 sizes */
+        mkframe(&in, 1, WS_TEXT, "hello", 5, 1);
+        mkframe(&in, 1, WS_BIN, "\x00\x01\x02", 3, 1);
+        mkframe(&in, 0, WS_TEXT, "frag", 4, 1);
+        mkframe(&in, 1, WS_PING, "pp", 2, 1);
+        mkframe(&in, 1, WS_CONT, "ment", 4, 1);
+        mkframe(&in, 1, WS_BIN, big_payload, 126, 1);
+        mkframe(&in, 1, WS_BIN, big_payload, 65536, 1);
+        mkframe(&in, 1, WS_CLOSE, "\x03\xe8", 2, 1);
+        unsigned code = feed(&in, bw, &out);
+        CHECK(code == 1000, "close code %u (bytewise=%d)", code, bw);
+        const unsigned char *p = buf_data(&out);
+        CHECK(p[0] == 0x81 && p[1] == 5 && !memcmp(p + 2, "hello", 5), "text echo");
+        CHECK(p[7] == 0x82 && p[8] == 3, "binary echo");
+        CHECK(p[12] == 0x8A && p[13] == 2 && !memcmp(p + 14, "pp", 2), "pong before reassembled message");
+        CHECK(p[16] == 0x81 && p[17] == 8 && !memcmp(p + 18, "fragment", 8), "reassembled");
+        CHECK(p[26] == 0x82 && p[27] == 126 && p[28] == 0 && p[29] == 126, "126 uses 16-bit length");
+        buf_free(&in), buf_free(&out);
+    }
+    PASS();
+}
+
+static void t_frame_violations(void)
+{
+    const char *test_name = "frame_violations_close_codes";
+    static const unsigned char zeros[200];
+    struct {
+        const char *what;
+        unsigned code;
+        void (*build)(struct buf *);
+    } cases[] = {0};
+    (void)cases;
+    for (int bw = 0; bw < 2; bw++) {
+        struct buf in = {0}, out = {0};
+#define EXPECT(code_, ...)                                                                     \
+    do {                                                                                       \
+        in.len = in.off = 0, out.len = out.off = 0;                                            \
+        __VA_ARGS__;                                                                           \
+        unsigned got = feed(&in, bw, &out);                                                    \
+        CHECK(got == (code_), "%s: expected %u got %u (bytewise=%d)", #__VA_ARGS__, (unsigned)(code_), got, bw); \
+    } while (0)
+        EXPECT(1002, mkframe(&in, 1, WS_TEXT, "x", 1, 0));                       /* unmasked */
+        EXPECT(1002, (mkframe(&in, 1, WS_TEXT, "x", 1, 1), in.p[0] |= 0x40));   /* RSV1 */
+        EXPECT(1002, mkframe(&in, 1, 3, "x", 1, 1));                            /* reserved opcode */
+        EXPECT(1002, mkframe(&in, 1, 0xB, "x", 1, 1));                          /* reserved control */
+        EXPECT(1002, mkframe(&in, 1, WS_CONT, "x", 1, 1));                      /* continuation first */
+        EXPECT(1002, (mkframe(&in, 0, WS_TEXT, "a", 1, 1), mkframe(&in, 1, WS_TEXT, "b", 1, 1)));
+        EXPECT(1002, mkframe(&in, 1, WS_PING, zeros, 126, 1));                  /* control > 125 */
+        EXPECT(1002, mkframe(&in, 0, WS_PING, "x", 1, 1));                      /* fragmented control */
+        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x03", 1, 1));                  /* 1-byte close */
+        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x03\xed", 2, 1));              /* 1005 */
+        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x00\x00", 2, 1));              /* 0 */
+        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x03\xe7", 2, 1));              /* 999 */
+        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x03\xf7", 2, 1));              /* 1015 */
+        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x0b\xb7", 2, 1));              /* 2999 */
+        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x13\x88", 2, 1));              /* 5000 */
+        EXPECT(3000, mkframe(&in, 1, WS_CLOSE, "\x0b\xb8", 2, 1));              /* 3000 echoed */
+        EXPECT(4999, mkframe(&in, 1, WS_CLOSE, "\x13\x87", 2, 1));              /* 4999 echoed */
+        EXPECT(1007, mkframe(&in, 1, WS_CLOSE, "\x03\xe8\xff", 3, 1));          /* bad reason */
+        EXPECT(1007, mkframe(&in, 1, WS_TEXT, "\xc0\x80", 2, 1));               /* overlong */
+        EXPECT(1007, mkframe(&in, 0, WS_TEXT, "ok\xff", 3, 1));                 /* fail fast */
+        EXPECT(1007, (mkframe(&in, 0, WS_TEXT, "\xf0\x9f", 2, 1), mkframe(&in, 1, WS_CONT, "", 0, 1)));
+        EXPECT(1000, (mkframe(&in, 0, WS_TEXT, "\xf0\x9f", 2, 1), mkframe(&in, 1, WS_CONT, "\x98\x80", 2, 1),
+                      mkframe(&in, 1, WS_CLOSE, "", 0, 1)));                    /* split code point ok */
+        /* 64-bit length with the top bit set */
+        EXPECT(1002, (buf_append(&in, "\x82\xff\x80\x00\x00\x00\x00\x00\x00\x00", 10), buf_append(&in, "abcd", 4)));
+        /* over the frame limit: refused from the header alone */
+        size_t saved = S.set.max_frame_bytes;
+        S.set.max_frame_bytes = 1000;
+        EXPECT(1009, buf_append(&in, "\x82\xfe\x10\x00kkkk", 8));
+        S.set.max_frame_bytes = saved;
+        saved = S.set.max_message_bytes;
+        S.set.max_message_bytes = 100;
+        EXPECT(1009, (mkframe(&in, 0, WS_BIN, zeros, 60, 1), mkframe(&in, 1, WS_CONT, zeros, 60, 1)));
+        S.set.max_message_bytes = saved;
+        buf_free(&in), buf_free(&out);
+#undef EXPECT
+    }
+    PASS();
+}
+
+/* ---- JSON ---------------------------------------------------------------------------------- */
+static char *slurp(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long sz = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *p = malloc((size_t)sz + 1);
+    *n = fread(p, 1, (size_t)sz, f);
+    fclose(f);
+    return p;
+}
+
+static void t_json_suite(const char *dir)
+{
+    const char *test_name = "json_test_suite";
+    DIR *dh = dir ? opendir(dir) : NULL;
+    if (!dh) {
+        printf("skip - %s: corpus not found at %s\n", test_name, dir ? dir : "(none)");
+        return;
+    }
+    struct dirent *de;
+    int y = 0, nn = 0, ii = 0;
+    char bad[512] = "";
+    while ((de = readdir(dh))) {
+        const char *f = de->d_name;
+        if (strlen(f) < 3 || f[1] != '_') continue;
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, f);
+        size_t n;
+        char *s = slurp(path, &n);
+        if (!s) continue;
+        struct jdoc d = {0};
+        d.max = UINT32_MAX;
+        int rc = json_parse(&d, (unsigned char *)s, n, 1000, 1);
+        /* also the envelope mode must agree on validity */
+        struct jdoc e = {0};
+        e.max = UINT32_MAX;
+        int rc2 = json_parse(&e, (unsigned char *)s, n, 2, 1);
+        xfree(d.t), xfree(e.t);
+        free(s);
+        if (rc != rc2 && !bad[0]) snprintf(bad, sizeof bad, "%s: modes disagree", f);
+        if (f[0] == 'y') {
+            y++;
+            if (rc != 0 && !bad[0]) snprintf(bad, sizeof bad, "%s rejected", f);
+        } else if (f[0] == 'n') {
+            nn++;
+            if (rc == 0 && !bad[0]) snprintf(bad, sizeof bad, "%s accepted", f);
+        } else {
+            ii++;
+        }
+    }
+    closedir(dh);
+    CHECK(!bad[0], "%s", bad);
+    CHECK(y > 90 && nn > 180, "only %d y_ and %d n_ files", y, nn);
+    printf("ok - %s (%d y_ accepted, %d n_ rejected, %d i_ survived)\n", test_name, y, nn, ii);
+    passed++;
+}
+
+static void t_json_api(void)
+{
+    const char *test_name = "json_tokens_lookup_and_raw_relay";
+    const char *src = "{\"type\":\"invokefunction\",\"data\":{\"n\":1e300,\"z\":-0,\"b\":9007199254740993,"
+                      "\"d\":1,\"d\":2},\"k\\u0065y\":\"v\\n\\ud83d\\ude00\",\"arr\":[1,[2,3],{}],\"t\":true}";
+    struct jdoc d = {0};
+    d.max = 4096;
+    CHECK(json_parse(&d, (const unsigned char *)src, strlen(src), 2, 1) == 0, "parse");
+    int data = json_get(&d, 0, "data");
+    CHECK(data > 0 && d.t[data].opaque, "data opaque");
+    const char *want = "{\"n\":1e300,\"z\":-0,\"b\":9007199254740993,\"d\":1,\"d\":2}";
+    CHECK(JLEN(&d, data) == strlen(want) && !memcmp(JRAW(&d, data), want, strlen(want)), "raw relay");
+    int k = json_get(&d, 0, "key");
+    CHECK(k > 0, "escaped key lookup");
+    size_t n;
+    char *s = json_strdup(&d, k, &n);
+    CHECK(s && n == 6 && !memcmp(s, "v\n\xf0\x9f\x98\x80", 6), "unescape with surrogate pair");
+    xfree(s);
+    CHECK(json_streq(&d, json_get(&d, 0, "type"), "invokefunction"), "streq");
+    CHECK(JTYPE(&d, json_get(&d, 0, "t")) == J_TRUE, "true");
+    CHECK(json_get(&d, 0, "missing") < 0, "missing");
+    /* writer escapes */
+    struct buf b = {0};
+    json_put_str(&b, "a\"b\\c\n\x01\xc3\xa9", 9);
+    CHECK(buf_used(&b) == strlen("\"a\\\"b\\\\c\\n\\u0001\xc3\xa9\"") &&
+          !memcmp(buf_data(&b), "\"a\\\"b\\\\c\\n\\u0001\xc3\xa9\"", buf_used(&b)), "escape: %.*s",
+          (int)buf_used(&b), buf_data(&b));
+    buf_free(&b);
+    /* depth cap, no recursion: 100000 '[' is rejected quickly */
+    size_t deep = 100000;
+    char *x = malloc(deep);
+    memset(x, '[', deep);
+    CHECK(json_parse(&d, (unsigned char *)x, deep, 2, 1) < 0, "deep nesting accepted");
+    memset(x, '[', 64);
+    memset(x + 64, ']', 64);
+    CHECK(json_parse(&d, (unsigned char *)x, 128, 2, 1) == 0, "depth 64 rejected");
+    memset(x, '[', 65);
+    memset(x + 65, ']', 65);
+    CHECK(json_parse(&d, (unsigned char *)x, 130, 2, 1) < 0, "depth 65 accepted");
+    free(x);
+    xfree(d.t);
+    PASS();
+}
+
+/* Every allocation in a message round trip made to fail in turn: no crash, no leak. */
+static void t_alloc_failures(void)
+{
+    const char *test_name = "allocation_failure_sweep_json_and_buffers";
+    const char *src = "{\"a\":[1,2,{\"b\":\"\\u00e9\"}],\"c\":\"x\"}";
+    size_t base = mem_live_bytes;
+    for (long k = 0; k < 40; k++) {
+        struct jdoc d = {0};
+        struct buf b = {0};
+        mem_fail_after = k;
+        d.max = 4096;
+        if (json_parse(&d, (const unsigned char *)src, strlen(src), 10, 1) == 0) {
+            char *s = json_strdup(&d, json_get(&d, 0, "c"), NULL);
+            xfree(s);
+            for (int i = 0; i < 100; i++) buf_puts(&b, "0123456789");
+        }
+        mem_fail_after = -1;
+        xfree(d.t);
+        buf_free(&b);
+        CHECK(mem_live_bytes == base, "leak after failing allocation %ld", k);
+    }
+    PASS();
+}
+
+static void t_registry(void)
+{
+    const char *test_name = "registry_fingerprint_and_ownership";
+    uint64_t fp0 = S.fn_fp;
+    size_t n0 = S.fn_n;
+    struct conn *c = fake_conn(CK_WORKER);
+    c->ns = xstrdup("orders");
+    c->ns_state = NS_RESOLVED;
+    struct func *f = func_add(c, "orders", 6, "a::b", 4);
+    CHECK(f && func_find_c("orders", "a::b") == f && !func_find_c("default", "a::b"), "lookup by namespace");
+    CHECK(S.fn_fp != fp0 && S.fn_n == n0 + 1, "fingerprint changed");
+    func_remove(f);
+    CHECK(S.fn_fp == fp0 && S.fn_n == n0, "fingerprint restored");
+    CHECK(!c->funcs, "owner list emptied");
+    xfree(c->ns);
+    fake_free(c);
+    PASS();
+}
+
+int main(int argc, char **argv)
+{
+    settings_defaults(&S.set);
+    t_sha1();
+    t_base64();
+    t_handshake();
+    t_utf8();
+    t_frames();
+    t_frame_violations();
+    t_json_api();
+    t_json_suite(argc > 1 ? argv[1] : NULL);
+    t_alloc_failures();
+    t_registry();
+    return failed ? 1 : 0;
+}
