@@ -922,9 +922,2470 @@ static int json_put_raw(struct buf *b, const struct jdoc *d, int ti)
     return buf_append(b, JRAW(d, ti), JLEN(d, ti));
 }
 
-/* ==== YAML subset and config ================================================================
- * (filled in by the config section below)
+/* ==== YAML subset ===========================================================================
+ * A reader for the YAML that people write by hand in config files: block mappings and
+ * sequences (including `- key: v` compact forms and sequences indented like their key), flow
+ * [..] and {..} spanning lines, plain / 'single' / "double" scalars (all escapes of YAML 1.2,
+ * \x \u \U included), | and > block scalars with chomping and indentation indicators,
+ * comments, a leading `---` / trailing `...`, and the YAML 1.2 core schema for plain scalars
+ * (null ~, true/false, decimal / 0x / 0o integers, floats, .inf, .nan). What it does not
+ * implement is refused with a message, never guessed at: anchors, aliases, tags, `? ` complex
+ * keys, flow collections as keys, %TAG, and a second document.
+ *
+ * Approach: a prepass validates UTF-8, refuses control characters and turns CRLF / CR into LF,
+ * so the scanner only ever sees LF and can use the NUL padding as its end sentinel. Then a
+ * recursive-descent parser walks the text with one cursor (byte offset, line, column in code
+ * points). Block structure is decided by indentation: every block-level parse function returns
+ * with the cursor on the first character of the next content line and its indentation in
+ * p->indent (-1 at the end of the document), and the caller compares that with its own
+ * indentation. Recursion happens only when a collection nests, and p->depth caps it at
+ * III_YAML_MAX_DEPTH, so hostile input cannot exhaust the stack. The first error wins and is
+ * reported as "FILE:LINE:COL: message"; columns count characters, not bytes.
  */
+#ifndef III_YAML_MAX_BYTES
+#define III_YAML_MAX_BYTES (4u << 20) /* a hand-written config is a few KiB; refuse silly input */
+#endif
+
+enum yaml_kind { YAML_NULL, YAML_BOOL, YAML_INT, YAML_FLOAT, YAML_STR, YAML_SEQ, YAML_MAP };
+
+/* One parsed node. A tree is owned by its root; yaml_free releases all of it. */
+struct yaml_node {
+    int kind;                  /* enum yaml_kind */
+    int line, col;             /* 1-based position where the node starts */
+    char *str;                 /* scalars: STR decoded, others as written; NUL-terminated */
+    size_t len;                /* bytes in str (a STR may contain NUL from an escape) */
+    int64_t i;                 /* YAML_INT value */
+    double d;                  /* YAML_FLOAT value */
+    int b;                     /* YAML_BOOL value */
+    struct yaml_node **items;  /* SEQ items or MAP values (n of them) */
+    char **keys;               /* MAP keys, decoded, NUL-free; unique */
+    int *key_lines, *key_cols; /* MAP key positions */
+    size_t n;                  /* items in a collection */
+    size_t cap;                /* allocated slots (internal) */
+};
+
+/* A saved cursor: the parser backtracks only through these. */
+struct yaml_mark {
+    size_t pos;
+    int line, col;
+};
+
+struct yaml_parser {
+    const char *s;    /* normalized text: LF line ends, no BOM, 8 NUL bytes of padding */
+    size_t len;       /* bytes of text before the padding */
+    size_t pos;       /* the cursor */
+    int line, col;    /* 1-based position of the cursor */
+    int indent;       /* after yaml_next_content: indentation of the cursor line, -1 = end */
+    int depth;        /* collections open around the cursor */
+    const char *file; /* name used in messages */
+    char *err;        /* message out-buffer */
+    size_t errlen;
+    int failed;    /* a message has been written: later ones are dropped */
+    struct buf sb; /* text of the scalar being scanned */
+};
+
+/* Parse modes of a block node: where its first character sits relative to its parent. */
+enum { YM_SAME, YM_COMPACT, YM_NEXT };
+
+#define YC(p, k) ((unsigned char)(p)->s[(p)->pos + (k)]) /* k <= 7: the padding covers it */
+
+static struct yaml_node *yaml_block_node(struct yaml_parser *p, int n, int mode);
+static struct yaml_node *yaml_block_content(struct yaml_parser *p, int n, int mode);
+static struct yaml_node *yaml_flow_node(struct yaml_parser *p);
+static void yaml_free(struct yaml_node *n);
+
+static int yaml_fail(struct yaml_parser *p, int line, int col, const char *fmt, ...)
+    III_PRINTF(4, 5);
+/* Records "FILE:LINE:COL: message" unless an error is already recorded. Always returns -1. */
+static int yaml_fail(struct yaml_parser *p, int line, int col, const char *fmt, ...)
+{
+    va_list ap;
+    size_t k;
+    if (p->failed) return -1;
+    p->failed = 1;
+    if (!p->err || p->errlen == 0) return -1;
+    snprintf(p->err, p->errlen, "%s:%d:%d: ", p->file, line, col);
+    k = strlen(p->err);
+    va_start(ap, fmt);
+    vsnprintf(p->err + k, p->errlen - k, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static int yaml_oom(struct yaml_parser *p)
+{
+    return yaml_fail(p, p->line, p->col, "out of memory");
+}
+
+static int yaml_blank(int c)
+{
+    return c == ' ' || c == '\t';
+}
+static int yaml_blankz(int c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == 0;
+}
+static int yaml_flowind(int c)
+{
+    return c == ',' || c == '[' || c == ']' || c == '{' || c == '}';
+}
+
+/* Bytes in the UTF-8 sequence that starts with c (the text is validated, so this is exact). */
+static int yaml_seqlen(int c)
+{
+    return c < 0xC0 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
+}
+
+/* Moves the cursor one byte, keeping line and column (in code points) up to date. */
+static void yaml_adv(struct yaml_parser *p)
+{
+    int c = YC(p, 0);
+    if (c == 0) return;
+    p->pos++;
+    if (c == '\n') {
+        p->line++;
+        p->col = 1;
+    } else if ((c & 0xC0) != 0x80) {
+        p->col++;
+    }
+}
+
+static struct yaml_mark yaml_here(const struct yaml_parser *p)
+{
+    struct yaml_mark m;
+    m.pos = p->pos;
+    m.line = p->line;
+    m.col = p->col;
+    return m;
+}
+
+static void yaml_reset(struct yaml_parser *p, const struct yaml_mark *m)
+{
+    p->pos = m->pos;
+    p->line = m->line;
+    p->col = m->col;
+}
+
+static int yaml_skip_blanks(struct yaml_parser *p)
+{
+    int k = 0;
+    while (yaml_blank(YC(p, 0))) {
+        yaml_adv(p);
+        k++;
+    }
+    return k;
+}
+
+/* 1 at a `---` or `...` marker: column 1, then a blank, a line end or the end of text. */
+static int yaml_at_marker(const struct yaml_parser *p)
+{
+    int c = YC(p, 0);
+    if (p->col != 1 || (c != '-' && c != '.')) return 0;
+    return YC(p, 1) == c && YC(p, 2) == c && yaml_blankz(YC(p, 3));
+}
+
+/* Decodes one UTF-8 sequence of at most n bytes; returns its length, or 0 when it is invalid
+ * (overlong, surrogate, above U+10FFFF or truncated). */
+static int yaml_utf8(const unsigned char *s, size_t n, uint32_t *cp)
+{
+    uint32_t c = s[0];
+    int k, i;
+    if (c < 0x80) {
+        *cp = c;
+        return 1;
+    }
+    if (c >= 0xC2 && c <= 0xDF)
+        k = 2, c &= 0x1F;
+    else if (c >= 0xE0 && c <= 0xEF)
+        k = 3, c &= 0x0F;
+    else if (c >= 0xF0 && c <= 0xF4)
+        k = 4, c &= 0x07;
+    else
+        return 0;
+    if (n < (size_t)k) return 0;
+    for (i = 1; i < k; i++) {
+        if ((s[i] & 0xC0) != 0x80) return 0;
+        c = (c << 6) | (s[i] & 0x3F);
+    }
+    if ((k == 3 && c < 0x800) || (k == 4 && (c < 0x10000 || c > 0x10FFFF))) return 0;
+    if (c >= 0xD800 && c <= 0xDFFF) return 0;
+    *cp = c;
+    return k;
+}
+
+/* Appends code point cp as UTF-8 to the scalar text. */
+static int yaml_put_utf8(struct yaml_parser *p, uint32_t cp)
+{
+    unsigned char u[4];
+    size_t k;
+    if (cp < 0x80)
+        u[0] = (unsigned char)cp, k = 1;
+    else if (cp < 0x800) {
+        u[0] = (unsigned char)(0xC0 | (cp >> 6));
+        u[1] = (unsigned char)(0x80 | (cp & 0x3F));
+        k = 2;
+    } else if (cp < 0x10000) {
+        u[0] = (unsigned char)(0xE0 | (cp >> 12));
+        u[1] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
+        u[2] = (unsigned char)(0x80 | (cp & 0x3F));
+        k = 3;
+    } else {
+        u[0] = (unsigned char)(0xF0 | (cp >> 18));
+        u[1] = (unsigned char)(0x80 | ((cp >> 12) & 0x3F));
+        u[2] = (unsigned char)(0x80 | ((cp >> 6) & 0x3F));
+        u[3] = (unsigned char)(0x80 | (cp & 0x3F));
+        k = 4;
+    }
+    return buf_append(&p->sb, u, k) < 0 ? yaml_oom(p) : 0;
+}
+
+static int yaml_putc(struct yaml_parser *p, int c)
+{
+    return buf_putc(&p->sb, c) < 0 ? yaml_oom(p) : 0;
+}
+
+/* Appends k line feeds (the folding of k empty lines), or one space when k is 0 and sp. */
+static int yaml_put_breaks(struct yaml_parser *p, int k, int sp)
+{
+    if (k == 0 && sp) return yaml_putc(p, ' ');
+    while (k-- > 0)
+        if (yaml_putc(p, '\n') < 0) return -1;
+    return 0;
+}
+
+/* The prepass: copies text into p->s with a BOM removed and CRLF / CR turned into LF,
+ * refusing invalid UTF-8 and characters YAML does not allow in a stream (C0 controls other
+ * than TAB and LF, DEL, C1 controls other than NEL, U+FFFE, U+FFFF). */
+static int yaml_prepare(struct yaml_parser *p, const char *text, size_t len)
+{
+    const unsigned char *t = (const unsigned char *)text;
+    size_t i = 0, n = 0;
+    int line = 1, col = 1;
+    char *o;
+    if (len > III_YAML_MAX_BYTES)
+        return yaml_fail(p, 1, 1, "document too large (%lu bytes; the limit is %lu)",
+                         (unsigned long)len, (unsigned long)III_YAML_MAX_BYTES);
+    o = xmalloc(len + 8);
+    if (!o) return yaml_fail(p, 1, 1, "out of memory");
+    if (len >= 3 && t[0] == 0xEF && t[1] == 0xBB && t[2] == 0xBF) i = 3;
+    while (i < len) {
+        uint32_t cp;
+        int k;
+        if (t[i] == '\r' || t[i] == '\n') {
+            i += (t[i] == '\r' && i + 1 < len && t[i + 1] == '\n') ? 2 : 1;
+            o[n++] = '\n';
+            line++;
+            col = 1;
+            continue;
+        }
+        k = yaml_utf8(t + i, len - i, &cp);
+        if (k == 0) {
+            xfree(o);
+            return yaml_fail(p, line, col, "invalid UTF-8 (byte 0x%02X)", (unsigned)t[i]);
+        }
+        if ((cp < 0x20 && cp != '\t') || (cp >= 0x7F && cp <= 0x9F && cp != 0x85) || cp == 0xFFFE ||
+            cp == 0xFFFF) {
+            xfree(o);
+            return yaml_fail(p, line, col,
+                             "character U+%04lX is not allowed (write it as an escape such as "
+                             "\\u%04lX inside double quotes)",
+                             (unsigned long)cp, (unsigned long)cp);
+        }
+        memcpy(o + n, t + i, (size_t)k);
+        n += (size_t)k;
+        i += (size_t)k;
+        col++;
+    }
+    memset(o + n, 0, 8);
+    p->s = o;
+    p->len = n;
+    return 0;
+}
+
+/* ---- nodes -------------------------------------------------------------------------------- */
+
+/* A new node of the given kind at mark m, or NULL (error recorded) when out of memory. */
+static struct yaml_node *yaml_new(struct yaml_parser *p, int kind, const struct yaml_mark *m)
+{
+    struct yaml_node *n = xmalloc(sizeof *n);
+    if (!n) {
+        yaml_oom(p);
+        return NULL;
+    }
+    memset(n, 0, sizeof *n);
+    n->kind = kind;
+    n->line = m->line;
+    n->col = m->col;
+    return n;
+}
+
+/* A scalar node at m whose text is the scratch buffer (copied). */
+static struct yaml_node *yaml_new_scalar(struct yaml_parser *p, int kind, const struct yaml_mark *m)
+{
+    struct yaml_node *n = yaml_new(p, kind, m);
+    if (!n) return NULL;
+    n->str = xmalloc(p->sb.len + 1);
+    if (!n->str) {
+        xfree(n);
+        yaml_oom(p);
+        return NULL;
+    }
+    if (p->sb.len) memcpy(n->str, p->sb.p, p->sb.len);
+    n->str[p->sb.len] = 0;
+    n->len = p->sb.len;
+    return n;
+}
+
+/* The null of an empty value (`key:` with nothing after it), placed at m. */
+static struct yaml_node *yaml_null_at(struct yaml_parser *p, const struct yaml_mark *m)
+{
+    p->sb.len = 0;
+    return yaml_new_scalar(p, YAML_NULL, m);
+}
+
+/* Appends item (with key and its position for a MAP) to collection c. Takes ownership of key
+ * and item: on failure both are freed and -1 is returned. */
+static int yaml_push(struct yaml_parser *p, struct yaml_node *c, char *key, int kl, int kc,
+                     struct yaml_node *item)
+{
+    if (c->n == c->cap) {
+        size_t cap = c->cap ? c->cap * 2 : 4;
+        void *t;
+        if (cap > SIZE_MAX / sizeof(struct yaml_node *)) goto oom;
+        if (!(t = xrealloc(c->items, cap * sizeof *c->items))) goto oom;
+        c->items = t;
+        if (c->kind == YAML_MAP) {
+            if (!(t = xrealloc(c->keys, cap * sizeof *c->keys))) goto oom;
+            c->keys = t;
+            if (!(t = xrealloc(c->key_lines, cap * sizeof *c->key_lines))) goto oom;
+            c->key_lines = t;
+            if (!(t = xrealloc(c->key_cols, cap * sizeof *c->key_cols))) goto oom;
+            c->key_cols = t;
+        }
+        c->cap = cap; /* only once every array has grown */
+    }
+    c->items[c->n] = item;
+    if (c->kind == YAML_MAP) {
+        c->keys[c->n] = key;
+        c->key_lines[c->n] = kl;
+        c->key_cols[c->n] = kc;
+    }
+    c->n++;
+    return 0;
+oom:
+    xfree(key);
+    yaml_free(item);
+    return yaml_oom(p);
+}
+
+/* Frees a node tree. Recursion is bounded: trees come from yaml_parse, which caps nesting at
+ * III_YAML_MAX_DEPTH; the extra guard only stops a runaway on a hand-built cycle. */
+static void yaml_free_at(struct yaml_node *n, int depth)
+{
+    size_t i;
+    if (!n) return;
+    for (i = 0; i < n->n; i++) {
+        if (depth <= III_YAML_MAX_DEPTH + 2) yaml_free_at(n->items[i], depth + 1);
+        if (n->keys) xfree(n->keys[i]);
+    }
+    xfree(n->items);
+    xfree(n->keys);
+    xfree(n->key_lines);
+    xfree(n->key_cols);
+    xfree(n->str);
+    xfree(n);
+}
+
+static void yaml_free(struct yaml_node *n)
+{
+    yaml_free_at(n, 0);
+}
+
+/* Key/value pairs of a MAP sorted by key (bytewise), for canonical output and comparison. */
+struct yaml_kv {
+    const char *k;
+    const struct yaml_node *v;
+    size_t i; /* index in the MAP: reports the first of two duplicates */
+};
+
+static int yaml_kv_cmp(const void *a, const void *b)
+{
+    const struct yaml_kv *x = a, *y = b;
+    int c = strcmp(x->k, y->k);
+    if (c) return c;
+    return x->i < y->i ? -1 : x->i > y->i;
+}
+
+/* A sorted copy of m's pairs (caller frees with xfree), or NULL when out of memory. */
+static struct yaml_kv *yaml_sorted(const struct yaml_node *m)
+{
+    struct yaml_kv *kv;
+    size_t i;
+    if (m->n > SIZE_MAX / sizeof *kv) return NULL;
+    kv = xmalloc((m->n ? m->n : 1) * sizeof *kv);
+    if (!kv) return NULL;
+    for (i = 0; i < m->n; i++) {
+        kv[i].k = m->keys[i];
+        kv[i].v = m->items[i];
+        kv[i].i = i;
+    }
+    qsort(kv, m->n, sizeof *kv, yaml_kv_cmp);
+    return kv;
+}
+
+/* Refuses a MAP with a repeated key, naming the earliest repetition in the text. Small maps
+ * are checked pairwise; large ones through a sorted copy, so hostile input stays O(n log n). */
+static int yaml_dup_check(struct yaml_parser *p, const struct yaml_node *m)
+{
+    size_t i, j, first = 0, dup = SIZE_MAX;
+    if (m->n < 2) return 0;
+    if (m->n <= 16) {
+        for (j = 1; j < m->n && dup == SIZE_MAX; j++)
+            for (i = 0; i < j; i++)
+                if (!strcmp(m->keys[i], m->keys[j])) {
+                    first = i, dup = j;
+                    break;
+                }
+    } else {
+        struct yaml_kv *kv = yaml_sorted(m);
+        size_t run = 0;
+        if (!kv) return yaml_oom(p);
+        for (i = 1; i < m->n; i++) {
+            if (strcmp(kv[i].k, kv[i - 1].k)) {
+                run = i;
+                continue;
+            }
+            if (i == run + 1 && kv[i].i < dup) first = kv[run].i, dup = kv[i].i;
+        }
+        xfree(kv);
+    }
+    if (dup == SIZE_MAX) return 0;
+    return yaml_fail(p, m->key_lines[dup], m->key_cols[dup],
+                     "duplicate key `%s` (first defined at line %d, column %d)", m->keys[dup],
+                     m->key_lines[first], m->key_cols[first]);
+}
+
+/* ---- lines -------------------------------------------------------------------------------- */
+
+/* Accepts the rest of the line as blanks and an optional comment, then moves past the line
+ * break. `what` names the thing just parsed, for the message about anything else found. */
+static int yaml_end_line(struct yaml_parser *p, const char *what)
+{
+    int c;
+    yaml_skip_blanks(p);
+    c = YC(p, 0);
+    if (c == '#') {
+        if (p->col != 1 && !yaml_blank((unsigned char)p->s[p->pos - 1]))
+            return yaml_fail(p, p->line, p->col, "a comment needs a space before `#`");
+        while (YC(p, 0) != '\n' && YC(p, 0) != 0) yaml_adv(p);
+        c = YC(p, 0);
+    }
+    if (c == '\n') {
+        yaml_adv(p);
+        return 0;
+    }
+    if (c == 0) return 0;
+    return yaml_fail(p, p->line, p->col, "unexpected `%.*s` after %s", yaml_seqlen(c),
+                     p->s + p->pos, what);
+}
+
+/* From the start of a line, skips blank and comment-only lines. Leaves the cursor on the first
+ * character of the next content line with p->indent = its indentation, or p->indent = -1 at
+ * the end of the text or at a `---` / `...` marker. A tab used as indentation is an error. */
+static int yaml_next_content(struct yaml_parser *p)
+{
+    for (;;) {
+        int sp = 0, c;
+        while (YC(p, 0) == ' ') {
+            yaml_adv(p);
+            sp++;
+        }
+        if (YC(p, 0) == '\t') {
+            struct yaml_mark tab = yaml_here(p);
+            yaml_skip_blanks(p);
+            c = YC(p, 0);
+            if (c != '#' && c != '\n' && c != 0)
+                return yaml_fail(p, tab.line, tab.col,
+                                 "tab character in indentation (YAML indents with spaces only)");
+        }
+        if (YC(p, 0) == '#')
+            while (YC(p, 0) != '\n' && YC(p, 0) != 0) yaml_adv(p);
+        c = YC(p, 0);
+        if (c == '\n') {
+            yaml_adv(p);
+            continue;
+        }
+        p->indent = (c == 0 || yaml_at_marker(p)) ? -1 : sp;
+        return 0;
+    }
+}
+
+/* ---- scalars ------------------------------------------------------------------------------ */
+
+/* Refuses what cannot start a scalar here, with a message that says why: the YAML features
+ * this reader does not implement, block syntax inside a flow collection, and indicators that
+ * YAML reserves. 0 when the cursor may start a plain or quoted scalar. */
+static int yaml_bad_start(struct yaml_parser *p, int flow)
+{
+    int c = YC(p, 0), c1 = YC(p, 1);
+    int ends = yaml_blankz(c1) || (flow && yaml_flowind(c1)); /* c is a lone indicator */
+    const char *m = NULL;
+    switch (c) {
+    case '&':
+        m = "anchors (&) are not supported";
+        break;
+    case '*':
+        m = "aliases (*) are not supported";
+        break;
+    case '!':
+        m = "tags (!) are not supported";
+        break;
+    case '?':
+        if (ends) m = "complex keys (`? `) are not supported";
+        break;
+    case ':':
+        if (ends) m = "a key is missing before `:`";
+        break;
+    case '-':
+        if (flow && yaml_blankz(c1))
+            m = "block sequence entries (`- `) cannot be used inside [ ] or { }";
+        else if (flow && ends)
+            m = "a lone `-` must be put in quotes inside [ ] or { }";
+        break;
+    case '|':
+    case '>':
+        if (flow) m = "block scalars (| and >) cannot be used inside [ ] or { }";
+        break;
+    case ',':
+    case ']':
+    case '}':
+    case '[':
+    case '{':
+        if (flow) return yaml_fail(p, p->line, p->col, "unexpected `%c`", c);
+        /* fall through */
+    case '%':
+    case '@':
+    case '`':
+    case '#':
+        return yaml_fail(p, p->line, p->col,
+                         "a plain scalar cannot start with `%c` (put the value in quotes)", c);
+    default:
+        break;
+    }
+    return m ? yaml_fail(p, p->line, p->col, "%s", m) : 0;
+}
+
+/* Resolves a plain scalar's type by the YAML 1.2 core schema. Decimal integers beyond 64 bits
+ * become floats (as in most YAML libraries), hex and octal ones too. */
+static void yaml_resolve(struct yaml_node *nd)
+{
+    const char *s = nd->str;
+    size_t n = nd->len, k = 0, dig = 0;
+    int neg = 0, base = 10, over = 0, dot = 0;
+    uint64_t v = 0, lim;
+    double d = 0;
+    if (n == 0 || !strcmp(s, "~") || !strcmp(s, "null") || !strcmp(s, "Null") ||
+        !strcmp(s, "NULL")) {
+        nd->kind = YAML_NULL;
+        return;
+    }
+    if (!strcmp(s, "true") || !strcmp(s, "True") || !strcmp(s, "TRUE") || !strcmp(s, "false") ||
+        !strcmp(s, "False") || !strcmp(s, "FALSE")) {
+        nd->kind = YAML_BOOL;
+        nd->b = s[0] == 't' || s[0] == 'T';
+        return;
+    }
+    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'o') && n > 2)
+        base = s[1] == 'x' ? 16 : 8, k = 2;
+    else if (s[0] == '-' || s[0] == '+')
+        neg = s[0] == '-', k = 1;
+    lim = neg ? (uint64_t)INT64_MAX + 1 : (uint64_t)INT64_MAX;
+    for (; k < n; k++) {
+        int c = (unsigned char)s[k], x;
+        if (c >= '0' && c <= '9')
+            x = c - '0';
+        else if (base == 16 && c >= 'a' && c <= 'f')
+            x = c - 'a' + 10;
+        else if (base == 16 && c >= 'A' && c <= 'F')
+            x = c - 'A' + 10;
+        else
+            break;
+        if (x >= base) break;
+        d = d * base + x;
+        if (v > (lim - (uint64_t)x) / (uint64_t)base)
+            over = 1;
+        else
+            v = v * (uint64_t)base + (uint64_t)x;
+        dig++;
+    }
+    if (k == n && dig > 0) {
+        if (!over) {
+            nd->kind = YAML_INT;
+            nd->i = neg ? (v == (uint64_t)INT64_MAX + 1 ? INT64_MIN : -(int64_t)v) : (int64_t)v;
+        } else {
+            nd->kind = YAML_FLOAT;
+            nd->d = base == 10 ? strtod(s, NULL) : d;
+        }
+        return;
+    }
+    /* [-+]? ( \.[0-9]+ | [0-9]+ ( \.[0-9]* )? ) ( [eE][-+]?[0-9]+ )?  and .inf / .nan */
+    k = (s[0] == '-' || s[0] == '+');
+    if (!strcmp(s + k, ".inf") || !strcmp(s + k, ".Inf") || !strcmp(s + k, ".INF")) {
+        nd->kind = YAML_FLOAT;
+        nd->d = strtod(s[0] == '-' ? "-inf" : "inf", NULL);
+        return;
+    }
+    if (!strcmp(s, ".nan") || !strcmp(s, ".NaN") || !strcmp(s, ".NAN")) {
+        nd->kind = YAML_FLOAT;
+        nd->d = strtod("nan", NULL);
+        return;
+    }
+    for (dig = 0; k < n && ((s[k] >= '0' && s[k] <= '9') || (s[k] == '.' && !dot)); k++) {
+        if (s[k] == '.')
+            dot = 1;
+        else
+            dig++;
+    }
+    if (dig == 0) return;
+    if (k < n && (s[k] == 'e' || s[k] == 'E')) {
+        size_t e0;
+        k++;
+        if (k < n && (s[k] == '-' || s[k] == '+')) k++;
+        for (e0 = k; k < n && s[k] >= '0' && s[k] <= '9'; k++) continue;
+        if (k == e0) return;
+    }
+    if (k != n) return;
+    nd->kind = YAML_FLOAT;
+    nd->d = strtod(s, NULL); /* the syntax is a subset of strtod's; no locale is ever set */
+}
+
+/* Scans a plain scalar into p->sb. Lines after the first continue it when they are indented
+ * more than n (block context; n = INT_MAX keeps a key on one line) or, in flow context, when
+ * they do not start with an indicator. Line breaks fold: one becomes a space, k empty lines
+ * become k LFs. The cursor ends right after the last non-blank character. */
+static int yaml_scan_plain(struct yaml_parser *p, int n, int flow)
+{
+    for (;;) {
+        size_t start = p->pos;
+        struct yaml_mark end = yaml_here(p);
+        int c, sp, breaks = 0;
+        while ((c = YC(p, 0)) != 0 && c != '\n') {
+            if (c == ':' && (yaml_blankz(YC(p, 1)) || (flow && yaml_flowind(YC(p, 1))))) break;
+            if (c == '#' && p->pos > start && yaml_blank((unsigned char)p->s[p->pos - 1])) break;
+            if (flow && yaml_flowind(c)) break;
+            yaml_adv(p);
+            if (!yaml_blank(c)) end = yaml_here(p);
+        }
+        if (buf_append(&p->sb, p->s + start, end.pos - start) < 0) return yaml_oom(p);
+        if (c != '\n') {
+            yaml_reset(p, &end);
+            return 0;
+        }
+        /* Look past the line break (and empty lines) for a continuation line. */
+        yaml_adv(p);
+        for (;;) {
+            for (sp = 0; YC(p, 0) == ' '; sp++) yaml_adv(p);
+            yaml_skip_blanks(p);
+            c = YC(p, 0);
+            if (c != '\n') break;
+            breaks++;
+            yaml_adv(p);
+        }
+        if (c == 0 || c == '#' || yaml_at_marker(p) || (!flow && sp <= n) ||
+            (c == ':' && (yaml_blankz(YC(p, 1)) || (flow && yaml_flowind(YC(p, 1))))) ||
+            (flow && yaml_flowind(c))) {
+            yaml_reset(p, &end);
+            return 0;
+        }
+        if (yaml_put_breaks(p, breaks, 1) < 0) return -1;
+    }
+}
+
+/* Folds the line break at the cursor inside a quoted scalar: skips it and any empty lines
+ * and the next line's leading blanks, appending a space (none after an escaped break) or one
+ * LF per empty line. In block context a continuation line must be indented more than n. */
+static int yaml_quoted_fold(struct yaml_parser *p, int n, int flow, const struct yaml_mark *open,
+                            int escaped)
+{
+    int breaks = 0, sp, c, q = (unsigned char)p->s[open->pos];
+    yaml_adv(p);
+    for (;;) {
+        for (sp = 0; YC(p, 0) == ' '; sp++) yaml_adv(p);
+        yaml_skip_blanks(p);
+        c = YC(p, 0);
+        if (c != '\n') break;
+        breaks++;
+        yaml_adv(p);
+    }
+    if (c == 0 || yaml_at_marker(p) || (!flow && sp <= n && c != q))
+        return yaml_fail(p, open->line, open->col, "unterminated %s scalar",
+                         q == '"' ? "double-quoted" : "single-quoted");
+    return yaml_put_breaks(p, breaks, !escaped);
+}
+
+/* Reads k hex digits at the cursor into *cp. -1 (no message) when a digit is missing. */
+static int yaml_hex(struct yaml_parser *p, int k, uint32_t *cp)
+{
+    uint32_t v = 0;
+    while (k-- > 0) {
+        int c = YC(p, 0), x;
+        if (c >= '0' && c <= '9')
+            x = c - '0';
+        else if (c >= 'a' && c <= 'f')
+            x = c - 'a' + 10;
+        else if (c >= 'A' && c <= 'F')
+            x = c - 'A' + 10;
+        else
+            return -1;
+        v = (v << 4) | (uint32_t)x;
+        yaml_adv(p);
+    }
+    *cp = v;
+    return 0;
+}
+
+/* Decodes the escape sequence at the cursor (on the backslash) of a double-quoted scalar. */
+static int yaml_escape(struct yaml_parser *p, int n, int flow, const struct yaml_mark *open)
+{
+    struct yaml_mark at = yaml_here(p);
+    uint32_t cp = 0, lo;
+    int e, digits = 0;
+    yaml_adv(p);
+    e = YC(p, 0);
+    switch (e) {
+    case '0':
+        cp = 0;
+        break;
+    case 'a':
+        cp = 7;
+        break;
+    case 'b':
+        cp = 8;
+        break;
+    case 't':
+    case '\t':
+        cp = 9;
+        break;
+    case 'n':
+        cp = 10;
+        break;
+    case 'v':
+        cp = 11;
+        break;
+    case 'f':
+        cp = 12;
+        break;
+    case 'r':
+        cp = 13;
+        break;
+    case 'e':
+        cp = 27;
+        break;
+    case ' ':
+    case '"':
+    case '/':
+    case '\\':
+        cp = (uint32_t)e;
+        break;
+    case 'N':
+        cp = 0x85;
+        break;
+    case '_':
+        cp = 0xA0;
+        break;
+    case 'L':
+        cp = 0x2028;
+        break;
+    case 'P':
+        cp = 0x2029;
+        break;
+    case 'x':
+        digits = 2;
+        break;
+    case 'u':
+        digits = 4;
+        break;
+    case 'U':
+        digits = 8;
+        break;
+    case '\n':
+        return yaml_quoted_fold(p, n, flow, open, 1); /* escaped line break */
+    case 0:
+        return yaml_fail(p, open->line, open->col, "unterminated double-quoted scalar");
+    default:
+        return yaml_fail(p, at.line, at.col, "unknown escape `\\%.*s` in a double-quoted scalar",
+                         yaml_seqlen(e), p->s + p->pos);
+    }
+    yaml_adv(p);
+    if (digits) {
+        if (yaml_hex(p, digits, &cp) < 0)
+            return yaml_fail(p, at.line, at.col, "`\\%c` must be followed by %d hex digits", e,
+                             digits);
+        if (e == 'u' && cp >= 0xD800 && cp <= 0xDBFF) { /* UTF-16 pair, as JSON writes it */
+            if (YC(p, 0) != '\\' || YC(p, 1) != 'u')
+                return yaml_fail(p, at.line, at.col, "unpaired UTF-16 surrogate `\\u%04lX`",
+                                 (unsigned long)cp);
+            yaml_adv(p);
+            yaml_adv(p);
+            if (yaml_hex(p, 4, &lo) < 0 || lo < 0xDC00 || lo > 0xDFFF)
+                return yaml_fail(p, at.line, at.col, "unpaired UTF-16 surrogate `\\u%04lX`",
+                                 (unsigned long)cp);
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+        } else if ((cp >= 0xD800 && cp <= 0xDFFF) || cp > 0x10FFFF) {
+            return yaml_fail(p, at.line, at.col, "`\\%c` escape of an invalid code point", e);
+        }
+    }
+    return yaml_put_utf8(p, cp);
+}
+
+/* Scans a single- or double-quoted scalar into p->sb (decoded). Sets *multiline when the
+ * scalar spans lines. n is the parent's indentation (block context). */
+static int yaml_scan_quoted(struct yaml_parser *p, int n, int flow, int *multiline)
+{
+    struct yaml_mark open = yaml_here(p);
+    int q = YC(p, 0);
+    size_t ws = SIZE_MAX; /* start of literal blanks not yet copied: dropped before a break */
+    yaml_adv(p);
+    for (;;) {
+        int c = YC(p, 0);
+        if (c == 0)
+            return yaml_fail(p, open.line, open.col, "unterminated %s scalar",
+                             q == '"' ? "double-quoted" : "single-quoted");
+        if (yaml_blank(c)) {
+            if (ws == SIZE_MAX) ws = p->pos;
+            yaml_adv(p);
+            continue;
+        }
+        if (c == '\n') {
+            ws = SIZE_MAX;
+            *multiline = 1;
+            if (yaml_quoted_fold(p, n, flow, &open, 0) < 0) return -1;
+            continue;
+        }
+        if (ws != SIZE_MAX) {
+            if (buf_append(&p->sb, p->s + ws, p->pos - ws) < 0) return yaml_oom(p);
+            ws = SIZE_MAX;
+        }
+        if (c == q) {
+            yaml_adv(p);
+            if (q == '"' || YC(p, 0) != '\'') return 0;
+            yaml_adv(p); /* '' is an escaped ' */
+            if (yaml_putc(p, '\'') < 0) return -1;
+            continue;
+        }
+        if (q == '"' && c == '\\') {
+            if (yaml_escape(p, n, flow, &open) < 0) return -1;
+            continue;
+        }
+        if (yaml_putc(p, c) < 0) return -1;
+        yaml_adv(p);
+    }
+}
+
+/* A scalar node (quoted, or plain with its type resolved) at the cursor. */
+static struct yaml_node *yaml_scalar(struct yaml_parser *p, int n, int flow)
+{
+    struct yaml_mark at = yaml_here(p);
+    struct yaml_node *nd;
+    int c = YC(p, 0), ml = 0;
+    p->sb.len = 0;
+    if (c == '"' || c == '\'') {
+        if (yaml_scan_quoted(p, n, flow, &ml) < 0) return NULL;
+        return yaml_new_scalar(p, YAML_STR, &at);
+    }
+    if (yaml_scan_plain(p, n, flow) < 0) return NULL;
+    nd = yaml_new_scalar(p, YAML_STR, &at);
+    if (nd) yaml_resolve(nd);
+    return nd;
+}
+
+/* Scans a mapping key (one line, plain or quoted) and returns it as a new string. */
+static char *yaml_scan_key(struct yaml_parser *p, int flow)
+{
+    struct yaml_mark at = yaml_here(p);
+    int c = YC(p, 0), ml = 0;
+    char *k;
+    p->sb.len = 0;
+    if (c == '"' || c == '\'') {
+        if (yaml_scan_quoted(p, -1, flow, &ml) < 0) return NULL;
+        if (ml && !flow) {
+            yaml_fail(p, at.line, at.col, "a mapping key must be on a single line");
+            return NULL;
+        }
+    } else if (yaml_scan_plain(p, flow ? -1 : INT_MAX, flow) < 0) {
+        return NULL;
+    }
+    if (p->sb.len && memchr(p->sb.p, 0, p->sb.len)) {
+        yaml_fail(p, at.line, at.col, "a NUL character in a mapping key is not supported");
+        return NULL;
+    }
+    k = xmalloc(p->sb.len + 1);
+    if (!k) {
+        yaml_oom(p);
+        return NULL;
+    }
+    if (p->sb.len) memcpy(k, p->sb.p, p->sb.len);
+    k[p->sb.len] = 0;
+    return k;
+}
+
+/* 1 when the cursor starts `key:` (an implicit key on this line followed by `: `). Looks
+ * ahead without consuming anything and without reporting errors: the real parse does that. */
+static int yaml_key_ahead(struct yaml_parser *p)
+{
+    struct yaml_mark m = yaml_here(p);
+    int q = YC(p, 0), c, r = 0;
+    if (q == '"' || q == '\'') {
+        yaml_adv(p);
+        for (;;) {
+            c = YC(p, 0);
+            if (c == 0 || c == '\n') goto out;
+            yaml_adv(p);
+            if (q == '"' && c == '\\' && YC(p, 0) != '\n')
+                yaml_adv(p);
+            else if (c == q && !(q == '\'' && YC(p, 0) == '\''))
+                break;
+            else if (c == q)
+                yaml_adv(p);
+        }
+    } else {
+        int prev = ' ';
+        while ((c = YC(p, 0)) != 0 && c != '\n') {
+            if (c == ':' && yaml_blankz(YC(p, 1))) break;
+            if (c == '#' && yaml_blank(prev)) break;
+            prev = c;
+            yaml_adv(p);
+        }
+    }
+    yaml_skip_blanks(p);
+    r = YC(p, 0) == ':' && yaml_blankz(YC(p, 1));
+out:
+    yaml_reset(p, &m);
+    return r;
+}
+
+/* A | or > block scalar; the cursor is on the indicator, n is the parent's indentation.
+ * Follows YAML 1.2 §8.1: content indentation from the indicator digit or the first non-empty
+ * line, folding of "normal" lines for >, and strip (-), clip or keep (+) of trailing breaks. */
+static struct yaml_node *yaml_block_scalar(struct yaml_parser *p, int n)
+{
+    struct yaml_mark at = yaml_here(p);
+    int folded = YC(p, 0) == '>', chomp = 0, incr = 0, ind, c;
+    int leading_break = 0, leading_blank = 0, breaks = 0;
+    p->sb.len = 0;
+    yaml_adv(p);
+    for (;;) { /* header: chomping and indentation indicators, in either order */
+        c = YC(p, 0);
+        if ((c == '-' || c == '+') && !chomp)
+            chomp = c == '-' ? -1 : 1;
+        else if (c >= '1' && c <= '9' && !incr)
+            incr = c - '0';
+        else if (c == '0')
+            return yaml_fail(p, p->line, p->col, "the indentation indicator must be 1 to 9"), NULL;
+        else
+            break;
+        yaml_adv(p);
+    }
+    if (yaml_end_line(p, "the block scalar indicator") < 0) return NULL;
+    if (incr) {
+        ind = (n >= 0 ? n : 0) + incr;
+    } else { /* the most-indented of the leading empty lines and the first content line */
+        struct yaml_mark m = yaml_here(p);
+        int sp;
+        ind = 0;
+        for (;;) {
+            for (sp = 0; YC(p, sp) == ' '; sp++) continue;
+            if (sp > ind) ind = sp;
+            if (YC(p, sp) != '\n') break;
+            p->pos += (size_t)sp;
+            yaml_adv(p);
+        }
+        yaml_reset(p, &m);
+        if (ind < n + 1) ind = n + 1;
+        if (ind < 1) ind = 1;
+    }
+    for (;;) {
+        struct yaml_mark line = yaml_here(p);
+        int sp = 0, trailing_blank;
+        while (sp < ind && YC(p, 0) == ' ') {
+            yaml_adv(p);
+            sp++;
+        }
+        c = YC(p, 0);
+        if (c == '\n') { /* an empty line */
+            breaks++;
+            yaml_adv(p);
+            continue;
+        }
+        if (c == 0) break;
+        if (sp < ind) { /* a less-indented line ends the scalar */
+            yaml_reset(p, &line);
+            break;
+        }
+        trailing_blank = yaml_blank(c);
+        if (folded && leading_break && !leading_blank && !trailing_blank) {
+            if (breaks == 0 && yaml_putc(p, ' ') < 0) return NULL;
+            leading_break = 0;
+        }
+        if (leading_break && yaml_putc(p, '\n') < 0) return NULL;
+        if (yaml_put_breaks(p, breaks, 0) < 0) return NULL;
+        breaks = 0;
+        leading_blank = trailing_blank;
+        {
+            size_t s0 = p->pos;
+            while (YC(p, 0) != '\n' && YC(p, 0) != 0) yaml_adv(p);
+            if (buf_append(&p->sb, p->s + s0, p->pos - s0) < 0) return yaml_oom(p), NULL;
+        }
+        leading_break = YC(p, 0) == '\n';
+        if (!leading_break) break;
+        yaml_adv(p);
+    }
+    if (chomp != -1 && leading_break && yaml_putc(p, '\n') < 0) return NULL;
+    if (chomp == 1 && yaml_put_breaks(p, breaks, 0) < 0) return NULL;
+    if (yaml_next_content(p) < 0) return NULL;
+    return yaml_new_scalar(p, YAML_STR, &at);
+}
+
+/* ---- flow collections --------------------------------------------------------------------- */
+
+/* Skips blanks, line breaks and comments inside the flow collection opened at `open`. The end
+ * of the text or a document marker means the collection was never closed. */
+static int yaml_flow_ws(struct yaml_parser *p, const struct yaml_mark *open)
+{
+    int sp = 0; /* a blank or a line start precedes the cursor */
+    for (;;) {
+        int c = YC(p, 0);
+        if (yaml_blank(c) || c == '\n') {
+            yaml_adv(p);
+            sp = 1;
+            if (c == '\n' && yaml_at_marker(p))
+                c = 0;
+            else
+                continue;
+        }
+        if (c == '#') {
+            if (!sp) return yaml_fail(p, p->line, p->col, "a comment needs a space before `#`");
+            while (YC(p, 0) != '\n' && YC(p, 0) != 0) yaml_adv(p);
+            continue;
+        }
+        if (c == 0) {
+            int br = p->s[open->pos];
+            return yaml_fail(p, open->line, open->col,
+                             "unterminated flow %s (`%c` has no matching `%c`)",
+                             br == '[' ? "sequence" : "mapping", br, br == '[' ? ']' : '}');
+        }
+        return 0;
+    }
+}
+
+/* One `key: value`, `key:` or `key` entry of the flow mapping m opened at `open`. */
+static int yaml_flow_pair(struct yaml_parser *p, struct yaml_node *m, const struct yaml_mark *open)
+{
+    struct yaml_mark kat = yaml_here(p), vat;
+    struct yaml_node *v;
+    char *key;
+    int c = YC(p, 0);
+    if (c == '[' || c == '{')
+        return yaml_fail(p, p->line, p->col,
+                         "flow collections cannot be used as mapping keys (complex keys are not "
+                         "supported)");
+    if (yaml_bad_start(p, 1) < 0) return -1;
+    if (!(key = yaml_scan_key(p, 1))) return -1;
+    if (yaml_flow_ws(p, open) < 0) goto fail;
+    c = YC(p, 0);
+    vat = kat;
+    if (c == ':') {
+        yaml_adv(p);
+        vat = yaml_here(p);
+        if (yaml_flow_ws(p, open) < 0) goto fail;
+        c = YC(p, 0);
+    } else if (c != ',' && c != '}') {
+        yaml_fail(p, p->line, p->col,
+                  "expected `:`, `,` or `}` after the key `%s` in the flow "
+                  "mapping opened at line %d, column %d",
+                  key, open->line, open->col);
+        goto fail;
+    }
+    v = (c == ',' || c == '}') ? yaml_null_at(p, &vat) : yaml_flow_node(p);
+    if (!v) goto fail;
+    return yaml_push(p, m, key, kat.line, kat.col, v);
+fail:
+    xfree(key);
+    return -1;
+}
+
+/* A [..] or {..} collection; the cursor is on the bracket. */
+static struct yaml_node *yaml_flow_coll(struct yaml_parser *p)
+{
+    struct yaml_mark open = yaml_here(p);
+    int map = YC(p, 0) == '{', close = map ? '}' : ']', c;
+    const char *what = map ? "mapping" : "sequence";
+    struct yaml_node *nd, *item;
+    if (p->depth >= III_YAML_MAX_DEPTH)
+        return yaml_fail(p, open.line, open.col, "nesting is too deep (the limit is %d levels)",
+                         III_YAML_MAX_DEPTH),
+               NULL;
+    if (!(nd = yaml_new(p, map ? YAML_MAP : YAML_SEQ, &open))) return NULL;
+    p->depth++;
+    yaml_adv(p);
+    for (;;) {
+        if (yaml_flow_ws(p, &open) < 0) goto fail;
+        c = YC(p, 0);
+        if (c == close) break;
+        if (c == ',') {
+            yaml_fail(p, p->line, p->col,
+                      "empty entry in a flow %s (a `,` with nothing before "
+                      "it)",
+                      what);
+            goto fail;
+        }
+        if (map) {
+            if (yaml_flow_pair(p, nd, &open) < 0) goto fail;
+        } else {
+            if (!(item = yaml_flow_node(p)) || yaml_push(p, nd, NULL, 0, 0, item) < 0) goto fail;
+        }
+        if (yaml_flow_ws(p, &open) < 0) goto fail;
+        c = YC(p, 0);
+        if (c == ',') {
+            yaml_adv(p);
+            continue;
+        }
+        if (c == close) break;
+        if (!map && c == ':')
+            yaml_fail(p, p->line, p->col,
+                      "`key: value` inside [ ] is not supported (use { } "
+                      "for a mapping, or is a `]` missing?)");
+        else
+            yaml_fail(p, p->line, p->col,
+                      "expected `,` or `%c` in the flow %s opened at line "
+                      "%d, column %d",
+                      close, what, open.line, open.col);
+        goto fail;
+    }
+    yaml_adv(p);
+    p->depth--;
+    if (map && yaml_dup_check(p, nd) < 0) {
+        yaml_free(nd);
+        return NULL;
+    }
+    return nd;
+fail:
+    p->depth--;
+    yaml_free(nd);
+    return NULL;
+}
+
+/* Any node inside a flow collection. */
+static struct yaml_node *yaml_flow_node(struct yaml_parser *p)
+{
+    int c = YC(p, 0);
+    if (c == '[' || c == '{') return yaml_flow_coll(p);
+    if (yaml_bad_start(p, 1) < 0) return NULL;
+    return yaml_scalar(p, -1, 1);
+}
+
+/* ---- block collections -------------------------------------------------------------------- */
+
+/* A block mapping whose keys sit at indentation m; the cursor is on the first key. */
+static struct yaml_node *yaml_block_map(struct yaml_parser *p, int m)
+{
+    struct yaml_mark at = yaml_here(p);
+    struct yaml_node *nd, *v;
+    if (p->depth >= III_YAML_MAX_DEPTH)
+        return yaml_fail(p, at.line, at.col, "nesting is too deep (the limit is %d levels)",
+                         III_YAML_MAX_DEPTH),
+               NULL;
+    if (!(nd = yaml_new(p, YAML_MAP, &at))) return NULL;
+    p->depth++;
+    for (;;) {
+        struct yaml_mark kat = yaml_here(p);
+        int c = YC(p, 0);
+        char *key;
+        if (c == '-' && yaml_blankz(YC(p, 1))) {
+            yaml_fail(p, kat.line, kat.col,
+                      "a sequence entry `- ` cannot appear among the keys "
+                      "of a mapping (check the indentation)");
+            goto fail;
+        }
+        if (c == '[' || c == '{' || c == '|' || c == '>') {
+            yaml_fail(p, kat.line, kat.col, "expected a mapping key, found `%c` (%s)", c,
+                      c == '[' || c == '{' ? "complex keys are not supported"
+                                           : "a block scalar goes after its key's `:`, or on "
+                                             "the next line indented more than the key");
+            goto fail;
+        }
+        if (yaml_bad_start(p, 0) < 0 || !(key = yaml_scan_key(p, 0))) goto fail;
+        yaml_skip_blanks(p);
+        if (YC(p, 0) != ':' || !yaml_blankz(YC(p, 1))) {
+            yaml_fail(p, kat.line, kat.col, "expected `:` after the key `%s`", key);
+            xfree(key);
+            goto fail;
+        }
+        yaml_adv(p);
+        if (!(v = yaml_block_node(p, m, YM_SAME))) {
+            xfree(key);
+            goto fail;
+        }
+        if (yaml_push(p, nd, key, kat.line, kat.col, v) < 0) goto fail;
+        if (p->indent < m) break;
+        if (p->indent > m) {
+            yaml_fail(p, p->line, p->col,
+                      "bad indentation (this line starts at column %d, but "
+                      "the keys of its mapping are at column %d)",
+                      p->col, m + 1);
+            goto fail;
+        }
+    }
+    p->depth--;
+    if (yaml_dup_check(p, nd) < 0) {
+        yaml_free(nd);
+        return NULL;
+    }
+    return nd;
+fail:
+    p->depth--;
+    yaml_free(nd);
+    return NULL;
+}
+
+/* A block sequence whose `- ` sit at indentation m; the cursor is on the first `-`. An
+ * indentless sequence (the value of a key at the same indentation) ends at the next key. */
+static struct yaml_node *yaml_block_seq(struct yaml_parser *p, int m, int indentless)
+{
+    struct yaml_mark at = yaml_here(p);
+    struct yaml_node *nd, *item;
+    if (p->depth >= III_YAML_MAX_DEPTH)
+        return yaml_fail(p, at.line, at.col, "nesting is too deep (the limit is %d levels)",
+                         III_YAML_MAX_DEPTH),
+               NULL;
+    if (!(nd = yaml_new(p, YAML_SEQ, &at))) return NULL;
+    p->depth++;
+    for (;;) {
+        yaml_adv(p); /* the '-' */
+        if (!(item = yaml_block_node(p, m, YM_COMPACT))) goto fail;
+        if (yaml_push(p, nd, NULL, 0, 0, item) < 0) goto fail;
+        if (p->indent == m && YC(p, 0) == '-' && yaml_blankz(YC(p, 1))) continue;
+        if (p->indent < m || (p->indent == m && indentless)) break;
+        if (p->indent == m)
+            yaml_fail(p, p->line, p->col,
+                      "expected `- ` (the entries of this sequence are at "
+                      "column %d)",
+                      m + 1);
+        else
+            yaml_fail(p, p->line, p->col,
+                      "bad indentation (this line starts at column %d, but "
+                      "the entries of its sequence are at column %d)",
+                      p->col, m + 1);
+        goto fail;
+    }
+    p->depth--;
+    return nd;
+fail:
+    p->depth--;
+    yaml_free(nd);
+    return NULL;
+}
+
+/* A block node whose first character is at the cursor. n is the parent's indentation (-1 for
+ * the document); mode says whether the node shares its line with a parent key (YM_SAME), with
+ * a `- ` (YM_COMPACT), or starts its own line (YM_NEXT). */
+static struct yaml_node *yaml_block_content(struct yaml_parser *p, int n, int mode)
+{
+    int c = YC(p, 0), ind = p->col - 1;
+    struct yaml_node *nd;
+    if (c == '-' && yaml_blankz(YC(p, 1))) {
+        if (mode == YM_SAME)
+            return yaml_fail(p, p->line, p->col,
+                             "a block sequence cannot start on the same "
+                             "line as its key (start it on the next line)"),
+                   NULL;
+        return yaml_block_seq(p, ind, ind == n);
+    }
+    if (c == '|' || c == '>') return yaml_block_scalar(p, n);
+    if (c == '[' || c == '{') {
+        if (!(nd = yaml_flow_coll(p))) return NULL;
+        yaml_skip_blanks(p);
+        if (YC(p, 0) == ':') {
+            yaml_free(nd);
+            return yaml_fail(p, p->line, p->col,
+                             "flow collections cannot be used as mapping "
+                             "keys (complex keys are not supported)"),
+                   NULL;
+        }
+    } else {
+        if (yaml_bad_start(p, 0) < 0) return NULL;
+        if (mode != YM_SAME && yaml_key_ahead(p)) return yaml_block_map(p, ind);
+        if (!(nd = yaml_scalar(p, n, 0))) return NULL;
+        yaml_skip_blanks(p);
+        if (YC(p, 0) == ':' && yaml_blankz(YC(p, 1))) {
+            yaml_free(nd);
+            return yaml_fail(p, p->line, p->col,
+                             "a mapping cannot start here (a nested mapping "
+                             "goes on its own line, indented under its key)"),
+                   NULL;
+        }
+    }
+    if (yaml_end_line(p, c == '[' || c == '{' ? "a flow collection" : "a scalar") < 0 ||
+        yaml_next_content(p) < 0) {
+        yaml_free(nd);
+        return NULL;
+    }
+    return nd;
+}
+
+/* A block node after a key's `:` (YM_SAME) or a `- ` (YM_COMPACT), or at a line start
+ * (YM_NEXT). When nothing follows on the line the node is on the next, more indented line
+ * (or is a sequence indented like its key), else it is an empty value: null. */
+static struct yaml_node *yaml_block_node(struct yaml_parser *p, int n, int mode)
+{
+    if (mode != YM_NEXT) {
+        struct yaml_mark at = yaml_here(p);
+        int sp = yaml_skip_blanks(p), c = YC(p, 0);
+        if (c == '\n' || c == 0 || (c == '#' && sp)) {
+            if (yaml_end_line(p, "") < 0 || yaml_next_content(p) < 0) return NULL;
+            if (p->indent <= n && !(p->indent == n && mode == YM_SAME && n >= 0 &&
+                                    YC(p, 0) == '-' && yaml_blankz(YC(p, 1))))
+                return yaml_null_at(p, &at);
+            mode = YM_NEXT;
+        }
+    }
+    return yaml_block_content(p, n, mode);
+}
+
+/* The whole stream: directives, an optional `---`, one root node, an optional `...`. */
+static struct yaml_node *yaml_document(struct yaml_parser *p)
+{
+    struct yaml_mark start = yaml_here(p);
+    struct yaml_node *root;
+    int dir = 0;
+    if (yaml_next_content(p) < 0) return NULL;
+    while (p->indent == 0 && YC(p, 0) == '%') {
+        if (strncmp(p->s + p->pos, "%TAG", 4) == 0)
+            return yaml_fail(p, p->line, p->col, "tags (%%TAG) are not supported"), NULL;
+        if (strncmp(p->s + p->pos, "%YAML", 5) != 0 || !yaml_blank(YC(p, 5)))
+            return yaml_fail(p, p->line, p->col,
+                             "directives other than %%YAML are not "
+                             "supported"),
+                   NULL;
+        while (YC(p, 0) != '\n' && YC(p, 0) != 0) yaml_adv(p);
+        if (yaml_end_line(p, "") < 0 || yaml_next_content(p) < 0) return NULL;
+        dir = 1;
+    }
+    if (p->indent < 0 && YC(p, 0) == '-') {
+        yaml_adv(p);
+        yaml_adv(p);
+        yaml_adv(p);
+        root = yaml_block_node(p, -1, YM_SAME);
+    } else if (dir) {
+        return yaml_fail(p, p->line, p->col, "expected `---` after the %%YAML directive"), NULL;
+    } else if (p->indent >= 0) {
+        root = yaml_block_content(p, -1, YM_NEXT);
+    } else {
+        root = yaml_null_at(p, &start);
+    }
+    if (!root) return NULL;
+    if (p->indent < 0 && YC(p, 0) == '.') { /* `...`: only comments may follow */
+        yaml_adv(p);
+        yaml_adv(p);
+        yaml_adv(p);
+        if (yaml_end_line(p, "`...`") < 0 || yaml_next_content(p) < 0) goto fail;
+        if (p->indent >= 0) {
+            yaml_fail(p, p->line, p->col, "unexpected content after the document end `...`");
+            goto fail;
+        }
+    }
+    if (p->indent < 0 && YC(p, 0) == '-') {
+        yaml_fail(p, p->line, p->col,
+                  "multi-document streams are not supported (a second "
+                  "document starts here)");
+        goto fail;
+    }
+    if (p->indent < 0 && YC(p, 0) == '.') {
+        yaml_fail(p, p->line, p->col, "unexpected `...`");
+        goto fail;
+    }
+    if (p->indent >= 0) {
+        yaml_fail(p, p->line, p->col,
+                  "bad indentation (this line starts at column %d, but the "
+                  "document's top level is at column %d)",
+                  p->col, root->col);
+        goto fail;
+    }
+    return root;
+fail:
+    yaml_free(root);
+    return NULL;
+}
+
+/* Parses text[0..len) (any bytes; need not be NUL-terminated). Returns the root node, owned by
+ * the caller (yaml_free), or NULL with err = "FILE:LINE:COL: message". An empty document (or
+ * one with only comments) yields a YAML_NULL node. file names the text in messages. */
+static struct yaml_node *yaml_parse(const char *text, size_t len, const char *file, char *err,
+                                    size_t errlen)
+{
+    struct yaml_parser p;
+    struct yaml_node *root = NULL;
+    memset(&p, 0, sizeof p);
+    p.file = file ? file : "<yaml>";
+    p.err = err;
+    p.errlen = errlen;
+    p.line = p.col = 1;
+    if (err && errlen) err[0] = 0;
+    if (yaml_prepare(&p, text, len) == 0) root = yaml_document(&p);
+    buf_free(&p.sb);
+    xfree((void *)p.s);
+    return root;
+}
+
+/* The value of key in a MAP, or NULL when map is not a MAP or has no such key. */
+static const struct yaml_node *yaml_get(const struct yaml_node *map, const char *key)
+{
+    size_t i;
+    if (!map || map->kind != YAML_MAP) return NULL;
+    for (i = 0; i < map->n; i++)
+        if (!strcmp(map->keys[i], key)) return map->items[i];
+    return NULL;
+}
+
+/* Appends v in decimal (portable: no PRId64). */
+static int yaml_put_i64(struct buf *out, int64_t v)
+{
+    char t[24];
+    size_t k = sizeof t;
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    do {
+        t[--k] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0) t[--k] = '-';
+    return buf_append(out, t + k, sizeof t - k);
+}
+
+/* Appends a double as the shortest digits that read back to the same value, laid out like
+ * JavaScript's Number#toString (fixed notation for 1e-6 <= |d| < 1e21, else d.ddde+N), plus
+ * ".0" on a whole number so that a float stays a float (1.0 vs 1). JSON has no inf / nan:
+ * they become null. Deterministic, so equal values print equal text. */
+static int yaml_put_double(struct buf *out, double d)
+{
+    char e[40], dig[24], t[64];
+    int prec, k = 0, x, i, m = 0;
+    const char *q;
+    if (!(d - d == 0.0)) return buf_append(out, "null", 4);
+    for (prec = 0; prec < 16; prec++) { /* %.{prec}e: 1 + prec significant digits */
+        snprintf(e, sizeof e, "%.*e", prec, d);
+        if (strtod(e, NULL) == d) break;
+    }
+    snprintf(e, sizeof e, "%.*e", prec, d);
+    for (q = e; *q && *q != 'e'; q++)
+        if (*q >= '0' && *q <= '9') dig[k++] = *q;
+    x = atoi(q + 1) + 1; /* d = 0.DIGITS x 10^x */
+    while (k > 1 && dig[k - 1] == '0') k--;
+    dig[k] = 0;
+    if (e[0] == '-') t[m++] = '-';
+    if (dig[0] == '0') { /* zero */
+        t[m++] = '0';
+    } else if (x >= k && x <= 21) {
+        for (i = 0; i < x; i++) t[m++] = i < k ? dig[i] : '0';
+    } else if (x > 0 && x <= 21) {
+        for (i = 0; i < k; i++) {
+            if (i == x) t[m++] = '.';
+            t[m++] = dig[i];
+        }
+    } else if (x > -6 && x <= 0) {
+        t[m++] = '0';
+        t[m++] = '.';
+        for (i = 0; i < -x; i++) t[m++] = '0';
+        for (i = 0; i < k; i++) t[m++] = dig[i];
+    } else {
+        t[m++] = dig[0];
+        if (k > 1) t[m++] = '.';
+        for (i = 1; i < k; i++) t[m++] = dig[i];
+        m += snprintf(t + m, sizeof t - (size_t)m, "e%c%d", x - 1 < 0 ? '-' : '+',
+                      x - 1 < 0 ? 1 - x : x - 1);
+    }
+    t[m] = 0;
+    if (!strpbrk(t, ".e")) {
+        t[m++] = '.';
+        t[m++] = '0';
+    }
+    return buf_append(out, t, (size_t)m);
+}
+
+static int yaml_json_at(const struct yaml_node *n, struct buf *out, int depth)
+{
+    size_t i;
+    if (depth > III_YAML_MAX_DEPTH + 2) return -1;
+    if (!n) return buf_append(out, "null", 4);
+    switch (n->kind) {
+    case YAML_BOOL:
+        return n->b ? buf_append(out, "true", 4) : buf_append(out, "false", 5);
+    case YAML_INT:
+        return yaml_put_i64(out, n->i);
+    case YAML_FLOAT:
+        return yaml_put_double(out, n->d);
+    case YAML_STR:
+        return json_put_str(out, n->str, n->len);
+    case YAML_SEQ:
+        if (buf_putc(out, '[') < 0) return -1;
+        for (i = 0; i < n->n; i++)
+            if ((i && buf_putc(out, ',') < 0) || yaml_json_at(n->items[i], out, depth + 1) < 0)
+                return -1;
+        return buf_putc(out, ']');
+    case YAML_MAP: {
+        struct yaml_kv *kv = yaml_sorted(n);
+        int rc = kv ? buf_putc(out, '{') : -1;
+        for (i = 0; rc == 0 && i < n->n; i++)
+            if ((i && buf_putc(out, ',') < 0) || json_put_str(out, kv[i].k, strlen(kv[i].k)) < 0 ||
+                buf_putc(out, ':') < 0 || yaml_json_at(kv[i].v, out, depth + 1) < 0)
+                rc = -1;
+        xfree(kv);
+        return rc < 0 ? -1 : buf_putc(out, '}');
+    }
+    default:
+        return buf_append(out, "null", 4);
+    }
+}
+
+/* Appends n as canonical JSON: no spaces, map keys sorted bytewise, numbers normalized, so
+ * that equal configs give equal strings. 0 ok, -1 out of memory. */
+static int yaml_to_json(const struct yaml_node *n, struct buf *out)
+{
+    return yaml_json_at(n, out, 0);
+}
+
+static int yaml_equal_at(const struct yaml_node *a, const struct yaml_node *b, int depth)
+{
+    size_t i, j;
+    int ka = a ? a->kind : YAML_NULL, kb = b ? b->kind : YAML_NULL;
+    if (depth > III_YAML_MAX_DEPTH + 2 || ka != kb) return 0;
+    if (a == b || ka == YAML_NULL) return 1;
+    switch (ka) {
+    case YAML_BOOL:
+        return a->b == b->b;
+    case YAML_INT:
+        return a->i == b->i;
+    case YAML_FLOAT: /* as their JSON: nan == nan (both null), -0.0 != 0.0 */
+        if (a->d != a->d || b->d != b->d) return a->d != a->d && b->d != b->d;
+        return a->d == b->d && (a->d != 0 || memcmp(&a->d, &b->d, sizeof a->d) == 0);
+    case YAML_STR:
+        return a->len == b->len && (a->len == 0 || !memcmp(a->str, b->str, a->len));
+    case YAML_SEQ:
+        if (a->n != b->n) return 0;
+        for (i = 0; i < a->n; i++)
+            if (!yaml_equal_at(a->items[i], b->items[i], depth + 1)) return 0;
+        return 1;
+    case YAML_MAP: {
+        struct yaml_kv *x = NULL, *y = NULL;
+        int eq = 1;
+        if (a->n != b->n) return 0;
+        if (a->n > 16 && (x = yaml_sorted(a)) && (y = yaml_sorted(b))) {
+            for (i = 0; eq && i < a->n; i++)
+                eq = !strcmp(x[i].k, y[i].k) && yaml_equal_at(x[i].v, y[i].v, depth + 1);
+        } else { /* small, or no memory for the sorted copies: pairwise (keys are unique) */
+            for (i = 0; eq && i < a->n; i++) {
+                for (j = 0; j < b->n && strcmp(a->keys[i], b->keys[j]); j++) continue;
+                eq = j < b->n && yaml_equal_at(a->items[i], b->items[j], depth + 1);
+            }
+        }
+        xfree(x);
+        xfree(y);
+        return eq;
+    }
+    default:
+        return 0;
+    }
+}
+
+/* 1 when a and b are structurally equal (map key order ignored, INT 1 != FLOAT 1.0, a NULL
+ * pointer equals a null node), else 0. Positions are not compared. */
+static int yaml_equal(const struct yaml_node *a, const struct yaml_node *b)
+{
+    return yaml_equal_at(a, b, 0);
+}
+
+/* ==== Config ================================================================================
+ * config.yaml → struct cfg, in three steps that each fail with a message naming the file (and
+ * line:column where there is one): cfg_expand splices ${VAR} / ${VAR:default} into the raw
+ * text (PROTOCOL.md §8.3), yaml_parse reads it, and the checks below validate the schema.
+ * Top level: registration_namespace_grace_ms, workers, modules (entries appended after
+ * workers); anything else is refused. Each entry has a `name`; duplicates get instance ids
+ * name#1, name#2 in order. A built-in name (cfg_builtins) runs inside the engine and takes only
+ * `config`; `iii-worker-manager`'s config holds the listener settings (tests/CONTRACT.md), each
+ * type-checked, unknown ones refused. Every other entry is a process the engine supervises and
+ * must say how to start it with `command` (DECISIONS.md item 3). Unlike the reference engine,
+ * unknown keys in an entry are refused too: a misspelt `restart` must not pass silently.
+ * Strings in struct cfg are owned by it (cfg_free), except that lis.host and
+ * lis.allowed_origins may point to static defaults, which cfg_free recognizes.
+ */
+#ifndef III_CFG_MAX_WORKERS
+#define III_CFG_MAX_WORKERS 1024 /* entries per config: each may be a process */
+#endif
+#define CFG_MS_MAX 2147483647 /* timeouts end up as poll() ints */
+
+enum { CFG_RESTART_ALWAYS, CFG_RESTART_ON_FAILURE, CFG_RESTART_NEVER };
+
+struct cfg_listener {
+    char *host;                   /* bind address (IPv6 without brackets) */
+    int port;                     /* 0 = any free port */
+    int64_t handshake_timeout_ms; /* >= 1 */
+    int64_t ping_interval_ms;     /* 0 = never ping */
+    int64_t idle_timeout_ms;      /* 0 = never time out */
+    size_t max_message_bytes, max_frame_bytes, max_header_bytes; /* all >= 1 */
+    size_t max_connections, max_outbound_bytes;                  /* all >= 1 */
+    char **allowed_origins; /* browser origins; "*" = any; see cfg_default_origins */
+    size_t n_origins;
+};
+
+struct cfg_worker {
+    char *name;              /* instance id: "math", "math#1", ... */
+    char *base;              /* name without "#N": picks the implementation */
+    int builtin;             /* runs inside the engine: no process, argv/env/cwd NULL */
+    char *config_json;       /* canonical JSON of `config:`, or NULL when absent or null */
+    char **argv;             /* NULL-terminated; a string command is {"/bin/sh","-c",cmd,NULL} */
+    char **env;              /* NULL-terminated "K=V" added to the inherited environment */
+    char *cwd;               /* absolute; relative paths are resolved against the config's dir */
+    int restart;             /* CFG_RESTART_* */
+    int64_t stop_timeout_ms; /* SIGTERM, then SIGKILL after this long */
+    struct yaml_node *entry; /* the whole entry (owned), for yaml_equal in the reload diff */
+};
+
+struct cfg {
+    int64_t grace_ms; /* registration_namespace_grace_ms, III_DEFAULT_GRACE_MS when absent */
+    int has_grace;    /* the file set it (an env override may still apply) */
+    struct cfg_worker *w;
+    size_t nw;
+    struct cfg_listener lis; /* from the iii-worker-manager entry, defaults otherwise */
+};
+
+/* Static defaults: cfg_defaults cannot fail, so it points at these instead of allocating. An
+ * origin without a port matches that scheme and host on any port (DECISIONS.md item 7). */
+static char cfg_default_host[] = III_DEFAULT_HOST;
+static char cfg_origin_localhost[] = "http://localhost";
+static char cfg_origin_loopback[] = "http://127.0.0.1";
+static char *cfg_default_origins[] = {cfg_origin_localhost, cfg_origin_loopback};
+
+/* Names that run inside this engine and need no process. */
+static const char *const cfg_builtins[] = {"iii-worker-manager", "iii-engine-functions",
+                                           "iii-observability",  "iii-telemetry",
+                                           "configuration",      NULL};
+
+/* Modules of the reference engine that this engine does not include: without a `command` they
+ * get a message that says so, rather than the generic one. */
+static const char *const cfg_reference_only[] = {
+    "iii-http",   "http",           "iii-http-functions",
+    "iii-stream", "stream",         "iii-state",
+    "state",      "iii-cron",       "cron",
+    "iii-queue",  "queue",          "iii-pubsub",
+    "pubsub",     "iii-worker-ops", "iii-sandbox",
+    NULL};
+
+static const char *const cfg_entry_keys[] = {"name", "config",  "image",           "command", "env",
+                                             "cwd",  "restart", "stop_timeout_ms", NULL};
+
+/* Validation context: where messages go and what they are relative to. */
+struct cfg_ctx {
+    const char *file; /* config path as given, for messages */
+    char *dir;        /* absolute directory of the config file (owned) */
+    char *err;
+    size_t errlen;
+};
+
+static int cfg_in(const char *s, const char *const *list)
+{
+    for (; *list; list++)
+        if (!strcmp(s, *list)) return 1;
+    return 0;
+}
+
+/* Fills c with the built-in defaults; allocates nothing, so it cannot fail. */
+static void cfg_defaults(struct cfg *c)
+{
+    memset(c, 0, sizeof *c);
+    c->grace_ms = III_DEFAULT_GRACE_MS;
+    c->lis.host = cfg_default_host;
+    c->lis.port = III_DEFAULT_PORT;
+    c->lis.handshake_timeout_ms = III_DEFAULT_HANDSHAKE_TIMEOUT_MS;
+    c->lis.ping_interval_ms = III_DEFAULT_PING_INTERVAL_MS;
+    c->lis.idle_timeout_ms = III_DEFAULT_IDLE_TIMEOUT_MS;
+    c->lis.max_message_bytes = III_DEFAULT_MAX_MESSAGE_BYTES;
+    c->lis.max_frame_bytes = III_DEFAULT_MAX_FRAME_BYTES;
+    c->lis.max_header_bytes = III_DEFAULT_MAX_HEADER_BYTES;
+    c->lis.max_connections = III_DEFAULT_MAX_CONNECTIONS;
+    c->lis.max_outbound_bytes = III_DEFAULT_MAX_OUTBOUND_BYTES;
+    c->lis.allowed_origins = cfg_default_origins;
+    c->lis.n_origins = sizeof cfg_default_origins / sizeof cfg_default_origins[0];
+}
+
+static void cfg_free_list(char **v)
+{
+    char **q;
+    if (!v) return;
+    for (q = v; *q; q++) xfree(*q);
+    xfree(v);
+}
+
+/* Frees everything c owns and leaves c holding the defaults (a second cfg_free is harmless). */
+static void cfg_free(struct cfg *c)
+{
+    size_t i;
+    for (i = 0; i < c->nw; i++) {
+        struct cfg_worker *w = &c->w[i];
+        xfree(w->name);
+        xfree(w->base);
+        xfree(w->config_json);
+        cfg_free_list(w->argv);
+        cfg_free_list(w->env);
+        xfree(w->cwd);
+        yaml_free(w->entry);
+    }
+    xfree(c->w);
+    if (c->lis.host != cfg_default_host) xfree(c->lis.host);
+    if (c->lis.allowed_origins != cfg_default_origins) {
+        for (i = 0; i < c->lis.n_origins; i++) xfree(c->lis.allowed_origins[i]);
+        xfree(c->lis.allowed_origins);
+    }
+    cfg_defaults(c);
+}
+
+static int cfg_fail(struct cfg_ctx *x, const char *who, int line, int col, const char *fmt, ...)
+    III_PRINTF(5, 6);
+/* Writes "FILE[:LINE:COL]: [worker 'WHO': ]message" to the error buffer. Returns -1. */
+static int cfg_fail(struct cfg_ctx *x, const char *who, int line, int col, const char *fmt, ...)
+{
+    va_list ap;
+    size_t k;
+    if (!x->err || !x->errlen) return -1;
+    if (line > 0)
+        snprintf(x->err, x->errlen, "%s:%d:%d: ", x->file, line, col);
+    else
+        snprintf(x->err, x->errlen, "%s: ", x->file);
+    k = strlen(x->err);
+    if (who && k < x->errlen) snprintf(x->err + k, x->errlen - k, "worker '%s': ", who);
+    k = strlen(x->err);
+    va_start(ap, fmt);
+    vsnprintf(x->err + k, x->errlen - k, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* Describes a value for "(got ...)" in messages: its text for a scalar, its kind otherwise. */
+static const char *cfg_got(const struct yaml_node *v, char *t, size_t tn)
+{
+    if (!v || v->kind == YAML_NULL) return "nothing (null)";
+    if (v->kind == YAML_SEQ) return "a list";
+    if (v->kind == YAML_MAP) return "a mapping";
+    if (v->kind == YAML_STR)
+        snprintf(t, tn, "the string \"%.40s\"", v->str);
+    else
+        snprintf(t, tn, "%.40s", v->str);
+    return t;
+}
+
+/* Position of key in map m (its key, which is where the reader looks). */
+static void cfg_pos(const struct yaml_node *m, const char *key, int *line, int *col)
+{
+    size_t i;
+    *line = m->line;
+    *col = m->col;
+    for (i = 0; i < m->n; i++)
+        if (!strcmp(m->keys[i], key)) {
+            *line = m->key_lines[i];
+            *col = m->key_cols[i];
+        }
+}
+
+/* A value present and not null (YAML `key:` or `key: null` is the same as leaving it out). */
+static const struct yaml_node *cfg_opt(const struct yaml_node *m, const char *key)
+{
+    const struct yaml_node *v = yaml_get(m, key);
+    return v && v->kind != YAML_NULL ? v : NULL;
+}
+
+/* Checks that v is an integer in [min, max]; `what` names it in the message. */
+static int cfg_int(struct cfg_ctx *x, const char *who, const char *what, const struct yaml_node *v,
+                   int line, int col, int64_t min, int64_t max, int64_t *out)
+{
+    char t[64], range[64];
+    if (v && v->kind == YAML_INT && v->i >= min && v->i <= max) {
+        *out = v->i;
+        return 0;
+    }
+    if (max > CFG_MS_MAX) /* byte counts: the upper bound is the platform's */
+        snprintf(range, sizeof range, min ? "a positive integer" : "an integer >= 0");
+    else
+        snprintf(range, sizeof range, "an integer from %lld to %lld", (long long)min,
+                 (long long)max);
+    return cfg_fail(x, who, line, col, "%s must be %s (got %s)", what, range,
+                    cfg_got(v, t, sizeof t));
+}
+
+/* The text of a scalar for argv / env: a string decoded, a number or boolean as written.
+ * NULL for null, collections, and strings with a NUL (which C strings cannot carry). */
+static const char *cfg_text(const struct yaml_node *v)
+{
+    if (!v || v->kind == YAML_NULL || v->kind == YAML_SEQ || v->kind == YAML_MAP) return NULL;
+    if (strlen(v->str) != v->len) return NULL;
+    return v->str;
+}
+
+/* The current directory as a new string, or NULL with errno set. */
+static char *cfg_getcwd(void)
+{
+    size_t n = 256;
+    for (;;) {
+        char *d = xmalloc(n);
+        if (!d) return NULL;
+        if (getcwd(d, n)) return d;
+        xfree(d);
+        if (errno != ERANGE || n > 65536) return NULL;
+        n *= 2;
+    }
+}
+
+/* Joins an absolute base and a path (used as is when absolute), dropping empty and "."
+ * segments. ".." is kept: resolving it lexically would be wrong across symlinks. */
+static char *cfg_path_join(const char *base, const char *rel)
+{
+    size_t nb = rel[0] == '/' ? 0 : strlen(base), nr = strlen(rel), i = 0, k = 0;
+    char *s, *o;
+    if (nb > SIZE_MAX / 2 - 4 || nr > SIZE_MAX / 2 - 4) return NULL;
+    if (!(s = xmalloc(nb + nr + 2))) return NULL;
+    if (!(o = xmalloc(nb + nr + 3))) {
+        xfree(s);
+        return NULL;
+    }
+    memcpy(s, base, nb);
+    s[nb] = '/';
+    memcpy(s + nb + 1, rel, nr + 1);
+    while (s[i]) {
+        size_t j = i;
+        while (s[j] && s[j] != '/') j++;
+        if (j > i && !(j - i == 1 && s[i] == '.')) {
+            o[k++] = '/';
+            memcpy(o + k, s + i, j - i);
+            k += j - i;
+        }
+        i = s[j] ? j + 1 : j;
+    }
+    if (k == 0) o[k++] = '/';
+    o[k] = 0;
+    xfree(s);
+    return o;
+}
+
+/* Sets x->dir to the absolute directory that holds the config file at path. */
+static int cfg_dir(struct cfg_ctx *x, const char *path)
+{
+    const char *slash = path ? strrchr(path, '/') : NULL;
+    char *cwd = NULL, *dir;
+    if (!slash || path[0] != '/') {
+        if (!(cwd = cfg_getcwd()))
+            return cfg_fail(x, NULL, 0, 0, "cannot determine the current directory: %s",
+                            errno ? strerror(errno) : "out of memory");
+    }
+    if (!slash) {
+        x->dir = cwd;
+        return 0;
+    }
+    dir = xmalloc((size_t)(slash - path) + 2);
+    if (dir) {
+        memcpy(dir, path, (size_t)(slash - path));
+        dir[slash - path] = 0;
+        if (slash == path) strcpy(dir, "/");
+        x->dir = cfg_path_join(cwd ? cwd : "/", dir);
+        xfree(dir);
+    }
+    xfree(cwd);
+    return x->dir ? 0 : cfg_fail(x, NULL, 0, 0, "out of memory");
+}
+
+/* Expands ${VAR} and ${VAR:default} in text[0..len), appending the result to out (PROTOCOL.md
+ * §8.3): one pass, expanded values are not rescanned, a set-but-empty variable gives "", the
+ * default may hold ':' but not '}', `__III_ENGINE_VERSION__` as a default gives the version,
+ * `$VAR` and an unclosed `${X` stay as they are. An unset variable without a default is an
+ * error "LINE:COL: environment variable ..." (cfg_parse adds the file name). 0 ok, -1 error (out
+ * may hold partial output). */
+static int cfg_expand(const char *text, size_t len, struct buf *out, char *err, size_t errlen)
+{
+    size_t i = 0, lit = 0, line_start = 0;
+    int line = 1;
+    while (i < len) {
+        size_t j, name, name_end, def = 0, def_end = 0, end;
+        const char *val;
+        char *nm;
+        if (text[i] == '\n') line++, line_start = i + 1;
+        if (text[i] != '$' || i + 1 >= len || text[i + 1] != '{') {
+            i++;
+            continue;
+        }
+        /* \$\{([^}:]+)(?::([^}]*))?\} tried at i; on no match the text stays as it is. */
+        for (name = j = i + 2; j < len && text[j] != '}' && text[j] != ':'; j++) continue;
+        if (j == name || j >= len) {
+            i++;
+            continue;
+        }
+        name_end = j;
+        if (text[j] == ':') {
+            for (def = j + 1, j = def; j < len && text[j] != '}'; j++) continue;
+            if (j >= len) {
+                i++;
+                continue;
+            }
+            def_end = j;
+        }
+        end = j + 1;
+        if (!(nm = xmalloc(name_end - name + 1))) goto oom;
+        memcpy(nm, text + name, name_end - name);
+        nm[name_end - name] = 0;
+        val = strlen(nm) == name_end - name ? getenv(nm) : NULL;
+        xfree(nm);
+        if (buf_append(out, text + lit, i - lit) < 0) goto oom;
+        if (val) {
+            if (buf_append(out, val, strlen(val)) < 0) goto oom;
+        } else if (def) {
+            if (def_end - def == 22 && !memcmp(text + def, "__III_ENGINE_VERSION__", 22)) {
+                if (buf_append(out, III_VERSION, strlen(III_VERSION)) < 0) goto oom;
+            } else if (buf_append(out, text + def, def_end - def) < 0) {
+                goto oom;
+            }
+        } else {
+            int col = 1;
+            for (j = line_start; j < i; j++) col += ((unsigned char)text[j] & 0xC0) != 0x80;
+            if (err && errlen) {
+                int nl = (int)(name_end - name > 64 ? 64 : name_end - name);
+                const char *nt = text + name;
+                snprintf(err, errlen, "%d:%d: ", line, col);
+                j = strlen(err);
+                snprintf(err + j, errlen - j,
+                         "environment variable `%.*s` is not set and "
+                         "`${%.*s}` has no default (set it, or write `${%.*s:default}`)",
+                         nl, nt, nl, nt, nl, nt);
+            }
+            return -1;
+        }
+        for (j = i; j < end; j++) /* the name or default may span lines */
+            if (text[j] == '\n') line++, line_start = j + 1;
+        i = lit = end;
+    }
+    if (buf_append(out, text + lit, len - lit) < 0) goto oom;
+    return 0;
+oom:
+    if (err && errlen) snprintf(err, errlen, "out of memory");
+    return -1;
+}
+
+/* A new NULL-terminated array of n+1 slots, all NULL. */
+static char **cfg_list(size_t n)
+{
+    char **v;
+    if (n >= SIZE_MAX / sizeof *v) return NULL;
+    v = xmalloc((n + 1) * sizeof *v);
+    if (v) memset(v, 0, (n + 1) * sizeof *v);
+    return v;
+}
+
+/* The listener settings in the iii-worker-manager entry's `config` (a mapping or null). */
+static int cfg_listener(struct cfg_ctx *x, const char *who, const struct yaml_node *conf,
+                        struct cfg_listener *l)
+{
+    static const struct {
+        const char *key;
+        int64_t min, max;
+    } ints[] = {
+        {"port", 0, 65535},
+        {"handshake_timeout_ms", 1, CFG_MS_MAX},
+        {"ping_interval_ms", 0, CFG_MS_MAX},
+        {"idle_timeout_ms", 0, CFG_MS_MAX},
+        {"max_message_bytes", 1, INT64_MAX},
+        {"max_frame_bytes", 1, INT64_MAX},
+        {"max_header_bytes", 1, INT64_MAX},
+        {"max_connections", 1, CFG_MS_MAX},
+        {"max_outbound_bytes", 1, INT64_MAX},
+    };
+    size_t i, k;
+    char t[64], what[80];
+    if (!conf || conf->kind == YAML_NULL) return 0;
+    if (conf->kind != YAML_MAP)
+        return cfg_fail(x, who, conf->line, conf->col,
+                        "`config` must be a mapping of listener "
+                        "settings (got %s)",
+                        cfg_got(conf, t, sizeof t));
+    for (i = 0; i < conf->n; i++) {
+        const char *key = conf->keys[i];
+        const struct yaml_node *v = conf->items[i];
+        int line = conf->key_lines[i], col = conf->key_cols[i];
+        int64_t n = 0, max;
+        snprintf(what, sizeof what, "`%.40s` in config", key);
+        for (k = 0; k < sizeof ints / sizeof ints[0] && strcmp(key, ints[k].key); k++) continue;
+        if (k < sizeof ints / sizeof ints[0]) {
+            max = ints[k].max;
+            if (max == INT64_MAX && (uint64_t)SIZE_MAX < (uint64_t)INT64_MAX)
+                max = (int64_t)SIZE_MAX; /* a 32-bit build cannot hold more */
+            if (cfg_int(x, who, what, v, line, col, ints[k].min, max, &n) < 0) return -1;
+            switch (k) {
+            case 0:
+                l->port = (int)n;
+                break;
+            case 1:
+                l->handshake_timeout_ms = n;
+                break;
+            case 2:
+                l->ping_interval_ms = n;
+                break;
+            case 3:
+                l->idle_timeout_ms = n;
+                break;
+            case 4:
+                l->max_message_bytes = (size_t)n;
+                break;
+            case 5:
+                l->max_frame_bytes = (size_t)n;
+                break;
+            case 6:
+                l->max_header_bytes = (size_t)n;
+                break;
+            case 7:
+                l->max_connections = (size_t)n;
+                break;
+            default:
+                l->max_outbound_bytes = (size_t)n;
+                break;
+            }
+        } else if (!strcmp(key, "host")) {
+            const char *h = v && v->kind == YAML_STR ? cfg_text(v) : NULL;
+            size_t hn = h ? strlen(h) : 0;
+            char *d;
+            if (h && hn >= 2 && h[0] == '[' && h[hn - 1] == ']') h++, hn -= 2; /* [::1] */
+            if (!h || hn == 0)
+                return cfg_fail(x, who, line, col,
+                                "%s must be a host name or address such as "
+                                "\"127.0.0.1\" or \"::\" (got %s)",
+                                what, cfg_got(v, t, sizeof t));
+            if (!(d = xmalloc(hn + 1))) return cfg_fail(x, NULL, 0, 0, "out of memory");
+            memcpy(d, h, hn);
+            d[hn] = 0;
+            if (l->host != cfg_default_host) xfree(l->host);
+            l->host = d;
+        } else if (!strcmp(key, "allowed_origins")) {
+            char **o;
+            if (!v || v->kind != YAML_SEQ)
+                return cfg_fail(x, who, line, col,
+                                "%s must be a list of origins such as "
+                                "[\"http://localhost:3000\"] (or [\"*\"] for any) (got %s)",
+                                what, cfg_got(v, t, sizeof t));
+            if (!(o = cfg_list(v->n))) return cfg_fail(x, NULL, 0, 0, "out of memory");
+            for (k = 0; k < v->n; k++) {
+                const struct yaml_node *e = v->items[k];
+                const char *s = e && e->kind == YAML_STR ? cfg_text(e) : NULL;
+                const char *sep = s ? strstr(s, "://") : NULL;
+                if (!s || (strcmp(s, "*") && strcmp(s, "null") &&
+                           (!sep || sep == s || !sep[3] || strchr(sep + 3, '/')))) {
+                    cfg_free_list(o);
+                    return cfg_fail(x, who, e ? e->line : line, e ? e->col : col,
+                                    "each of `allowed_origins` in config must be \"*\", "
+                                    "\"null\" or an origin scheme://host[:port] without a "
+                                    "path (got %s)",
+                                    cfg_got(e, t, sizeof t));
+                }
+                if (!(o[k] = xstrdup(s))) {
+                    cfg_free_list(o);
+                    return cfg_fail(x, NULL, 0, 0, "out of memory");
+                }
+            }
+            if (l->allowed_origins != cfg_default_origins) {
+                for (k = 0; k < l->n_origins; k++) xfree(l->allowed_origins[k]);
+                xfree(l->allowed_origins);
+            }
+            l->allowed_origins = o;
+            l->n_origins = v->n;
+        } else if (!strcmp(key, "rbac") || !strcmp(key, "middleware_function_id")) {
+            return cfg_fail(x, who, line, col,
+                            "`%s` in config is not supported by this engine "
+                            "(remove it)",
+                            key);
+        } else {
+            return cfg_fail(x, who, line, col,
+                            "unknown key `%s` in config (expected host, port, "
+                            "handshake_timeout_ms, ping_interval_ms, idle_timeout_ms, "
+                            "max_message_bytes, max_frame_bytes, max_header_bytes, "
+                            "max_connections, max_outbound_bytes, allowed_origins)",
+                            key);
+        }
+    }
+    return 0;
+}
+
+/* `command`, `env`, `cwd`, `restart` and `stop_timeout_ms` of a process worker. */
+static int cfg_process(struct cfg_ctx *x, struct cfg_worker *w, const struct yaml_node *e)
+{
+    const struct yaml_node *v;
+    const char *who = w->name;
+    char t[64];
+    int line, col;
+    size_t i;
+    v = cfg_opt(e, "command");
+    cfg_pos(e, "command", &line, &col);
+    if (!v) {
+        if (cfg_in(w->base, cfg_reference_only))
+            return cfg_fail(x, who, e->line, e->col,
+                            "`%s` is a module of the reference iii "
+                            "engine that this engine does not include; to run your own "
+                            "implementation add `command:` (for example `command: [\"node\", "
+                            "\"%s.mjs\"]`), or remove the entry",
+                            w->base, w->base);
+        return cfg_fail(x, who, e->line, e->col,
+                        "`command` is required for a worker that is "
+                        "not built in (add `command: [\"node\", \"%s.mjs\"]` or a shell string)",
+                        w->base);
+    }
+    if (v->kind == YAML_STR) {
+        const char *s = cfg_text(v);
+        if (!s || !s[strspn(s, " \t\n")])
+            return cfg_fail(x, who, line, col, "`command` must not be empty%s",
+                            s ? "" : " or contain a NUL character");
+        if (!(w->argv = cfg_list(3))) goto oom;
+        if (!(w->argv[0] = xstrdup("/bin/sh")) || !(w->argv[1] = xstrdup("-c")) ||
+            !(w->argv[2] = xstrdup(s)))
+            goto oom;
+    } else if (v->kind == YAML_SEQ && v->n > 0) {
+        if (!(w->argv = cfg_list(v->n))) goto oom;
+        for (i = 0; i < v->n; i++) {
+            const struct yaml_node *a = v->items[i];
+            const char *s = cfg_text(a);
+            if (!s || (i == 0 && !s[0]))
+                return cfg_fail(x, who, a->line, a->col,
+                                "item %lu of `command` must be a "
+                                "%sstring (got %s)",
+                                (unsigned long)i + 1, i ? "" : "non-empty ",
+                                cfg_got(a, t, sizeof t));
+            if (!(w->argv[i] = xstrdup(s))) goto oom;
+        }
+    } else {
+        return cfg_fail(x, who, line, col,
+                        "`command` must be a list such as [\"node\", "
+                        "\"%s.mjs\"] or a shell string (got %s)",
+                        w->base, v->kind == YAML_SEQ ? "an empty list" : cfg_got(v, t, sizeof t));
+    }
+
+    v = cfg_opt(e, "env");
+    cfg_pos(e, "env", &line, &col);
+    if (v && v->kind != YAML_MAP)
+        return cfg_fail(x, who, line, col,
+                        "`env` must be a mapping such as { LOG_LEVEL: debug } "
+                        "(got %s)",
+                        cfg_got(v, t, sizeof t));
+    if (!(w->env = cfg_list(v ? v->n : 0))) goto oom;
+    for (i = 0; v && i < v->n; i++) {
+        const char *k = v->keys[i], *s = cfg_text(v->items[i]);
+        size_t nk = strlen(k);
+        if (!k[0] || strchr(k, '='))
+            return cfg_fail(x, who, v->key_lines[i], v->key_cols[i],
+                            "`env` name `%s` is not "
+                            "valid (it must be non-empty and contain no `=`)",
+                            k);
+        if (!s)
+            return cfg_fail(x, who, v->key_lines[i], v->key_cols[i],
+                            "`env` value of `%s` must "
+                            "be a string or a number (got %s; write \"\" for an empty value)",
+                            k, cfg_got(v->items[i], t, sizeof t));
+        if (!(w->env[i] = xmalloc(nk + strlen(s) + 2))) goto oom;
+        memcpy(w->env[i], k, nk);
+        w->env[i][nk] = '=';
+        strcpy(w->env[i] + nk + 1, s);
+    }
+
+    v = cfg_opt(e, "cwd");
+    cfg_pos(e, "cwd", &line, &col);
+    if (v && (v->kind != YAML_STR || !cfg_text(v) || !v->str[0]))
+        return cfg_fail(x, who, line, col, "`cwd` must be a directory path (got %s)",
+                        cfg_got(v, t, sizeof t));
+    if (!(w->cwd = v ? cfg_path_join(x->dir, v->str) : xstrdup(x->dir))) goto oom;
+
+    v = cfg_opt(e, "restart");
+    cfg_pos(e, "restart", &line, &col);
+    w->restart = CFG_RESTART_ALWAYS;
+    if (v && v->kind == YAML_STR && !strcmp(v->str, "on-failure"))
+        w->restart = CFG_RESTART_ON_FAILURE;
+    else if (v && v->kind == YAML_STR && !strcmp(v->str, "never"))
+        w->restart = CFG_RESTART_NEVER;
+    else if (v && !(v->kind == YAML_STR && !strcmp(v->str, "always")))
+        return cfg_fail(x, who, line, col,
+                        "`restart` must be always, on-failure or never (got "
+                        "%s)",
+                        cfg_got(v, t, sizeof t));
+
+    v = cfg_opt(e, "stop_timeout_ms");
+    cfg_pos(e, "stop_timeout_ms", &line, &col);
+    w->stop_timeout_ms = III_DEFAULT_STOP_TIMEOUT_MS;
+    if (v &&
+        cfg_int(x, who, "`stop_timeout_ms`", v, line, col, 0, CFG_MS_MAX, &w->stop_timeout_ms) < 0)
+        return -1;
+    return 0;
+oom:
+    return cfg_fail(x, NULL, 0, 0, "out of memory");
+}
+
+/* Validates entry k of list `sect` and appends it to c->w, taking the entry node out of the
+ * list (the worker owns it). *lis_seen tracks the single iii-worker-manager entry. */
+static int cfg_entry(struct cfg_ctx *x, struct cfg *c, struct yaml_node *list, size_t k,
+                     const char *sect, int *lis_seen)
+{
+    struct yaml_node *e = list->items[k];
+    const struct yaml_node *nm, *v;
+    struct cfg_worker *w;
+    const char *who, *s;
+    char t[64];
+    size_t i, dup = 0;
+    int line, col;
+    if (!e || e->kind != YAML_MAP)
+        return cfg_fail(x, NULL, e ? e->line : list->line, e ? e->col : list->col,
+                        "entry %lu of `%s` must be a mapping with at least a `name` (got %s)",
+                        (unsigned long)k + 1, sect, cfg_got(e, t, sizeof t));
+    nm = cfg_opt(e, "name");
+    cfg_pos(e, "name", &line, &col);
+    if (!nm)
+        return cfg_fail(x, NULL, e->line, e->col, "entry %lu of `%s` has no `name`",
+                        (unsigned long)k + 1, sect);
+    s = nm->kind == YAML_STR ? cfg_text(nm) : NULL;
+    if (!s || !s[0])
+        return cfg_fail(x, NULL, line, col,
+                        "entry %lu of `%s`: `name` must be a non-empty "
+                        "string (got %s)",
+                        (unsigned long)k + 1, sect, cfg_got(nm, t, sizeof t));
+    for (i = 0; s[i]; i++)
+        if ((unsigned char)s[i] < 0x20 || s[i] == 0x7F)
+            return cfg_fail(x, NULL, line, col,
+                            "entry %lu of `%s`: `name` must not contain "
+                            "control characters",
+                            (unsigned long)k + 1, sect);
+    if (strchr(s, '#'))
+        return cfg_fail(x, NULL, line, col,
+                        "entry %lu of `%s`: `name` must not contain `#` "
+                        "(duplicate names get the instance ids name#1, name#2 automatically)",
+                        (unsigned long)k + 1, sect);
+
+    w = &c->w[c->nw++]; /* zeroed by the caller: cfg_free copes with a half-filled one */
+    w->entry = e;
+    list->items[k] = NULL;
+    if (!(w->base = xstrdup(s))) goto oom;
+    for (i = 0; i + 1 < c->nw; i++) dup += !strcmp(c->w[i].base, s);
+    if (!(w->name = xmalloc(strlen(s) + 24))) goto oom;
+    if (dup)
+        sprintf(w->name, "%s#%lu", s, (unsigned long)dup);
+    else
+        strcpy(w->name, s);
+    who = w->name;
+    w->builtin = cfg_in(s, cfg_builtins);
+    w->restart = CFG_RESTART_ALWAYS;
+    w->stop_timeout_ms = III_DEFAULT_STOP_TIMEOUT_MS;
+
+    for (i = 0; i < e->n; i++)
+        if (!cfg_in(e->keys[i], cfg_entry_keys))
+            return cfg_fail(x, who, e->key_lines[i], e->key_cols[i],
+                            "unknown key `%s` (expected "
+                            "name, config, command, env, cwd, restart, stop_timeout_ms)",
+                            e->keys[i]);
+    if ((v = cfg_opt(e, "image"))) {
+        cfg_pos(e, "image", &line, &col);
+        return cfg_fail(
+            x, who, line, col,
+            w->builtin ? "`image` cannot be used on a built-in worker"
+                       : "`image` (OCI images) is not supported by this engine; start the worker "
+                         "as a process with `command`");
+    }
+    if ((v = cfg_opt(e, "config"))) {
+        struct buf j = {NULL, 0, 0, 0};
+        if (yaml_to_json(v, &j) < 0 || buf_putc(&j, 0) < 0) {
+            buf_free(&j);
+            goto oom;
+        }
+        w->config_json = xstrdup((const char *)j.p);
+        buf_free(&j);
+        if (!w->config_json) goto oom;
+    }
+    if (!w->builtin) return cfg_process(x, w, e);
+    for (i = 3; cfg_entry_keys[i]; i++) /* command, env, cwd, restart, stop_timeout_ms */
+        if (cfg_opt(e, cfg_entry_keys[i])) {
+            cfg_pos(e, cfg_entry_keys[i], &line, &col);
+            return cfg_fail(x, who, line, col,
+                            "`%s` cannot be used on the built-in worker `%s`, "
+                            "which runs inside the engine (give your own worker another name)",
+                            cfg_entry_keys[i], s);
+        }
+    if (strcmp(s, "iii-worker-manager")) return 0;
+    if (*lis_seen)
+        return cfg_fail(x, who, e->line, e->col,
+                        "only one `iii-worker-manager` entry is "
+                        "supported (this engine opens a single listener); merge its settings "
+                        "into the first one");
+    *lis_seen = 1;
+    return cfg_listener(x, who, cfg_opt(e, "config"), &c->lis);
+oom:
+    return cfg_fail(x, NULL, 0, 0, "out of memory");
+}
+
+/* Validates the parsed document root into c (which holds the defaults on entry). */
+static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
+{
+    struct yaml_node *lists[2] = {NULL, NULL};
+    static const char *const names[2] = {"workers", "modules"};
+    size_t i, k, total = 0;
+    int lis_seen = 0;
+    char t[64];
+    if (root->kind == YAML_NULL) return 0;
+    if (root->kind != YAML_MAP)
+        return cfg_fail(x, NULL, root->line, root->col,
+                        "the top level must be a mapping with the "
+                        "keys registration_namespace_grace_ms, workers, modules (got %s)",
+                        cfg_got(root, t, sizeof t));
+    for (i = 0; i < root->n; i++) {
+        const char *key = root->keys[i];
+        struct yaml_node *v = root->items[i];
+        int line = root->key_lines[i], col = root->key_cols[i];
+        if (!strcmp(key, "registration_namespace_grace_ms")) {
+            if (v->kind == YAML_NULL) continue;
+            if (cfg_int(x, NULL, "`registration_namespace_grace_ms`", v, line, col, 0, CFG_MS_MAX,
+                        &c->grace_ms) < 0)
+                return -1;
+            c->has_grace = 1;
+        } else if (!strcmp(key, "workers") || !strcmp(key, "modules")) {
+            if (v->kind != YAML_SEQ)
+                return cfg_fail(x, NULL, line, col,
+                                "`%s` must be a list (got %s; write `%s: []` "
+                                "for none)",
+                                key, cfg_got(v, t, sizeof t), key);
+            lists[key[0] == 'm'] = v;
+            total += v->n;
+        } else {
+            return cfg_fail(x, NULL, line, col,
+                            "unknown top-level key `%s` (expected "
+                            "registration_namespace_grace_ms, workers, modules)",
+                            key);
+        }
+    }
+    if (total > III_CFG_MAX_WORKERS)
+        return cfg_fail(x, NULL, 0, 0, "too many worker entries (%lu; the limit is %d)",
+                        (unsigned long)total, III_CFG_MAX_WORKERS);
+    if (total == 0) return 0;
+    if (!(c->w = xmalloc(total * sizeof *c->w))) return cfg_fail(x, NULL, 0, 0, "out of memory");
+    memset(c->w, 0, total * sizeof *c->w);
+    for (k = 0; k < 2; k++)
+        for (i = 0; lists[k] && i < lists[k]->n; i++)
+            if (cfg_entry(x, c, lists[k], i, names[k], &lis_seen) < 0) return -1;
+    return 0;
+}
+
+/* Puts "FILE:" (or "FILE: " before a message without a position) in front of err. */
+static void cfg_prefix(char *err, size_t errlen, const char *file)
+{
+    size_t fl = strlen(file), sep, el;
+    if (!err || !errlen) return;
+    sep = isdigit((unsigned char)err[0]) ? 1 : 2;
+    if (fl + sep >= errlen) return;
+    el = strlen(err);
+    if (el > errlen - 1 - fl - sep) el = errlen - 1 - fl - sep;
+    memmove(err + fl + sep, err, el);
+    memcpy(err, file, fl);
+    memcpy(err + fl, ": ", sep);
+    err[fl + sep + el] = 0;
+}
+
+/* Expands, parses and validates a config text. path is the file it came from (may be NULL):
+ * it names the file in messages and relative `cwd`s are resolved against its directory.
+ * On success *out owns the result (cfg_free); on failure *out holds the defaults and err
+ * says why, e.g. "config.yaml:3:7: unterminated double-quoted scalar". */
+static int cfg_parse(const char *text, size_t len, const char *path, struct cfg *out, char *err,
+                     size_t errlen)
+{
+    struct cfg_ctx x;
+    struct buf exp = {NULL, 0, 0, 0};
+    struct yaml_node *root;
+    struct cfg c;
+    int rc = -1;
+    cfg_defaults(out);
+    cfg_defaults(&c);
+    x.file = path ? path : "config";
+    x.dir = NULL;
+    x.err = err;
+    x.errlen = errlen;
+    if (err && errlen) err[0] = 0;
+    if (cfg_dir(&x, path) < 0) return -1;
+    if (cfg_expand(text, len, &exp, err, errlen) < 0) {
+        cfg_prefix(err, errlen, x.file);
+        buf_free(&exp);
+        xfree(x.dir);
+        return -1;
+    }
+    root = yaml_parse(exp.p ? (const char *)exp.p + exp.off : "", exp.len - exp.off, x.file, err,
+                      errlen);
+    buf_free(&exp);
+    if (root && cfg_root(&x, &c, root) == 0) {
+        *out = c;
+        rc = 0;
+    } else {
+        cfg_free(&c);
+    }
+    yaml_free(root);
+    xfree(x.dir);
+    return rc;
+}
+
+/* Reads and parses the config file at path. A missing file is not an error (DECISIONS.md
+ * item 6): *missing = 1, *out = defaults, 0 is returned. Any other failure: -1 and err. */
+static int cfg_load(const char *path, struct cfg *out, int *missing, char *err, size_t errlen)
+{
+    struct stat st;
+    char *text = NULL, *t;
+    size_t n = 0, cap = 0, got;
+    FILE *f;
+    int rc;
+    *missing = 0;
+    cfg_defaults(out);
+    if (!(f = fopen(path, "rb"))) {
+        if (errno == ENOENT) {
+            *missing = 1;
+            return 0;
+        }
+        if (err && errlen) snprintf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        return -1;
+    }
+    if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) {
+        fclose(f);
+        if (err && errlen) snprintf(err, errlen, "%s: is a directory, not a config file", path);
+        return -1;
+    }
+    for (;;) { /* read to the end, refusing anything over the size limit */
+        if (n == cap) {
+            if (cap > III_YAML_MAX_BYTES) {
+                if (err && errlen)
+                    snprintf(err, errlen, "%s: file too large (the limit is %lu bytes)", path,
+                             (unsigned long)III_YAML_MAX_BYTES);
+                goto fail;
+            }
+            if (!(t = xrealloc(text, cap ? cap * 2 : 4096))) {
+                if (err && errlen) snprintf(err, errlen, "%s: out of memory", path);
+                goto fail;
+            }
+            text = t;
+            cap = cap ? cap * 2 : 4096;
+        }
+        got = fread(text + n, 1, cap - n, f);
+        n += got;
+        if (got == 0) break;
+    }
+    if (ferror(f)) {
+        if (err && errlen) snprintf(err, errlen, "%s: read error: %s", path, strerror(errno));
+        goto fail;
+    }
+    fclose(f);
+    rc = cfg_parse(text, n, path, out, err, errlen);
+    xfree(text);
+    return rc;
+fail:
+    fclose(f);
+    xfree(text);
+    return -1;
+}
 
 /* ==== Hash map ==============================================================================
  * Intrusive chained hash map keyed by byte strings: the node lives inside the object, so an
@@ -1072,7 +3533,7 @@ struct func {
     int internal;            /* metadata.internal == true */
 };
 
-enum inv_kind { INV_CALL, INV_VOID, INV_ENQUEUE, INV_FIRE };
+enum inv_kind { INV_CALL, INV_VOID, INV_ENQUEUE, INV_FIRE, INV_ACK /* register_trigger awaiting its provider */ };
 
 struct inv {
     struct hnode h;          /* S.invs keyed by id */
@@ -1084,7 +3545,8 @@ struct inv {
     size_t fid_len;
     char *ctx;               /* caller's raw ,"traceparent":..,"baggage":.. members, echoed back */
     size_t ctx_len;
-    char receipt[37];        /* enqueue: the engine's messageReceiptId */
+    char receipt[37];        /* enqueue: the engine's messageReceiptId; ack: the binding id */
+    int64_t deadline;        /* ack: when the wait is given up (and the call accepted) */
     char fid_small[96];      /* inline storage: no allocation for ordinary ids */
     char ctx_small[160];
     struct inv *free_next;
@@ -1141,6 +3603,8 @@ static struct {
     int64_t grace_ms;
     const char *cfg_path;
     int lfd;                  /* listening socket */
+    int bound_port;
+    struct cfg cfg;           /* the configuration in force */
     char listen_url[80];
     int echo;
     int sigpipe[2];
@@ -1161,6 +3625,8 @@ static struct {
     struct jdoc jd2;          /* scratch for engine::* inputs */
     struct buf tmp, tmp2;     /* scratch output */
     uint64_t n_invocations, n_inv_errors, n_spawns, n_deaths, n_msgs_in;
+    size_t n_acks;            /* calls of kind INV_ACK in flight */
+    struct trig *defer;       /* set by engine::register_trigger: reply when the provider acks */
 } S;
 
 static const char NS_DEFAULT[] = "default";
@@ -2019,6 +4485,7 @@ static void inv_unlink(struct inv *v)
 
 static void inv_free(struct inv *v)
 {
+    if (v->kind == INV_ACK) S.n_acks--;
     inv_unlink(v);
     hm_del(&S.invs, &v->h);
     if (v->fid && v->fid != v->fid_small) xfree(v->fid);
@@ -2203,6 +4670,9 @@ static void rt_run_builtin(struct func *f, struct conn *caller, const unsigned c
         f->bi(caller, &d, 0, res, err);
     xfree(d.t);
 }
+
+static struct ttype *trig_provider(const struct trig *t);
+static void ack_settle(struct inv *v, const struct jdoc *d, int errbody);
 
 static const char ERR_STOPPED[] = "{\"code\":\"invocation_stopped\",\"message\":\"Invocation stopped\"}";
 
@@ -2402,8 +4872,29 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
     }
     if (!f->owner) {
         struct buf res = {0}, err = {0};
+        S.defer = NULL;
         rt_run_builtin(f, c, JRAW(d, data), JLEN(d, data), &res, &err);
         if (buf_used(&err)) S.n_inv_errors++;
+        struct trig *df = S.defer;
+        S.defer = NULL;
+        if (df && reply && !hm_get(&S.invs, cid, 36)) {
+            /* §5.11: the reply waits (up to 10 s) for the WS provider's triggerregistrationresult */
+            struct ttype *pt = trig_provider(df);
+            struct inv *v = pt && pt->provider ? inv_new(cid, INV_ACK) : NULL;
+            if (v) {
+                S.n_acks++;
+                memcpy(v->receipt, df->id, 36);
+                v->receipt[36] = 0;
+                v->deadline = now_ms() + 10000;
+                v->fid = inv_store(v->fid_small, sizeof v->fid_small, JRAW(d, fidt), JLEN(d, fidt));
+                v->fid_len = JLEN(d, fidt);
+                v->ctx = inv_store(v->ctx_small, sizeof v->ctx_small, buf_data(ctx), replyctx);
+                v->ctx_len = replyctx;
+                inv_link(v, c, pt->provider);
+                buf_free(&res), buf_free(&err);
+                goto done;
+            }
+        }
         if (reply && conn_open(c))
             rt_send_result(c, cid, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt),
                            buf_used(&err) ? NULL : (buf_used(&res) ? buf_data(&res) : NULL), buf_used(&res),
@@ -2997,6 +5488,67 @@ static void worker_reattach(struct conn *c, const struct jdoc *d)
     conn_abort(old, "retired by reattach");
 }
 
+/* Field shapes of the inbound messages (§2): a frame whose field has the wrong type, or that
+ * lacks a required one, does not decode and is dropped (the reference engine's serde rules). */
+enum { F_STR = 1, F_UUID, F_ANY, F_OBJ, F_ERR, F_REQ = 16 };
+static const struct msg_field {
+    const char *type, *field;
+    int kind;
+} MSG_FIELDS[] = {
+    {"registerfunction", "id", F_STR | F_REQ}, {"registerfunction", "description", F_STR},
+    {"registerfunction", "invocation", F_OBJ},
+    {"unregisterfunction", "id", F_STR | F_REQ},
+    {"invocationresult", "invocation_id", F_UUID | F_REQ}, {"invocationresult", "function_id", F_STR | F_REQ},
+    {"invocationresult", "error", F_ERR}, {"invocationresult", "traceparent", F_STR},
+    {"invocationresult", "baggage", F_STR},
+    {"registertriggertype", "id", F_STR | F_REQ}, {"registertriggertype", "description", F_STR | F_REQ},
+    {"registertriggertype", "namespace", F_STR},
+    {"registertrigger", "id", F_STR | F_REQ}, {"registertrigger", "trigger_type", F_STR | F_REQ},
+    {"registertrigger", "function_id", F_STR | F_REQ}, {"registertrigger", "config", F_ANY | F_REQ},
+    {"registertrigger", "namespace", F_STR}, {"registertrigger", "trigger_namespace", F_STR},
+    {"unregistertrigger", "id", F_STR | F_REQ}, {"unregistertrigger", "trigger_type", F_STR},
+    {"triggerregistrationresult", "id", F_STR | F_REQ}, {"triggerregistrationresult", "trigger_type", F_STR | F_REQ},
+    {"triggerregistrationresult", "function_id", F_STR | F_REQ}, {"triggerregistrationresult", "error", F_ERR},
+    {"registerservice", "id", F_STR | F_REQ}, {"registerservice", "name", F_STR},
+    {"registerservice", "description", F_STR}, {"registerservice", "parent_service_id", F_STR},
+    {"reattach", "previous_worker_id", F_UUID | F_REQ}, {"reattach", "reattach_token", F_STR},
+};
+
+/* 1 if value ti is an ErrorBody {code: string, message: string, stacktrace?: string}. */
+static int msg_errbody(const struct jdoc *d, int ti)
+{
+    struct jdoc e;
+    struct jtok t[32];
+    if (JTYPE(d, ti) != J_OBJECT || json_sub(d, ti, &e, t, 32) < 0) return 0;
+    int st = json_get(&e, 0, "stacktrace");
+    return JTYPE(&e, json_get(&e, 0, "code")) == J_STRING && JTYPE(&e, json_get(&e, 0, "message")) == J_STRING &&
+           (JABSENT(&e, st) || JTYPE(&e, st) == J_STRING);
+}
+
+/* 1 if frame d of message type t[0..tl) has every field in the right shape. */
+static int msg_valid(const struct jdoc *d, const char *t, size_t tl)
+{
+    for (size_t i = 0; i < sizeof MSG_FIELDS / sizeof MSG_FIELDS[0]; i++) {
+        const struct msg_field *f = &MSG_FIELDS[i];
+        if (strlen(f->type) != tl || memcmp(f->type, t, tl)) continue;
+        int v = json_get(d, 0, f->field);
+        if (v < 0 || (d->t[v].type == J_NULL && (f->kind & 15) != F_ANY)) {
+            if (f->kind & F_REQ) return 0;
+            continue;
+        }
+        switch (f->kind & 15) {
+        case F_STR: if (d->t[v].type != J_STRING) return 0; break;
+        case F_UUID:
+            if (d->t[v].type != J_STRING || !uuid_valid((const char *)JRAW(d, v) + 1, JLEN(d, v) - 2)) return 0;
+            break;
+        case F_OBJ: if (d->t[v].type != J_OBJECT) return 0; break;
+        case F_ERR: if (!msg_errbody(d, v)) return 0; break;
+        default: break;
+        }
+    }
+    return 1;
+}
+
 /* Every frame from a worker connection. Malformed or unknown frames are dropped without a
  * reply and without closing (§1.5). Text frames arrive UTF-8-validated; binary ones are
  * checked by the parser (check_utf8). */
@@ -3017,6 +5569,10 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
     const char *t = (const char *)JRAW(d, ty) + 1;
     size_t tl = JLEN(d, ty) - 2;
 #define TYPE_IS(x) (tl == sizeof(x) - 1 && !memcmp(t, x, tl))
+    if (!msg_valid(d, t, tl)) {
+        LOG(LOG_WARN, "worker %s: json decode error: invalid %.*s frame dropped", c->wid, (int)tl, t);
+        return;
+    }
     if (TYPE_IS("invokefunction")) {
         rt_invoke(c, d);
     } else if (TYPE_IS("invocationresult")) {
@@ -3036,7 +5592,13 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
         struct buf sc = {0};
         const char *ids;
         size_t il;
-        if (jstr(d, id, &sc, &ids, &il) == 0) {
+        struct inv *ack = NULL;
+        if (jstr(d, id, &sc, &ids, &il) == 0 && il == 36)
+            for (struct inv *x = c->calls_in; x && !ack; x = x->tnext)
+                if (x->kind == INV_ACK && !memcmp(x->receipt, ids, 36)) ack = x;
+        if (ack) {
+            ack_settle(ack, d, err); /* §4.3 step 1: a waiting engine::register_trigger stops here */
+        } else if (jstr(d, id, &sc, &ids, &il) == 0) {
             struct trig *tr = trig_find(ids, il);
             struct ttype *pt = tr ? trig_provider(tr) : NULL;
             if (tr && pt && pt->provider == c && !JABSENT(d, err)) {
@@ -3072,6 +5634,52 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
 #undef TYPE_IS
 }
 
+/* Settles an engine::register_trigger waiting for its provider: errbody NULL = accepted. */
+static void ack_settle(struct inv *v, const struct jdoc *d, int errbody)
+{
+    struct buf out = {0};
+    if (v->caller) {
+        if (d && !JABSENT(d, errbody)) {
+            struct jdoc ed;
+            struct jtok et[32];
+            struct buf s1 = {0}, s2 = {0};
+            const char *code = "error", *msg = "";
+            size_t cl = 5, ml = 0;
+            if (json_sub(d, errbody, &ed, et, 32) == 0) {
+                jstr(&ed, json_get(&ed, 0, "code"), &s1, &code, &cl);
+                jstr(&ed, json_get(&ed, 0, "message"), &s2, &msg, &ml);
+            }
+            rt_err(&out, "trigger_registration_failed", "%.*s: %.*s", (int)cl, code, (int)ml, msg);
+            buf_free(&s1), buf_free(&s2);
+            rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len, NULL, 0, buf_data(&out), buf_used(&out),
+                           v->ctx, v->ctx_len);
+            struct trig *t = trig_find(v->receipt, 36);
+            if (t) trig_free(t); /* the provider refused it: the durable binding is not kept */
+        } else {
+            buf_printf(&out, "{\"id\":\"%s\"}", v->receipt);
+            rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len, buf_data(&out), buf_used(&out), NULL, 0,
+                           v->ctx, v->ctx_len);
+        }
+    }
+    buf_free(&out);
+    inv_free(v);
+}
+
+/* Gives up waiting for providers that did not answer within 10 s: the call is accepted. */
+static void ack_timeouts(int64_t now, int64_t *next)
+{
+    if (!S.n_acks) return;
+    size_t n = 0;
+    struct hnode **v = hm_list(&S.invs, &n);
+    for (size_t i = 0; v && i < n; i++) {
+        struct inv *x = (struct inv *)v[i];
+        if (x->kind != INV_ACK) continue;
+        if (x->deadline <= now) ack_settle(x, NULL, -1);
+        else if (x->deadline < *next) *next = x->deadline;
+    }
+    xfree(v);
+}
+
 /* Disconnect cleanup (§7), exactly once per connection, in the spec's order. */
 static void worker_teardown(struct conn *c)
 {
@@ -3083,6 +5691,10 @@ static void worker_teardown(struct conn *c)
     /* 5: halt every call it was party to */
     while (c->calls_in) {
         struct inv *v = c->calls_in;
+        if (v->kind == INV_ACK) {
+            ack_settle(v, NULL, -1); /* a closed provider channel is accepted (§5.11) */
+            continue;
+        }
         if (v->caller && (v->kind == INV_CALL || v->kind == INV_ENQUEUE)) {
             if (v->kind == INV_CALL)
                 rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len, NULL, 0, (const unsigned char *)ERR_STOPPED,
@@ -4001,10 +6613,13 @@ static void bi_register_trigger(BI_ARGS)
     char *cr = ct >= 0 ? jraw_dup(d, ct) : NULL, *mr = jraw_dup(d, mt);
     char id[37];
     uuid_new(id);
-    if (!trig_register(NULL, id, type, fid, cr ? cr : "null", mr, NS_DEFAULT, tns, NS_DEFAULT))
+    struct trig *t = trig_register(NULL, id, type, fid, cr ? cr : "null", mr, NS_DEFAULT, tns, NS_DEFAULT);
+    if (!t) {
         rt_err(err, "trigger_registration_failed", "out of memory");
-    else
+    } else {
         buf_printf(res, "{\"id\":\"%s\"}", id);
+        S.defer = t; /* the router waits for a WS provider's answer before replying */
+    }
     xfree(cr), xfree(mr);
 out:
     xfree(type), xfree(fid), xfree(tns);
@@ -4388,6 +7003,7 @@ static void cfg_watch_tick(int64_t now, int64_t *next);
 static void cfg_reload(const char *why);
 static void sup_stop_all(void);
 static int sup_running(void);
+static int64_t sup_max_stop(void);
 
 /* Graceful shutdown (SIGINT/SIGTERM): stop accepting, end every worker's calls with
  * invocation_stopped, close every connection with 1001, stop supervised workers, flush. */
@@ -4403,7 +7019,9 @@ static void loop_shutdown(void)
     }
     sup_stop_all();
     loop_flush();
-    int64_t until = now_ms() + III_CLOSE_FLUSH_MS;
+    int64_t wait = sup_max_stop() + 500;
+    if (wait < III_CLOSE_FLUSH_MS) wait = III_CLOSE_FLUSH_MS;
+    int64_t until = now_ms() + wait;
     while (now_ms() < until && (S.conns || sup_running())) {
         struct pollfd pf[256];
         struct conn *pc[256];
@@ -4497,6 +7115,7 @@ static void loop_run(void)
         }
         sup_tick(now, &next);
         cfg_watch_tick(now, &next);
+        ack_timeouts(now, &next);
         if (S.dirty) next = now;
         int timeout = next == INT64_MAX ? -1 : next <= now ? 0 : next - now > 60000 ? 60000 : (int)(next - now);
         int rc = poll(pf, (nfds_t)n, timeout);
@@ -4528,40 +7147,930 @@ static void loop_run(void)
     loop_shutdown();
 }
 
-/* ==== Supervisor (placeholder until the config section lands) =============================== */
-static void sup_tick(int64_t now, int64_t *next) { (void)now, (void)next; }
-static int sup_pollfds(struct pollfd *p, size_t cap) { (void)p, (void)cap; return 0; }
-static void sup_on_poll(struct pollfd *p, size_t n) { (void)p, (void)n; }
-static void sup_reap_children(void) { while (waitpid(-1, NULL, WNOHANG) > 0) {} }
-static void cfg_watch_tick(int64_t now, int64_t *next) { (void)now, (void)next; }
-static void cfg_reload(const char *why) { (void)why; }
-static void sup_stop_all(void) {}
-static int sup_running(void) { return 0; }
+/* ==== Supervisor ============================================================================
+ * Declared workers (entries with `command`) are child processes: fork, own process group,
+ * stdin /dev/null, stdout/stderr through pipes that the loop reads and copies line by line
+ * with a "[name] " prefix. SIGCHLD arrives through the self-pipe; exits are reaped with
+ * waitpid(WNOHANG) and restarted per policy with exponential backoff (1 s doubling to 30 s,
+ * reset after 60 s of uptime). Stop = SIGTERM to the group, SIGKILL after stop_timeout_ms.
+ *
+ * Dying with the engine: at start-up the engine forks a sentinel, a tiny process in its own
+ * session that holds the read end of a lifeline pipe. The engine writes "+pgid" / "-pgid"
+ * lines as worker groups come and go. When the engine dies for any reason, SIGKILL included,
+ * the kernel closes the write end; the sentinel reads EOF, sends SIGTERM then SIGKILL to every
+ * group it still knows, and exits. No Linux-only calls are needed.
+ */
+struct proc {
+    struct cfg_worker *w;     /* its entry in S.cfg (re-pointed on reload); NULL once removed */
+    char *name;               /* instance name (own copy: outlives a reload) */
+    int64_t stop_ms;          /* stop_timeout_ms in force */
+    pid_t pid;                /* 0: not running */
+    int fd[2];                /* stdout, stderr pipes (-1 when closed) */
+    struct buf line[2];       /* partial output lines */
+    int64_t started, next_start, backoff, kill_at;
+    int stopping;             /* SIGTERM sent */
+    int remove;               /* free once stopped */
+    struct cfg_worker *restart_with; /* changed by a reload: start this once stopped */
+    int dead_restart;         /* policy says: start at next_start */
+};
 
-/* ==== main ================================================================================== */
-static void settings_defaults(struct settings *s)
+static struct proc **procs;
+static size_t nprocs;
+static int sentinel_fd = -1;
+static struct buf out_q[2];  /* worker output waiting for the engine's stdout / stderr */
+
+static void sentinel_cmd(char op, pid_t pgid)
 {
-    static char *origins[] = {"http://localhost", "http://127.0.0.1"};
-    s->host = III_DEFAULT_HOST;
-    s->port = III_DEFAULT_PORT;
-    s->handshake_timeout_ms = III_DEFAULT_HANDSHAKE_TIMEOUT_MS;
-    s->ping_interval_ms = III_DEFAULT_PING_INTERVAL_MS;
-    s->idle_timeout_ms = III_DEFAULT_IDLE_TIMEOUT_MS;
-    s->max_message_bytes = III_DEFAULT_MAX_MESSAGE_BYTES;
-    s->max_frame_bytes = III_DEFAULT_MAX_FRAME_BYTES;
-    s->max_header_bytes = III_DEFAULT_MAX_HEADER_BYTES;
-    s->max_connections = III_DEFAULT_MAX_CONNECTIONS;
-    s->max_outbound_bytes = III_DEFAULT_MAX_OUTBOUND_BYTES;
-    s->origins = origins;
-    s->n_origins = 2;
+    if (sentinel_fd < 0) return;
+    char m[32];
+    int n = snprintf(m, sizeof m, "%c%ld\n", op, (long)pgid);
+    ssize_t w = write(sentinel_fd, m, (size_t)n); /* < PIPE_BUF: atomic, and the pipe is drained */
+    (void)w;
 }
 
+/* Forks the sentinel (see the section comment). Called before any socket is opened. */
+static void sentinel_start(void)
+{
+    int p[2];
+    if (pipe(p) < 0) return;
+    pid_t pid = fork();
+    if (pid < 0) {
+        close(p[0]), close(p[1]);
+        return;
+    }
+    if (pid == 0) {
+        setsid(); /* out of the engine's group: a kill of that group does not reach us */
+        signal(SIGINT, SIG_IGN), signal(SIGTERM, SIG_IGN), signal(SIGHUP, SIG_IGN);
+        signal(SIGCHLD, SIG_DFL), signal(SIGPIPE, SIG_DFL);
+        long maxfd = sysconf(_SC_OPEN_MAX);
+        for (long fd = 3; fd < (maxfd > 0 && maxfd < 65536 ? maxfd : 1024); fd++)
+            if (fd != p[0]) close((int)fd);
+        long groups[1024];
+        size_t ng = 0;
+        char rb[512], ln[32];
+        size_t ll = 0;
+        for (;;) {
+            ssize_t r = read(p[0], rb, sizeof rb);
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) break;
+            for (ssize_t i = 0; i < r; i++) {
+                if (rb[i] != '\n') {
+                    if (ll < sizeof ln - 1) ln[ll++] = rb[i];
+                    continue;
+                }
+                ln[ll] = 0, ll = 0;
+                long g = atol(ln + 1);
+                if (ln[0] == '+' && ng < 1024) groups[ng++] = g;
+                else if (ln[0] == '-')
+                    for (size_t k = 0; k < ng; k++)
+                        if (groups[k] == g) groups[k] = groups[--ng];
+            }
+        }
+        /* the engine is gone */
+        for (size_t k = 0; k < ng; k++) kill((pid_t)-groups[k], SIGTERM);
+        if (ng) {
+            struct timespec ts = {1, 0};
+            nanosleep(&ts, NULL);
+        }
+        for (size_t k = 0; k < ng; k++) kill((pid_t)-groups[k], SIGKILL);
+        _exit(0);
+    }
+    close(p[0]);
+    sentinel_fd = p[1];
+    fcntl(sentinel_fd, F_SETFD, FD_CLOEXEC);
+}
+
+/* Appends "[name] text\n" for output stream k (0 stdout, 1 stderr); bounded so a chatty worker
+ * cannot grow the engine without limit (lines beyond 1 MiB of backlog are dropped, counted). */
+static void sup_emit(int k, const char *name, const unsigned char *p, size_t n)
+{
+    static unsigned long dropped;
+    if (buf_used(&out_q[k]) > (1u << 20)) {
+        dropped++;
+        return;
+    }
+    if (dropped) buf_printf(&out_q[k], "iii: warn: %lu worker output lines dropped (output not draining)\n", dropped), dropped = 0;
+    buf_printf(&out_q[k], "[%s] ", name);
+    buf_append(&out_q[k], p, n);
+    buf_putc(&out_q[k], '\n');
+}
+
+/* Splits what arrived on a worker's pipe into lines; a line longer than III_WORKER_LINE_MAX
+ * is emitted in pieces. eof flushes a final partial line. */
+static void sup_lines(struct proc *pr, int k, int eof)
+{
+    struct buf *b = &pr->line[k];
+    for (;;) {
+        unsigned char *p = buf_data(b);
+        size_t n = buf_used(b);
+        unsigned char *nl = n ? memchr(p, '\n', n) : NULL;
+        if (nl) {
+            size_t l = (size_t)(nl - p);
+            sup_emit(k, pr->name, p, l && p[l - 1] == '\r' ? l - 1 : l);
+            buf_consume(b, l + 1);
+        } else if (n >= III_WORKER_LINE_MAX || (eof && n)) {
+            size_t l = n >= III_WORKER_LINE_MAX ? III_WORKER_LINE_MAX : n;
+            sup_emit(k, pr->name, p, l);
+            buf_consume(b, l);
+        } else {
+            return;
+        }
+    }
+}
+
+static void sup_close_fd(struct proc *pr, int k)
+{
+    if (pr->fd[k] < 0) return;
+    sup_lines(pr, k, 1);
+    close(pr->fd[k]);
+    pr->fd[k] = -1;
+    buf_free(&pr->line[k]);
+}
+
+/* Starts pr's process. 0 ok, -1 (logged) when fork or pipe fails; exec failures show up as a
+ * quick exit with status 127 and the reason on the worker's stderr. */
+static int sup_start(struct proc *pr)
+{
+    int po[2], pe[2];
+    char *nm = xstrdup(pr->w->name);
+    if (!nm) return -1;
+    xfree(pr->name);
+    pr->name = nm;
+    pr->stop_ms = pr->w->stop_timeout_ms;
+    if (pipe(po) < 0) return -1;
+    if (pipe(pe) < 0) {
+        close(po[0]), close(po[1]);
+        return -1;
+    }
+    char url[96], pidv[32];
+    int port = S.bound_port;
+    if (sentinel_fd < 0) sentinel_start();
+    snprintf(url, sizeof url, "ws://127.0.0.1:%d", port);
+    snprintf(pidv, sizeof pidv, "%ld", (long)getpid());
+    pid_t pid = fork();
+    if (pid < 0) {
+        LOG(LOG_ERROR, "worker %s: fork: %s", pr->name, strerror(errno));
+        close(po[0]), close(po[1]), close(pe[0]), close(pe[1]);
+        return -1;
+    }
+    if (pid == 0) {
+        setpgid(0, 0);
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = SIG_DFL;
+        for (int sg = 1; sg < 32; sg++) sigaction(sg, &sa, NULL);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        int dn = open("/dev/null", O_RDONLY);
+        if (dn >= 0) dup2(dn, 0);
+        dup2(po[1], 1);
+        dup2(pe[1], 2);
+        setenv("III_URL", url, 1);
+        setenv("III_ENGINE_URL", url, 1);
+        setenv("III_WORKER_NAME", pr->w->name, 1);
+        setenv("III_ENGINE_PID", pidv, 1);
+        for (char **e = pr->w->env; e && *e; e++) {
+            char *eq = strchr(*e, '=');
+            if (eq) {
+                *eq = 0;
+                setenv(*e, eq + 1, 1);
+                *eq = '=';
+            }
+        }
+        if (pr->w->cwd && chdir(pr->w->cwd) < 0) {
+            dprintf(2, "cannot change directory to %s: %s\n", pr->w->cwd, strerror(errno));
+            _exit(127);
+        }
+        execvp(pr->w->argv[0], pr->w->argv);
+        dprintf(2, "cannot run %s: %s\n", pr->w->argv[0], strerror(errno));
+        _exit(127);
+    }
+    setpgid(pid, pid); /* also here: no race with the child's own call */
+    close(po[1]), close(pe[1]);
+    net_flags(po[0]), net_flags(pe[0]);
+    pr->fd[0] = po[0], pr->fd[1] = pe[0];
+    pr->pid = pid;
+    pr->started = now_ms();
+    pr->stopping = 0;
+    pr->dead_restart = 0;
+    sentinel_cmd('+', pid);
+    S.n_spawns++;
+    LOG(LOG_INFO, "worker %s: started (pid %ld)", pr->name, (long)pid);
+    return 0;
+}
+
+static struct proc *sup_add(struct cfg_worker *w)
+{
+    struct proc **np = xrealloc(procs, (nprocs + 1) * sizeof *np);
+    struct proc *pr = xcalloc(sizeof *pr);
+    if (!np || !pr) {
+        if (np) procs = np;
+        xfree(pr);
+        return NULL;
+    }
+    procs = np;
+    pr->w = w;
+    pr->fd[0] = pr->fd[1] = -1;
+    pr->backoff = III_BACKOFF_MIN_MS;
+    procs[nprocs++] = pr;
+    if (sup_start(pr) < 0) pr->dead_restart = 1, pr->next_start = now_ms() + pr->backoff;
+    return pr;
+}
+
+/* SIGTERM to the group now, SIGKILL at kill_at (sup_tick). */
+static void sup_stop(struct proc *pr)
+{
+    pr->dead_restart = 0;
+    if (!pr->pid || pr->stopping) return;
+    pr->stopping = 1;
+    pr->kill_at = now_ms() + pr->stop_ms;
+    kill(-pr->pid, SIGTERM);
+    LOG(LOG_INFO, "worker %s: stopping (pid %ld)", pr->name, (long)pr->pid);
+}
+
+static void sup_free(size_t i)
+{
+    struct proc *pr = procs[i];
+    sup_close_fd(pr, 0), sup_close_fd(pr, 1);
+    xfree(pr->name);
+    xfree(pr);
+    procs[i] = procs[--nprocs];
+}
+
+static void sup_stop_all(void)
+{
+    for (size_t i = 0; i < nprocs; i++) {
+        procs[i]->remove = 1;
+        procs[i]->restart_with = NULL;
+        sup_stop(procs[i]);
+    }
+}
+
+/* The longest stop timeout among running workers (shutdown waits that long at most). */
+static int64_t sup_max_stop(void)
+{
+    int64_t m = 0;
+    for (size_t i = 0; i < nprocs; i++)
+        if (procs[i]->pid && procs[i]->stop_ms > m) m = procs[i]->stop_ms;
+    return m;
+}
+
+static int sup_running(void)
+{
+    for (size_t i = 0; i < nprocs; i++)
+        if (procs[i]->pid) return 1;
+    return buf_used(&out_q[0]) || buf_used(&out_q[1]);
+}
+
+/* The worker connection that a process announced (its pid in engine::workers::register) is
+ * retired at once when the process exits, so a restarted instance never races its own ghost. */
+static void sup_retire_conns(pid_t pid)
+{
+    for (struct conn *c = S.conns; c; c = c->next)
+        if (c->kind == CK_WORKER && c->has_pid && c->pid == (uint32_t)pid && !c->torn) {
+            worker_teardown(c);
+            conn_abort(c, "worker process exited");
+        }
+}
+
+static void sup_reap_children(void)
+{
+    int st;
+    pid_t pid;
+    while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+        for (size_t i = 0; i < nprocs; i++) {
+            struct proc *pr = procs[i];
+            if (pr->pid != pid) continue;
+            S.n_deaths++;
+            kill(-pid, SIGKILL); /* the rest of its group (a shell's children) goes with it */
+            sentinel_cmd('-', pid);
+            sup_retire_conns(pid);
+            pr->pid = 0;
+            int failed = !WIFEXITED(st) || WEXITSTATUS(st) != 0;
+            if (WIFEXITED(st)) LOG(pr->stopping ? LOG_INFO : LOG_WARN, "worker %s: exited with status %d", pr->name, WEXITSTATUS(st));
+            else LOG(pr->stopping ? LOG_INFO : LOG_WARN, "worker %s: killed by signal %d", pr->name, WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+            int64_t now = now_ms();
+            if (pr->remove) {
+                sup_free(i);
+            } else if (pr->restart_with) {
+                pr->w = pr->restart_with;
+                pr->restart_with = NULL;
+                pr->backoff = III_BACKOFF_MIN_MS;
+                sup_close_fd(pr, 0), sup_close_fd(pr, 1);
+                if (sup_start(pr) < 0) pr->dead_restart = 1, pr->next_start = now + pr->backoff;
+            } else if (!pr->stopping && pr->w && (pr->w->restart == CFG_RESTART_ALWAYS ||
+                                         (pr->w->restart == CFG_RESTART_ON_FAILURE && failed))) {
+                if (now - pr->started >= III_BACKOFF_RESET_MS) pr->backoff = III_BACKOFF_MIN_MS;
+                pr->next_start = now + pr->backoff;
+                LOG(LOG_INFO, "worker %s: restarting in %lld ms", pr->name, (long long)pr->backoff);
+                pr->backoff = pr->backoff * 2 > III_BACKOFF_MAX_MS ? III_BACKOFF_MAX_MS : pr->backoff * 2;
+                pr->dead_restart = 1;
+            }
+            break;
+        }
+    }
+}
+
+static void sup_tick(int64_t now, int64_t *next)
+{
+    for (size_t i = 0; i < nprocs; i++) {
+        struct proc *pr = procs[i];
+        if (pr->pid && pr->stopping) {
+            if (now >= pr->kill_at) {
+                kill(-pr->pid, SIGKILL);
+                pr->kill_at = now + 1000;
+            }
+            if (pr->kill_at < *next) *next = pr->kill_at;
+        } else if (!pr->pid && pr->dead_restart && pr->w) {
+            if (now >= pr->next_start) {
+                sup_close_fd(pr, 0), sup_close_fd(pr, 1);
+                if (sup_start(pr) < 0) pr->next_start = now + pr->backoff;
+            } else if (pr->next_start < *next) {
+                *next = pr->next_start;
+            }
+        }
+    }
+}
+
+/* Poll entries: each running worker's two pipes, then stdout/stderr when output is queued. */
+static int sup_pollfds(struct pollfd *p, size_t cap)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < nprocs; i++)
+        for (int k = 0; k < 2; k++)
+            if (procs[i]->fd[k] >= 0 && n + 2 < cap) p[n].fd = procs[i]->fd[k], p[n].events = POLLIN, n++;
+    for (int k = 0; k < 2; k++)
+        if (buf_used(&out_q[k]) && n < cap) p[n].fd = 1 + k, p[n].events = POLLOUT, n++;
+    return (int)n;
+}
+
+static void sup_on_poll(struct pollfd *p, size_t n)
+{
+    for (size_t j = 0; j < n; j++) {
+        if (!p[j].revents) continue;
+        if (p[j].fd == 1 || p[j].fd == 2) {
+            /* at most PIPE_BUF bytes per POLLOUT: such a write never blocks (POSIX) */
+            int k = p[j].fd - 1;
+            size_t len = buf_used(&out_q[k]) < PIPE_BUF ? buf_used(&out_q[k]) : PIPE_BUF;
+            ssize_t w = write(p[j].fd, buf_data(&out_q[k]), len);
+            if (w > 0) buf_consume(&out_q[k], (size_t)w);
+            else if (w < 0 && errno != EAGAIN && errno != EINTR) buf_consume(&out_q[k], buf_used(&out_q[k]));
+            continue;
+        }
+        for (size_t i = 0; i < nprocs; i++)
+            for (int k = 0; k < 2; k++) {
+                struct proc *pr = procs[i];
+                if (pr->fd[k] != p[j].fd) continue;
+                if (buf_reserve(&pr->line[k], 4096) < 0) {
+                    sup_close_fd(pr, k);
+                    continue;
+                }
+                ssize_t r = read(pr->fd[k], pr->line[k].p + pr->line[k].len, pr->line[k].cap - pr->line[k].len);
+                if (r > 0) {
+                    pr->line[k].len += (size_t)r;
+                    sup_lines(pr, k, 0);
+                } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
+                    sup_close_fd(pr, k);
+                }
+            }
+    }
+}
+
+/* ==== Configuration and hot reload ==========================================================
+ * The loaded config lives in S.cfg; the listener settings are copied into S.set (the CLI's
+ * --host/--port win). Reload: load + validate everything first; on any error the engine stops
+ * its workers and exits non-zero with a message starting "reload:". Otherwise the entries are
+ * diffed by instance name (structural comparison, key order ignored) and only added, removed
+ * and changed process workers are touched; a changed host/port rebinds the listener.
+ */
+static const char *cli_host;
+static long cli_port = -1;
+static struct cfg_watch {
+    int have;
+    struct stat st;
+    int64_t next_check, reload_at;
+} watch;
+
+static void settings_from_cfg(void)
+{
+    struct cfg_listener *l = &S.cfg.lis;
+    S.set.host = cli_host ? (char *)cli_host : l->host;
+    S.set.port = cli_port >= 0 ? (int)cli_port : l->port;
+    S.set.handshake_timeout_ms = l->handshake_timeout_ms;
+    S.set.ping_interval_ms = l->ping_interval_ms;
+    S.set.idle_timeout_ms = l->idle_timeout_ms;
+    S.set.max_message_bytes = l->max_message_bytes;
+    S.set.max_frame_bytes = l->max_frame_bytes;
+    S.set.max_header_bytes = l->max_header_bytes;
+    S.set.max_connections = l->max_connections;
+    S.set.max_outbound_bytes = l->max_outbound_bytes;
+    S.set.origins = l->allowed_origins;
+    S.set.n_origins = l->n_origins;
+}
+
+static int watch_stat(struct stat *st) { return stat(S.cfg_path, st); }
+
+static int watch_changed(const struct stat *a, const struct stat *b)
+{
+    return a->st_mtime != b->st_mtime || a->st_size != b->st_size || a->st_ino != b->st_ino ||
+           a->st_dev != b->st_dev || a->st_ctime != b->st_ctime
+#if defined(_POSIX_VERSION) && _POSIX_VERSION >= 200809L
+           || a->st_mtim.tv_nsec != b->st_mtim.tv_nsec
+#endif
+        ;
+}
+
+/* Polls config.yaml's stat (catches in-place writes and write-temp-then-rename saves alike). */
+static void cfg_watch_tick(int64_t now, int64_t *next)
+{
+    if (!watch.have) return;
+    if (now >= watch.next_check) {
+        struct stat st;
+        int rc = watch_stat(&st);
+        if (rc < 0) memset(&st, 0, sizeof st);
+        if (watch_changed(&st, &watch.st)) {
+            watch.st = st;
+            watch.reload_at = now + III_RELOAD_DEBOUNCE_MS; /* debounce: a burst of writes = one reload */
+        }
+        watch.next_check = now + III_WATCH_INTERVAL_MS;
+    }
+    if (watch.reload_at && now >= watch.reload_at) {
+        watch.reload_at = 0;
+        cfg_reload("config.yaml changed");
+    }
+    if (watch.next_check < *next) *next = watch.next_check;
+    if (watch.reload_at && watch.reload_at < *next) *next = watch.reload_at;
+}
+
+static struct cfg_worker *cfg_find(struct cfg *c, const char *name)
+{
+    for (size_t i = 0; i < c->nw; i++)
+        if (!strcmp(c->w[i].name, name)) return &c->w[i];
+    return NULL;
+}
+
+static int cfg_is_process(const struct cfg_worker *w) { return !w->builtin && w->argv; }
+
+/* Opens the listener for S.set; prints the listening line. 0 ok, -1 with err. */
+static int listener_open(char *err, size_t errlen)
+{
+    int bound;
+    int fd = net_listen(S.set.host, S.set.port, &bound, err, errlen);
+    if (fd < 0) return -1;
+    if (S.lfd >= 0) close(S.lfd);
+    S.lfd = fd;
+    S.bound_port = bound;
+    snprintf(S.listen_url, sizeof S.listen_url, strchr(S.set.host, ':') ? "ws://[%s]:%d" : "ws://%s:%d",
+             S.set.host, bound);
+    char line[128];
+    int n = snprintf(line, sizeof line, "iii: listening on %s\n", S.listen_url);
+    ssize_t w = write(1, line, (size_t)n);
+    (void)w;
+    return 0;
+}
+
+/* A fatal reload: the reason on stderr ("iii: reload: ..."), workers stopped, exit 1. */
+static void reload_fail(const char *fmt, ...) III_PRINTF(1, 2);
+static void reload_fail(const char *fmt, ...)
+{
+    char m[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(m, sizeof m, fmt, ap);
+    va_end(ap);
+    char line[1100];
+    int n = snprintf(line, sizeof line, "iii: reload: %s\n", m);
+    ssize_t w = write(2, line, (size_t)(n < (int)sizeof line ? n : (int)sizeof line - 1));
+    (void)w;
+    S.exit_code = 1;
+    S.stop = 1;
+}
+
+static void cfg_reload(const char *why)
+{
+    struct cfg nc;
+    int missing = 0;
+    char err[1024];
+    LOG(LOG_INFO, "reloading configuration (%s)", why);
+    if (cfg_load(S.cfg_path, &nc, &missing, err, sizeof err) < 0) {
+        reload_fail("parse failed: %s", err);
+        return;
+    }
+    if (missing) {
+        cfg_free(&nc);
+        reload_fail("parse failed: %s: the config file is gone", S.cfg_path);
+        return;
+    }
+    /* the listener first: if it cannot be rebound, nothing else has been touched */
+    struct cfg old = S.cfg;
+    S.cfg = nc;
+    char *oh = xstrdup(S.set.host);
+    int oport = S.set.port;
+    settings_from_cfg();
+    if (oh && (strcmp(oh, S.set.host) || oport != S.set.port)) {
+        if (listener_open(err, sizeof err) < 0) {
+            xfree(oh);
+            S.cfg = old;
+            settings_from_cfg();
+            cfg_free(&nc);
+            reload_fail("cannot rebind the listener: %s", err);
+            return;
+        }
+        LOG(LOG_INFO, "listener rebound to %s", S.listen_url);
+    }
+    xfree(oh);
+    /* diff by instance name */
+    size_t added = 0, removed = 0, changed = 0;
+    for (size_t i = 0; i < nprocs; i++) {
+        struct proc *pr = procs[i];
+        if (pr->restart_with) {
+            /* still stopping from an earlier reload: restart from this config's entry, if any */
+            struct cfg_worker *nw = cfg_find(&S.cfg, pr->name);
+            pr->restart_with = nw && cfg_is_process(nw) ? nw : NULL;
+            if (!pr->restart_with) pr->remove = 1;
+            continue;
+        }
+        if (pr->remove || !pr->w) {
+            pr->w = NULL;
+            continue;
+        }
+        struct cfg_worker *nw = cfg_find(&S.cfg, pr->name);
+        if (!nw || !cfg_is_process(nw)) {
+            pr->remove = 1;
+            pr->restart_with = NULL;
+            pr->w = NULL;
+            if (pr->pid) sup_stop(pr);
+            else pr->dead_restart = 0;
+            removed++;
+        } else if (!yaml_equal(pr->w->entry, nw->entry) || (!pr->pid && !pr->dead_restart && !pr->stopping)) {
+            changed++;
+            if (pr->pid) {
+                sup_stop(pr);
+                pr->restart_with = nw; /* started from the new entry once the old one is gone */
+                pr->w = NULL;
+            } else {
+                pr->w = nw;
+                pr->backoff = III_BACKOFF_MIN_MS;
+                sup_close_fd(pr, 0), sup_close_fd(pr, 1);
+                if (sup_start(pr) < 0) pr->dead_restart = 1, pr->next_start = now_ms() + pr->backoff;
+            }
+        } else {
+            pr->w = nw; /* unchanged: never touched */
+        }
+    }
+    for (size_t i = 0; i < S.cfg.nw; i++) {
+        struct cfg_worker *w = &S.cfg.w[i];
+        if (!cfg_is_process(w)) continue;
+        int found = 0;
+        for (size_t k = 0; k < nprocs; k++) found |= !procs[k]->remove && !strcmp(procs[k]->name ? procs[k]->name : "", w->name);
+        if (!found) sup_add(w), added++;
+    }
+    cfg_free(&old);
+    LOG(LOG_INFO, "reload applied: %zu added, %zu removed, %zu changed", added, removed, changed);
+}
 static void usage(FILE *f)
 {
     fputs("usage: iii [-c|--config FILE] [--host H] [--port N] [--echo] [-v|--version] [-h|--help]\n"
           "       iii trigger FUNCTION_ID [JSON] [--url URL] [--timeout MS] [--namespace NS] [--json]\n"
           "       iii list functions|workers|triggers|registered-triggers [--url URL] [--json]\n", f);
 }
+
+/* ==== CLI client ============================================================================
+ * `iii trigger` and `iii list` (DECISIONS.md item 9): a blocking client in the same binary that
+ * connects as an ordinary worker (no engine::workers::register, so it never shows in the
+ * registry), sends one invokefunction and waits for its result. Same framing code as the
+ * engine; client frames are masked (RFC 6455 §5.3; a zero key is legal).
+ */
+struct cli {
+    int fd;
+    struct buf in, out;
+    int64_t deadline;
+};
+
+/* Writes all of c->out, waiting at most until the deadline. */
+static int cli_flush(struct cli *c)
+{
+    while (buf_used(&c->out)) {
+        ssize_t w = write(c->fd, buf_data(&c->out), buf_used(&c->out));
+        if (w > 0) buf_consume(&c->out, (size_t)w);
+        else if (w < 0 && errno == EINTR) continue;
+        else return -1;
+    }
+    return 0;
+}
+
+/* Reads more bytes, waiting at most until the deadline. 0 ok, -1 EOF/error/timeout. */
+static int cli_fill(struct cli *c)
+{
+    int64_t left = c->deadline - now_ms();
+    if (left <= 0) return -1;
+    struct pollfd pf = {c->fd, POLLIN, 0};
+    if (poll(&pf, 1, (int)left) <= 0) return -1;
+    if (buf_reserve(&c->in, 65536) < 0) return -1;
+    ssize_t r = read(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len);
+    if (r <= 0) return -1;
+    c->in.len += (size_t)r;
+    return 0;
+}
+
+/* Next text or binary message into *p and *n (valid until the next call). Pings are answered.
+ * Returns 0, or -1 with why set. */
+static int cli_recv(struct cli *c, unsigned char **p, size_t *n, const char **why)
+{
+    for (;;) {
+        int op, fin, code;
+        size_t plen;
+        unsigned char mask[4];
+        int hl = ws_parse_hdr(buf_data(&c->in), buf_used(&c->in), 0, (size_t)1 << 30, &op, &fin, &plen, mask, &code);
+        if (hl < 0) {
+            *why = "protocol error from the engine";
+            return -1;
+        }
+        if (hl == 0 || buf_used(&c->in) - (size_t)hl < plen) {
+            if (cli_fill(c) < 0) {
+                *why = now_ms() >= c->deadline ? "timed out" : "connection closed";
+                return -1;
+            }
+            continue;
+        }
+        unsigned char *pl = buf_data(&c->in) + hl;
+        buf_consume(&c->in, (size_t)hl + plen); /* data stays in place until the next fill */
+        if (op == WS_PING) {
+            ws_frame(&c->out, WS_PONG, pl, plen, 1);
+            cli_flush(c);
+        } else if (op == WS_CLOSE) {
+            *why = "the engine closed the connection";
+            return -1;
+        } else if (op == WS_TEXT || op == WS_BIN) {
+            *p = pl, *n = plen;
+            return 0;
+        }
+    }
+}
+
+/* Connects to url (ws://host:port[/path]) and completes the handshake. */
+static int cli_connect(struct cli *c, const char *url, const char **why)
+{
+    char host[256], port[16] = "49134", path[256] = "/";
+    const char *h = url;
+    if (!strncmp(h, "ws://", 5)) h += 5;
+    else if (strstr(h, "://")) {
+        *why = "only ws:// URLs are supported";
+        return -1;
+    }
+    const char *hend, *pp;
+    if (*h == '[') {
+        hend = strchr(h, ']');
+        if (!hend) {
+            *why = "bad URL";
+            return -1;
+        }
+        snprintf(host, sizeof host, "%.*s", (int)(hend - h - 1), h + 1);
+        pp = hend + 1;
+    } else {
+        hend = h + strcspn(h, ":/");
+        snprintf(host, sizeof host, "%.*s", (int)(hend - h), h);
+        pp = hend;
+    }
+    if (*pp == ':') {
+        size_t pl = strcspn(pp + 1, "/");
+        snprintf(port, sizeof port, "%.*s", (int)pl, pp + 1);
+        pp += 1 + pl;
+    }
+    if (*pp == '/') snprintf(path, sizeof path, "%s", pp);
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_socktype = SOCK_STREAM;
+    if (getaddrinfo(host, port, &hints, &res) || !res) {
+        *why = "cannot resolve the engine's host";
+        return -1;
+    }
+    c->fd = -1;
+    for (struct addrinfo *ai = res; ai && c->fd < 0; ai = ai->ai_next) {
+        c->fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
+        if (c->fd >= 0 && connect(c->fd, ai->ai_addr, ai->ai_addrlen) < 0) close(c->fd), c->fd = -1;
+    }
+    freeaddrinfo(res);
+    if (c->fd < 0) {
+        *why = "cannot connect to the engine";
+        return -1;
+    }
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    unsigned char kb[16];
+    char key[25], acc[29];
+    rnd_bytes(kb, 16);
+    b64_encode(kb, 16, key);
+    ws_accept_key(key, strlen(key), acc);
+    buf_printf(&c->out, "GET %s HTTP/1.1\r\nHost: %s:%s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n", path, host, port, key);
+    if (cli_flush(c) < 0) {
+        *why = "cannot send the handshake";
+        return -1;
+    }
+    for (;;) {
+        char *hd = buf_cstr(&c->in), *e = hd ? strstr(hd, "\r\n\r\n") : NULL;
+        if (e) {
+            if (strncmp(hd, "HTTP/1.1 101", 12) || !strstr(hd, acc)) {
+                *why = "the engine refused the WebSocket upgrade";
+                return -1;
+            }
+            buf_consume(&c->in, (size_t)(e + 4 - hd));
+            return 0;
+        }
+        if (cli_fill(c) < 0) {
+            *why = "no handshake answer";
+            return -1;
+        }
+    }
+}
+
+/* Calls function_id with data (JSON text) and leaves the invocationresult frame in *frame.
+ * Returns 0, or -1 with why. */
+static int cli_call(const char *url, const char *fid, const char *data, const char *ns, int64_t timeout_ms,
+                    struct buf *frame, const char **why)
+{
+    struct cli c;
+    memset(&c, 0, sizeof c);
+    c.deadline = now_ms() + timeout_ms;
+    int rc = -1;
+    if (cli_connect(&c, url, why) < 0) goto out;
+    char id[37];
+    uuid_new(id);
+    struct buf m = {0};
+    buf_printf(&m, "{\"type\":\"invokefunction\",\"invocation_id\":\"%s\",\"function_id\":", id);
+    json_put_cstr(&m, fid);
+    buf_puts(&m, ",\"data\":");
+    buf_puts(&m, data);
+    if (ns) buf_puts(&m, ",\"namespace\":"), json_put_cstr(&m, ns);
+    buf_putc(&m, '}');
+    ws_frame(&c.out, WS_TEXT, buf_data(&m), buf_used(&m), 1);
+    buf_free(&m);
+    if (cli_flush(&c) < 0) {
+        *why = "cannot send";
+        goto out;
+    }
+    for (;;) {
+        unsigned char *p;
+        size_t n;
+        if (cli_recv(&c, &p, &n, why) < 0) goto out;
+        struct jdoc d = {0};
+        d.max = 4096;
+        int ok = json_parse(&d, p, n, 2, 1) == 0 && d.t[0].type == J_OBJECT &&
+                 json_streq(&d, json_get(&d, 0, "type"), "invocationresult") &&
+                 json_streq(&d, json_get(&d, 0, "invocation_id"), id);
+        xfree(d.t);
+        if (ok) {
+            buf_append(frame, p, n);
+            rc = 0;
+            break;
+        }
+    }
+    ws_frame(&c.out, WS_CLOSE, "\x03\xe8", 2, 1);
+    cli_flush(&c);
+out:
+    if (c.fd > 0) close(c.fd);
+    buf_free(&c.in), buf_free(&c.out);
+    return rc;
+}
+
+/* Prints a result/err of a frame: returns the exit status (0 ok, 1 error result). */
+static int cli_report(struct buf *frame, int as_json, void (*table)(const struct jdoc *, int))
+{
+    struct jdoc d = {0};
+    d.max = UINT32_MAX;
+    buf_cstr(frame);
+    if (json_parse(&d, buf_data(frame), buf_used(frame), 64, 0) < 0) {
+        fprintf(stderr, "iii: error: malformed answer from the engine\n");
+        xfree(d.t);
+        return 1;
+    }
+    int err = json_get(&d, 0, "error"), res = json_get(&d, 0, "result");
+    if (!JABSENT(&d, err)) {
+        char *code = json_strdup(&d, json_get(&d, err, "code"), NULL);
+        char *msg = json_strdup(&d, json_get(&d, err, "message"), NULL);
+        fprintf(stderr, "iii: error: %s: %s\n", code ? code : "UNKNOWN", msg ? msg : "");
+        if (as_json) printf("{\"error\":%.*s}\n", (int)JLEN(&d, err), JRAW(&d, err));
+        xfree(code), xfree(msg), xfree(d.t);
+        return 1;
+    }
+    if (as_json || !table) {
+        if (res < 0) printf("null\n");
+        else printf("%.*s\n", (int)JLEN(&d, res), JRAW(&d, res));
+    } else {
+        table(&d, res);
+    }
+    xfree(d.t);
+    return 0;
+}
+
+/* Human-readable tables for `iii list`: one row per entry, tab-separated columns. */
+static void cli_cell(const struct jdoc *d, int obj, const char *key, int last)
+{
+    int t = json_get(d, obj, key);
+    char *s = NULL;
+    if (JTYPE(d, t) == J_STRING) s = json_strdup(d, t, NULL);
+    if (s) printf("%s", s);
+    else if (t >= 0 && JTYPE(d, t) != J_NULL) printf("%.*s", (int)JLEN(d, t), JRAW(d, t));
+    else printf("-");
+    xfree(s);
+    putchar(last ? '\n' : '\t');
+}
+
+static const char *cli_list_key, *const *cli_list_cols;
+
+static void cli_table(const struct jdoc *d, int res)
+{
+    int arr = json_get(d, res, cli_list_key);
+    for (const char *const *c = cli_list_cols; *c; c++) {
+        for (const char *p = *c; *p; p++) putchar(toupper((unsigned char)*p));
+        putchar(c[1] ? '\t' : '\n');
+    }
+    if (JTYPE(d, arr) != J_ARRAY) return;
+    for (uint32_t i = 0, e = (uint32_t)arr + 1; i < d->t[arr].n; i++, e = d->t[e].next)
+        for (const char *const *c = cli_list_cols; *c; c++) cli_cell(d, (int)e, *c, !c[1]);
+}
+
+static int cli_main(int argc, char **argv)
+{
+    const char *url = getenv("III_URL"), *ns = NULL;
+    int64_t timeout = 30000;
+    int as_json = 0;
+    const char *pos[3] = {NULL, NULL, NULL};
+    int np = 0;
+    if (!url || !*url) url = "ws://127.0.0.1:49134";
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--url") && i + 1 < argc) url = argv[++i];
+        else if (!strcmp(argv[i], "--namespace") && i + 1 < argc) ns = argv[++i];
+        else if (!strcmp(argv[i], "--json")) as_json = 1;
+        else if (!strcmp(argv[i], "--timeout") && i + 1 < argc) {
+            char *e;
+            timeout = strtoll(argv[++i], &e, 10);
+            if (*e || timeout <= 0) {
+                fprintf(stderr, "iii: --timeout: '%s' is not a number of milliseconds\n", argv[i]);
+                return 2;
+            }
+        } else if (np < 3 && (argv[i][0] != '-' || !argv[i][1] || isdigit((unsigned char)argv[i][1]))) pos[np++] = argv[i];
+        else {
+            usage(stderr);
+            return 2;
+        }
+    }
+    struct buf frame = {0};
+    const char *why = NULL;
+    int rc;
+    if (!strcmp(argv[0], "trigger")) {
+        if (np < 1 || np > 2) {
+            usage(stderr);
+            return 2;
+        }
+        const char *data = np == 2 ? pos[1] : "{}";
+        struct jdoc d = {0};
+        d.max = UINT32_MAX;
+        int bad = json_parse(&d, (const unsigned char *)data, strlen(data), 1, 1) < 0;
+        xfree(d.t);
+        if (bad) {
+            fprintf(stderr, "iii: error: the payload is not valid JSON: %s\n", data);
+            return 2;
+        }
+        if (cli_call(url, pos[0], data, ns, timeout, &frame, &why) < 0) {
+            fprintf(stderr, "iii: error: %s (%s)\n", why, url);
+            buf_free(&frame);
+            return 3;
+        }
+        rc = cli_report(&frame, 1, NULL);
+    } else {
+        static const char *const fcols[] = {"function_id", "namespace", "worker_name", "description", NULL};
+        static const char *const wcols[] = {"name", "id", "namespace", "runtime", "function_count", "status", NULL};
+        static const char *const tcols[] = {"id", "namespace", "worker_name", "description", NULL};
+        static const char *const rcols[] = {"id", "trigger_type", "function_id", "worker_name", "config_summary", NULL};
+        const char *fid;
+        if (np != 1) {
+            usage(stderr);
+            return 2;
+        }
+        if (!strcmp(pos[0], "functions")) fid = "engine::functions::list", cli_list_key = "functions", cli_list_cols = fcols;
+        else if (!strcmp(pos[0], "workers")) fid = "engine::workers::list", cli_list_key = "workers", cli_list_cols = wcols;
+        else if (!strcmp(pos[0], "triggers")) fid = "engine::triggers::list", cli_list_key = "triggers", cli_list_cols = tcols;
+        else if (!strcmp(pos[0], "registered-triggers"))
+            fid = "engine::registered-triggers::list", cli_list_key = "registered_triggers", cli_list_cols = rcols;
+        else {
+            fprintf(stderr, "iii: list: unknown kind '%s' (functions, workers, triggers, registered-triggers)\n", pos[0]);
+            return 2;
+        }
+        if (cli_call(url, fid, "{}", NULL, timeout, &frame, &why) < 0) {
+            fprintf(stderr, "iii: error: %s (%s)\n", why, url);
+            buf_free(&frame);
+            return 3;
+        }
+        rc = cli_report(&frame, as_json, cli_table);
+    }
+    buf_free(&frame);
+    return rc;
+}
+
+/* ==== main ================================================================================== */
 
 #ifndef III_NO_MAIN
 int main(int argc, char **argv)
@@ -4573,6 +8082,10 @@ int main(int argc, char **argv)
     const char *lv = getenv("III_LOG");
     for (int i = 0; lv && i <= LOG_TRACE; i++)
         if (!strcmp(lv, log_names[i])) log_level = i;
+    if (argc > 1 && (!strcmp(argv[1], "trigger") || !strcmp(argv[1], "list"))) {
+        signal(SIGPIPE, SIG_IGN);
+        return cli_main(argc - 1, argv + 1);
+    }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if ((!strcmp(a, "-c") || !strcmp(a, "--config")) && i + 1 < argc) S.cfg_path = argv[++i];
@@ -4595,8 +8108,14 @@ int main(int argc, char **argv)
     }
     S.start_ms = now_ms();
     S.start_wall = wall_ms();
-    settings_defaults(&S.set);
-    S.grace_ms = III_DEFAULT_GRACE_MS;
+    cli_host = host;
+    cli_port = port;
+    char err[1024];
+    int missing = 0;
+    if (cfg_load(S.cfg_path, &S.cfg, &missing, err, sizeof err) < 0) die("%s", err);
+    if (missing) LOG(LOG_INFO, "no config file at %s: running on built-in defaults (no workers)", S.cfg_path);
+    settings_from_cfg();
+    S.grace_ms = S.cfg.grace_ms;
     const char *ge = getenv("III_NAMESPACE_GRACE_MS");
     if (ge && *ge) {
         char *e;
@@ -4604,22 +8123,19 @@ int main(int argc, char **argv)
         if (*e || v < 0) die("III_NAMESPACE_GRACE_MS: '%s' is not a number of milliseconds", ge);
         S.grace_ms = v;
     }
-    if (host) S.set.host = (char *)host;
-    if (port >= 0) S.set.port = (int)port;
     loop_signals_init();
     if (bi_init() < 0) die("out of memory");
-    char err[512];
-    int bound;
-    S.lfd = net_listen(S.set.host, S.set.port, &bound, err, sizeof err);
-    if (S.lfd < 0) die("%s", err);
-    snprintf(S.listen_url, sizeof S.listen_url, strchr(S.set.host, ':') ? "ws://[%s]:%d" : "ws://%s:%d",
-             S.set.host, bound);
-    char line[128];
-    int n = snprintf(line, sizeof line, "iii: listening on %s\n", S.listen_url);
-    ssize_t w = write(1, line, (size_t)n);
-    (void)w;
+    if (listener_open(err, sizeof err) < 0) die("%s", err);
+    for (size_t i = 0; i < S.cfg.nw; i++)
+        if (cfg_is_process(&S.cfg.w[i]) && !sup_add(&S.cfg.w[i])) die("out of memory");
+    if (!missing && watch_stat(&watch.st) == 0) watch.have = 1, watch.next_check = now_ms() + III_WATCH_INTERVAL_MS;
     loop_run();
     engine_free_all();
+    while (nprocs) sup_free(0);
+    xfree(procs);
+    buf_free(&out_q[0]), buf_free(&out_q[1]);
+    cfg_free(&S.cfg);
+    if (sentinel_fd >= 0) close(sentinel_fd);
     return S.exit_code;
 }
 #endif

@@ -452,7 +452,8 @@ static void t_registry(void)
 
 int main(int argc, char **argv)
 {
-    settings_defaults(&S.set);
+    cfg_defaults(&S.cfg);
+    settings_from_cfg();
     t_sha1();
     t_base64();
     t_handshake();
