@@ -6822,10 +6822,12 @@ static void http_metrics(struct buf *b)
                "# HELP iii_invocations_in_flight Calls awaiting a result.\n# TYPE iii_invocations_in_flight gauge\n"
                "iii_invocations_in_flight %zu\n"
                "# HELP iii_memory_bytes Bytes allocated by the engine.\n# TYPE iii_memory_bytes gauge\n"
-               "iii_memory_bytes %zu\n",
+               "iii_memory_bytes %zu\n"
+               "# HELP iii_allocations_total Allocator calls since start.\n# TYPE iii_allocations_total counter\n"
+               "iii_allocations_total %zu\n",
                (unsigned long long)S.n_invocations, (unsigned long long)S.n_inv_errors, count_workers(),
                (unsigned long long)S.n_spawns, (unsigned long long)S.n_deaths, S.nconns, S.funcs.n, S.invs.n,
-               mem_live_bytes);
+               mem_live_bytes, mem_allocs_total);
 }
 
 /* ==== Event loop ============================================================================

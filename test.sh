@@ -102,7 +102,7 @@ fi
 
 # ---- end-to-end: the real binary over real sockets ------------------------------------------
 if have python3; then
-    for t in tests/test_*.py; do
+    for t in tests/test_*.py tests/e2e_*.py; do
         [ -f "$t" ] || continue
         n=$(basename "$t" .py)
         run_suite "$n" python3 "$t"
