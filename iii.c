@@ -3500,6 +3500,7 @@ struct conn {
     struct conn *dnext;       /* S.dirty list (output pending) */
     int fd, kind;
     unsigned dirty : 1, closing : 1, dead : 1, torn : 1, ws : 1, has_pid : 1, leased : 1;
+    unsigned in_borrowed : 1; /* c->in points at the shared read buffer (see loop_read) */
     struct buf in, out, msg;  /* input, queued output, fragmented message being reassembled */
     int msg_op;               /* opcode of the message in msg, 0 when none */
     struct utf8 u8;           /* validator state of a fragmented text message */
@@ -4242,8 +4243,11 @@ static void ws_on_data(struct conn *c)
             }
         }
         if (avail - (size_t)hl < plen) {
-            /* wait for the payload; reserve it once so a large frame does not re-grow */
-            if (buf_reserve(&c->in, (size_t)hl + plen - avail) < 0) conn_abort(c, "out of memory");
+            /* wait for the payload: memory follows the bytes that actually arrive (a header alone
+             * must not make the engine commit the declared size), in steps of at most 1 MiB */
+            size_t want = (size_t)hl + plen - avail;
+            if (want > III_BUF_SHRINK) want = III_BUF_SHRINK;
+            if (!c->in_borrowed && buf_reserve(&c->in, want) < 0) conn_abort(c, "out of memory");
             return;
         }
         unsigned char *pl = p + hl;
@@ -6888,21 +6892,32 @@ static void loop_accept(void)
     }
 }
 
-/* Reads what the socket has into c->in and processes it. A closing connection's input is read
- * and discarded (lingering close: the peer gets our Close instead of a reset). */
+static void loop_process(struct conn *c)
+{
+    if (c->kind == CK_HTTP) http_on_data(c);
+    else if (c->ws) ws_on_data(c);
+}
+
+/* Reads what the socket has and processes it. A connection with no partial frame pending reads
+ * into one shared buffer and is handled from there: only a trailing partial frame is copied into
+ * the connection's own buffer. So an idle connection holds no input memory, and a steady stream
+ * of whole frames costs no allocation. A closing connection's input is read and discarded
+ * (lingering close: the peer gets our Close instead of a reset). */
 static void loop_read(struct conn *c)
 {
+    static unsigned char shared[III_READ_CHUNK];
     if (c->closing) {
-        unsigned char sink[4096];
-        ssize_t r = read(c->fd, sink, sizeof sink);
+        ssize_t r = read(c->fd, shared, sizeof shared);
         if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) c->dead = 1;
         return;
     }
-    if (buf_reserve(&c->in, III_READ_CHUNK) < 0) {
+    int borrow = !buf_used(&c->in);
+    if (borrow) buf_free(&c->in);
+    else if (buf_reserve(&c->in, III_READ_CHUNK) < 0) {
         conn_abort(c, "out of memory");
         return;
     }
-    ssize_t r = read(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len);
+    ssize_t r = borrow ? read(c->fd, shared, sizeof shared) : read(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len);
     if (r == 0) {
         conn_abort(c, "eof");
         return;
@@ -6911,9 +6926,20 @@ static void loop_read(struct conn *c)
         if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) conn_abort(c, "read error");
         return;
     }
-    c->in.len += (size_t)r;
-    if (c->kind == CK_HTTP) http_on_data(c);
-    else if (c->ws) ws_on_data(c);
+    if (!borrow) {
+        c->in.len += (size_t)r;
+        loop_process(c);
+        if (!buf_used(&c->in)) buf_free(&c->in);
+        return;
+    }
+    c->in.p = shared, c->in.len = (size_t)r, c->in.cap = sizeof shared, c->in.off = 0;
+    c->in_borrowed = 1;
+    loop_process(c);
+    c->in_borrowed = 0;
+    size_t left = buf_used(&c->in);
+    unsigned char *lp = buf_data(&c->in);
+    memset(&c->in, 0, sizeof c->in);
+    if (left && !c->dead && !c->closing && buf_append(&c->in, lp, left) < 0) conn_abort(c, "out of memory");
 }
 
 /* Per-connection deadlines; returns the earliest future deadline (or INT64_MAX). */
@@ -7021,10 +7047,10 @@ static void loop_shutdown(void)
     }
     sup_stop_all();
     loop_flush();
-    int64_t wait = sup_max_stop() + 500;
-    if (wait < III_CLOSE_FLUSH_MS) wait = III_CLOSE_FLUSH_MS;
-    int64_t until = now_ms() + wait;
-    while (now_ms() < until && (S.conns || sup_running())) {
+    /* peers get up to 1 s to take their Close; workers their stop timeout */
+    int64_t t0 = now_ms(), conn_until = t0 + 1000, until = t0 + sup_max_stop() + 500;
+    if (until < conn_until) until = conn_until;
+    while (now_ms() < until && ((S.conns && now_ms() < conn_until) || sup_running())) {
         struct pollfd pf[256];
         struct conn *pc[256];
         size_t n = 0;

@@ -107,7 +107,8 @@ def accept_for(key):
 
 def upgrade_request(port, path="/", key=None, version="13", upgrade="websocket",
                     connection="Upgrade", extra=(), method="GET", host_header=None):
-    """Builds an upgrade request; a None value omits that header. Returns (bytes, key)."""
+    """Builds an upgrade request; None omits Upgrade/Connection/Version, key=False omits the
+    key (key=None picks a random valid one). Returns (bytes, key)."""
     if key is None:
         key = base64.b64encode(os.urandom(16)).decode()
     lines = ["%s %s HTTP/1.1" % (method, path),
@@ -626,7 +627,8 @@ def http_health(e):
     assert doc2["uptime_ms"] >= doc["uptime_ms"] + 80, "uptime_ms %r -> %r after 120 ms" % (
         doc["uptime_ms"], doc2["uptime_ms"])
     # a registered worker is counted
-    base = doc2["workers"]
+    wait_connections_drained(e.port)
+    base = health(e.port)["workers"]
     ws = open_worker(e.port)
     try:
         ws.send_json({"type": "invokefunction", "function_id": "engine::workers::register",
@@ -1131,6 +1133,23 @@ def utf8_invalid_in_fragmented_message_1007(e):
         assert_close_code(ws, 1007)
     finally:
         ws.close()
+    # a sequence left incomplete by the last fragment
+    for last in (b"\xe2\x82", b"\xf0\x9f\x98", b"\xc3"):
+        ws = open_ws(e.port, "/echo")
+        try:
+            ws.send_raw(frame(1, b"ab", fin=False) + frame(0, last, fin=True))
+            assert_close_code(ws, 1007)
+        except AssertionError as ex:
+            raise AssertionError("message ending in %r (fragmented): %s" % (last, ex))
+        finally:
+            ws.close()
+    ws = open_ws(e.port, "/echo")  # started in fragment 1, truncated by a final empty fragment
+    try:
+        ws.send_raw(frame(1, b"ab\xe2", fin=False) + frame(0, b"\x82", fin=False)
+                    + frame(0, b"", fin=True))
+        assert_close_code(ws, 1007)
+    finally:
+        ws.close()
 
 
 @suite.test
@@ -1510,6 +1529,7 @@ def many_connections_1000():
 @suite.test
 @uses("echo")
 def otel_accepted_never_a_worker(e):
+    wait_connections_drained(e.port)  # sockets of earlier tests are gone: a stable baseline
     base = health(e.port)["workers"]
     o = open_ws(e.port, "/otel")
     try:
@@ -1562,8 +1582,8 @@ def cli_port_in_use_exits_nonzero():
     blocker.bind(("127.0.0.1", 0))
     blocker.listen(1)
     port = blocker.getsockname()[1]
-    tmp = tempfile.mkdtemp(prefix="iii-test-")
-    p = subprocess.Popen([BIN, "-c", os.path.join(tmp, "missing.yaml"), "--port", str(port)],
+    tmp = tempfile.TemporaryDirectory(prefix="iii-test-")
+    p = subprocess.Popen([BIN, "-c", os.path.join(tmp.name, "missing.yaml"), "--port", str(port)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         try:
@@ -1581,6 +1601,7 @@ def cli_port_in_use_exits_nonzero():
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(5)
         blocker.close()
+        tmp.cleanup()
 
 
 @suite.test
@@ -1822,6 +1843,23 @@ def fuzz_random_blobs_after_handshake():
             json_ping(ws)
         finally:
             ws.close()
+
+
+@suite.test
+def shared_engines_exit_cleanly():
+    """Every shared engine, stopped with SIGTERM, exits 0 (under ASan: no leak/error report)."""
+    if not _ENGINES:
+        return "skip no shared engine was started"
+    bad = []
+    for name, e in list(_ENGINES.items()):
+        rc = e.stop(timeout=5.0)
+        err = e.stderr()
+        if rc != 0:
+            bad.append("%s: exit status %r; stderr tail: %s" % (name, rc, err[-300:]))
+        elif "ERROR: AddressSanitizer" in err or "runtime error:" in err:
+            bad.append("%s: sanitizer report: %s" % (name, err[-300:]))
+        del _ENGINES[name]
+    assert not bad, "; ".join(bad)
 
 
 # ===========================================================================

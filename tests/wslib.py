@@ -127,6 +127,10 @@ class Engine:
         rep = self.sanitizer_report()
         if rep and exc_type is None:
             raise AssertionError("engine sanitizer report: " + rep)
+        if exc_type is None:
+            import shutil
+            self.log.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class Closed(Exception):
