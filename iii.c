@@ -68,16 +68,16 @@ static const char *log_names[] = {"error", "warn", "info", "debug", "trace"};
 
 #ifdef __GNUC__
 #define III_PRINTF(a, b) __attribute__((format(printf, a, b)))
-#define III_NORETURN __attribute__((noreturn))
+#define III_NORETURN     __attribute__((noreturn))
 #else
 #define III_PRINTF(a, b)
 #define III_NORETURN
 #endif
 
 static void log_write(int level, const char *fmt, ...) III_PRINTF(2, 3);
-#define LOG(level, ...)                                                                        \
-    do {                                                                                       \
-        if ((level) <= log_level) log_write((level), __VA_ARGS__);                             \
+#define LOG(level, ...)                                                                            \
+    do {                                                                                           \
+        if ((level) <= log_level) log_write((level), __VA_ARGS__);                                 \
     } while (0)
 
 /* Writes one "iii: level: text" line to stderr in a single write() (lines do not interleave). */
@@ -202,9 +202,11 @@ static void rnd_bytes(unsigned char *out, size_t n)
             ssize_t r = fd >= 0 ? read(fd, rnd_pool, sizeof rnd_pool) : -1;
             if (fd >= 0) close(fd);
             if (r != (ssize_t)sizeof rnd_pool) {
-                if (!rnd_state) rnd_state = (uint64_t)now_ms() * 0x9E3779B97F4A7C15u ^ (uint64_t)getpid();
+                if (!rnd_state)
+                    rnd_state = (uint64_t)now_ms() * 0x9E3779B97F4A7C15u ^ (uint64_t)getpid();
                 for (size_t i = 0; i < sizeof rnd_pool; i++) {
-                    rnd_state ^= rnd_state << 13, rnd_state ^= rnd_state >> 7, rnd_state ^= rnd_state << 17;
+                    rnd_state ^= rnd_state << 13, rnd_state ^= rnd_state >> 7,
+                        rnd_state ^= rnd_state << 17;
                     rnd_pool[i] = (unsigned char)(rnd_state >> 32);
                 }
             }
@@ -534,13 +536,15 @@ static int utf8_put(struct buf *b, uint32_t cp)
     unsigned char t[4];
     size_t n;
     if (cp < 0x80) t[0] = (unsigned char)cp, n = 1;
-    else if (cp < 0x800) t[0] = (unsigned char)(0xC0 | cp >> 6), t[1] = (unsigned char)(0x80 | (cp & 63)), n = 2;
+    else if (cp < 0x800)
+        t[0] = (unsigned char)(0xC0 | cp >> 6), t[1] = (unsigned char)(0x80 | (cp & 63)), n = 2;
     else if (cp < 0x10000)
         t[0] = (unsigned char)(0xE0 | cp >> 12), t[1] = (unsigned char)(0x80 | (cp >> 6 & 63)),
         t[2] = (unsigned char)(0x80 | (cp & 63)), n = 3;
     else
         t[0] = (unsigned char)(0xF0 | cp >> 18), t[1] = (unsigned char)(0x80 | (cp >> 12 & 63)),
-        t[2] = (unsigned char)(0x80 | (cp >> 6 & 63)), t[3] = (unsigned char)(0x80 | (cp & 63)), n = 4;
+        t[2] = (unsigned char)(0x80 | (cp >> 6 & 63)), t[3] = (unsigned char)(0x80 | (cp & 63)),
+        n = 4;
     return buf_append(b, t, n);
 }
 
@@ -562,11 +566,11 @@ enum { J_NULL = 1, J_FALSE, J_TRUE, J_NUMBER, J_STRING, J_ARRAY, J_OBJECT };
 
 struct jtok {
     unsigned char type;
-    unsigned char esc;   /* string: contains a backslash escape */
+    unsigned char esc;    /* string: contains a backslash escape */
     unsigned char opaque; /* container deeper than tokdepth: children not tokenized */
-    uint32_t start, end; /* value's bytes: src[start..end), strings include their quotes */
-    uint32_t next;       /* token index after this value's subtree */
-    uint32_t n;          /* children: array elements or object members */
+    uint32_t start, end;  /* value's bytes: src[start..end), strings include their quotes */
+    uint32_t next;        /* token index after this value's subtree */
+    uint32_t n;           /* children: array elements or object members */
 };
 
 struct jdoc {
@@ -595,7 +599,14 @@ static int json_scan_str(const unsigned char *s, size_t n, size_t *pos, int chec
         *esc = 1;
         if (++i >= n) return -1;
         switch (s[i]) {
-        case '"': case '\\': case '/': case 'b': case 'f': case 'n': case 'r': case 't':
+        case '"':
+        case '\\':
+        case '/':
+        case 'b':
+        case 'f':
+        case 'n':
+        case 'r':
+        case 't':
             i++;
             break;
         case 'u':
@@ -620,7 +631,8 @@ static int json_scan_num(const unsigned char *s, size_t n, size_t *pos)
     if (i < n && s[i] == '-') i++;
     if (i >= n) return -1;
     if (s[i] == '0') i++;
-    else if (s[i] >= '1' && s[i] <= '9') while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+    else if (s[i] >= '1' && s[i] <= '9')
+        while (i < n && s[i] >= '0' && s[i] <= '9') i++;
     else return -1;
     if (i < n && s[i] == '.') {
         i++;
@@ -660,7 +672,8 @@ static int json_push(struct jdoc *d, int type, size_t start)
  * but kept as one opaque token. check_utf8: 0 when the input was already validated.
  * Returns 0, or -1 on a syntax error, a depth over III_JSON_MAX_DEPTH, more than d->max tokens,
  * or OOM. */
-static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokdepth, int check_utf8)
+static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokdepth,
+                      int check_utf8)
 {
     int stack[III_JSON_MAX_DEPTH]; /* token index per open container, -1 when untokenized */
     unsigned char kind[III_JSON_MAX_DEPTH]; /* '{' or '[' */
@@ -778,16 +791,28 @@ static int json_unescape(const struct jdoc *d, int ti, struct buf *out)
         q++;
         int c = *q++;
         switch (c) {
-        case 'b': c = '\b'; break;
-        case 'f': c = '\f'; break;
-        case 'n': c = '\n'; break;
-        case 'r': c = '\r'; break;
-        case 't': c = '\t'; break;
+        case 'b':
+            c = '\b';
+            break;
+        case 'f':
+            c = '\f';
+            break;
+        case 'n':
+            c = '\n';
+            break;
+        case 'r':
+            c = '\r';
+            break;
+        case 't':
+            c = '\t';
+            break;
         case 'u': {
-            uint32_t cp = (uint32_t)strtoul((char[]){(char)q[0], (char)q[1], (char)q[2], (char)q[3], 0}, NULL, 16);
+            uint32_t cp = (uint32_t)strtoul(
+                (char[]){(char)q[0], (char)q[1], (char)q[2], (char)q[3], 0}, NULL, 16);
             q += 4;
             if (cp >= 0xD800 && cp <= 0xDBFF && e - q >= 6 && q[0] == '\\' && q[1] == 'u') {
-                uint32_t lo = (uint32_t)strtoul((char[]){(char)q[2], (char)q[3], (char)q[4], (char)q[5], 0}, NULL, 16);
+                uint32_t lo = (uint32_t)strtoul(
+                    (char[]){(char)q[2], (char)q[3], (char)q[4], (char)q[5], 0}, NULL, 16);
                 if (lo >= 0xDC00 && lo <= 0xDFFF) {
                     cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
                     q += 6;
@@ -798,7 +823,8 @@ static int json_unescape(const struct jdoc *d, int ti, struct buf *out)
             s = q;
             continue;
         }
-        default: break; /* '"', '\\', '/' stand for themselves */
+        default:
+            break; /* '"', '\\', '/' stand for themselves */
         }
         if (buf_putc(out, c) < 0) return -1;
         s = q;
@@ -828,8 +854,8 @@ static int json_get_n(const struct jdoc *d, int obj, const char *key, size_t kle
 }
 
 /* Length and pointer of token ti's raw bytes. */
-#define JRAW(d, ti) ((d)->src + (d)->t[ti].start)
-#define JLEN(d, ti) ((size_t)((d)->t[ti].end - (d)->t[ti].start))
+#define JRAW(d, ti)  ((d)->src + (d)->t[ti].start)
+#define JLEN(d, ti)  ((size_t)((d)->t[ti].end - (d)->t[ti].start))
 #define JTYPE(d, ti) ((ti) < 0 ? 0 : (d)->t[ti].type)
 
 /* 1 if token ti is a string equal to lit (exact bytes; escaped strings are decoded first). */
@@ -839,7 +865,8 @@ static int json_streq(const struct jdoc *d, int ti, const char *lit)
     size_t n = strlen(lit);
     if (!d->t[ti].esc) return JLEN(d, ti) - 2 == n && !memcmp(JRAW(d, ti) + 1, lit, n);
     struct buf tmp = {0};
-    int eq = json_unescape(d, ti, &tmp) == 0 && buf_used(&tmp) == n && !memcmp(buf_data(&tmp), lit, n);
+    int eq =
+        json_unescape(d, ti, &tmp) == 0 && buf_used(&tmp) == n && !memcmp(buf_data(&tmp), lit, n);
     buf_free(&tmp);
     return eq;
 }
@@ -895,14 +922,29 @@ static int json_put_str(struct buf *b, const char *s, size_t n)
         char e[7] = {'\\', 0, 0, 0, 0, 0, 0};
         size_t el = 2;
         switch (c) {
-        case '"': e[1] = '"'; break;
-        case '\\': e[1] = '\\'; break;
-        case '\n': e[1] = 'n'; break;
-        case '\r': e[1] = 'r'; break;
-        case '\t': e[1] = 't'; break;
-        case '\b': e[1] = 'b'; break;
-        case '\f': e[1] = 'f'; break;
-        default: e[1] = 'u', e[2] = '0', e[3] = '0', e[4] = hex[c >> 4], e[5] = hex[c & 15], el = 6;
+        case '"':
+            e[1] = '"';
+            break;
+        case '\\':
+            e[1] = '\\';
+            break;
+        case '\n':
+            e[1] = 'n';
+            break;
+        case '\r':
+            e[1] = 'r';
+            break;
+        case '\t':
+            e[1] = 't';
+            break;
+        case '\b':
+            e[1] = 'b';
+            break;
+        case '\f':
+            e[1] = 'f';
+            break;
+        default:
+            e[1] = 'u', e[2] = '0', e[3] = '0', e[4] = hex[c >> 4], e[5] = hex[c & 15], el = 6;
         }
         if (buf_append(b, e, el) < 0) return -1;
         st = i + 1;
@@ -966,10 +1008,11 @@ struct yaml_node {
 
 /* A saved cursor: the parser backtracks only through these. */
 struct yaml_mark {
-    size_t pos;
-    int line, col;
+    size_t pos;    /* byte offset in the normalized text */
+    int line, col; /* 1-based; col counts code points */
 };
 
+/* The parser state: the text, one cursor, and where the first error goes. */
 struct yaml_parser {
     const char *s;    /* normalized text: LF line ends, no BOM, 8 NUL bytes of padding */
     size_t len;       /* bytes of text before the padding */
@@ -979,9 +1022,9 @@ struct yaml_parser {
     int depth;        /* collections open around the cursor */
     const char *file; /* name used in messages */
     char *err;        /* message out-buffer */
-    size_t errlen;
-    int failed;    /* a message has been written: later ones are dropped */
-    struct buf sb; /* text of the scalar being scanned */
+    size_t errlen;    /* its size */
+    int failed;       /* a message has been written: later ones are dropped */
+    struct buf sb;    /* text of the scalar being scanned */
 };
 
 /* Parse modes of a block node: where its first character sits relative to its parent. */
@@ -1012,29 +1055,19 @@ static int yaml_fail(struct yaml_parser *p, int line, int col, const char *fmt, 
     return -1;
 }
 
+/* The out-of-memory error, placed at the cursor. Always returns -1. */
 static int yaml_oom(struct yaml_parser *p)
 {
     return yaml_fail(p, p->line, p->col, "out of memory");
 }
 
-static int yaml_blank(int c)
-{
-    return c == ' ' || c == '\t';
-}
-static int yaml_blankz(int c)
-{
-    return c == ' ' || c == '\t' || c == '\n' || c == 0;
-}
-static int yaml_flowind(int c)
-{
-    return c == ',' || c == '[' || c == ']' || c == '{' || c == '}';
-}
+/* Character classes of YAML 1.2 §5: s-white, s-white or a break or the end, c-flow-indicator. */
+static int yaml_blank(int c) { return c == ' ' || c == '\t'; }
+static int yaml_blankz(int c) { return c == ' ' || c == '\t' || c == '\n' || c == 0; }
+static int yaml_flowind(int c) { return c == ',' || c == '[' || c == ']' || c == '{' || c == '}'; }
 
 /* Bytes in the UTF-8 sequence that starts with c (the text is validated, so this is exact). */
-static int yaml_seqlen(int c)
-{
-    return c < 0xC0 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
-}
+static int yaml_seqlen(int c) { return c < 0xC0 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4; }
 
 /* Moves the cursor one byte, keeping line and column (in code points) up to date. */
 static void yaml_adv(struct yaml_parser *p)
@@ -1050,6 +1083,7 @@ static void yaml_adv(struct yaml_parser *p)
     }
 }
 
+/* Saves the cursor, for lookahead or for the position of a later message. */
 static struct yaml_mark yaml_here(const struct yaml_parser *p)
 {
     struct yaml_mark m;
@@ -1059,6 +1093,7 @@ static struct yaml_mark yaml_here(const struct yaml_parser *p)
     return m;
 }
 
+/* Moves the cursor back (or forward) to a saved mark. */
 static void yaml_reset(struct yaml_parser *p, const struct yaml_mark *m)
 {
     p->pos = m->pos;
@@ -1066,6 +1101,7 @@ static void yaml_reset(struct yaml_parser *p, const struct yaml_mark *m)
     p->col = m->col;
 }
 
+/* Skips spaces and tabs on the current line; returns how many. */
 static int yaml_skip_blanks(struct yaml_parser *p)
 {
     int k = 0;
@@ -1094,14 +1130,10 @@ static int yaml_utf8(const unsigned char *s, size_t n, uint32_t *cp)
         *cp = c;
         return 1;
     }
-    if (c >= 0xC2 && c <= 0xDF)
-        k = 2, c &= 0x1F;
-    else if (c >= 0xE0 && c <= 0xEF)
-        k = 3, c &= 0x0F;
-    else if (c >= 0xF0 && c <= 0xF4)
-        k = 4, c &= 0x07;
-    else
-        return 0;
+    if (c >= 0xC2 && c <= 0xDF) k = 2, c &= 0x1F;
+    else if (c >= 0xE0 && c <= 0xEF) k = 3, c &= 0x0F;
+    else if (c >= 0xF0 && c <= 0xF4) k = 4, c &= 0x07;
+    else return 0;
     if (n < (size_t)k) return 0;
     for (i = 1; i < k; i++) {
         if ((s[i] & 0xC0) != 0x80) return 0;
@@ -1118,8 +1150,7 @@ static int yaml_put_utf8(struct yaml_parser *p, uint32_t cp)
 {
     unsigned char u[4];
     size_t k;
-    if (cp < 0x80)
-        u[0] = (unsigned char)cp, k = 1;
+    if (cp < 0x80) u[0] = (unsigned char)cp, k = 1;
     else if (cp < 0x800) {
         u[0] = (unsigned char)(0xC0 | (cp >> 6));
         u[1] = (unsigned char)(0x80 | (cp & 0x3F));
@@ -1139,6 +1170,7 @@ static int yaml_put_utf8(struct yaml_parser *p, uint32_t cp)
     return buf_append(&p->sb, u, k) < 0 ? yaml_oom(p) : 0;
 }
 
+/* Appends one byte to the scalar text. 0 ok, -1 out of memory (recorded). */
 static int yaml_putc(struct yaml_parser *p, int c)
 {
     return buf_putc(&p->sb, c) < 0 ? yaml_oom(p) : 0;
@@ -1165,13 +1197,13 @@ static int yaml_prepare(struct yaml_parser *p, const char *text, size_t len)
     if (len > III_YAML_MAX_BYTES)
         return yaml_fail(p, 1, 1, "document too large (%lu bytes; the limit is %lu)",
                          (unsigned long)len, (unsigned long)III_YAML_MAX_BYTES);
-    o = xmalloc(len + 8);
+    o = xmalloc(len + 8); /* never longer than the input: CRLF only shrinks */
     if (!o) return yaml_fail(p, 1, 1, "out of memory");
     if (len >= 3 && t[0] == 0xEF && t[1] == 0xBB && t[2] == 0xBF) i = 3;
     while (i < len) {
         uint32_t cp;
         int k;
-        if (t[i] == '\r' || t[i] == '\n') {
+        if (t[i] == '\r' || t[i] == '\n') { /* LF, CRLF and a lone CR all end a line */
             i += (t[i] == '\r' && i + 1 < len && t[i + 1] == '\n') ? 2 : 1;
             o[n++] = '\n';
             line++;
@@ -1194,9 +1226,9 @@ static int yaml_prepare(struct yaml_parser *p, const char *text, size_t len)
         memcpy(o + n, t + i, (size_t)k);
         n += (size_t)k;
         i += (size_t)k;
-        col++;
+        col++; /* one character, however many bytes */
     }
-    memset(o + n, 0, 8);
+    memset(o + n, 0, 8); /* the end sentinel, and room for YC(p, k) lookahead */
     p->s = o;
     p->len = n;
     return 0;
@@ -1248,7 +1280,7 @@ static struct yaml_node *yaml_null_at(struct yaml_parser *p, const struct yaml_m
 static int yaml_push(struct yaml_parser *p, struct yaml_node *c, char *key, int kl, int kc,
                      struct yaml_node *item)
 {
-    if (c->n == c->cap) {
+    if (c->n == c->cap) { /* grow by doubling; the arrays of a MAP grow together */
         size_t cap = c->cap ? c->cap * 2 : 4;
         void *t;
         if (cap > SIZE_MAX / sizeof(struct yaml_node *)) goto oom;
@@ -1296,10 +1328,8 @@ static void yaml_free_at(struct yaml_node *n, int depth)
     xfree(n);
 }
 
-static void yaml_free(struct yaml_node *n)
-{
-    yaml_free_at(n, 0);
-}
+/* Frees a tree from yaml_parse (NULL is fine). */
+static void yaml_free(struct yaml_node *n) { yaml_free_at(n, 0); }
 
 /* Key/value pairs of a MAP sorted by key (bytewise), for canonical output and comparison. */
 struct yaml_kv {
@@ -1308,6 +1338,7 @@ struct yaml_kv {
     size_t i; /* index in the MAP: reports the first of two duplicates */
 };
 
+/* qsort order: by key bytes (strcmp compares as unsigned char), then by position. */
 static int yaml_kv_cmp(const void *a, const void *b)
 {
     const struct yaml_kv *x = a, *y = b;
@@ -1339,6 +1370,7 @@ static int yaml_dup_check(struct yaml_parser *p, const struct yaml_node *m)
 {
     size_t i, j, first = 0, dup = SIZE_MAX;
     if (m->n < 2) return 0;
+    /* Either way the reported pair is (first occurrence, earliest repeat in the text). */
     if (m->n <= 16) {
         for (j = 1; j < m->n && dup == SIZE_MAX; j++)
             for (i = 0; i < j; i++)
@@ -1449,8 +1481,7 @@ static int yaml_bad_start(struct yaml_parser *p, int flow)
     case '-':
         if (flow && yaml_blankz(c1))
             m = "block sequence entries (`- `) cannot be used inside [ ] or { }";
-        else if (flow && ends)
-            m = "a lone `-` must be put in quotes inside [ ] or { }";
+        else if (flow && ends) m = "a lone `-` must be put in quotes inside [ ] or { }";
         break;
     case '|':
     case '>':
@@ -1495,27 +1526,22 @@ static void yaml_resolve(struct yaml_node *nd)
         nd->b = s[0] == 't' || s[0] == 'T';
         return;
     }
-    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'o') && n > 2)
-        base = s[1] == 'x' ? 16 : 8, k = 2;
-    else if (s[0] == '-' || s[0] == '+')
-        neg = s[0] == '-', k = 1;
-    lim = neg ? (uint64_t)INT64_MAX + 1 : (uint64_t)INT64_MAX;
+    /* Integers: [-+]?[0-9]+ | 0o[0-7]+ | 0x[0-9a-fA-F]+ (no sign on the last two). The value is
+     * accumulated exactly in v (with an overflow check before each step) and, for the float
+     * fallback, approximately in d. */
+    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'o') && n > 2) base = s[1] == 'x' ? 16 : 8, k = 2;
+    else if (s[0] == '-' || s[0] == '+') neg = s[0] == '-', k = 1;
+    lim = neg ? (uint64_t)INT64_MAX + 1 : (uint64_t)INT64_MAX; /* |INT64_MIN| = MAX + 1 */
     for (; k < n; k++) {
         int c = (unsigned char)s[k], x;
-        if (c >= '0' && c <= '9')
-            x = c - '0';
-        else if (base == 16 && c >= 'a' && c <= 'f')
-            x = c - 'a' + 10;
-        else if (base == 16 && c >= 'A' && c <= 'F')
-            x = c - 'A' + 10;
-        else
-            break;
+        if (c >= '0' && c <= '9') x = c - '0';
+        else if (base == 16 && c >= 'a' && c <= 'f') x = c - 'a' + 10;
+        else if (base == 16 && c >= 'A' && c <= 'F') x = c - 'A' + 10;
+        else break;
         if (x >= base) break;
         d = d * base + x;
-        if (v > (lim - (uint64_t)x) / (uint64_t)base)
-            over = 1;
-        else
-            v = v * (uint64_t)base + (uint64_t)x;
+        if (v > (lim - (uint64_t)x) / (uint64_t)base) over = 1;
+        else v = v * (uint64_t)base + (uint64_t)x;
         dig++;
     }
     if (k == n && dig > 0) {
@@ -1540,11 +1566,10 @@ static void yaml_resolve(struct yaml_node *nd)
         nd->d = strtod("nan", NULL);
         return;
     }
+    /* Mantissa: digits with at most one '.', at least one digit; then an optional exponent. */
     for (dig = 0; k < n && ((s[k] >= '0' && s[k] <= '9') || (s[k] == '.' && !dot)); k++) {
-        if (s[k] == '.')
-            dot = 1;
-        else
-            dig++;
+        if (s[k] == '.') dot = 1;
+        else dig++;
     }
     if (dig == 0) return;
     if (k < n && (s[k] == 'e' || s[k] == 'E')) {
@@ -1569,6 +1594,8 @@ static int yaml_scan_plain(struct yaml_parser *p, int n, int flow)
         size_t start = p->pos;
         struct yaml_mark end = yaml_here(p);
         int c, sp, breaks = 0;
+        /* One line's worth: stop at ": " (a key ends), " #" (a comment) or, in flow context,
+         * at , [ ] { }. `end` trails the last non-blank byte: trailing blanks are not content. */
         while ((c = YC(p, 0)) != 0 && c != '\n') {
             if (c == ':' && (yaml_blankz(YC(p, 1)) || (flow && yaml_flowind(YC(p, 1))))) break;
             if (c == '#' && p->pos > start && yaml_blank((unsigned char)p->s[p->pos - 1])) break;
@@ -1591,13 +1618,16 @@ static int yaml_scan_plain(struct yaml_parser *p, int n, int flow)
             breaks++;
             yaml_adv(p);
         }
+        /* Not a continuation: the end, a comment line, a document marker, a line not indented
+         * more than the parent (block), or one that starts with an indicator that ends the
+         * scalar. The cursor goes back to the end of the text already taken. */
         if (c == 0 || c == '#' || yaml_at_marker(p) || (!flow && sp <= n) ||
             (c == ':' && (yaml_blankz(YC(p, 1)) || (flow && yaml_flowind(YC(p, 1))))) ||
             (flow && yaml_flowind(c))) {
             yaml_reset(p, &end);
             return 0;
         }
-        if (yaml_put_breaks(p, breaks, 1) < 0) return -1;
+        if (yaml_put_breaks(p, breaks, 1) < 0) return -1; /* then scan the next line */
     }
 }
 
@@ -1629,14 +1659,10 @@ static int yaml_hex(struct yaml_parser *p, int k, uint32_t *cp)
     uint32_t v = 0;
     while (k-- > 0) {
         int c = YC(p, 0), x;
-        if (c >= '0' && c <= '9')
-            x = c - '0';
-        else if (c >= 'a' && c <= 'f')
-            x = c - 'a' + 10;
-        else if (c >= 'A' && c <= 'F')
-            x = c - 'A' + 10;
-        else
-            return -1;
+        if (c >= '0' && c <= '9') x = c - '0';
+        else if (c >= 'a' && c <= 'f') x = c - 'a' + 10;
+        else if (c >= 'A' && c <= 'F') x = c - 'A' + 10;
+        else return -1;
         v = (v << 4) | (uint32_t)x;
         yaml_adv(p);
     }
@@ -1644,78 +1670,30 @@ static int yaml_hex(struct yaml_parser *p, int k, uint32_t *cp)
     return 0;
 }
 
-/* Decodes the escape sequence at the cursor (on the backslash) of a double-quoted scalar. */
+/* The one-character escapes of YAML 1.2 §5.7 and the code points they stand for. */
+static const char yaml_esc_from[] = "0abt\tnvfre \"/\\N_LP";
+static const uint32_t yaml_esc_to[] = {0,  7,  8,  9,  9,  10,   11,   12,     13,
+                                       27, 32, 34, 47, 92, 0x85, 0xA0, 0x2028, 0x2029};
+
+/* Decodes the escape sequence at the cursor (on the backslash) of a double-quoted scalar:
+ * a one-character escape, \xXX, \uXXXX (a UTF-16 surrogate pair as JSON writes it is
+ * combined), \UXXXXXXXX, or an escaped line break (the break and the next line's leading
+ * blanks vanish). The text is appended to p->sb as UTF-8. */
 static int yaml_escape(struct yaml_parser *p, int n, int flow, const struct yaml_mark *open)
 {
     struct yaml_mark at = yaml_here(p);
     uint32_t cp = 0, lo;
     int e, digits = 0;
+    const char *q;
     yaml_adv(p);
     e = YC(p, 0);
-    switch (e) {
-    case '0':
-        cp = 0;
-        break;
-    case 'a':
-        cp = 7;
-        break;
-    case 'b':
-        cp = 8;
-        break;
-    case 't':
-    case '\t':
-        cp = 9;
-        break;
-    case 'n':
-        cp = 10;
-        break;
-    case 'v':
-        cp = 11;
-        break;
-    case 'f':
-        cp = 12;
-        break;
-    case 'r':
-        cp = 13;
-        break;
-    case 'e':
-        cp = 27;
-        break;
-    case ' ':
-    case '"':
-    case '/':
-    case '\\':
-        cp = (uint32_t)e;
-        break;
-    case 'N':
-        cp = 0x85;
-        break;
-    case '_':
-        cp = 0xA0;
-        break;
-    case 'L':
-        cp = 0x2028;
-        break;
-    case 'P':
-        cp = 0x2029;
-        break;
-    case 'x':
-        digits = 2;
-        break;
-    case 'u':
-        digits = 4;
-        break;
-    case 'U':
-        digits = 8;
-        break;
-    case '\n':
-        return yaml_quoted_fold(p, n, flow, open, 1); /* escaped line break */
-    case 0:
-        return yaml_fail(p, open->line, open->col, "unterminated double-quoted scalar");
-    default:
+    if (e == 0) return yaml_fail(p, open->line, open->col, "unterminated double-quoted scalar");
+    if (e == '\n') return yaml_quoted_fold(p, n, flow, open, 1);
+    if ((q = strchr(yaml_esc_from, e)) != NULL) cp = yaml_esc_to[q - yaml_esc_from];
+    else if (e == 'x' || e == 'u' || e == 'U') digits = e == 'x' ? 2 : e == 'u' ? 4 : 8;
+    else
         return yaml_fail(p, at.line, at.col, "unknown escape `\\%.*s` in a double-quoted scalar",
                          yaml_seqlen(e), p->s + p->pos);
-    }
     yaml_adv(p);
     if (digits) {
         if (yaml_hex(p, digits, &cp) < 0)
@@ -1806,6 +1784,7 @@ static char *yaml_scan_key(struct yaml_parser *p, int flow)
     int c = YC(p, 0), ml = 0;
     char *k;
     p->sb.len = 0;
+    /* An implicit key is one line in block context (YAML 1.2 §7.4.2); flow allows more. */
     if (c == '"' || c == '\'') {
         if (yaml_scan_quoted(p, -1, flow, &ml) < 0) return NULL;
         if (ml && !flow) {
@@ -1815,6 +1794,7 @@ static char *yaml_scan_key(struct yaml_parser *p, int flow)
     } else if (yaml_scan_plain(p, flow ? -1 : INT_MAX, flow) < 0) {
         return NULL;
     }
+    /* Keys are C strings (and JSON object names downstream): an escaped NUL cannot be one. */
     if (p->sb.len && memchr(p->sb.p, 0, p->sb.len)) {
         yaml_fail(p, at.line, at.col, "a NUL character in a mapping key is not supported");
         return NULL;
@@ -1835,20 +1815,17 @@ static int yaml_key_ahead(struct yaml_parser *p)
 {
     struct yaml_mark m = yaml_here(p);
     int q = YC(p, 0), c, r = 0;
-    if (q == '"' || q == '\'') {
+    if (q == '"' || q == '\'') { /* skip to the closing quote; a key never spans lines */
         yaml_adv(p);
         for (;;) {
             c = YC(p, 0);
             if (c == 0 || c == '\n') goto out;
             yaml_adv(p);
-            if (q == '"' && c == '\\' && YC(p, 0) != '\n')
-                yaml_adv(p);
-            else if (c == q && !(q == '\'' && YC(p, 0) == '\''))
-                break;
-            else if (c == q)
-                yaml_adv(p);
+            if (q == '"' && c == '\\' && YC(p, 0) != '\n') yaml_adv(p);
+            else if (c == q && !(q == '\'' && YC(p, 0) == '\'')) break;
+            else if (c == q) yaml_adv(p);
         }
-    } else {
+    } else { /* the same stops as yaml_scan_plain in block context */
         int prev = ' ';
         while ((c = YC(p, 0)) != 0 && c != '\n') {
             if (c == ':' && yaml_blankz(YC(p, 1))) break;
@@ -1876,17 +1853,16 @@ static struct yaml_node *yaml_block_scalar(struct yaml_parser *p, int n)
     yaml_adv(p);
     for (;;) { /* header: chomping and indentation indicators, in either order */
         c = YC(p, 0);
-        if ((c == '-' || c == '+') && !chomp)
-            chomp = c == '-' ? -1 : 1;
-        else if (c >= '1' && c <= '9' && !incr)
-            incr = c - '0';
+        if ((c == '-' || c == '+') && !chomp) chomp = c == '-' ? -1 : 1;
+        else if (c >= '1' && c <= '9' && !incr) incr = c - '0';
         else if (c == '0')
             return yaml_fail(p, p->line, p->col, "the indentation indicator must be 1 to 9"), NULL;
-        else
-            break;
+        else break;
         yaml_adv(p);
     }
     if (yaml_end_line(p, "the block scalar indicator") < 0) return NULL;
+    /* Content indentation: the parent's plus the indicator digit, else detected; never less
+     * than one more than the parent (as libyaml does). */
     if (incr) {
         ind = (n >= 0 ? n : 0) + incr;
     } else { /* the most-indented of the leading empty lines and the first content line */
@@ -1904,6 +1880,10 @@ static struct yaml_node *yaml_block_scalar(struct yaml_parser *p, int n)
         if (ind < n + 1) ind = n + 1;
         if (ind < 1) ind = 1;
     }
+    /* One line per turn (libyaml's algorithm): `breaks` counts empty lines since the last
+     * content line, leading_break says that content line ended in a line break. Folding joins
+     * two "normal" lines (neither starts with a blank) with a space, unless empty lines sat
+     * between them, which then stand for themselves. */
     for (;;) {
         struct yaml_mark line = yaml_here(p);
         int sp = 0, trailing_blank;
@@ -1940,6 +1920,7 @@ static struct yaml_node *yaml_block_scalar(struct yaml_parser *p, int n)
         if (!leading_break) break;
         yaml_adv(p);
     }
+    /* Chomping: strip drops the final break, clip keeps it, keep also keeps the empty lines. */
     if (chomp != -1 && leading_break && yaml_putc(p, '\n') < 0) return NULL;
     if (chomp == 1 && yaml_put_breaks(p, breaks, 0) < 0) return NULL;
     if (yaml_next_content(p) < 0) return NULL;
@@ -1958,12 +1939,10 @@ static int yaml_flow_ws(struct yaml_parser *p, const struct yaml_mark *open)
         if (yaml_blank(c) || c == '\n') {
             yaml_adv(p);
             sp = 1;
-            if (c == '\n' && yaml_at_marker(p))
-                c = 0;
-            else
-                continue;
+            if (c == '\n' && yaml_at_marker(p)) c = 0;
+            else continue;
         }
-        if (c == '#') {
+        if (c == '#') { /* a comment: `#` after a blank or at a line start, to the line end */
             if (!sp) return yaml_fail(p, p->line, p->col, "a comment needs a space before `#`");
             while (YC(p, 0) != '\n' && YC(p, 0) != 0) yaml_adv(p);
             continue;
@@ -1991,6 +1970,8 @@ static int yaml_flow_pair(struct yaml_parser *p, struct yaml_node *m, const stru
                          "supported)");
     if (yaml_bad_start(p, 1) < 0) return -1;
     if (!(key = yaml_scan_key(p, 1))) return -1;
+    /* The key may be followed by `:` (possibly on a later line, as YAML allows in flow, and
+     * right after a quoted key as in JSON), or directly by `,` / `}`: then its value is null. */
     if (yaml_flow_ws(p, open) < 0) goto fail;
     c = YC(p, 0);
     vat = kat;
@@ -2028,14 +2009,13 @@ static struct yaml_node *yaml_flow_coll(struct yaml_parser *p)
     if (!(nd = yaml_new(p, map ? YAML_MAP : YAML_SEQ, &open))) return NULL;
     p->depth++;
     yaml_adv(p);
+    /* entry := (close | entry-content (',' | close)); a trailing ',' before close is allowed. */
     for (;;) {
         if (yaml_flow_ws(p, &open) < 0) goto fail;
         c = YC(p, 0);
         if (c == close) break;
         if (c == ',') {
-            yaml_fail(p, p->line, p->col,
-                      "empty entry in a flow %s (a `,` with nothing before "
-                      "it)",
+            yaml_fail(p, p->line, p->col, "empty entry in a flow %s (a `,` with nothing before it)",
                       what);
             goto fail;
         }
@@ -2051,18 +2031,18 @@ static struct yaml_node *yaml_flow_coll(struct yaml_parser *p)
             continue;
         }
         if (c == close) break;
+        /* YAML's single-pair `[a: 1]` is refused: it is rare and easily a missing `]`. */
         if (!map && c == ':')
             yaml_fail(p, p->line, p->col,
                       "`key: value` inside [ ] is not supported (use { } "
                       "for a mapping, or is a `]` missing?)");
         else
             yaml_fail(p, p->line, p->col,
-                      "expected `,` or `%c` in the flow %s opened at line "
-                      "%d, column %d",
-                      close, what, open.line, open.col);
+                      "expected `,` or `%c` in the flow %s opened at line %d, column %d", close,
+                      what, open.line, open.col);
         goto fail;
     }
-    yaml_adv(p);
+    yaml_adv(p); /* the closing bracket */
     p->depth--;
     if (map && yaml_dup_check(p, nd) < 0) {
         yaml_free(nd);
@@ -2097,6 +2077,9 @@ static struct yaml_node *yaml_block_map(struct yaml_parser *p, int m)
                NULL;
     if (!(nd = yaml_new(p, YAML_MAP, &at))) return NULL;
     p->depth++;
+    /* Invariant at the top of the loop: the cursor is on the first character of a line
+     * indented exactly m. Each turn reads `key:` and a value, which leaves the cursor on the
+     * next content line; a less-indented line (or the end) closes the mapping. */
     for (;;) {
         struct yaml_mark kat = yaml_here(p);
         int c = YC(p, 0);
@@ -2115,13 +2098,13 @@ static struct yaml_node *yaml_block_map(struct yaml_parser *p, int m)
             goto fail;
         }
         if (yaml_bad_start(p, 0) < 0 || !(key = yaml_scan_key(p, 0))) goto fail;
-        yaml_skip_blanks(p);
+        yaml_skip_blanks(p); /* `key :` is allowed, `key:value` is a plain scalar */
         if (YC(p, 0) != ':' || !yaml_blankz(YC(p, 1))) {
             yaml_fail(p, kat.line, kat.col, "expected `:` after the key `%s`", key);
             xfree(key);
             goto fail;
         }
-        yaml_adv(p);
+        yaml_adv(p); /* the ':' */
         if (!(v = yaml_block_node(p, m, YM_SAME))) {
             xfree(key);
             goto fail;
@@ -2137,7 +2120,7 @@ static struct yaml_node *yaml_block_map(struct yaml_parser *p, int m)
         }
     }
     p->depth--;
-    if (yaml_dup_check(p, nd) < 0) {
+    if (yaml_dup_check(p, nd) < 0) { /* checked once complete: the first repeat is reported */
         yaml_free(nd);
         return NULL;
     }
@@ -2158,19 +2141,22 @@ static struct yaml_node *yaml_block_seq(struct yaml_parser *p, int m, int indent
         return yaml_fail(p, at.line, at.col, "nesting is too deep (the limit is %d levels)",
                          III_YAML_MAX_DEPTH),
                NULL;
+    /* The same depth cap as flow collections: block nesting recurses just the same. */
     if (!(nd = yaml_new(p, YAML_SEQ, &at))) return NULL;
     p->depth++;
+    /* Invariant: the cursor is on a `-` indented m. The entry's node may share the line
+     * (YM_COMPACT: `- a: 1` opens a mapping at the column of `a`) or start below it. */
     for (;;) {
         yaml_adv(p); /* the '-' */
         if (!(item = yaml_block_node(p, m, YM_COMPACT))) goto fail;
         if (yaml_push(p, nd, NULL, 0, 0, item) < 0) goto fail;
         if (p->indent == m && YC(p, 0) == '-' && yaml_blankz(YC(p, 1))) continue;
+        /* An indentless sequence (`key:` then `- x` at the key's column) ends at the next
+         * key; any other sequence must not be followed by a non-entry at its own column. */
         if (p->indent < m || (p->indent == m && indentless)) break;
         if (p->indent == m)
             yaml_fail(p, p->line, p->col,
-                      "expected `- ` (the entries of this sequence are at "
-                      "column %d)",
-                      m + 1);
+                      "expected `- ` (the entries of this sequence are at column %d)", m + 1);
         else
             yaml_fail(p, p->line, p->col,
                       "bad indentation (this line starts at column %d, but "
@@ -2193,6 +2179,8 @@ static struct yaml_node *yaml_block_content(struct yaml_parser *p, int n, int mo
 {
     int c = YC(p, 0), ind = p->col - 1;
     struct yaml_node *nd;
+    /* The first character decides: `- ` a sequence, | or > a block scalar, [ or { a flow
+     * collection, `key:` a mapping (not on a key's own line), anything else a scalar. */
     if (c == '-' && yaml_blankz(YC(p, 1))) {
         if (mode == YM_SAME)
             return yaml_fail(p, p->line, p->col,
@@ -2217,6 +2205,7 @@ static struct yaml_node *yaml_block_content(struct yaml_parser *p, int n, int mo
         if (mode != YM_SAME && yaml_key_ahead(p)) return yaml_block_map(p, ind);
         if (!(nd = yaml_scalar(p, n, 0))) return NULL;
         yaml_skip_blanks(p);
+        /* `a: b: c`, or a multi-line scalar that ends in `:`: YAML has no reading of it. */
         if (YC(p, 0) == ':' && yaml_blankz(YC(p, 1))) {
             yaml_free(nd);
             return yaml_fail(p, p->line, p->col,
@@ -2225,6 +2214,7 @@ static struct yaml_node *yaml_block_content(struct yaml_parser *p, int n, int mo
                    NULL;
         }
     }
+    /* Only a comment may follow on the line; then move to the next content line. */
     if (yaml_end_line(p, c == '[' || c == '{' ? "a flow collection" : "a scalar") < 0 ||
         yaml_next_content(p) < 0) {
         yaml_free(nd);
@@ -2243,6 +2233,8 @@ static struct yaml_node *yaml_block_node(struct yaml_parser *p, int n, int mode)
         int sp = yaml_skip_blanks(p), c = YC(p, 0);
         if (c == '\n' || c == 0 || (c == '#' && sp)) {
             if (yaml_end_line(p, "") < 0 || yaml_next_content(p) < 0) return NULL;
+            /* The value continues below when more indented than the parent; a map value may
+             * also be a sequence at the key's own column (YAML's "indentless" sequence). */
             if (p->indent <= n && !(p->indent == n && mode == YM_SAME && n >= 0 &&
                                     YC(p, 0) == '-' && yaml_blankz(YC(p, 1))))
                 return yaml_null_at(p, &at);
@@ -2259,18 +2251,19 @@ static struct yaml_node *yaml_document(struct yaml_parser *p)
     struct yaml_node *root;
     int dir = 0;
     if (yaml_next_content(p) < 0) return NULL;
+    /* %YAML is accepted and ignored (this is YAML 1.2 either way); %TAG would need tags. */
     while (p->indent == 0 && YC(p, 0) == '%') {
         if (strncmp(p->s + p->pos, "%TAG", 4) == 0)
             return yaml_fail(p, p->line, p->col, "tags (%%TAG) are not supported"), NULL;
         if (strncmp(p->s + p->pos, "%YAML", 5) != 0 || !yaml_blank(YC(p, 5)))
-            return yaml_fail(p, p->line, p->col,
-                             "directives other than %%YAML are not "
-                             "supported"),
+            return yaml_fail(p, p->line, p->col, "directives other than %%YAML are not supported"),
                    NULL;
         while (YC(p, 0) != '\n' && YC(p, 0) != 0) yaml_adv(p);
         if (yaml_end_line(p, "") < 0 || yaml_next_content(p) < 0) return NULL;
         dir = 1;
     }
+    /* The root: after `---` (which may have a scalar or flow node on its own line), or the
+     * first content line, or nothing at all (an empty document is null). */
     if (p->indent < 0 && YC(p, 0) == '-') {
         yaml_adv(p);
         yaml_adv(p);
@@ -2294,10 +2287,10 @@ static struct yaml_node *yaml_document(struct yaml_parser *p)
             goto fail;
         }
     }
+    /* What may not follow the root: another document, a stray `...`, less-indented content. */
     if (p->indent < 0 && YC(p, 0) == '-') {
         yaml_fail(p, p->line, p->col,
-                  "multi-document streams are not supported (a second "
-                  "document starts here)");
+                  "multi-document streams are not supported (a second document starts here)");
         goto fail;
     }
     if (p->indent < 0 && YC(p, 0) == '.') {
@@ -2371,6 +2364,7 @@ static int yaml_put_double(struct buf *out, double d)
     int prec, k = 0, x, i, m = 0;
     const char *q;
     if (!(d - d == 0.0)) return buf_append(out, "null", 4);
+    /* The fewest significant digits (1..17) that read back exactly: %.16e always does. */
     for (prec = 0; prec < 16; prec++) { /* %.{prec}e: 1 + prec significant digits */
         snprintf(e, sizeof e, "%.*e", prec, d);
         if (strtod(e, NULL) == d) break;
@@ -2379,6 +2373,7 @@ static int yaml_put_double(struct buf *out, double d)
     for (q = e; *q && *q != 'e'; q++)
         if (*q >= '0' && *q <= '9') dig[k++] = *q;
     x = atoi(q + 1) + 1; /* d = 0.DIGITS x 10^x */
+    /* Lay the digits out: whole number, decimal point inside, leading "0.000", or exponent. */
     while (k > 1 && dig[k - 1] == '0') k--;
     dig[k] = 0;
     if (e[0] == '-') t[m++] = '-';
@@ -2411,6 +2406,8 @@ static int yaml_put_double(struct buf *out, double d)
     return buf_append(out, t, (size_t)m);
 }
 
+/* yaml_to_json below one level of nesting. depth guards a hand-built tree; parsed trees are
+ * never deeper than III_YAML_MAX_DEPTH. A NULL node prints as null. */
 static int yaml_json_at(const struct yaml_node *n, struct buf *out, int depth)
 {
     size_t i;
@@ -2431,7 +2428,7 @@ static int yaml_json_at(const struct yaml_node *n, struct buf *out, int depth)
             if ((i && buf_putc(out, ',') < 0) || yaml_json_at(n->items[i], out, depth + 1) < 0)
                 return -1;
         return buf_putc(out, ']');
-    case YAML_MAP: {
+    case YAML_MAP: { /* keys in sorted order: the point of "canonical" */
         struct yaml_kv *kv = yaml_sorted(n);
         int rc = kv ? buf_putc(out, '{') : -1;
         for (i = 0; rc == 0 && i < n->n; i++)
@@ -2453,6 +2450,8 @@ static int yaml_to_json(const struct yaml_node *n, struct buf *out)
     return yaml_json_at(n, out, 0);
 }
 
+/* yaml_equal below one level of nesting (depth capped as in yaml_json_at). Equality follows
+ * the canonical JSON text: two trees are equal exactly when yaml_to_json prints them alike. */
 static int yaml_equal_at(const struct yaml_node *a, const struct yaml_node *b, int depth)
 {
     size_t i, j;
@@ -2590,6 +2589,7 @@ struct cfg_ctx {
     size_t errlen;
 };
 
+/* 1 when s is one of the NULL-terminated list. */
 static int cfg_in(const char *s, const char *const *list)
 {
     for (; *list; list++)
@@ -2616,6 +2616,7 @@ static void cfg_defaults(struct cfg *c)
     c->lis.n_origins = sizeof cfg_default_origins / sizeof cfg_default_origins[0];
 }
 
+/* Frees a NULL-terminated list of strings and the list itself (NULL is fine). */
 static void cfg_free_list(char **v)
 {
     char **q;
@@ -2655,10 +2656,8 @@ static int cfg_fail(struct cfg_ctx *x, const char *who, int line, int col, const
     va_list ap;
     size_t k;
     if (!x->err || !x->errlen) return -1;
-    if (line > 0)
-        snprintf(x->err, x->errlen, "%s:%d:%d: ", x->file, line, col);
-    else
-        snprintf(x->err, x->errlen, "%s: ", x->file);
+    if (line > 0) snprintf(x->err, x->errlen, "%s:%d:%d: ", x->file, line, col);
+    else snprintf(x->err, x->errlen, "%s: ", x->file);
     k = strlen(x->err);
     if (who && k < x->errlen) snprintf(x->err + k, x->errlen - k, "worker '%s': ", who);
     k = strlen(x->err);
@@ -2674,10 +2673,8 @@ static const char *cfg_got(const struct yaml_node *v, char *t, size_t tn)
     if (!v || v->kind == YAML_NULL) return "nothing (null)";
     if (v->kind == YAML_SEQ) return "a list";
     if (v->kind == YAML_MAP) return "a mapping";
-    if (v->kind == YAML_STR)
-        snprintf(t, tn, "the string \"%.40s\"", v->str);
-    else
-        snprintf(t, tn, "%.40s", v->str);
+    if (v->kind == YAML_STR) snprintf(t, tn, "the string \"%.40s\"", v->str);
+    else snprintf(t, tn, "%.40s", v->str);
     return t;
 }
 
@@ -2731,7 +2728,7 @@ static const char *cfg_text(const struct yaml_node *v)
 /* The current directory as a new string, or NULL with errno set. */
 static char *cfg_getcwd(void)
 {
-    size_t n = 256;
+    size_t n = 256; /* heap, doubled on ERANGE: PATH_MAX is not a bound POSIX guarantees */
     for (;;) {
         char *d = xmalloc(n);
         if (!d) return NULL;
@@ -2749,7 +2746,7 @@ static char *cfg_path_join(const char *base, const char *rel)
     size_t nb = rel[0] == '/' ? 0 : strlen(base), nr = strlen(rel), i = 0, k = 0;
     char *s, *o;
     if (nb > SIZE_MAX / 2 - 4 || nr > SIZE_MAX / 2 - 4) return NULL;
-    if (!(s = xmalloc(nb + nr + 2))) return NULL;
+    if (!(s = xmalloc(nb + nr + 2))) return NULL; /* base "/" rel, then the cleaned copy */
     if (!(o = xmalloc(nb + nr + 3))) {
         xfree(s);
         return NULL;
@@ -2757,7 +2754,7 @@ static char *cfg_path_join(const char *base, const char *rel)
     memcpy(s, base, nb);
     s[nb] = '/';
     memcpy(s + nb + 1, rel, nr + 1);
-    while (s[i]) {
+    while (s[i]) { /* copy each segment s[i..j) except "" and "." as "/segment" */
         size_t j = i;
         while (s[j] && s[j] != '/') j++;
         if (j > i && !(j - i == 1 && s[i] == '.')) {
@@ -2776,6 +2773,8 @@ static char *cfg_path_join(const char *base, const char *rel)
 /* Sets x->dir to the absolute directory that holds the config file at path. */
 static int cfg_dir(struct cfg_ctx *x, const char *path)
 {
+    /* Without a path, or with a relative one, the directory is taken from getcwd() once, at
+     * load time: a worker's cwd must not change meaning if the engine ever changes its own. */
     const char *slash = path ? strrchr(path, '/') : NULL;
     char *cwd = NULL, *dir;
     if (!slash || path[0] != '/') {
@@ -2783,7 +2782,7 @@ static int cfg_dir(struct cfg_ctx *x, const char *path)
             return cfg_fail(x, NULL, 0, 0, "cannot determine the current directory: %s",
                             errno ? strerror(errno) : "out of memory");
     }
-    if (!slash) {
+    if (!slash) { /* "config.yaml": the current directory */
         x->dir = cwd;
         return 0;
     }
@@ -2834,6 +2833,8 @@ static int cfg_expand(const char *text, size_t len, struct buf *out, char *err, 
             def_end = j;
         }
         end = j + 1;
+        /* A match: copy the literal text before it, then the value, the default or an error.
+         * A name holding a NUL byte cannot be in the environment: it counts as unset. */
         if (!(nm = xmalloc(name_end - name + 1))) goto oom;
         memcpy(nm, text + name, name_end - name);
         nm[name_end - name] = 0;
@@ -2848,7 +2849,7 @@ static int cfg_expand(const char *text, size_t len, struct buf *out, char *err, 
             } else if (buf_append(out, text + def, def_end - def) < 0) {
                 goto oom;
             }
-        } else {
+        } else { /* the position of the `$`, in characters, as the YAML reader counts them */
             int col = 1;
             for (j = line_start; j < i; j++) col += ((unsigned char)text[j] & 0xC0) != 0x80;
             if (err && errlen) {
@@ -2884,31 +2885,39 @@ static char **cfg_list(size_t n)
     return v;
 }
 
-/* The listener settings in the iii-worker-manager entry's `config` (a mapping or null). */
+#define CFG_LOFF(f) offsetof(struct cfg_listener, f)
+
+/* The listener settings in the iii-worker-manager entry's `config` (a mapping or null), each
+ * type- and range-checked into l. Keys of the reference engine that this one does not
+ * implement (rbac, middleware_function_id) are refused by name: ignoring an access rule
+ * would be a silent security change. */
 static int cfg_listener(struct cfg_ctx *x, const char *who, const struct yaml_node *conf,
                         struct cfg_listener *l)
 {
+    /* The integer settings: range, and where and how wide the field is ('i' int, 'l' int64_t,
+     * 'z' size_t). Byte counts are capped by what size_t holds on this platform. */
     static const struct {
         const char *key;
         int64_t min, max;
+        size_t off;
+        char type;
     } ints[] = {
-        {"port", 0, 65535},
-        {"handshake_timeout_ms", 1, CFG_MS_MAX},
-        {"ping_interval_ms", 0, CFG_MS_MAX},
-        {"idle_timeout_ms", 0, CFG_MS_MAX},
-        {"max_message_bytes", 1, INT64_MAX},
-        {"max_frame_bytes", 1, INT64_MAX},
-        {"max_header_bytes", 1, INT64_MAX},
-        {"max_connections", 1, CFG_MS_MAX},
-        {"max_outbound_bytes", 1, INT64_MAX},
+        {"port", 0, 65535, CFG_LOFF(port), 'i'},
+        {"handshake_timeout_ms", 1, CFG_MS_MAX, CFG_LOFF(handshake_timeout_ms), 'l'},
+        {"ping_interval_ms", 0, CFG_MS_MAX, CFG_LOFF(ping_interval_ms), 'l'},
+        {"idle_timeout_ms", 0, CFG_MS_MAX, CFG_LOFF(idle_timeout_ms), 'l'},
+        {"max_message_bytes", 1, INT64_MAX, CFG_LOFF(max_message_bytes), 'z'},
+        {"max_frame_bytes", 1, INT64_MAX, CFG_LOFF(max_frame_bytes), 'z'},
+        {"max_header_bytes", 1, INT64_MAX, CFG_LOFF(max_header_bytes), 'z'},
+        {"max_connections", 1, CFG_MS_MAX, CFG_LOFF(max_connections), 'z'},
+        {"max_outbound_bytes", 1, INT64_MAX, CFG_LOFF(max_outbound_bytes), 'z'},
     };
     size_t i, k;
     char t[64], what[80];
     if (!conf || conf->kind == YAML_NULL) return 0;
     if (conf->kind != YAML_MAP)
         return cfg_fail(x, who, conf->line, conf->col,
-                        "`config` must be a mapping of listener "
-                        "settings (got %s)",
+                        "`config` must be a mapping of listener settings (got %s)",
                         cfg_got(conf, t, sizeof t));
     for (i = 0; i < conf->n; i++) {
         const char *key = conf->keys[i];
@@ -2918,40 +2927,19 @@ static int cfg_listener(struct cfg_ctx *x, const char *who, const struct yaml_no
         snprintf(what, sizeof what, "`%.40s` in config", key);
         for (k = 0; k < sizeof ints / sizeof ints[0] && strcmp(key, ints[k].key); k++) continue;
         if (k < sizeof ints / sizeof ints[0]) {
+            unsigned char *f = (unsigned char *)l + ints[k].off;
+            int ni;
+            size_t nz;
             max = ints[k].max;
             if (max == INT64_MAX && (uint64_t)SIZE_MAX < (uint64_t)INT64_MAX)
                 max = (int64_t)SIZE_MAX; /* a 32-bit build cannot hold more */
             if (cfg_int(x, who, what, v, line, col, ints[k].min, max, &n) < 0) return -1;
-            switch (k) {
-            case 0:
-                l->port = (int)n;
-                break;
-            case 1:
-                l->handshake_timeout_ms = n;
-                break;
-            case 2:
-                l->ping_interval_ms = n;
-                break;
-            case 3:
-                l->idle_timeout_ms = n;
-                break;
-            case 4:
-                l->max_message_bytes = (size_t)n;
-                break;
-            case 5:
-                l->max_frame_bytes = (size_t)n;
-                break;
-            case 6:
-                l->max_header_bytes = (size_t)n;
-                break;
-            case 7:
-                l->max_connections = (size_t)n;
-                break;
-            default:
-                l->max_outbound_bytes = (size_t)n;
-                break;
-            }
-        } else if (!strcmp(key, "host")) {
+            ni = (int)n;
+            nz = (size_t)n;
+            if (ints[k].type == 'i') memcpy(f, &ni, sizeof ni);
+            if (ints[k].type == 'l') memcpy(f, &n, sizeof n);
+            if (ints[k].type == 'z') memcpy(f, &nz, sizeof nz);
+        } else if (!strcmp(key, "host")) { /* any name or address getaddrinfo takes */
             const char *h = v && v->kind == YAML_STR ? cfg_text(v) : NULL;
             size_t hn = h ? strlen(h) : 0;
             char *d;
@@ -2967,6 +2955,8 @@ static int cfg_listener(struct cfg_ctx *x, const char *who, const struct yaml_no
             if (l->host != cfg_default_host) xfree(l->host);
             l->host = d;
         } else if (!strcmp(key, "allowed_origins")) {
+            /* Browsers send scheme://host[:port] and nothing more, or "null" from a file:
+             * page. A trailing slash or path could never match, so it is refused. */
             char **o;
             if (!v || v->kind != YAML_SEQ)
                 return cfg_fail(x, who, line, col,
@@ -3000,9 +2990,7 @@ static int cfg_listener(struct cfg_ctx *x, const char *who, const struct yaml_no
             l->n_origins = v->n;
         } else if (!strcmp(key, "rbac") || !strcmp(key, "middleware_function_id")) {
             return cfg_fail(x, who, line, col,
-                            "`%s` in config is not supported by this engine "
-                            "(remove it)",
-                            key);
+                            "`%s` in config is not supported by this engine (remove it)", key);
         } else {
             return cfg_fail(x, who, line, col,
                             "unknown key `%s` in config (expected host, port, "
@@ -3023,6 +3011,8 @@ static int cfg_process(struct cfg_ctx *x, struct cfg_worker *w, const struct yam
     char t[64];
     int line, col;
     size_t i;
+    /* command: required. A list is the argv as is (numbers and booleans as written); a string
+     * goes to /bin/sh -c, so pipes and redirections work as people expect. */
     v = cfg_opt(e, "command");
     cfg_pos(e, "command", &line, &col);
     if (!v) {
@@ -3038,7 +3028,7 @@ static int cfg_process(struct cfg_ctx *x, struct cfg_worker *w, const struct yam
                         "not built in (add `command: [\"node\", \"%s.mjs\"]` or a shell string)",
                         w->base);
     }
-    if (v->kind == YAML_STR) {
+    if (v->kind == YAML_STR) { /* a shell command line */
         const char *s = cfg_text(v);
         if (!s || !s[strspn(s, " \t\n")])
             return cfg_fail(x, who, line, col, "`command` must not be empty%s",
@@ -3047,17 +3037,15 @@ static int cfg_process(struct cfg_ctx *x, struct cfg_worker *w, const struct yam
         if (!(w->argv[0] = xstrdup("/bin/sh")) || !(w->argv[1] = xstrdup("-c")) ||
             !(w->argv[2] = xstrdup(s)))
             goto oom;
-    } else if (v->kind == YAML_SEQ && v->n > 0) {
+    } else if (v->kind == YAML_SEQ && v->n > 0) { /* argv; argv[0] is looked up in PATH */
         if (!(w->argv = cfg_list(v->n))) goto oom;
         for (i = 0; i < v->n; i++) {
             const struct yaml_node *a = v->items[i];
             const char *s = cfg_text(a);
             if (!s || (i == 0 && !s[0]))
-                return cfg_fail(x, who, a->line, a->col,
-                                "item %lu of `command` must be a "
-                                "%sstring (got %s)",
-                                (unsigned long)i + 1, i ? "" : "non-empty ",
-                                cfg_got(a, t, sizeof t));
+                return cfg_fail(
+                    x, who, a->line, a->col, "item %lu of `command` must be a %sstring (got %s)",
+                    (unsigned long)i + 1, i ? "" : "non-empty ", cfg_got(a, t, sizeof t));
             if (!(w->argv[i] = xstrdup(s))) goto oom;
         }
     } else {
@@ -3067,12 +3055,12 @@ static int cfg_process(struct cfg_ctx *x, struct cfg_worker *w, const struct yam
                         w->base, v->kind == YAML_SEQ ? "an empty list" : cfg_got(v, t, sizeof t));
     }
 
+    /* env: a mapping of names to scalars, in file order; always a (possibly empty) list. */
     v = cfg_opt(e, "env");
     cfg_pos(e, "env", &line, &col);
     if (v && v->kind != YAML_MAP)
         return cfg_fail(x, who, line, col,
-                        "`env` must be a mapping such as { LOG_LEVEL: debug } "
-                        "(got %s)",
+                        "`env` must be a mapping such as { LOG_LEVEL: debug } (got %s)",
                         cfg_got(v, t, sizeof t));
     if (!(w->env = cfg_list(v ? v->n : 0))) goto oom;
     for (i = 0; v && i < v->n; i++) {
@@ -3094,6 +3082,7 @@ static int cfg_process(struct cfg_ctx *x, struct cfg_worker *w, const struct yam
         strcpy(w->env[i] + nk + 1, s);
     }
 
+    /* cwd: resolved now, so a later chdir of the engine cannot change what it means. */
     v = cfg_opt(e, "cwd");
     cfg_pos(e, "cwd", &line, &col);
     if (v && (v->kind != YAML_STR || !cfg_text(v) || !v->str[0]))
@@ -3101,17 +3090,15 @@ static int cfg_process(struct cfg_ctx *x, struct cfg_worker *w, const struct yam
                         cfg_got(v, t, sizeof t));
     if (!(w->cwd = v ? cfg_path_join(x->dir, v->str) : xstrdup(x->dir))) goto oom;
 
+    /* restart: always (the default, as the reference engine supervises its daemons). */
     v = cfg_opt(e, "restart");
     cfg_pos(e, "restart", &line, &col);
     w->restart = CFG_RESTART_ALWAYS;
     if (v && v->kind == YAML_STR && !strcmp(v->str, "on-failure"))
         w->restart = CFG_RESTART_ON_FAILURE;
-    else if (v && v->kind == YAML_STR && !strcmp(v->str, "never"))
-        w->restart = CFG_RESTART_NEVER;
+    else if (v && v->kind == YAML_STR && !strcmp(v->str, "never")) w->restart = CFG_RESTART_NEVER;
     else if (v && !(v->kind == YAML_STR && !strcmp(v->str, "always")))
-        return cfg_fail(x, who, line, col,
-                        "`restart` must be always, on-failure or never (got "
-                        "%s)",
+        return cfg_fail(x, who, line, col, "`restart` must be always, on-failure or never (got %s)",
                         cfg_got(v, t, sizeof t));
 
     v = cfg_opt(e, "stop_timeout_ms");
@@ -3137,6 +3124,7 @@ static int cfg_entry(struct cfg_ctx *x, struct cfg *c, struct yaml_node *list, s
     char t[64];
     size_t i, dup = 0;
     int line, col;
+    /* The name comes first: every later message names the entry by its instance id. */
     if (!e || e->kind != YAML_MAP)
         return cfg_fail(x, NULL, e ? e->line : list->line, e ? e->col : list->col,
                         "entry %lu of `%s` must be a mapping with at least a `name` (got %s)",
@@ -3149,14 +3137,12 @@ static int cfg_entry(struct cfg_ctx *x, struct cfg *c, struct yaml_node *list, s
     s = nm->kind == YAML_STR ? cfg_text(nm) : NULL;
     if (!s || !s[0])
         return cfg_fail(x, NULL, line, col,
-                        "entry %lu of `%s`: `name` must be a non-empty "
-                        "string (got %s)",
+                        "entry %lu of `%s`: `name` must be a non-empty string (got %s)",
                         (unsigned long)k + 1, sect, cfg_got(nm, t, sizeof t));
     for (i = 0; s[i]; i++)
         if ((unsigned char)s[i] < 0x20 || s[i] == 0x7F)
             return cfg_fail(x, NULL, line, col,
-                            "entry %lu of `%s`: `name` must not contain "
-                            "control characters",
+                            "entry %lu of `%s`: `name` must not contain control characters",
                             (unsigned long)k + 1, sect);
     if (strchr(s, '#'))
         return cfg_fail(x, NULL, line, col,
@@ -3164,27 +3150,24 @@ static int cfg_entry(struct cfg_ctx *x, struct cfg *c, struct yaml_node *list, s
                         "(duplicate names get the instance ids name#1, name#2 automatically)",
                         (unsigned long)k + 1, sect);
 
+    /* Take the entry (the reload diff compares it) and give it its instance id: the k-th
+     * repeat of a name, counted over workers then modules, is name#k. */
     w = &c->w[c->nw++]; /* zeroed by the caller: cfg_free copes with a half-filled one */
     w->entry = e;
     list->items[k] = NULL;
     if (!(w->base = xstrdup(s))) goto oom;
     for (i = 0; i + 1 < c->nw; i++) dup += !strcmp(c->w[i].base, s);
     if (!(w->name = xmalloc(strlen(s) + 24))) goto oom;
-    if (dup)
-        sprintf(w->name, "%s#%lu", s, (unsigned long)dup);
-    else
-        strcpy(w->name, s);
+    if (dup) sprintf(w->name, "%s#%lu", s, (unsigned long)dup);
+    else strcpy(w->name, s);
     who = w->name;
     w->builtin = cfg_in(s, cfg_builtins);
     w->restart = CFG_RESTART_ALWAYS;
     w->stop_timeout_ms = III_DEFAULT_STOP_TIMEOUT_MS;
 
-    for (i = 0; i < e->n; i++)
-        if (!cfg_in(e->keys[i], cfg_entry_keys))
-            return cfg_fail(x, who, e->key_lines[i], e->key_cols[i],
-                            "unknown key `%s` (expected "
-                            "name, config, command, env, cwd, restart, stop_timeout_ms)",
-                            e->keys[i]);
+    /* Unknown entry keys are ignored, as in the reference engine (PROTOCOL.md §11.22); `image`
+     * is the reference engine's OCI image, which this engine cannot run; `config` is kept as
+     * JSON. A misspelt `command` still fails below ("`command` is required"). */
     if ((v = cfg_opt(e, "image"))) {
         cfg_pos(e, "image", &line, &col);
         return cfg_fail(
@@ -3204,6 +3187,7 @@ static int cfg_entry(struct cfg_ctx *x, struct cfg *c, struct yaml_node *list, s
         if (!w->config_json) goto oom;
     }
     if (!w->builtin) return cfg_process(x, w, e);
+    /* A built-in runs inside the engine: process keys would be silently meaningless. */
     for (i = 3; cfg_entry_keys[i]; i++) /* command, env, cwd, restart, stop_timeout_ms */
         if (cfg_opt(e, cfg_entry_keys[i])) {
             cfg_pos(e, cfg_entry_keys[i], &line, &col);
@@ -3212,6 +3196,8 @@ static int cfg_entry(struct cfg_ctx *x, struct cfg *c, struct yaml_node *list, s
                             "which runs inside the engine (give your own worker another name)",
                             cfg_entry_keys[i], s);
         }
+    /* iii-worker-manager carries the listener. The reference engine opens one listener per
+     * entry; this engine has one, so a second entry is refused rather than ignored. */
     if (strcmp(s, "iii-worker-manager")) return 0;
     if (*lis_seen)
         return cfg_fail(x, who, e->line, e->col,
@@ -3238,6 +3224,7 @@ static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
                         "the top level must be a mapping with the "
                         "keys registration_namespace_grace_ms, workers, modules (got %s)",
                         cfg_got(root, t, sizeof t));
+    /* Top-level keys, deny-unknown-fields as in the reference engine (PROTOCOL.md §8.2). */
     for (i = 0; i < root->n; i++) {
         const char *key = root->keys[i];
         struct yaml_node *v = root->items[i];
@@ -3251,9 +3238,8 @@ static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
         } else if (!strcmp(key, "workers") || !strcmp(key, "modules")) {
             if (v->kind != YAML_SEQ)
                 return cfg_fail(x, NULL, line, col,
-                                "`%s` must be a list (got %s; write `%s: []` "
-                                "for none)",
-                                key, cfg_got(v, t, sizeof t), key);
+                                "`%s` must be a list (got %s; write `%s: []` for none)", key,
+                                cfg_got(v, t, sizeof t), key);
             lists[key[0] == 'm'] = v;
             total += v->n;
         } else {
@@ -3263,10 +3249,12 @@ static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
                             key);
         }
     }
+    /* Entries: workers first, then modules (the reference engine's legacy alias). */
     if (total > III_CFG_MAX_WORKERS)
         return cfg_fail(x, NULL, 0, 0, "too many worker entries (%lu; the limit is %d)",
                         (unsigned long)total, III_CFG_MAX_WORKERS);
     if (total == 0) return 0;
+    /* All slots up front and zeroed, so that a failure half-way leaves c freeable. */
     if (!(c->w = xmalloc(total * sizeof *c->w))) return cfg_fail(x, NULL, 0, 0, "out of memory");
     memset(c->w, 0, total * sizeof *c->w);
     for (k = 0; k < 2; k++)
@@ -3309,6 +3297,8 @@ static int cfg_parse(const char *text, size_t len, const char *path, struct cfg 
     x.err = err;
     x.errlen = errlen;
     if (err && errlen) err[0] = 0;
+    /* Expand, parse, validate. Positions in messages refer to the expanded text, as in the
+     * reference engine; they differ from the file only on lines where a value was spliced. */
     if (cfg_dir(&x, path) < 0) return -1;
     if (cfg_expand(text, len, &exp, err, errlen) < 0) {
         cfg_prefix(err, errlen, x.file);
@@ -3319,7 +3309,7 @@ static int cfg_parse(const char *text, size_t len, const char *path, struct cfg 
     root = yaml_parse(exp.p ? (const char *)exp.p + exp.off : "", exp.len - exp.off, x.file, err,
                       errlen);
     buf_free(&exp);
-    if (root && cfg_root(&x, &c, root) == 0) {
+    if (root && cfg_root(&x, &c, root) == 0) { /* c now owns the entries it took from root */
         *out = c;
         rc = 0;
     } else {
@@ -3341,6 +3331,8 @@ static int cfg_load(const char *path, struct cfg *out, int *missing, char *err, 
     int rc;
     *missing = 0;
     cfg_defaults(out);
+    /* stdio, not open(2): the FILE is closed before this function returns, so no descriptor
+     * can leak into a child. */
     if (!(f = fopen(path, "rb"))) {
         if (errno == ENOENT) {
             *missing = 1;
@@ -3505,88 +3497,95 @@ struct conn {
     int msg_op;               /* opcode of the message in msg, 0 when none */
     struct utf8 u8;           /* validator state of a fragmented text message */
     int64_t t_accept, t_rx, t_ping, t_close; /* monotonic ms */
-    int64_t connected_wall;   /* epoch ms, for connected_at_ms */
-    char wid[37], token[37];  /* worker_id and reattach_token */
+    int64_t connected_wall;                  /* epoch ms, for connected_at_ms */
+    char wid[37], token[37];                 /* worker_id and reattach_token */
     char ip[48];
     /* metadata from engine::workers::register (NULL = not reported) */
     char *name, *desc, *runtime, *version, *os, *isolation, *telemetry;
     uint32_t pid;
-    char *ns;                 /* resolved namespace (NULL while pending) */
+    char *ns; /* resolved namespace (NULL while pending) */
     int ns_state;
-    int64_t grace_at;         /* when buffered registrations land in default */
-    struct buf pendq;         /* buffered registration frames: [u32 length][bytes]... */
-    struct func *funcs;       /* functions this connection owns (f->cnext list) */
+    int64_t grace_at;                 /* when buffered registrations land in default */
+    struct buf pendq;                 /* buffered registration frames: [u32 length][bytes]... */
+    struct func *funcs;               /* functions this connection owns (f->cnext list) */
     struct inv *calls_out, *calls_in; /* calls it made / calls dispatched to it */
     size_t n_calls;
-    struct chan *chan;        /* channel side */
+    struct chan *chan; /* channel side */
     uint64_t otel_frames;
 };
 
 struct func {
-    struct hnode h;          /* S.funcs, key "ns\0id" */
-    char *key;               /* ns '\0' id */
+    struct hnode h; /* S.funcs, key "ns\0id" */
+    char *key;      /* ns '\0' id */
     size_t klen;
-    const char *ns, *id;     /* into key */
-    struct conn *owner;      /* NULL: in-process builtin */
-    struct func *cnext;      /* owner's list */
-    void (*bi)(struct conn *caller, const struct jdoc *d, int data, struct buf *res, struct buf *err);
+    const char *ns, *id; /* into key */
+    struct conn *owner;  /* NULL: in-process builtin */
+    struct func *cnext;  /* owner's list */
+    void (*bi)(struct conn *caller, const struct jdoc *d, int data, struct buf *res,
+               struct buf *err);
     char *desc_raw, *req_raw, *resp_raw, *meta_raw; /* raw JSON values as registered, or NULL */
-    int internal;            /* metadata.internal == true */
+    int internal;                                   /* metadata.internal == true */
 };
 
-enum inv_kind { INV_CALL, INV_VOID, INV_ENQUEUE, INV_FIRE, INV_ACK /* register_trigger awaiting its provider */ };
+enum inv_kind {
+    INV_CALL,
+    INV_VOID,
+    INV_ENQUEUE,
+    INV_FIRE,
+    INV_ACK /* register_trigger awaiting its provider */
+};
 
 struct inv {
-    struct hnode h;          /* S.invs keyed by id */
-    char id[37];             /* the id the target sees */
+    struct hnode h; /* S.invs keyed by id */
+    char id[37];    /* the id the target sees */
     int kind;
     struct conn *caller, *target;
     struct inv *cprev, *cnext, *tprev, *tnext; /* caller's / target's in-flight lists */
-    char *fid;               /* function_id as requested (JSON string, raw), for the reply */
+    char *fid; /* function_id as requested (JSON string, raw), for the reply */
     size_t fid_len;
-    char *ctx;               /* caller's raw ,"traceparent":..,"baggage":.. members, echoed back */
+    char *ctx; /* caller's raw ,"traceparent":..,"baggage":.. members, echoed back */
     size_t ctx_len;
-    char receipt[37];        /* enqueue: the engine's messageReceiptId; ack: the binding id */
-    int64_t deadline;        /* ack: when the wait is given up (and the call accepted) */
-    char fid_small[96];      /* inline storage: no allocation for ordinary ids */
+    char receipt[37];   /* enqueue: the engine's messageReceiptId; ack: the binding id */
+    int64_t deadline;   /* ack: when the wait is given up (and the call accepted) */
+    char fid_small[96]; /* inline storage: no allocation for ordinary ids */
     char ctx_small[160];
     struct inv *free_next;
 };
 
 struct ttype {
-    struct hnode h;          /* S.ttypes, key "ns\0id" */
+    struct hnode h; /* S.ttypes, key "ns\0id" */
     char *key;
     size_t klen;
     const char *ns, *id;
-    struct conn *provider;   /* NULL: in-process (the discovery events) */
+    struct conn *provider;                /* NULL: in-process (the discovery events) */
     char *desc_raw, *treq_raw, *creq_raw; /* raw JSON */
 };
 
 struct trig {
-    struct hnode h;          /* S.trigs keyed by id */
+    struct hnode h; /* S.trigs keyed by id */
     char *id, *type, *fid;
     char *config_raw, *meta_raw;
-    struct conn *owner;      /* NULL: durable (engine::register_trigger) */
-    char *ns;                /* target namespace */
-    char *trigger_ns;        /* explicit provider namespace or NULL */
-    char *home_ns;           /* registering connection's namespace */
-    char *provider_ns;       /* where the provider was found (live only) */
-    int live;                /* 0: parked */
+    struct conn *owner; /* NULL: durable (engine::register_trigger) */
+    char *ns;           /* target namespace */
+    char *trigger_ns;   /* explicit provider namespace or NULL */
+    char *home_ns;      /* registering connection's namespace */
+    char *provider_ns;  /* where the provider was found (live only) */
+    int live;           /* 0: parked */
 };
 
 struct lease {
-    struct hnode h;          /* S.leases key "ns\0name" */
+    struct hnode h; /* S.leases key "ns\0name" */
     char *key;
     size_t klen;
     struct conn *owner;
 };
 
 struct chan {
-    struct hnode h;          /* S.chans keyed by channel id */
+    struct hnode h; /* S.chans keyed by channel id */
     char id[37], key[37];
     struct conn *w, *r;
     int w_taken, r_taken, w_done;
-    struct buf pending;      /* frames written before the reader arrived */
+    struct buf pending; /* frames written before the reader arrived */
     int64_t created;
 };
 
@@ -3594,7 +3593,8 @@ struct settings {
     char *host;
     int port;
     int64_t handshake_timeout_ms, ping_interval_ms, idle_timeout_ms;
-    size_t max_message_bytes, max_frame_bytes, max_header_bytes, max_connections, max_outbound_bytes;
+    size_t max_message_bytes, max_frame_bytes, max_header_bytes, max_connections,
+        max_outbound_bytes;
     char **origins;
     size_t n_origins;
 };
@@ -3603,14 +3603,14 @@ static struct {
     struct settings set;
     int64_t grace_ms;
     const char *cfg_path;
-    int lfd;                  /* listening socket */
+    int lfd; /* listening socket */
     int bound_port;
-    struct cfg cfg;           /* the configuration in force */
+    struct cfg cfg; /* the configuration in force */
     char listen_url[80];
     int echo;
     int sigpipe[2];
     volatile sig_atomic_t sig_term, sig_hup, sig_chld;
-    int stop;                 /* shutdown requested */
+    int stop; /* shutdown requested */
     int exit_code;
     struct conn *conns;
     size_t nconns;
@@ -3620,14 +3620,14 @@ static struct {
     size_t inv_free_n;
     int64_t start_ms, start_wall;
     int64_t accept_pause_until;
-    uint64_t fn_fp, fn_fp_sent;  /* discovery: fingerprint of the function id set */
+    uint64_t fn_fp, fn_fp_sent; /* discovery: fingerprint of the function id set */
     size_t fn_n, fn_n_sent;
-    struct jdoc jd;           /* scratch envelope tokens, reused: no allocation per message */
-    struct jdoc jd2;          /* scratch for engine::* inputs */
-    struct buf tmp, tmp2;     /* scratch output */
+    struct jdoc jd;       /* scratch envelope tokens, reused: no allocation per message */
+    struct jdoc jd2;      /* scratch for engine::* inputs */
+    struct buf tmp, tmp2; /* scratch output */
     uint64_t n_invocations, n_inv_errors, n_spawns, n_deaths, n_msgs_in;
-    size_t n_acks;            /* calls of kind INV_ACK in flight */
-    struct trig *defer;       /* set by engine::register_trigger: reply when the provider acks */
+    size_t n_acks;      /* calls of kind INV_ACK in flight */
+    struct trig *defer; /* set by engine::register_trigger: reply when the provider acks */
 } S;
 
 static const char NS_DEFAULT[] = "default";
@@ -3667,7 +3667,8 @@ static int net_listen(const char *host, int port, int *bound_port, char *err, si
         }
         int one = 1;
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 1024) == 0 && net_flags(fd) == 0)
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 1024) == 0 &&
+            net_flags(fd) == 0)
             break;
         e = errno;
         close(fd);
@@ -3683,7 +3684,8 @@ static int net_listen(const char *host, int port, int *bound_port, char *err, si
     *bound_port = port;
     if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0) {
         if (ss.ss_family == AF_INET) *bound_port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
-        else if (ss.ss_family == AF_INET6) *bound_port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+        else if (ss.ss_family == AF_INET6)
+            *bound_port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
     }
     freeaddrinfo(res);
     return fd;
@@ -3693,8 +3695,10 @@ static int net_listen(const char *host, int port, int *bound_port, char *err, si
 static void net_peer(const struct sockaddr_storage *ss, char *out, size_t n)
 {
     out[0] = 0;
-    if (ss->ss_family == AF_INET) inet_ntop(AF_INET, &((const struct sockaddr_in *)ss)->sin_addr, out, (socklen_t)n);
-    else if (ss->ss_family == AF_INET6) inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)ss)->sin6_addr, out, (socklen_t)n);
+    if (ss->ss_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)ss)->sin_addr, out, (socklen_t)n);
+    else if (ss->ss_family == AF_INET6)
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)ss)->sin6_addr, out, (socklen_t)n);
 }
 
 /* ==== WebSocket frames ======================================================================
@@ -3781,17 +3785,17 @@ static void ws_accept_key(const char *key, size_t klen, char out[29])
  * fills *op, *fin, *plen, mask; 0 = need more bytes; -1 = protocol error with *code set
  * (1002, or 1009 for a frame over max_frame). `server`: frames must be masked (and vice
  * versa for the client side). The 64-bit length is checked before any conversion. */
-static int ws_parse_hdr(const unsigned char *p, size_t avail, int server, size_t max_frame,
-                        int *op, int *fin, size_t *plen, unsigned char mask[4], int *code)
+static int ws_parse_hdr(const unsigned char *p, size_t avail, int server, size_t max_frame, int *op,
+                        int *fin, size_t *plen, unsigned char mask[4], int *code)
 {
     if (avail < 2) return 0;
     int b0 = p[0], b1 = p[1];
     *fin = b0 >> 7;
     *op = b0 & 15;
     *code = 1002;
-    if (b0 & 0x70) return -1;                                       /* RSV without extension */
-    if ((*op > 2 && *op < 8) || *op > 10) return -1;                 /* reserved opcodes */
-    if (!!(b1 & 0x80) != !!server) return -1;                        /* §5.1 masking rules */
+    if (b0 & 0x70) return -1;                        /* RSV without extension */
+    if ((*op > 2 && *op < 8) || *op > 10) return -1; /* reserved opcodes */
+    if (!!(b1 & 0x80) != !!server) return -1;        /* §5.1 masking rules */
     size_t hl = 2 + (server ? 4 : 0);
     uint64_t n = b1 & 127;
     if (n == 126) hl += 2;
@@ -3802,9 +3806,9 @@ static int ws_parse_hdr(const unsigned char *p, size_t avail, int server, size_t
     } else if (n == 127) {
         n = 0;
         for (int i = 0; i < 8; i++) n = n << 8 | p[2 + i];
-        if (n >> 63) return -1;                                      /* §5.2: MSB must be 0 */
+        if (n >> 63) return -1; /* §5.2: MSB must be 0 */
     }
-    if (*op >= 8 && (!*fin || n > 125)) return -1;                   /* §5.5 control frames */
+    if (*op >= 8 && (!*fin || n > 125)) return -1; /* §5.5 control frames */
     if (n > (uint64_t)max_frame) {
         *code = 1009;
         return -1;
@@ -3968,8 +3972,10 @@ static void conn_flush(struct conn *c)
 static void http_reply(struct conn *c, int status, const char *reason, const char *ctype,
                        const char *extra, const char *body, size_t blen)
 {
-    buf_printf(&c->out, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s"
-               "Connection: close\r\n\r\n", status, reason, ctype, blen, extra ? extra : "");
+    buf_printf(&c->out,
+               "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s"
+               "Connection: close\r\n\r\n",
+               status, reason, ctype, blen, extra ? extra : "");
     buf_append(&c->out, body, blen);
     c->kind = CK_PLAIN;
     c->closing = 1;
@@ -4099,11 +4105,13 @@ static void http_on_data(struct conn *c)
         if (!strcmp(meth, "GET") && !strcmp(target, "/health")) {
             S.tmp.len = S.tmp.off = 0;
             http_health(&S.tmp);
-            http_reply(c, 200, "OK", "application/json", NULL, (char *)buf_data(&S.tmp), buf_used(&S.tmp));
+            http_reply(c, 200, "OK", "application/json", NULL, (char *)buf_data(&S.tmp),
+                       buf_used(&S.tmp));
         } else if (!strcmp(meth, "GET") && !strcmp(target, "/metrics")) {
             S.tmp.len = S.tmp.off = 0;
             http_metrics(&S.tmp);
-            http_reply(c, 200, "OK", "text/plain; version=0.0.4", NULL, (char *)buf_data(&S.tmp), buf_used(&S.tmp));
+            http_reply(c, 200, "OK", "text/plain; version=0.0.4", NULL, (char *)buf_data(&S.tmp),
+                       buf_used(&S.tmp));
         } else if (!strcmp(target, "/health") || !strcmp(target, "/metrics")) {
             http_error(c, 405, "Method Not Allowed", "Allow: GET\r\n");
         } else if (is_ws_path) {
@@ -4154,8 +4162,10 @@ static void http_on_data(struct conn *c)
     }
     char acc[29];
     ws_accept_key(key, strlen(key), acc);
-    buf_printf(&c->out, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-               "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n", acc);
+    buf_printf(&c->out,
+               "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n",
+               acc);
     buf_consume(&c->in, end);
     c->kind = kind;
     c->ws = 1;
@@ -4191,7 +4201,8 @@ static void ws_on_message(struct conn *c, int op, const unsigned char *p, size_t
     switch (c->kind) {
     case CK_WORKER:
         /* §1.5: binary OTLP/MTRC/LOGS frames are telemetry; other binary frames are JSON */
-        if (op == WS_BIN && n >= 4 && (!memcmp(p, "OTLP", 4) || !memcmp(p, "MTRC", 4) || !memcmp(p, "LOGS", 4))) {
+        if (op == WS_BIN && n >= 4 &&
+            (!memcmp(p, "OTLP", 4) || !memcmp(p, "MTRC", 4) || !memcmp(p, "LOGS", 4))) {
             c->otel_frames++;
             return;
         }
@@ -4326,8 +4337,8 @@ static uint64_t fnv64(const char *k, size_t n)
 
 /* Builds "ns\0id\0" in stackbuf when it fits, else in a new allocation (caller frees when the
  * result differs from stackbuf). NULL on OOM. */
-static char *reg_key(char *stackbuf, size_t cap, const char *ns, size_t nl, const char *id, size_t il,
-                     size_t *klen)
+static char *reg_key(char *stackbuf, size_t cap, const char *ns, size_t nl, const char *id,
+                     size_t il, size_t *klen)
 {
     char *k = nl + il + 2 <= cap ? stackbuf : xmalloc(nl + il + 2);
     if (!k) return NULL;
@@ -4361,7 +4372,8 @@ static struct func *func_find_c(const char *ns, const char *id)
 }
 
 /* Creates function (ns, id) owned by owner (NULL = builtin). Strings are copied. */
-static struct func *func_add(struct conn *owner, const char *ns, size_t nl, const char *id, size_t il)
+static struct func *func_add(struct conn *owner, const char *ns, size_t nl, const char *id,
+                             size_t il)
 {
     struct func *f = xcalloc(sizeof *f);
     size_t kl;
@@ -4503,9 +4515,9 @@ static void inv_free(struct inv *v)
 
 /* Appends an invocationresult frame to c: fid is the raw JSON string of the function id, res
  * and err raw JSON values (NULL/0 = omitted), ctx raw ",k:v" members echoed back. */
-static void rt_send_result(struct conn *c, const char *id, size_t idlen, const char *fid, size_t fidlen,
-                           const unsigned char *res, size_t rlen, const unsigned char *err, size_t elen,
-                           const char *ctx, size_t ctxlen)
+static void rt_send_result(struct conn *c, const char *id, size_t idlen, const char *fid,
+                           size_t fidlen, const unsigned char *res, size_t rlen,
+                           const unsigned char *err, size_t elen, const char *ctx, size_t ctxlen)
 {
     if (!conn_open(c)) return;
     struct buf *b = &c->out;
@@ -4598,7 +4610,8 @@ static int rt_put_data(struct buf *b, const unsigned char *data, size_t dl, cons
             uint32_t val = t + 1;
             if (!json_streq(&d, (int)t, "_caller_worker_id")) {
                 if (!first && buf_putc(b, ',') < 0) goto oom;
-                if (json_put_raw(b, &d, (int)t) < 0 || buf_putc(b, ':') < 0 || json_put_raw(b, &d, (int)val) < 0)
+                if (json_put_raw(b, &d, (int)t) < 0 || buf_putc(b, ':') < 0 ||
+                    json_put_raw(b, &d, (int)val) < 0)
                     goto oom;
                 first = 0;
             }
@@ -4606,14 +4619,20 @@ static int rt_put_data(struct buf *b, const unsigned char *data, size_t dl, cons
         }
         xfree(d.t);
         if (!first && buf_putc(b, ',') < 0) return -1;
-        return buf_puts(b, "\"_caller_worker_id\":\"") < 0 || buf_puts(b, wid) < 0 || buf_puts(b, "\"}") < 0 ? -1 : 0;
+        return buf_puts(b, "\"_caller_worker_id\":\"") < 0 || buf_puts(b, wid) < 0 ||
+                       buf_puts(b, "\"}") < 0
+                   ? -1
+                   : 0;
     oom:
         xfree(d.t);
         return -1;
     }
     if (buf_append(b, data, close) < 0) return -1;
     if (!empty && buf_putc(b, ',') < 0) return -1;
-    return buf_puts(b, "\"_caller_worker_id\":\"") < 0 || buf_puts(b, wid) < 0 || buf_puts(b, "\"}") < 0 ? -1 : 0;
+    return buf_puts(b, "\"_caller_worker_id\":\"") < 0 || buf_puts(b, wid) < 0 ||
+                   buf_puts(b, "\"}") < 0
+               ? -1
+               : 0;
 }
 
 /* Appends an invokefunction frame for target t. fid: raw JSON string; ctx: raw
@@ -4664,21 +4683,22 @@ static int json_sub(const struct jdoc *d, int ti, struct jdoc *sub, struct jtok 
 
 /* Runs builtin f on data (raw JSON) for caller (NULL = engine-internal). The builtin writes a
  * result into res (nothing = no result) or an error body into err. */
-static void rt_run_builtin(struct func *f, struct conn *caller, const unsigned char *data, size_t dl,
-                           struct buf *res, struct buf *err)
+static void rt_run_builtin(struct func *f, struct conn *caller, const unsigned char *data,
+                           size_t dl, struct buf *res, struct buf *err)
 {
     struct jdoc d = {0};
     if (json_parse(&d, data, dl, 3, 0) < 0 || d.t[0].type != J_OBJECT)
-        rt_err(err, "deserialization_error", "Failed to deserialize input for %s: invalid type: expected a JSON object", f->id);
-    else
-        f->bi(caller, &d, 0, res, err);
+        rt_err(err, "deserialization_error",
+               "Failed to deserialize input for %s: invalid type: expected a JSON object", f->id);
+    else f->bi(caller, &d, 0, res, err);
     xfree(d.t);
 }
 
 static struct ttype *trig_provider(const struct trig *t);
 static void ack_settle(struct inv *v, const struct jdoc *d, int errbody);
 
-static const char ERR_STOPPED[] = "{\"code\":\"invocation_stopped\",\"message\":\"Invocation stopped\"}";
+static const char ERR_STOPPED[] =
+    "{\"code\":\"invocation_stopped\",\"message\":\"Invocation stopped\"}";
 
 /* Engine-internal call (trigger fires, discovery events): resolve in ns, run or dispatch with a
  * fresh id; the result is discarded. meta: raw JSON metadata or NULL. */
@@ -4727,7 +4747,8 @@ static void rt_baggage(struct buf *b, const struct jdoc *d, int bg, const char *
         const char *k = s;
         while (k < s + n && *k == ' ') k++;
         if (!((size_t)(s + n - k) >= 15 && !memcmp(k, "iii.function.id", 15) &&
-              (k[15] == '=' || k[15] == ' ')) && n) {
+              (k[15] == '=' || k[15] == ' ')) &&
+            n) {
             if (buf_used(&out)) buf_putc(&out, ',');
             buf_append(&out, s, n);
         }
@@ -4741,8 +4762,9 @@ static void rt_baggage(struct buf *b, const struct jdoc *d, int bg, const char *
 }
 
 /* §3.4: an enqueue action calls engine::queue::enqueue in default with the engine's receipt. */
-static void rt_enqueue(struct conn *c, const struct jdoc *d, int iid, int fidt, const char *fid, size_t fl,
-                       const char *ns, int data, int tp, int bg, const char *queue, size_t ql)
+static void rt_enqueue(struct conn *c, const struct jdoc *d, int iid, int fidt, const char *fid,
+                       size_t fl, const char *ns, int data, int tp, int bg, const char *queue,
+                       size_t ql)
 {
     int reply = !JABSENT(d, iid);
     const char *qfid = "engine::queue::enqueue";
@@ -4750,12 +4772,14 @@ static void rt_enqueue(struct conn *c, const struct jdoc *d, int iid, int fidt, 
     struct buf err = {0};
     if (!f || !f->owner || !conn_open(f->owner)) {
         if (reply) {
-            rt_err(&err, "enqueue_error",
-                   "Failed to enqueue '%.*s' on queue '%.*s': function engine::queue::enqueue is not "
-                   "registered in namespace default (no queue worker is connected; add one with "
-                   "`iii worker add queue`)", (int)fl, fid, (int)ql, queue);
-            rt_send_result(c, (const char *)JRAW(d, iid) + 1, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt),
-                           NULL, 0, buf_data(&err), buf_used(&err), "", 0);
+            rt_err(
+                &err, "enqueue_error",
+                "Failed to enqueue '%.*s' on queue '%.*s': function engine::queue::enqueue is not "
+                "registered in namespace default (no queue worker is connected; add one with "
+                "`iii worker add queue`)",
+                (int)fl, fid, (int)ql, queue);
+            rt_send_result(c, (const char *)JRAW(d, iid) + 1, 36, (const char *)JRAW(d, fidt),
+                           JLEN(d, fidt), NULL, 0, buf_data(&err), buf_used(&err), "", 0);
         }
         S.n_inv_errors++;
         buf_free(&err);
@@ -4808,9 +4832,11 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
     size_t fl, nl = sizeof NS_DEFAULT - 1, ql = 0;
     int is_void = 0, is_enq = 0;
     if (data < 0 || jstr(d, fidt, &s1, &fid, &fl) < 0) goto drop;
-    if (!JABSENT(d, iid) && (JTYPE(d, iid) != J_STRING || !uuid_valid((const char *)JRAW(d, iid) + 1, JLEN(d, iid) - 2)))
+    if (!JABSENT(d, iid) && (JTYPE(d, iid) != J_STRING ||
+                             !uuid_valid((const char *)JRAW(d, iid) + 1, JLEN(d, iid) - 2)))
         goto drop;
-    if ((!JABSENT(d, tp) && JTYPE(d, tp) != J_STRING) || (!JABSENT(d, bg) && JTYPE(d, bg) != J_STRING) ||
+    if ((!JABSENT(d, tp) && JTYPE(d, tp) != J_STRING) ||
+        (!JABSENT(d, bg) && JTYPE(d, bg) != J_STRING) ||
         (!JABSENT(d, nsi) && JTYPE(d, nsi) != J_STRING))
         goto drop;
     if (!JABSENT(d, act)) {
@@ -4833,13 +4859,15 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
         if (str_blank(ns, nl)) {
             if (reply) {
                 struct buf e = {0};
-                rt_err(&e, "INVALID_NAMESPACE", "`namespace` is empty: it was named and left blank. "
+                rt_err(&e, "INVALID_NAMESPACE",
+                       "`namespace` is empty: it was named and left blank. "
                        "Give it a name, or omit it to use `default`.");
                 rt_send_result(c, (const char *)JRAW(d, iid) + 1, 36, (const char *)JRAW(d, fidt),
                                JLEN(d, fidt), NULL, 0, buf_data(&e), buf_used(&e), "", 0);
                 buf_free(&e);
             } else {
-                LOG(LOG_WARN, "worker %s: invoke of %.*s with a blank namespace dropped", c->wid, (int)fl, fid);
+                LOG(LOG_WARN, "worker %s: invoke of %.*s with a blank namespace dropped", c->wid,
+                    (int)fl, fid);
             }
             goto done;
         }
@@ -4866,10 +4894,10 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
             char hint[512];
             struct buf e = {0};
             rt_ns_hint(fid, fl, hint, sizeof hint);
-            rt_err(&e, "function_not_found", "Function %.*s not found in namespace %.*s.%s", (int)fl, fid,
-                   (int)nl, ns, hint);
-            rt_send_result(c, cid, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt), NULL, 0, buf_data(&e),
-                           buf_used(&e), (char *)buf_data(ctx), replyctx);
+            rt_err(&e, "function_not_found", "Function %.*s not found in namespace %.*s.%s",
+                   (int)fl, fid, (int)nl, ns, hint);
+            rt_send_result(c, cid, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt), NULL, 0,
+                           buf_data(&e), buf_used(&e), (char *)buf_data(ctx), replyctx);
             buf_free(&e);
         }
         goto done;
@@ -4882,7 +4910,8 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
         struct trig *df = S.defer;
         S.defer = NULL;
         if (df && reply && !hm_get(&S.invs, cid, 36)) {
-            /* §5.11: the reply waits (up to 10 s) for the WS provider's triggerregistrationresult */
+            /* §5.11: the reply waits (up to 10 s) for the WS provider's triggerregistrationresult
+             */
             struct ttype *pt = trig_provider(df);
             struct inv *v = pt && pt->provider ? inv_new(cid, INV_ACK) : NULL;
             if (v) {
@@ -4901,8 +4930,9 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
         }
         if (reply && conn_open(c))
             rt_send_result(c, cid, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt),
-                           buf_used(&err) ? NULL : (buf_used(&res) ? buf_data(&res) : NULL), buf_used(&res),
-                           buf_used(&err) ? buf_data(&err) : NULL, buf_used(&err), (char *)buf_data(ctx), replyctx);
+                           buf_used(&err) ? NULL : (buf_used(&res) ? buf_data(&res) : NULL),
+                           buf_used(&res), buf_used(&err) ? buf_data(&err) : NULL, buf_used(&err),
+                           (char *)buf_data(ctx), replyctx);
         buf_free(&res), buf_free(&err);
         goto done;
     }
@@ -4913,10 +4943,12 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
         S.n_inv_errors++;
         if (reply) {
             struct buf e = {0};
-            if (!conn_open(t)) rt_err(&e, "channel_send_failed", "Worker connection for %.*s is closed", (int)fl, fid);
+            if (!conn_open(t))
+                rt_err(&e, "channel_send_failed", "Worker connection for %.*s is closed", (int)fl,
+                       fid);
             else rt_err(&e, "invocation_error", "invocation_id %.36s is already in flight", cid);
-            rt_send_result(c, cid, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt), NULL, 0, buf_data(&e),
-                           buf_used(&e), (char *)buf_data(ctx), replyctx);
+            rt_send_result(c, cid, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt), NULL, 0,
+                           buf_data(&e), buf_used(&e), (char *)buf_data(ctx), replyctx);
             buf_free(&e);
         }
         goto done;
@@ -4938,8 +4970,8 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
         }
     }
     inv_link(v, reply ? c : NULL, t);
-    rt_send_invoke(t, v->id, (const char *)JRAW(d, fidt), JLEN(d, fidt), JRAW(d, data), JLEN(d, data), c->wid,
-                   (char *)buf_data(ctx), buf_used(ctx));
+    rt_send_invoke(t, v->id, (const char *)JRAW(d, fidt), JLEN(d, fidt), JRAW(d, data),
+                   JLEN(d, data), c->wid, (char *)buf_data(ctx), buf_used(ctx));
     goto done;
 drop:
     LOG(LOG_WARN, "worker %s: json decode error: invalid invokefunction dropped", c->wid);
@@ -4953,22 +4985,25 @@ static void rt_result(struct conn *c, const struct jdoc *d)
 {
     int iid = json_get(d, 0, "invocation_id"), fidt = json_get(d, 0, "function_id");
     int res = json_get(d, 0, "result"), err = json_get(d, 0, "error");
-    if (JTYPE(d, iid) != J_STRING || !uuid_valid((const char *)JRAW(d, iid) + 1, JLEN(d, iid) - 2) ||
+    if (JTYPE(d, iid) != J_STRING ||
+        !uuid_valid((const char *)JRAW(d, iid) + 1, JLEN(d, iid) - 2) ||
         JTYPE(d, fidt) != J_STRING) {
         LOG(LOG_WARN, "worker %s: json decode error: invalid invocationresult dropped", c->wid);
         return;
     }
     struct inv *v = (struct inv *)hm_get(&S.invs, (const char *)JRAW(d, iid) + 1, 36);
     if (!v || v->target != c) {
-        LOG(LOG_DEBUG, "worker %s: result for unknown invocation %.36s ignored", c->wid, JRAW(d, iid) + 1);
+        LOG(LOG_DEBUG, "worker %s: result for unknown invocation %.36s ignored", c->wid,
+            JRAW(d, iid) + 1);
         return;
     }
     int has_err = !JABSENT(d, err), has_res = !JABSENT(d, res);
     if (has_err) S.n_inv_errors++;
     if (v->kind == INV_CALL && v->caller) {
-        rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len, has_err || !has_res ? NULL : JRAW(d, res),
-                       has_res ? JLEN(d, res) : 0, has_err ? JRAW(d, err) : NULL, has_err ? JLEN(d, err) : 0,
-                       v->ctx, v->ctx_len);
+        rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len,
+                       has_err || !has_res ? NULL : JRAW(d, res), has_res ? JLEN(d, res) : 0,
+                       has_err ? JRAW(d, err) : NULL, has_err ? JLEN(d, err) : 0, v->ctx,
+                       v->ctx_len);
     } else if (v->kind == INV_ENQUEUE && v->caller) {
         struct buf out = {0};
         if (has_err) {
@@ -4977,14 +5012,17 @@ static void rt_result(struct conn *c, const struct jdoc *d)
             size_t ml = 0;
             const char *m = NULL;
             struct buf sc = {0};
-            if (json_sub(d, err, &ed, et, 16) < 0 || jstr(&ed, json_get(&ed, 0, "message"), &sc, &m, &ml) < 0)
+            if (json_sub(d, err, &ed, et, 16) < 0 ||
+                jstr(&ed, json_get(&ed, 0, "message"), &sc, &m, &ml) < 0)
                 m = "enqueue failed", ml = strlen(m);
             rt_err(&out, "enqueue_error", "%.*s", (int)ml, m);
             buf_free(&sc);
-            rt_send_result(v->caller, v->ctx, 36, v->fid, v->fid_len, NULL, 0, buf_data(&out), buf_used(&out), "", 0);
+            rt_send_result(v->caller, v->ctx, 36, v->fid, v->fid_len, NULL, 0, buf_data(&out),
+                           buf_used(&out), "", 0);
         } else {
             buf_printf(&out, "{\"messageReceiptId\":\"%s\"}", v->receipt);
-            rt_send_result(v->caller, v->ctx, 36, v->fid, v->fid_len, buf_data(&out), buf_used(&out), NULL, 0, "", 0);
+            rt_send_result(v->caller, v->ctx, 36, v->fid, v->fid_len, buf_data(&out),
+                           buf_used(&out), NULL, 0, "", 0);
         }
         buf_free(&out);
     } else if (has_err && v->kind == INV_FIRE) {
@@ -5007,7 +5045,10 @@ static struct ttype *tt_find(const char *ns, const char *id)
     return (struct ttype *)reg_find(&S.ttypes, ns, strlen(ns), id, strlen(id));
 }
 
-static struct trig *trig_find(const char *id, size_t n) { return (struct trig *)hm_get(&S.trigs, id, n); }
+static struct trig *trig_find(const char *id, size_t n)
+{
+    return (struct trig *)hm_get(&S.trigs, id, n);
+}
 
 static struct ttype *trig_resolve(const struct trig *t)
 {
@@ -5027,8 +5068,10 @@ static struct ttype *trig_provider(const struct trig *t)
 static void trig_send_register(struct conn *p, const struct trig *t, const char *provider_ns)
 {
     struct buf *b = &p->out;
-    size_t at = ws_begin(b, 128 + strlen(t->id) + strlen(t->type) + strlen(t->fid) + strlen(t->config_raw) +
-                                (t->meta_raw ? strlen(t->meta_raw) : 0), 0);
+    size_t at = ws_begin(b,
+                         128 + strlen(t->id) + strlen(t->type) + strlen(t->fid) +
+                             strlen(t->config_raw) + (t->meta_raw ? strlen(t->meta_raw) : 0),
+                         0);
     if (at == SIZE_MAX) goto oom;
     buf_puts(b, "{\"type\":\"registertrigger\",\"id\":");
     json_put_cstr(b, t->id);
@@ -5040,7 +5083,8 @@ static void trig_send_register(struct conn *p, const struct trig *t, const char 
     buf_puts(b, t->config_raw);
     if (t->meta_raw) buf_puts(b, ",\"metadata\":"), buf_puts(b, t->meta_raw);
     if (strcmp(t->ns, NS_DEFAULT)) buf_puts(b, ",\"namespace\":"), json_put_cstr(b, t->ns);
-    if (strcmp(provider_ns, NS_DEFAULT)) buf_puts(b, ",\"trigger_namespace\":"), json_put_cstr(b, provider_ns);
+    if (strcmp(provider_ns, NS_DEFAULT))
+        buf_puts(b, ",\"trigger_namespace\":"), json_put_cstr(b, provider_ns);
     if (buf_putc(b, '}') < 0 || ws_end(b, at, WS_TEXT, 0) < 0) goto oom;
     conn_queued(p);
     return;
@@ -5102,9 +5146,9 @@ static void trig_remove(struct trig *t)
 
 /* Creates or replaces binding id (§4.2): owner NULL = durable. All strings are copied.
  * Returns the binding or NULL on OOM. */
-static struct trig *trig_register(struct conn *owner, const char *id, const char *type, const char *fid,
-                                  const char *config_raw, const char *meta_raw, const char *ns,
-                                  const char *trigger_ns, const char *home_ns)
+static struct trig *trig_register(struct conn *owner, const char *id, const char *type,
+                                  const char *fid, const char *config_raw, const char *meta_raw,
+                                  const char *ns, const char *trigger_ns, const char *home_ns)
 {
     struct trig *old = trig_find(id, strlen(id));
     struct ttype *oldp = old ? trig_provider(old) : NULL;
@@ -5125,7 +5169,8 @@ static struct trig *trig_register(struct conn *owner, const char *id, const char
     struct ttype *tt = trig_resolve(t);
     if (old) {
         /* the id moves (ownership included); a different provider is told the old one is gone */
-        if (oldp && oldp->provider && (!tt || oldp != tt)) trig_send_unregister(oldp->provider, old);
+        if (oldp && oldp->provider && (!tt || oldp != tt))
+            trig_send_unregister(oldp->provider, old);
         trig_free(old);
     }
     if (hm_put(&S.trigs, &t->h, t->id, strlen(t->id)) < 0) {
@@ -5134,15 +5179,17 @@ static struct trig *trig_register(struct conn *owner, const char *id, const char
         return NULL;
     }
     if (tt) trig_deliver(t, tt);
-    else LOG(LOG_WARN, "trigger %s: no provider for trigger type '%s' yet; parked until a worker registers it",
-             id, type);
+    else
+        LOG(LOG_WARN,
+            "trigger %s: no provider for trigger type '%s' yet; parked until a worker registers it",
+            id, type);
     return t;
 }
 
 /* Registers (replaces) trigger type (ns, id) provided by p (NULL = in-process), then replays
  * and activates the bindings that now resolve to it (§2.4). */
-static struct ttype *tt_register(struct conn *p, const char *ns, const char *id, const char *desc_raw,
-                                 const char *treq_raw, const char *creq_raw)
+static struct ttype *tt_register(struct conn *p, const char *ns, const char *id,
+                                 const char *desc_raw, const char *treq_raw, const char *creq_raw)
 {
     /* sweep parked intents whose owner is gone */
     size_t n = 0;
@@ -5176,7 +5223,8 @@ static struct ttype *tt_register(struct conn *p, const char *ns, const char *id,
         struct trig *t = (struct trig *)v[i];
         if (!t || strcmp(t->type, id) || trig_resolve(t) != tt) continue;
         struct ttype *cur = trig_provider(t);
-        if (t->live && cur && cur != tt && cur->provider) trig_send_unregister(cur->provider, t); /* re-home */
+        if (t->live && cur && cur != tt && cur->provider)
+            trig_send_unregister(cur->provider, t); /* re-home */
         trig_deliver(t, tt);
     }
     xfree(v);
@@ -5191,7 +5239,9 @@ static void tt_remove(struct ttype *tt)
     struct hnode **v = hm_list(&S.trigs, &n);
     for (size_t i = 0; v && i < n; i++) {
         struct trig *t = (struct trig *)v[i];
-        if (!t->live || !t->provider_ns || strcmp(t->type, tt->id) || strcmp(t->provider_ns, tt->ns)) continue;
+        if (!t->live || !t->provider_ns || strcmp(t->type, tt->id) ||
+            strcmp(t->provider_ns, tt->ns))
+            continue;
         struct ttype *alt = trig_resolve(t);
         if (alt) trig_deliver(t, alt);
         else {
@@ -5210,7 +5260,8 @@ static void trig_fire(const char *type, const unsigned char *data, size_t dl)
     struct hnode **v = hm_list(&S.trigs, &n);
     for (size_t i = 0; v && i < n; i++) {
         struct trig *t = (struct trig *)v[i];
-        if (t->live && !strcmp(t->type, type)) rt_call_internal(t->ns, t->fid, data, dl, t->meta_raw);
+        if (t->live && !strcmp(t->type, type))
+            rt_call_internal(t->ns, t->fid, data, dl, t->meta_raw);
     }
     xfree(v);
 }
@@ -5233,7 +5284,8 @@ static void ev_functions_tick(void)
     int any = 0;
     for (size_t i = 0; i < S.trigs.nb && !any; i++)
         for (struct hnode *e = S.trigs.b[i]; e; e = e->next)
-            if (((struct trig *)e)->live && !strcmp(((struct trig *)e)->type, TT_FUNCTIONS)) any = 1;
+            if (((struct trig *)e)->live && !strcmp(((struct trig *)e)->type, TT_FUNCTIONS))
+                any = 1;
     if (!any) return;
     struct buf b = {0};
     size_t n = 0;
@@ -5291,7 +5343,8 @@ static void reg_function(struct conn *c, const struct jdoc *d)
     struct buf sc = {0};
     if (jstr(d, json_get(d, 0, "id"), &sc, &id, &il) < 0 || !il) goto done;
     if (!JABSENT(d, json_get(d, 0, "invocation"))) {
-        LOG(LOG_ERROR, "worker %s: function %.*s is HTTP-invoked; this engine has no http_functions module",
+        LOG(LOG_ERROR,
+            "worker %s: function %.*s is HTTP-invoked; this engine has no http_functions module",
             c->wid, (int)il, id);
         goto done;
     }
@@ -5341,7 +5394,8 @@ done:
 }
 
 /* Sends triggerregistrationresult with an error to c. */
-static void trig_result_error(struct conn *c, const struct jdoc *d, int id, int type, int fid, const char *errjson)
+static void trig_result_error(struct conn *c, const struct jdoc *d, int id, int type, int fid,
+                              const char *errjson)
 {
     struct buf b = {0};
     buf_puts(&b, "{\"type\":\"triggerregistrationresult\",\"id\":");
@@ -5373,36 +5427,47 @@ static void reg_apply(struct conn *c, const struct jdoc *d)
         char *id = json_strdup(d, json_get(d, 0, "id"), NULL);
         char *ns = JABSENT(d, nsi) ? xstrdup(c->ns) : json_strdup(d, nsi, NULL);
         if (!id || !ns || JTYPE(d, dsc) != J_STRING) {
-            LOG(LOG_WARN, "worker %s: json decode error: invalid registertriggertype dropped", c->wid);
+            LOG(LOG_WARN, "worker %s: json decode error: invalid registertriggertype dropped",
+                c->wid);
         } else if (str_blank(ns, strlen(ns))) {
-            LOG(LOG_ERROR, "worker %s: registertriggertype %s: `namespace` is empty; nothing registered", c->wid, id);
+            LOG(LOG_ERROR,
+                "worker %s: registertriggertype %s: `namespace` is empty; nothing registered",
+                c->wid, id);
         } else {
-            char *dr = jraw_dup(d, dsc), *tr = jraw_dup(d, json_get(d, 0, "trigger_request_format"));
+            char *dr = jraw_dup(d, dsc),
+                 *tr = jraw_dup(d, json_get(d, 0, "trigger_request_format"));
             char *cr = jraw_dup(d, json_get(d, 0, "call_request_format"));
             tt_register(c, ns, id, dr, tr, cr);
             xfree(dr), xfree(tr), xfree(cr);
         }
         xfree(id), xfree(ns);
     } else if (json_streq(d, ty, "registertrigger")) {
-        int id = json_get(d, 0, "id"), tt = json_get(d, 0, "trigger_type"), fid = json_get(d, 0, "function_id");
+        int id = json_get(d, 0, "id"), tt = json_get(d, 0, "trigger_type"),
+            fid = json_get(d, 0, "function_id");
         int cfg = json_get(d, 0, "config"), mt = json_get(d, 0, "metadata");
         int nsi = json_get(d, 0, "namespace"), tns = json_get(d, 0, "trigger_namespace");
-        if (JTYPE(d, id) != J_STRING || JTYPE(d, tt) != J_STRING || JTYPE(d, fid) != J_STRING || cfg < 0 ||
-            (!JABSENT(d, nsi) && JTYPE(d, nsi) != J_STRING) || (!JABSENT(d, tns) && JTYPE(d, tns) != J_STRING)) {
+        if (JTYPE(d, id) != J_STRING || JTYPE(d, tt) != J_STRING || JTYPE(d, fid) != J_STRING ||
+            cfg < 0 || (!JABSENT(d, nsi) && JTYPE(d, nsi) != J_STRING) ||
+            (!JABSENT(d, tns) && JTYPE(d, tns) != J_STRING)) {
             LOG(LOG_WARN, "worker %s: json decode error: invalid registertrigger dropped", c->wid);
             return;
         }
-        char *ids = json_strdup(d, id, NULL), *tts = json_strdup(d, tt, NULL), *fids = json_strdup(d, fid, NULL);
+        char *ids = json_strdup(d, id, NULL), *tts = json_strdup(d, tt, NULL),
+             *fids = json_strdup(d, fid, NULL);
         char *ns = JABSENT(d, nsi) ? xstrdup(NS_DEFAULT) : json_strdup(d, nsi, NULL);
         char *tn = JABSENT(d, tns) ? NULL : json_strdup(d, tns, NULL);
         char *cr = jraw_dup(d, cfg), *mr = jraw_dup(d, mt);
         if (!cr) cr = xstrdup("null");
         if (ids && tts && fids && ns && cr) {
-            const char *blank = str_blank(ns, strlen(ns)) ? "namespace" : tn && str_blank(tn, strlen(tn)) ? "trigger_namespace" : NULL;
+            const char *blank = str_blank(ns, strlen(ns))         ? "namespace"
+                                : tn && str_blank(tn, strlen(tn)) ? "trigger_namespace"
+                                                                  : NULL;
             if (blank) {
                 struct buf e = {0};
-                rt_err(&e, "INVALID_NAMESPACE", "`%s` is empty: it was named and left blank. Give it a name, "
-                       "or omit it to use `default`.", blank);
+                rt_err(&e, "INVALID_NAMESPACE",
+                       "`%s` is empty: it was named and left blank. Give it a name, "
+                       "or omit it to use `default`.",
+                       blank);
                 trig_result_error(c, d, id, tt, fid, buf_cstr(&e));
                 buf_free(&e);
             } else if (!trig_register(c, ids, tts, fids, cr, mr, ns, tn, c->ns)) {
@@ -5466,8 +5531,10 @@ static void worker_on_open(struct conn *c)
         return;
     }
     char m[160];
-    int n = snprintf(m, sizeof m, "{\"type\":\"workerregistered\",\"worker_id\":\"%s\",\"reattach_token\":\"%s\"}",
-                     c->wid, c->token);
+    int n =
+        snprintf(m, sizeof m,
+                 "{\"type\":\"workerregistered\",\"worker_id\":\"%s\",\"reattach_token\":\"%s\"}",
+                 c->wid, c->token);
     conn_frame(c, WS_TEXT, m, (size_t)n);
     LOG(LOG_DEBUG, "worker %s connected from %s", c->wid, c->ip);
     ev_worker("worker_connected", c->wid);
@@ -5478,13 +5545,15 @@ static void worker_on_open(struct conn *c)
 static void worker_reattach(struct conn *c, const struct jdoc *d)
 {
     int pw = json_get(d, 0, "previous_worker_id"), tk = json_get(d, 0, "reattach_token");
-    if (JTYPE(d, pw) != J_STRING || !uuid_valid((const char *)JRAW(d, pw) + 1, JLEN(d, pw) - 2)) return;
+    if (JTYPE(d, pw) != J_STRING || !uuid_valid((const char *)JRAW(d, pw) + 1, JLEN(d, pw) - 2))
+        return;
     const char *prev = (const char *)JRAW(d, pw) + 1;
     if (!memcmp(prev, c->wid, 36)) return;
     struct conn *old = (struct conn *)hm_get(&S.workers, prev, 36);
     if (!old || old->torn) return;
     if (JTYPE(d, tk) != J_STRING || JLEN(d, tk) != 38 || memcmp(JRAW(d, tk) + 1, old->token, 36)) {
-        LOG(LOG_WARN, "worker %s: reattach to %s refused: missing or wrong reattach_token", c->wid, old->wid);
+        LOG(LOG_WARN, "worker %s: reattach to %s refused: missing or wrong reattach_token", c->wid,
+            old->wid);
         return;
     }
     LOG(LOG_INFO, "worker %s: reattached, retiring previous connection %s", c->wid, old->wid);
@@ -5499,23 +5568,36 @@ static const struct msg_field {
     const char *type, *field;
     int kind;
 } MSG_FIELDS[] = {
-    {"registerfunction", "id", F_STR | F_REQ}, {"registerfunction", "description", F_STR},
+    {"registerfunction", "id", F_STR | F_REQ},
+    {"registerfunction", "description", F_STR},
     {"registerfunction", "invocation", F_OBJ},
     {"unregisterfunction", "id", F_STR | F_REQ},
-    {"invocationresult", "invocation_id", F_UUID | F_REQ}, {"invocationresult", "function_id", F_STR | F_REQ},
-    {"invocationresult", "error", F_ERR}, {"invocationresult", "traceparent", F_STR},
+    {"invocationresult", "invocation_id", F_UUID | F_REQ},
+    {"invocationresult", "function_id", F_STR | F_REQ},
+    {"invocationresult", "error", F_ERR},
+    {"invocationresult", "traceparent", F_STR},
     {"invocationresult", "baggage", F_STR},
-    {"registertriggertype", "id", F_STR | F_REQ}, {"registertriggertype", "description", F_STR | F_REQ},
+    {"registertriggertype", "id", F_STR | F_REQ},
+    {"registertriggertype", "description", F_STR | F_REQ},
     {"registertriggertype", "namespace", F_STR},
-    {"registertrigger", "id", F_STR | F_REQ}, {"registertrigger", "trigger_type", F_STR | F_REQ},
-    {"registertrigger", "function_id", F_STR | F_REQ}, {"registertrigger", "config", F_ANY | F_REQ},
-    {"registertrigger", "namespace", F_STR}, {"registertrigger", "trigger_namespace", F_STR},
-    {"unregistertrigger", "id", F_STR | F_REQ}, {"unregistertrigger", "trigger_type", F_STR},
-    {"triggerregistrationresult", "id", F_STR | F_REQ}, {"triggerregistrationresult", "trigger_type", F_STR | F_REQ},
-    {"triggerregistrationresult", "function_id", F_STR | F_REQ}, {"triggerregistrationresult", "error", F_ERR},
-    {"registerservice", "id", F_STR | F_REQ}, {"registerservice", "name", F_STR},
-    {"registerservice", "description", F_STR}, {"registerservice", "parent_service_id", F_STR},
-    {"reattach", "previous_worker_id", F_UUID | F_REQ}, {"reattach", "reattach_token", F_STR},
+    {"registertrigger", "id", F_STR | F_REQ},
+    {"registertrigger", "trigger_type", F_STR | F_REQ},
+    {"registertrigger", "function_id", F_STR | F_REQ},
+    {"registertrigger", "config", F_ANY | F_REQ},
+    {"registertrigger", "namespace", F_STR},
+    {"registertrigger", "trigger_namespace", F_STR},
+    {"unregistertrigger", "id", F_STR | F_REQ},
+    {"unregistertrigger", "trigger_type", F_STR},
+    {"triggerregistrationresult", "id", F_STR | F_REQ},
+    {"triggerregistrationresult", "trigger_type", F_STR | F_REQ},
+    {"triggerregistrationresult", "function_id", F_STR | F_REQ},
+    {"triggerregistrationresult", "error", F_ERR},
+    {"registerservice", "id", F_STR | F_REQ},
+    {"registerservice", "name", F_STR},
+    {"registerservice", "description", F_STR},
+    {"registerservice", "parent_service_id", F_STR},
+    {"reattach", "previous_worker_id", F_UUID | F_REQ},
+    {"reattach", "reattach_token", F_STR},
 };
 
 /* 1 if value ti is an ErrorBody {code: string, message: string, stacktrace?: string}. */
@@ -5525,7 +5607,8 @@ static int msg_errbody(const struct jdoc *d, int ti)
     struct jtok t[32];
     if (JTYPE(d, ti) != J_OBJECT || json_sub(d, ti, &e, t, 32) < 0) return 0;
     int st = json_get(&e, 0, "stacktrace");
-    return JTYPE(&e, json_get(&e, 0, "code")) == J_STRING && JTYPE(&e, json_get(&e, 0, "message")) == J_STRING &&
+    return JTYPE(&e, json_get(&e, 0, "code")) == J_STRING &&
+           JTYPE(&e, json_get(&e, 0, "message")) == J_STRING &&
            (JABSENT(&e, st) || JTYPE(&e, st) == J_STRING);
 }
 
@@ -5541,13 +5624,22 @@ static int msg_valid(const struct jdoc *d, const char *t, size_t tl)
             continue;
         }
         switch (f->kind & 15) {
-        case F_STR: if (d->t[v].type != J_STRING) return 0; break;
-        case F_UUID:
-            if (d->t[v].type != J_STRING || !uuid_valid((const char *)JRAW(d, v) + 1, JLEN(d, v) - 2)) return 0;
+        case F_STR:
+            if (d->t[v].type != J_STRING) return 0;
             break;
-        case F_OBJ: if (d->t[v].type != J_OBJECT) return 0; break;
-        case F_ERR: if (!msg_errbody(d, v)) return 0; break;
-        default: break;
+        case F_UUID:
+            if (d->t[v].type != J_STRING ||
+                !uuid_valid((const char *)JRAW(d, v) + 1, JLEN(d, v) - 2))
+                return 0;
+            break;
+        case F_OBJ:
+            if (d->t[v].type != J_OBJECT) return 0;
+            break;
+        case F_ERR:
+            if (!msg_errbody(d, v)) return 0;
+            break;
+        default:
+            break;
         }
     }
     return 1;
@@ -5574,7 +5666,8 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
     size_t tl = JLEN(d, ty) - 2;
 #define TYPE_IS(x) (tl == sizeof(x) - 1 && !memcmp(t, x, tl))
     if (!msg_valid(d, t, tl)) {
-        LOG(LOG_WARN, "worker %s: json decode error: invalid %.*s frame dropped", c->wid, (int)tl, t);
+        LOG(LOG_WARN, "worker %s: json decode error: invalid %.*s frame dropped", c->wid, (int)tl,
+            t);
         return;
     }
     if (TYPE_IS("invokefunction")) {
@@ -5583,11 +5676,13 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
         rt_result(c, d);
     } else if (TYPE_IS("ping")) {
         conn_frame(c, WS_TEXT, "{\"type\":\"pong\"}", 15);
-    } else if (TYPE_IS("registerfunction") || TYPE_IS("unregisterfunction") || TYPE_IS("registertriggertype") ||
-               TYPE_IS("registertrigger") || TYPE_IS("unregistertrigger") || TYPE_IS("registerservice")) {
+    } else if (TYPE_IS("registerfunction") || TYPE_IS("unregisterfunction") ||
+               TYPE_IS("registertriggertype") || TYPE_IS("registertrigger") ||
+               TYPE_IS("unregistertrigger") || TYPE_IS("registerservice")) {
         if (c->ns_state == NS_PENDING) {
             uint32_t len = (uint32_t)n;
-            if (buf_append(&c->pendq, &len, 4) < 0 || buf_append(&c->pendq, p, n) < 0) conn_abort(c, "out of memory");
+            if (buf_append(&c->pendq, &len, 4) < 0 || buf_append(&c->pendq, p, n) < 0)
+                conn_abort(c, "out of memory");
         } else if (c->ns_state == NS_RESOLVED) {
             reg_apply(c, d);
         }
@@ -5601,7 +5696,8 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
             for (struct inv *x = c->calls_in; x && !ack; x = x->tnext)
                 if (x->kind == INV_ACK && !memcmp(x->receipt, ids, 36)) ack = x;
         if (ack) {
-            ack_settle(ack, d, err); /* §4.3 step 1: a waiting engine::register_trigger stops here */
+            ack_settle(ack, d,
+                       err); /* §4.3 step 1: a waiting engine::register_trigger stops here */
         } else if (jstr(d, id, &sc, &ids, &il) == 0) {
             struct trig *tr = trig_find(ids, il);
             struct ttype *pt = tr ? trig_provider(tr) : NULL;
@@ -5624,7 +5720,9 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
                     buf_free(&b);
                 }
             } else if (tr && pt && pt->provider != c) {
-                LOG(LOG_WARN, "worker %s: triggerregistrationresult for %s from a non-provider ignored", c->wid, tr->id);
+                LOG(LOG_WARN,
+                    "worker %s: triggerregistrationresult for %s from a non-provider ignored",
+                    c->wid, tr->id);
             }
         }
         buf_free(&sc);
@@ -5655,14 +5753,14 @@ static void ack_settle(struct inv *v, const struct jdoc *d, int errbody)
             }
             rt_err(&out, "trigger_registration_failed", "%.*s: %.*s", (int)cl, code, (int)ml, msg);
             buf_free(&s1), buf_free(&s2);
-            rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len, NULL, 0, buf_data(&out), buf_used(&out),
-                           v->ctx, v->ctx_len);
+            rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len, NULL, 0, buf_data(&out),
+                           buf_used(&out), v->ctx, v->ctx_len);
             struct trig *t = trig_find(v->receipt, 36);
             if (t) trig_free(t); /* the provider refused it: the durable binding is not kept */
         } else {
             buf_printf(&out, "{\"id\":\"%s\"}", v->receipt);
-            rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len, buf_data(&out), buf_used(&out), NULL, 0,
-                           v->ctx, v->ctx_len);
+            rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len, buf_data(&out), buf_used(&out),
+                           NULL, 0, v->ctx, v->ctx_len);
         }
     }
     buf_free(&out);
@@ -5701,11 +5799,12 @@ static void worker_teardown(struct conn *c)
         }
         if (v->caller && (v->kind == INV_CALL || v->kind == INV_ENQUEUE)) {
             if (v->kind == INV_CALL)
-                rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len, NULL, 0, (const unsigned char *)ERR_STOPPED,
-                               sizeof ERR_STOPPED - 1, v->ctx, v->ctx_len);
+                rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len, NULL, 0,
+                               (const unsigned char *)ERR_STOPPED, sizeof ERR_STOPPED - 1, v->ctx,
+                               v->ctx_len);
             else
-                rt_send_result(v->caller, v->ctx, 36, v->fid, v->fid_len, NULL, 0, (const unsigned char *)ERR_STOPPED,
-                               sizeof ERR_STOPPED - 1, "", 0);
+                rt_send_result(v->caller, v->ctx, 36, v->fid, v->fid_len, NULL, 0,
+                               (const unsigned char *)ERR_STOPPED, sizeof ERR_STOPPED - 1, "", 0);
         }
         inv_free(v);
     }
@@ -5726,7 +5825,8 @@ static void worker_teardown(struct conn *c)
     xfree(v);
     /* 8: the name lease */
     if (c->leased && c->name && c->ns) {
-        struct lease *l = (struct lease *)reg_find(&S.leases, c->ns, strlen(c->ns), c->name, strlen(c->name));
+        struct lease *l =
+            (struct lease *)reg_find(&S.leases, c->ns, strlen(c->ns), c->name, strlen(c->name));
         if (l && l->owner == c) {
             hm_del(&S.leases, &l->h);
             xfree(l->key);
@@ -5748,7 +5848,8 @@ static void worker_teardown(struct conn *c)
  */
 #define BI_ARGS struct conn *caller, const struct jdoc *d, int in, struct buf *res, struct buf *err
 
-/* Optional string input: 0 absent, 1 present (decoded copy in *out, caller frees), -1 wrong type. */
+/* Optional string input: 0 absent, 1 present (decoded copy in *out, caller frees), -1 wrong type.
+ */
 static int bi_str(const struct jdoc *d, int in, const char *key, char **out)
 {
     int t = json_get(d, in, key);
@@ -5838,7 +5939,7 @@ static int fn_rank(const struct func *f, const char *needle)
 {
     size_t nl = strlen(needle);
     if (str_ncaseeq(f->id, needle, nl) && strlen(f->id) >= nl) return 0;
-    for (const char *s = f->id; (s = strstr(s, "::")); ) {
+    for (const char *s = f->id; (s = strstr(s, "::"));) {
         s += 2;
         const char *e = strstr(s, "::");
         size_t sl = e ? (size_t)(e - s) : strlen(s);
@@ -5857,7 +5958,8 @@ static void bi_functions_list(BI_ARGS)
     char *search = NULL, *prefix = NULL, *worker = NULL;
     if (bi_str(d, in, "search", &search) < 0 || bi_str(d, in, "prefix", &prefix) < 0 ||
         bi_str(d, in, "worker", &worker) < 0) {
-        rt_err(err, "deserialization_error", "Failed to deserialize input for engine::functions::list: invalid type");
+        rt_err(err, "deserialization_error",
+               "Failed to deserialize input for engine::functions::list: invalid type");
         goto out;
     }
     int incl = bi_bool(d, in, "include_internal");
@@ -5959,7 +6061,8 @@ static void fn_namespaces(const char *id, char *out, size_t cap, int *count, str
             names[j] = names[j - 1], names[j - 1] = t;
         }
     size_t o = 0;
-    for (size_t i = 0; i < k && o < cap; i++) o += (size_t)snprintf(out + o, cap - o, "%s%s", i ? ", " : "", names[i]);
+    for (size_t i = 0; i < k && o < cap; i++)
+        o += (size_t)snprintf(out + o, cap - o, "%s%s", i ? ", " : "", names[i]);
     *count = (int)k;
 }
 
@@ -5974,7 +6077,11 @@ static struct func *fn_info_resolve(const char *id, const char *ns, struct buf *
         if (f) return f;
         fn_namespaces(id, where, sizeof where, &cnt, &only);
         if (err) {
-            if (cnt) rt_err(err, "NOT_FOUND", "Function '%s' is not registered in namespace '%s'. It is registered in namespace(s): %s.", id, ns, where);
+            if (cnt)
+                rt_err(err, "NOT_FOUND",
+                       "Function '%s' is not registered in namespace '%s'. It is registered in "
+                       "namespace(s): %s.",
+                       id, ns, where);
             else rt_err(err, "NOT_FOUND", "Function '%s' is not registered.", id);
         }
         return NULL;
@@ -5984,7 +6091,11 @@ static struct func *fn_info_resolve(const char *id, const char *ns, struct buf *
     fn_namespaces(id, where, sizeof where, &cnt, &only);
     if (cnt == 1) return only;
     if (err) {
-        if (cnt > 1) rt_err(err, "NOT_FOUND", "Function '%s' is ambiguous: it is registered in namespace(s): %s. Pass `namespace` to select one.", id, where);
+        if (cnt > 1)
+            rt_err(err, "NOT_FOUND",
+                   "Function '%s' is ambiguous: it is registered in namespace(s): %s. Pass "
+                   "`namespace` to select one.",
+                   id, where);
         else rt_err(err, "NOT_FOUND", "Function '%s' is not registered.", id);
     }
     return NULL;
@@ -6002,7 +6113,8 @@ static void bi_functions_info(BI_ARGS)
     if (!JABSENT(d, one) && !JABSENT(d, many)) {
         rt_err(err, "INVALID_ARGUMENTS", "pass either `function_id` or `function_ids`, not both");
     } else if (JABSENT(d, one) && JABSENT(d, many)) {
-        rt_err(err, "INVALID_ARGUMENTS", "missing field `function_id` (or `function_ids` for a batch)");
+        rt_err(err, "INVALID_ARGUMENTS",
+               "missing field `function_id` (or `function_ids` for a batch)");
     } else if (!JABSENT(d, one)) {
         if (!(id = json_strdup(d, one, NULL))) {
             rt_err(err, "INVALID_ARGUMENTS", "`function_id` must be a string");
@@ -6011,7 +6123,8 @@ static void bi_functions_info(BI_ARGS)
             if (f) fn_detail(res, f);
         }
     } else if (JTYPE(d, many) != J_ARRAY || d->t[many].opaque || !d->t[many].n) {
-        rt_err(err, "INVALID_ARGUMENTS", "`function_ids` must be a non-empty array of function ids");
+        rt_err(err, "INVALID_ARGUMENTS",
+               "`function_ids` must be a non-empty array of function ids");
     } else {
         const char *ids[33];
         char *own[33];
@@ -6036,7 +6149,9 @@ static void bi_functions_info(BI_ARGS)
             }
             ids[k] = own[k] = s, k++;
         }
-        if (bad == 1) rt_err(err, "INVALID_ARGUMENTS", "`function_ids` must be a non-empty array of function ids");
+        if (bad == 1)
+            rt_err(err, "INVALID_ARGUMENTS",
+                   "`function_ids` must be a non-empty array of function ids");
         else if (bad == 2) rt_err(err, "INVALID_ARGUMENTS", "too many function_ids (max 32)");
         else {
             buf_puts(res, "{\"functions\":[");
@@ -6044,7 +6159,9 @@ static void bi_functions_info(BI_ARGS)
                 struct func *f = fn_info_resolve(ids[q], ns, NULL);
                 if (q) buf_putc(res, ',');
                 if (f) fn_detail(res, f);
-                else buf_puts(res, "{\"function_id\":"), json_put_cstr(res, ids[q]), buf_puts(res, ",\"error\":\"not_found\"}");
+                else
+                    buf_puts(res, "{\"function_id\":"), json_put_cstr(res, ids[q]),
+                        buf_puts(res, ",\"error\":\"not_found\"}");
             }
             buf_puts(res, "]}");
         }
@@ -6078,8 +6195,10 @@ static void worker_row(struct buf *b, const struct conn *c, int extra)
     json_put_cstr(b, c->runtime ? c->runtime : "unknown");
     buf_puts(b, ",\"os\":");
     json_put_cstr(b, c->os);
-    buf_printf(b, ",\"status\":\"connected\",\"function_count\":%zu,\"connected_at_ms\":%lld,"
-               "\"active_invocations\":%zu,\"isolation\":", conn_fn_count(c), (long long)c->connected_wall, c->n_calls);
+    buf_printf(b,
+               ",\"status\":\"connected\",\"function_count\":%zu,\"connected_at_ms\":%lld,"
+               "\"active_invocations\":%zu,\"isolation\":",
+               conn_fn_count(c), (long long)c->connected_wall, c->n_calls);
     json_put_cstr(b, c->isolation);
     buf_puts(b, ",\"ip_address\":");
     json_put_cstr(b, c->ip);
@@ -6100,9 +6219,12 @@ static void module_row(struct buf *b, const char *name, int extra)
     json_put_cstr(b, name);
     buf_puts(b, ",\"description\":null,\"version\":\"" III_VERSION "\",\"id\":");
     json_put_cstr(b, name);
-    buf_printf(b, ",\"namespace\":\"default\",\"runtime\":\"engine\",\"os\":null,\"status\":\"available\","
-               "\"function_count\":%zu,\"connected_at_ms\":%lld,\"active_invocations\":0,"
-               "\"isolation\":\"in-process\",\"ip_address\":null", nf, (long long)S.start_wall);
+    buf_printf(
+        b,
+        ",\"namespace\":\"default\",\"runtime\":\"engine\",\"os\":null,\"status\":\"available\","
+        "\"function_count\":%zu,\"connected_at_ms\":%lld,\"active_invocations\":0,"
+        "\"isolation\":\"in-process\",\"ip_address\":null",
+        nf, (long long)S.start_wall);
     if (extra) buf_puts(b, ",\"internal\":true");
     buf_putc(b, '}');
 }
@@ -6111,7 +6233,8 @@ static void bi_workers_list(BI_ARGS)
 {
     (void)caller, (void)err;
     char *search = NULL, *runtime = NULL, *status = NULL;
-    bi_str(d, in, "search", &search), bi_str(d, in, "runtime", &runtime), bi_str(d, in, "status", &status);
+    bi_str(d, in, "search", &search), bi_str(d, in, "runtime", &runtime),
+        bi_str(d, in, "status", &status);
     size_t n = 0, k = 0;
     for (struct conn *c = S.conns; c; c = c->next) n++;
     struct ranked *r = xmalloc((n + 2) * sizeof *r);
@@ -6148,7 +6271,8 @@ out:
 
 static const char *tt_worker_name(const struct ttype *tt)
 {
-    static const char *const known[][2] = {{"http", "iii-http"}, {"cron", "iii-cron"}, {"state", "iii-state"},
+    static const char *const known[][2] = {
+        {"http", "iii-http"},     {"cron", "iii-cron"},        {"state", "iii-state"},
         {"stream", "iii-stream"}, {"subscribe", "iii-pubsub"}, {"durable:subscriber", "queue"}};
     static char seg[128];
     if (tt->provider && tt->provider->name) return tt->provider->name;
@@ -6236,8 +6360,8 @@ static int trig_row(struct buf *b, const struct trig *t)
 }
 
 /* Sorted live bindings matching a filter; fills r, returns the count. */
-static size_t trig_collect(struct ranked *r, struct hnode **v, size_t n, const struct conn *target_owner,
-                           const char *target_ns)
+static size_t trig_collect(struct ranked *r, struct hnode **v, size_t n,
+                           const struct conn *target_owner, const char *target_ns)
 {
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
@@ -6277,16 +6401,25 @@ static struct conn *worker_by_name(const char *name, const char *ns, struct buf 
     char where[512];
     size_t o = 0;
     where[0] = 0;
-    for (size_t i = 0; i < k && o < sizeof where; i++) o += (size_t)snprintf(where + o, sizeof where - o, "%s%s", i ? ", " : "", nss[i]);
+    for (size_t i = 0; i < k && o < sizeof where; i++)
+        o += (size_t)snprintf(where + o, sizeof where - o, "%s%s", i ? ", " : "", nss[i]);
     if (ns) {
         if (in_ns) return in_ns;
-        if (k) rt_err(err, "NOT_FOUND", "Worker '%s' is not connected in the requested namespace; it is connected in namespace(s): %s", name, where);
+        if (k)
+            rt_err(err, "NOT_FOUND",
+                   "Worker '%s' is not connected in the requested namespace; it is connected in "
+                   "namespace(s): %s",
+                   name, where);
         else rt_err(err, "NOT_FOUND", "Worker '%s' is not connected.", name);
         return NULL;
     }
     if (in_default) return in_default;
     if (k == 1) return any;
-    if (k > 1) rt_err(err, "NOT_FOUND", "Worker '%s' is ambiguous: it is connected in namespace(s): %s. Pass `namespace` to disambiguate.", name, where);
+    if (k > 1)
+        rt_err(err, "NOT_FOUND",
+               "Worker '%s' is ambiguous: it is connected in namespace(s): %s. Pass `namespace` to "
+               "disambiguate.",
+               name, where);
     else rt_err(err, "NOT_FOUND", "Worker '%s' is not connected.", name);
     return NULL;
 }
@@ -6296,7 +6429,8 @@ static void bi_workers_info(BI_ARGS)
     (void)caller;
     char *name = NULL, *ns = NULL;
     if (bi_str(d, in, "name", &name) <= 0 || bi_str(d, in, "namespace", &ns) < 0) {
-        rt_err(err, "deserialization_error", "Failed to deserialize input for engine::workers::info: missing field `name`");
+        rt_err(err, "deserialization_error",
+               "Failed to deserialize input for engine::workers::info: missing field `name`");
         goto out;
     }
     for (size_t i = 0; i < 2; i++)
@@ -6308,7 +6442,9 @@ static void bi_workers_info(BI_ARGS)
             struct hnode **v = hm_list(&S.funcs, &n);
             struct ranked *r = xmalloc((n ? n : 1) * sizeof *r);
             for (size_t j = 0; v && r && i == 1 && j < n; j++)
-                if (!((struct func *)v[j])->owner) r[k].rank = 0, r[k].a = ((struct func *)v[j])->id, r[k].b = NULL, r[k++].p = v[j];
+                if (!((struct func *)v[j])->owner)
+                    r[k].rank = 0, r[k].a = ((struct func *)v[j])->id, r[k].b = NULL,
+                    r[k++].p = v[j];
             if (r) qsort(r, k, sizeof *r, ranked_cmp);
             for (size_t j = 0; j < k; j++) {
                 if (j) buf_putc(res, ',');
@@ -6329,7 +6465,8 @@ static void bi_workers_info(BI_ARGS)
     size_t tn = 0;
     struct ranked *r = xmalloc((n + S.ttypes.n + S.trigs.n + 1) * sizeof *r);
     if (!r) goto out;
-    for (struct func *f = c->funcs; f; f = f->cnext) r[k].rank = 0, r[k].a = f->id, r[k].b = NULL, r[k++].p = f;
+    for (struct func *f = c->funcs; f; f = f->cnext)
+        r[k].rank = 0, r[k].a = f->id, r[k].b = NULL, r[k++].p = f;
     qsort(r, k, sizeof *r, ranked_cmp);
     for (size_t j = 0; j < k; j++) {
         if (j) buf_putc(res, ',');
@@ -6373,9 +6510,11 @@ static char *sanitize(const char *s)
         size_t l = *p < 0x80 ? 1 : *p < 0xE0 ? 2 : *p < 0xF0 ? 3 : 4;
         uint32_t cp = *p;
         if (l == 2) cp = (uint32_t)(p[0] & 0x1F) << 6 | (p[1] & 0x3F);
-        else if (l == 3) cp = (uint32_t)(p[0] & 0x0F) << 12 | (uint32_t)(p[1] & 0x3F) << 6 | (p[2] & 0x3F);
-        int drop = cp < 0x20 || cp == 0x7F || (cp >= 0x80 && cp < 0xA0) || cp == 0x061C || cp == 0x200E ||
-                   cp == 0x200F || (cp >= 0x2028 && cp <= 0x202E) || (cp >= 0x2066 && cp <= 0x2069);
+        else if (l == 3)
+            cp = (uint32_t)(p[0] & 0x0F) << 12 | (uint32_t)(p[1] & 0x3F) << 6 | (p[2] & 0x3F);
+        int drop = cp < 0x20 || cp == 0x7F || (cp >= 0x80 && cp < 0xA0) || cp == 0x061C ||
+                   cp == 0x200E || cp == 0x200F || (cp >= 0x2028 && cp <= 0x202E) ||
+                   (cp >= 0x2066 && cp <= 0x2069);
         if (!drop) buf_append(&b, p, l), chars++;
         p += l;
     }
@@ -6397,26 +6536,36 @@ static void bi_workers_register(BI_ARGS)
     struct conn *c = caller;
     char *ns = NULL, *name = NULL, *raw = NULL;
     if (!c) {
-        rt_err(err, "deserialization_error", "Failed to deserialize input for engine::workers::register: missing field `_caller_worker_id`");
+        rt_err(err, "deserialization_error",
+               "Failed to deserialize input for engine::workers::register: missing field "
+               "`_caller_worker_id`");
         return;
     }
     int nsi = json_get(d, in, "namespace"), nm = json_get(d, in, "name");
-    if (!JABSENT(d, nm) && JTYPE(d, nm) == J_STRING && (raw = json_strdup(d, nm, NULL))) name = sanitize(raw);
+    if (!JABSENT(d, nm) && JTYPE(d, nm) == J_STRING && (raw = json_strdup(d, nm, NULL)))
+        name = sanitize(raw);
     xfree(raw);
     if (!JABSENT(d, nsi)) {
         if (JTYPE(d, nsi) != J_STRING || !(ns = json_strdup(d, nsi, NULL))) {
-            rt_err(err, "deserialization_error", "Failed to deserialize input for engine::workers::register: invalid type for `namespace`");
+            rt_err(err, "deserialization_error",
+                   "Failed to deserialize input for engine::workers::register: invalid type for "
+                   "`namespace`");
             goto out;
         }
         if (str_blank(ns, strlen(ns))) {
-            rt_err(err, "INVALID_NAMESPACE", "namespace is empty: worker '%s' declared \"%s\". Give it a name, or omit the field to register in 'default'.",
+            rt_err(err, "INVALID_NAMESPACE",
+                   "namespace is empty: worker '%s' declared \"%s\". Give it a name, or omit the "
+                   "field to register in 'default'.",
                    name ? name : "", ns);
             goto out;
         }
     }
     const char *eff = c->ns_state != NS_PENDING && c->ns ? c->ns : ns ? ns : NS_DEFAULT;
     if (c->ns_state != NS_PENDING && ns && strcmp(ns, eff))
-        LOG(LOG_WARN, "worker %s: late engine::workers::register for namespace '%s' honoured in fixed namespace '%s'", c->wid, ns, eff);
+        LOG(LOG_WARN,
+            "worker %s: late engine::workers::register for namespace '%s' honoured in fixed "
+            "namespace '%s'",
+            c->wid, ns, eff);
     if (name) {
         struct lease *l = (struct lease *)reg_find(&S.leases, eff, strlen(eff), name, strlen(name));
         if (l && l->owner != c && conn_live(l->owner)) {
@@ -6427,7 +6576,9 @@ static void bi_workers_register(BI_ARGS)
         }
         /* a re-register under another name gives the old lease up */
         if (c->leased && c->name && (strcmp(c->name, name) || strcmp(c->ns ? c->ns : "", eff))) {
-            struct lease *o = (struct lease *)reg_find(&S.leases, c->ns ? c->ns : eff, strlen(c->ns ? c->ns : eff), c->name, strlen(c->name));
+            struct lease *o =
+                (struct lease *)reg_find(&S.leases, c->ns ? c->ns : eff,
+                                         strlen(c->ns ? c->ns : eff), c->name, strlen(c->name));
             if (o && o->owner == c) hm_del(&S.leases, &o->h), xfree(o->key), xfree(o);
             c->leased = 0;
         }
@@ -6456,9 +6607,11 @@ static void bi_workers_register(BI_ARGS)
     if (bi_str(d, in, "version", &s) > 0) xfree(c->version), c->version = s;
     if (bi_str(d, in, "os", &s) > 0) xfree(c->os), c->os = s;
     if (bi_str(d, in, "isolation", &s) > 0) xfree(c->isolation), c->isolation = s;
-    if (!JABSENT(d, (t = json_get(d, in, "telemetry")))) xfree(c->telemetry), c->telemetry = jraw_dup(d, t);
+    if (!JABSENT(d, (t = json_get(d, in, "telemetry"))))
+        xfree(c->telemetry), c->telemetry = jraw_dup(d, t);
     int64_t pid;
-    if (json_int(d, json_get(d, in, "pid"), &pid) == 0 && pid >= 0 && pid <= UINT32_MAX) c->pid = (uint32_t)pid, c->has_pid = 1;
+    if (json_int(d, json_get(d, in, "pid"), &pid) == 0 && pid >= 0 && pid <= UINT32_MAX)
+        c->pid = (uint32_t)pid, c->has_pid = 1;
     worker_resolve(c, eff);
     ev_worker("worker_metadata_updated", c->wid);
     buf_puts(res, "{\"success\":true}");
@@ -6470,7 +6623,8 @@ static void bi_triggers_list(BI_ARGS)
 {
     (void)caller, (void)err;
     char *search = NULL, *prefix = NULL, *worker = NULL;
-    bi_str(d, in, "search", &search), bi_str(d, in, "prefix", &prefix), bi_str(d, in, "worker", &worker);
+    bi_str(d, in, "search", &search), bi_str(d, in, "prefix", &prefix),
+        bi_str(d, in, "worker", &worker);
     int incl = bi_bool(d, in, "include_internal");
     size_t n = 0, k = 0;
     struct hnode **v = hm_list(&S.ttypes, &n);
@@ -6522,10 +6676,13 @@ static void bi_triggers_info(BI_ARGS)
     (void)caller;
     char *id = NULL, *ns = NULL;
     if (bi_str(d, in, "id", &id) <= 0 || bi_str(d, in, "namespace", &ns) < 0) {
-        rt_err(err, "deserialization_error", "Failed to deserialize input for engine::triggers::info: missing field `id`");
+        rt_err(err, "deserialization_error",
+               "Failed to deserialize input for engine::triggers::info: missing field `id`");
     } else {
         struct ttype *tt = tt_find(ns ? ns : NS_DEFAULT, id);
-        if (!tt) rt_err(err, "NOT_FOUND", "Trigger type '%s' is not registered in namespace '%s'.", id, ns ? ns : NS_DEFAULT);
+        if (!tt)
+            rt_err(err, "NOT_FOUND", "Trigger type '%s' is not registered in namespace '%s'.", id,
+                   ns ? ns : NS_DEFAULT);
         else tt_detail(res, tt);
     }
     xfree(id), xfree(ns);
@@ -6572,7 +6729,9 @@ static void bi_rtriggers_info(BI_ARGS)
     (void)caller;
     char *id = NULL;
     if (bi_str(d, in, "id", &id) <= 0) {
-        rt_err(err, "deserialization_error", "Failed to deserialize input for engine::registered-triggers::info: missing field `id`");
+        rt_err(err, "deserialization_error",
+               "Failed to deserialize input for engine::registered-triggers::info: missing field "
+               "`id`");
         return;
     }
     struct trig *t = trig_find(id, strlen(id));
@@ -6610,14 +6769,17 @@ static void bi_register_trigger(BI_ARGS)
     char *type = NULL, *fid = NULL, *tns = NULL;
     if (bi_str(d, in, "trigger_type", &type) <= 0 || bi_str(d, in, "function_id", &fid) <= 0 ||
         bi_str(d, in, "trigger_namespace", &tns) < 0) {
-        rt_err(err, "deserialization_error", "Failed to deserialize input for engine::register_trigger: missing field `trigger_type` or `function_id`");
+        rt_err(err, "deserialization_error",
+               "Failed to deserialize input for engine::register_trigger: missing field "
+               "`trigger_type` or `function_id`");
         goto out;
     }
     int ct = json_get(d, in, "config"), mt = json_get(d, in, "metadata");
     char *cr = ct >= 0 ? jraw_dup(d, ct) : NULL, *mr = jraw_dup(d, mt);
     char id[37];
     uuid_new(id);
-    struct trig *t = trig_register(NULL, id, type, fid, cr ? cr : "null", mr, NS_DEFAULT, tns, NS_DEFAULT);
+    struct trig *t =
+        trig_register(NULL, id, type, fid, cr ? cr : "null", mr, NS_DEFAULT, tns, NS_DEFAULT);
     if (!t) {
         rt_err(err, "trigger_registration_failed", "out of memory");
     } else {
@@ -6634,7 +6796,8 @@ static void bi_unregister_trigger(BI_ARGS)
     (void)caller;
     char *id = NULL;
     if (bi_str(d, in, "id", &id) <= 0) {
-        rt_err(err, "deserialization_error", "Failed to deserialize input for engine::unregister_trigger: missing field `id`");
+        rt_err(err, "deserialization_error",
+               "Failed to deserialize input for engine::unregister_trigger: missing field `id`");
         return;
     }
     struct trig *t = trig_find(id, strlen(id));
@@ -6651,9 +6814,9 @@ static void bi_log(struct conn *caller, const struct jdoc *d, int in, int level)
     const char *who = caller ? (caller->name ? caller->name : caller->wid) : "engine";
     if (level <= log_level) {
         if (data >= 0)
-            log_write(level, "[%s] %s %.*s", who, msg ? msg : "", (int)(JLEN(d, data) > 600 ? 600 : JLEN(d, data)), JRAW(d, data));
-        else
-            log_write(level, "[%s] %s", who, msg ? msg : "");
+            log_write(level, "[%s] %s %.*s", who, msg ? msg : "",
+                      (int)(JLEN(d, data) > 600 ? 600 : JLEN(d, data)), JRAW(d, data));
+        else log_write(level, "[%s] %s", who, msg ? msg : "");
     }
     xfree(msg);
 }
@@ -6696,8 +6859,10 @@ static int bi_init(void)
         if (!f) return -1;
         f->bi = BUILTINS[i].fn;
     }
-    if (!tt_register(NULL, NS_DEFAULT, TT_WORKERS, "\"Fires when a worker connects, registers or disconnects\"", NULL, NULL) ||
-        !tt_register(NULL, NS_DEFAULT, TT_FUNCTIONS, "\"Fires when the set of registered functions changes\"", NULL, NULL))
+    if (!tt_register(NULL, NS_DEFAULT, TT_WORKERS,
+                     "\"Fires when a worker connects, registers or disconnects\"", NULL, NULL) ||
+        !tt_register(NULL, NS_DEFAULT, TT_FUNCTIONS,
+                     "\"Fires when the set of registered functions changes\"", NULL, NULL))
         return -1;
     S.fn_fp_sent = S.fn_fp, S.fn_n_sent = S.fn_n; /* baseline: no event at start */
     return 0;
@@ -6725,7 +6890,8 @@ static void bi_channels_create(BI_ARGS)
         rt_err(err, "invocation_error", "out of memory");
         return;
     }
-    buf_printf(res, "{\"writer\":{\"channel_id\":\"%s\",\"access_key\":\"%s\",\"direction\":\"write\"},"
+    buf_printf(res,
+               "{\"writer\":{\"channel_id\":\"%s\",\"access_key\":\"%s\",\"direction\":\"write\"},"
                "\"reader\":{\"channel_id\":\"%s\",\"access_key\":\"%s\",\"direction\":\"read\"}}",
                ch->id, ch->key, ch->id, ch->key);
 }
@@ -6739,8 +6905,10 @@ static struct chan *chan_lookup(const char *path, const char *query, int *dir, i
     for (const char *q = query; q && *q;) {
         const char *e = strchr(q, '&');
         size_t n = e ? (size_t)(e - q) : strlen(q);
-        if (n > 4 && !strncmp(q, "key=", 4) && n - 4 < sizeof key) memcpy(key, q + 4, n - 4), key[n - 4] = 0;
-        if (n > 4 && !strncmp(q, "dir=", 4) && n - 4 < sizeof dv) memcpy(dv, q + 4, n - 4), dv[n - 4] = 0;
+        if (n > 4 && !strncmp(q, "key=", 4) && n - 4 < sizeof key)
+            memcpy(key, q + 4, n - 4), key[n - 4] = 0;
+        if (n > 4 && !strncmp(q, "dir=", 4) && n - 4 < sizeof dv)
+            memcpy(dv, q + 4, n - 4), dv[n - 4] = 0;
         q = e ? e + 1 : NULL;
     }
     struct chan *ch = strlen(id) == 36 ? (struct chan *)hm_get(&S.chans, id, 36) : NULL;
@@ -6768,7 +6936,8 @@ static void chan_on_message(struct conn *c, int op, const unsigned char *p, size
     if (ch->r) {
         conn_frame(ch->r, op, p, n);
         if (conn_open(ch->r)) conn_queued(ch->r);
-    } else if (ws_frame(&ch->pending, op, p, n, 0) < 0 || buf_used(&ch->pending) > S.set.max_outbound_bytes) {
+    } else if (ws_frame(&ch->pending, op, p, n, 0) < 0 ||
+               buf_used(&ch->pending) > S.set.max_outbound_bytes) {
         conn_close(c, 1009, "channel buffer full");
     }
 }
@@ -6802,36 +6971,41 @@ static size_t count_workers(void)
 
 static void http_health(struct buf *b)
 {
-    buf_printf(b, "{\"status\":\"ok\",\"workers\":%zu,\"functions\":%zu,\"uptime_ms\":%lld}", count_workers(),
-               S.funcs.n, (long long)(now_ms() - S.start_ms));
+    buf_printf(b, "{\"status\":\"ok\",\"workers\":%zu,\"functions\":%zu,\"uptime_ms\":%lld}",
+               count_workers(), S.funcs.n, (long long)(now_ms() - S.start_ms));
 }
 
 static void http_metrics(struct buf *b)
 {
-    buf_printf(b,
-               "# HELP iii_invocations_total Invocations routed.\n# TYPE iii_invocations_total counter\n"
-               "iii_invocations_total %llu\n"
-               "# HELP iii_invocation_errors_total Invocations that ended in an error.\n"
-               "# TYPE iii_invocation_errors_total counter\niii_invocation_errors_total %llu\n"
-               "# HELP iii_workers_active Connected workers.\n# TYPE iii_workers_active gauge\n"
-               "iii_workers_active %zu\n"
-               "# HELP iii_workers_spawns_total Worker processes started.\n# TYPE iii_workers_spawns_total counter\n"
-               "iii_workers_spawns_total %llu\n"
-               "# HELP iii_workers_deaths_total Worker processes that exited.\n"
-               "# TYPE iii_workers_deaths_total counter\niii_workers_deaths_total %llu\n"
-               "# HELP iii_connections_active Open sockets.\n# TYPE iii_connections_active gauge\n"
-               "iii_connections_active %zu\n"
-               "# HELP iii_functions_registered Functions in the registry.\n# TYPE iii_functions_registered gauge\n"
-               "iii_functions_registered %zu\n"
-               "# HELP iii_invocations_in_flight Calls awaiting a result.\n# TYPE iii_invocations_in_flight gauge\n"
-               "iii_invocations_in_flight %zu\n"
-               "# HELP iii_memory_bytes Bytes allocated by the engine.\n# TYPE iii_memory_bytes gauge\n"
-               "iii_memory_bytes %zu\n"
-               "# HELP iii_allocations_total Allocator calls since start.\n# TYPE iii_allocations_total counter\n"
-               "iii_allocations_total %zu\n",
-               (unsigned long long)S.n_invocations, (unsigned long long)S.n_inv_errors, count_workers(),
-               (unsigned long long)S.n_spawns, (unsigned long long)S.n_deaths, S.nconns, S.funcs.n, S.invs.n,
-               mem_live_bytes, mem_allocs_total);
+    buf_printf(
+        b,
+        "# HELP iii_invocations_total Invocations routed.\n# TYPE iii_invocations_total counter\n"
+        "iii_invocations_total %llu\n"
+        "# HELP iii_invocation_errors_total Invocations that ended in an error.\n"
+        "# TYPE iii_invocation_errors_total counter\niii_invocation_errors_total %llu\n"
+        "# HELP iii_workers_active Connected workers.\n# TYPE iii_workers_active gauge\n"
+        "iii_workers_active %zu\n"
+        "# HELP iii_workers_spawns_total Worker processes started.\n# TYPE "
+        "iii_workers_spawns_total counter\n"
+        "iii_workers_spawns_total %llu\n"
+        "# HELP iii_workers_deaths_total Worker processes that exited.\n"
+        "# TYPE iii_workers_deaths_total counter\niii_workers_deaths_total %llu\n"
+        "# HELP iii_connections_active Open sockets.\n# TYPE iii_connections_active gauge\n"
+        "iii_connections_active %zu\n"
+        "# HELP iii_functions_registered Functions in the registry.\n# TYPE "
+        "iii_functions_registered gauge\n"
+        "iii_functions_registered %zu\n"
+        "# HELP iii_invocations_in_flight Calls awaiting a result.\n# TYPE "
+        "iii_invocations_in_flight gauge\n"
+        "iii_invocations_in_flight %zu\n"
+        "# HELP iii_memory_bytes Bytes allocated by the engine.\n# TYPE iii_memory_bytes gauge\n"
+        "iii_memory_bytes %zu\n"
+        "# HELP iii_allocations_total Allocator calls since start.\n# TYPE iii_allocations_total "
+        "counter\n"
+        "iii_allocations_total %zu\n",
+        (unsigned long long)S.n_invocations, (unsigned long long)S.n_inv_errors, count_workers(),
+        (unsigned long long)S.n_spawns, (unsigned long long)S.n_deaths, S.nconns, S.funcs.n,
+        S.invs.n, mem_live_bytes, mem_allocs_total);
 }
 
 /* ==== Event loop ============================================================================
@@ -6908,7 +7082,8 @@ static void loop_read(struct conn *c)
     static unsigned char shared[III_READ_CHUNK];
     if (c->closing) {
         ssize_t r = read(c->fd, shared, sizeof shared);
-        if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) c->dead = 1;
+        if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+            c->dead = 1;
         return;
     }
     int borrow = !buf_used(&c->in);
@@ -6917,7 +7092,8 @@ static void loop_read(struct conn *c)
         conn_abort(c, "out of memory");
         return;
     }
-    ssize_t r = borrow ? read(c->fd, shared, sizeof shared) : read(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len);
+    ssize_t r = borrow ? read(c->fd, shared, sizeof shared)
+                       : read(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len);
     if (r == 0) {
         conn_abort(c, "eof");
         return;
@@ -6939,7 +7115,8 @@ static void loop_read(struct conn *c)
     size_t left = buf_used(&c->in);
     unsigned char *lp = buf_data(&c->in);
     memset(&c->in, 0, sizeof c->in);
-    if (left && !c->dead && !c->closing && buf_append(&c->in, lp, left) < 0) conn_abort(c, "out of memory");
+    if (left && !c->dead && !c->closing && buf_append(&c->in, lp, left) < 0)
+        conn_abort(c, "out of memory");
 }
 
 /* Per-connection deadlines; returns the earliest future deadline (or INT64_MAX). */
@@ -6958,7 +7135,9 @@ static int64_t loop_timers(struct conn *c, int64_t now)
     }
     if (!c->ws) return next;
     if (c->kind == CK_WORKER && c->ns_state == NS_PENDING && DUE(c->grace_at)) {
-        LOG(LOG_WARN, "worker %s: no engine::workers::register within %lld ms; its registrations land in 'default'",
+        LOG(LOG_WARN,
+            "worker %s: no engine::workers::register within %lld ms; its registrations land in "
+            "'default'",
             c->wid, (long long)S.grace_ms);
         worker_resolve(c, NS_DEFAULT);
     }
@@ -7056,7 +7235,8 @@ static void loop_shutdown(void)
         size_t n = 0;
         for (struct conn *c = S.conns; c && n < 200; c = c->next) {
             if (c->dead) continue;
-            pf[n].fd = c->fd, pf[n].events = (short)(POLLIN | (buf_used(&c->out) ? POLLOUT : 0)), pc[n++] = c;
+            pf[n].fd = c->fd, pf[n].events = (short)(POLLIN | (buf_used(&c->out) ? POLLOUT : 0)),
+            pc[n++] = c;
         }
         size_t ns = sup_pollfds(pf + n, 256 - n);
         poll(pf, (nfds_t)(n + ns), 20);
@@ -7086,7 +7266,8 @@ static void engine_free_all(void)
             else if (maps[m] == &S.trigs) trig_free((struct trig *)v[i]);
             else if (maps[m] == &S.ttypes) {
                 struct ttype *tt = (struct ttype *)v[i];
-                xfree(tt->desc_raw), xfree(tt->treq_raw), xfree(tt->creq_raw), xfree(tt->key), xfree(tt);
+                xfree(tt->desc_raw), xfree(tt->treq_raw), xfree(tt->creq_raw), xfree(tt->key),
+                    xfree(tt);
             } else if (maps[m] == &S.leases) {
                 xfree(((struct lease *)v[i])->key), xfree(v[i]);
             } else if (maps[m] == &S.chans) chan_free((struct chan *)v[i]);
@@ -7145,7 +7326,10 @@ static void loop_run(void)
         cfg_watch_tick(now, &next);
         ack_timeouts(now, &next);
         if (S.dirty) next = now;
-        int timeout = next == INT64_MAX ? -1 : next <= now ? 0 : next - now > 60000 ? 60000 : (int)(next - now);
+        int timeout = next == INT64_MAX    ? -1
+                      : next <= now        ? 0
+                      : next - now > 60000 ? 60000
+                                           : (int)(next - now);
         int rc = poll(pf, (nfds_t)n, timeout);
         if (rc < 0 && errno != EINTR) {
             LOG(LOG_ERROR, "poll: %s", strerror(errno));
@@ -7154,7 +7338,8 @@ static void loop_run(void)
         if (rc > 0) {
             if (pf[0].revents & POLLIN) {
                 unsigned char sink[64];
-                while (read(S.sigpipe[0], sink, sizeof sink) > 0) {}
+                while (read(S.sigpipe[0], sink, sizeof sink) > 0) {
+                }
             }
             if (lidx != SIZE_MAX && (pf[lidx].revents & POLLIN)) loop_accept();
             sup_on_poll(pf + sidx, ns);
@@ -7189,23 +7374,23 @@ static void loop_run(void)
  * group it still knows, and exits. No Linux-only calls are needed.
  */
 struct proc {
-    struct cfg_worker *w;     /* its entry in S.cfg (re-pointed on reload); NULL once removed */
-    char *name;               /* instance name (own copy: outlives a reload) */
-    int64_t stop_ms;          /* stop_timeout_ms in force */
-    pid_t pid;                /* 0: not running */
-    int fd[2];                /* stdout, stderr pipes (-1 when closed) */
-    struct buf line[2];       /* partial output lines */
+    struct cfg_worker *w; /* its entry in S.cfg (re-pointed on reload); NULL once removed */
+    char *name;           /* instance name (own copy: outlives a reload) */
+    int64_t stop_ms;      /* stop_timeout_ms in force */
+    pid_t pid;            /* 0: not running */
+    int fd[2];            /* stdout, stderr pipes (-1 when closed) */
+    struct buf line[2];   /* partial output lines */
     int64_t started, next_start, backoff, kill_at;
-    int stopping;             /* SIGTERM sent */
-    int remove;               /* free once stopped */
+    int stopping;                    /* SIGTERM sent */
+    int remove;                      /* free once stopped */
     struct cfg_worker *restart_with; /* changed by a reload: start this once stopped */
-    int dead_restart;         /* policy says: start at next_start */
+    int dead_restart;                /* policy says: start at next_start */
 };
 
 static struct proc **procs;
 static size_t nprocs;
 static int sentinel_fd = -1;
-static struct buf out_q[2];  /* worker output waiting for the engine's stdout / stderr */
+static struct buf out_q[2]; /* worker output waiting for the engine's stdout / stderr */
 
 static void sentinel_cmd(char op, pid_t pgid)
 {
@@ -7277,7 +7462,10 @@ static void sup_emit(int k, const char *name, const unsigned char *p, size_t n)
         dropped++;
         return;
     }
-    if (dropped) buf_printf(&out_q[k], "iii: warn: %lu worker output lines dropped (output not draining)\n", dropped), dropped = 0;
+    if (dropped)
+        buf_printf(&out_q[k], "iii: warn: %lu worker output lines dropped (output not draining)\n",
+                   dropped),
+            dropped = 0;
     buf_printf(&out_q[k], "[%s] ", name);
     buf_append(&out_q[k], p, n);
     buf_putc(&out_q[k], '\n');
@@ -7290,13 +7478,14 @@ static void sup_lines(struct proc *pr, int k, int eof)
     struct buf *b = &pr->line[k];
     for (;;) {
         unsigned char *p = buf_data(b);
-        size_t n = buf_used(b);
-        unsigned char *nl = n ? memchr(p, '\n', n) : NULL;
-        if (nl) {
+        size_t n = buf_used(b), scan = n < III_WORKER_LINE_MAX + 1 ? n : III_WORKER_LINE_MAX + 1;
+        unsigned char *nl = scan ? memchr(p, '\n', scan) : NULL;
+        if (nl && (size_t)(nl - p) <= III_WORKER_LINE_MAX) {
             size_t l = (size_t)(nl - p);
             sup_emit(k, pr->name, p, l && p[l - 1] == '\r' ? l - 1 : l);
             buf_consume(b, l + 1);
         } else if (n >= III_WORKER_LINE_MAX || (eof && n)) {
+            /* no newline within the limit: emit a piece of the limit's size (or the rest) */
             size_t l = n >= III_WORKER_LINE_MAX ? III_WORKER_LINE_MAX : n;
             sup_emit(k, pr->name, p, l);
             buf_consume(b, l);
@@ -7354,6 +7543,10 @@ static int sup_start(struct proc *pr)
         if (dn >= 0) dup2(dn, 0);
         dup2(po[1], 1);
         dup2(pe[1], 2);
+        /* only 0, 1 and 2 reach the worker: every other engine fd is close-on-exec */
+        int fds[] = {dn, po[0], po[1], pe[0], pe[1]};
+        for (size_t k = 0; k < sizeof fds / sizeof fds[0]; k++)
+            if (fds[k] > 2) close(fds[k]);
         setenv("III_URL", url, 1);
         setenv("III_ENGINE_URL", url, 1);
         setenv("III_WORKER_NAME", pr->w->name, 1);
@@ -7476,8 +7669,12 @@ static void sup_reap_children(void)
             sup_retire_conns(pid);
             pr->pid = 0;
             int failed = !WIFEXITED(st) || WEXITSTATUS(st) != 0;
-            if (WIFEXITED(st)) LOG(pr->stopping ? LOG_INFO : LOG_WARN, "worker %s: exited with status %d", pr->name, WEXITSTATUS(st));
-            else LOG(pr->stopping ? LOG_INFO : LOG_WARN, "worker %s: killed by signal %d", pr->name, WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+            if (WIFEXITED(st))
+                LOG(pr->stopping ? LOG_INFO : LOG_WARN, "worker %s: exited with status %d",
+                    pr->name, WEXITSTATUS(st));
+            else
+                LOG(pr->stopping ? LOG_INFO : LOG_WARN, "worker %s: killed by signal %d", pr->name,
+                    WIFSIGNALED(st) ? WTERMSIG(st) : 0);
             int64_t now = now_ms();
             if (pr->remove) {
                 sup_free(i);
@@ -7487,12 +7684,14 @@ static void sup_reap_children(void)
                 pr->backoff = III_BACKOFF_MIN_MS;
                 sup_close_fd(pr, 0), sup_close_fd(pr, 1);
                 if (sup_start(pr) < 0) pr->dead_restart = 1, pr->next_start = now + pr->backoff;
-            } else if (!pr->stopping && pr->w && (pr->w->restart == CFG_RESTART_ALWAYS ||
-                                         (pr->w->restart == CFG_RESTART_ON_FAILURE && failed))) {
+            } else if (!pr->stopping && pr->w &&
+                       (pr->w->restart == CFG_RESTART_ALWAYS ||
+                        (pr->w->restart == CFG_RESTART_ON_FAILURE && failed))) {
                 if (now - pr->started >= III_BACKOFF_RESET_MS) pr->backoff = III_BACKOFF_MIN_MS;
                 pr->next_start = now + pr->backoff;
                 LOG(LOG_INFO, "worker %s: restarting in %lld ms", pr->name, (long long)pr->backoff);
-                pr->backoff = pr->backoff * 2 > III_BACKOFF_MAX_MS ? III_BACKOFF_MAX_MS : pr->backoff * 2;
+                pr->backoff =
+                    pr->backoff * 2 > III_BACKOFF_MAX_MS ? III_BACKOFF_MAX_MS : pr->backoff * 2;
                 pr->dead_restart = 1;
             }
             break;
@@ -7527,7 +7726,8 @@ static int sup_pollfds(struct pollfd *p, size_t cap)
     size_t n = 0;
     for (size_t i = 0; i < nprocs; i++)
         for (int k = 0; k < 2; k++)
-            if (procs[i]->fd[k] >= 0 && n + 2 < cap) p[n].fd = procs[i]->fd[k], p[n].events = POLLIN, n++;
+            if (procs[i]->fd[k] >= 0 && n + 2 < cap)
+                p[n].fd = procs[i]->fd[k], p[n].events = POLLIN, n++;
     for (int k = 0; k < 2; k++)
         if (buf_used(&out_q[k]) && n < cap) p[n].fd = 1 + k, p[n].events = POLLOUT, n++;
     return (int)n;
@@ -7543,7 +7743,8 @@ static void sup_on_poll(struct pollfd *p, size_t n)
             size_t len = buf_used(&out_q[k]) < PIPE_BUF ? buf_used(&out_q[k]) : PIPE_BUF;
             ssize_t w = write(p[j].fd, buf_data(&out_q[k]), len);
             if (w > 0) buf_consume(&out_q[k], (size_t)w);
-            else if (w < 0 && errno != EAGAIN && errno != EINTR) buf_consume(&out_q[k], buf_used(&out_q[k]));
+            else if (w < 0 && errno != EAGAIN && errno != EINTR)
+                buf_consume(&out_q[k], buf_used(&out_q[k]));
             continue;
         }
         for (size_t i = 0; i < nprocs; i++)
@@ -7554,7 +7755,8 @@ static void sup_on_poll(struct pollfd *p, size_t n)
                     sup_close_fd(pr, k);
                     continue;
                 }
-                ssize_t r = read(pr->fd[k], pr->line[k].p + pr->line[k].len, pr->line[k].cap - pr->line[k].len);
+                ssize_t r = read(pr->fd[k], pr->line[k].p + pr->line[k].len,
+                                 pr->line[k].cap - pr->line[k].len);
                 if (r > 0) {
                     pr->line[k].len += (size_t)r;
                     sup_lines(pr, k, 0);
@@ -7619,7 +7821,8 @@ static void cfg_watch_tick(int64_t now, int64_t *next)
         if (rc < 0) memset(&st, 0, sizeof st);
         if (watch_changed(&st, &watch.st)) {
             watch.st = st;
-            watch.reload_at = now + III_RELOAD_DEBOUNCE_MS; /* debounce: a burst of writes = one reload */
+            watch.reload_at =
+                now + III_RELOAD_DEBOUNCE_MS; /* debounce: a burst of writes = one reload */
         }
         watch.next_check = now + III_WATCH_INTERVAL_MS;
     }
@@ -7649,8 +7852,8 @@ static int listener_open(char *err, size_t errlen)
     if (S.lfd >= 0) close(S.lfd);
     S.lfd = fd;
     S.bound_port = bound;
-    snprintf(S.listen_url, sizeof S.listen_url, strchr(S.set.host, ':') ? "ws://[%s]:%d" : "ws://%s:%d",
-             S.set.host, bound);
+    snprintf(S.listen_url, sizeof S.listen_url,
+             strchr(S.set.host, ':') ? "ws://[%s]:%d" : "ws://%s:%d", S.set.host, bound);
     char line[128];
     int n = snprintf(line, sizeof line, "iii: listening on %s\n", S.listen_url);
     ssize_t w = write(1, line, (size_t)n);
@@ -7731,7 +7934,8 @@ static void cfg_reload(const char *why)
             if (pr->pid) sup_stop(pr);
             else pr->dead_restart = 0;
             removed++;
-        } else if (!yaml_equal(pr->w->entry, nw->entry) || (!pr->pid && !pr->dead_restart && !pr->stopping)) {
+        } else if (!yaml_equal(pr->w->entry, nw->entry) ||
+                   (!pr->pid && !pr->dead_restart && !pr->stopping)) {
             changed++;
             if (pr->pid) {
                 sup_stop(pr);
@@ -7741,7 +7945,8 @@ static void cfg_reload(const char *why)
                 pr->w = nw;
                 pr->backoff = III_BACKOFF_MIN_MS;
                 sup_close_fd(pr, 0), sup_close_fd(pr, 1);
-                if (sup_start(pr) < 0) pr->dead_restart = 1, pr->next_start = now_ms() + pr->backoff;
+                if (sup_start(pr) < 0)
+                    pr->dead_restart = 1, pr->next_start = now_ms() + pr->backoff;
             }
         } else {
             pr->w = nw; /* unchanged: never touched */
@@ -7751,7 +7956,8 @@ static void cfg_reload(const char *why)
         struct cfg_worker *w = &S.cfg.w[i];
         if (!cfg_is_process(w)) continue;
         int found = 0;
-        for (size_t k = 0; k < nprocs; k++) found |= !procs[k]->remove && !strcmp(procs[k]->name ? procs[k]->name : "", w->name);
+        for (size_t k = 0; k < nprocs; k++)
+            found |= !procs[k]->remove && !strcmp(procs[k]->name ? procs[k]->name : "", w->name);
         if (!found) sup_add(w), added++;
     }
     cfg_free(&old);
@@ -7759,9 +7965,12 @@ static void cfg_reload(const char *why)
 }
 static void usage(FILE *f)
 {
-    fputs("usage: iii [-c|--config FILE] [--host H] [--port N] [--echo] [-v|--version] [-h|--help]\n"
-          "       iii trigger FUNCTION_ID [JSON] [--url URL] [--timeout MS] [--namespace NS] [--json]\n"
-          "       iii list functions|workers|triggers|registered-triggers [--url URL] [--json]\n", f);
+    fputs(
+        "usage: iii [-c|--config FILE] [--host H] [--port N] [--echo] [-v|--version] [-h|--help]\n"
+        "       iii trigger FUNCTION_ID [JSON] [--url URL] [--timeout MS] [--namespace NS] "
+        "[--json]\n"
+        "       iii list functions|workers|triggers|registered-triggers [--url URL] [--json]\n",
+        f);
 }
 
 /* ==== CLI client ============================================================================
@@ -7810,7 +8019,8 @@ static int cli_recv(struct cli *c, unsigned char **p, size_t *n, const char **wh
         int op, fin, code;
         size_t plen;
         unsigned char mask[4];
-        int hl = ws_parse_hdr(buf_data(&c->in), buf_used(&c->in), 0, (size_t)1 << 30, &op, &fin, &plen, mask, &code);
+        int hl = ws_parse_hdr(buf_data(&c->in), buf_used(&c->in), 0, (size_t)1 << 30, &op, &fin,
+                              &plen, mask, &code);
         if (hl < 0) {
             *why = "protocol error from the engine";
             return -1;
@@ -7891,8 +8101,10 @@ static int cli_connect(struct cli *c, const char *url, const char **why)
     rnd_bytes(kb, 16);
     b64_encode(kb, 16, key);
     ws_accept_key(key, strlen(key), acc);
-    buf_printf(&c->out, "GET %s HTTP/1.1\r\nHost: %s:%s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n", path, host, port, key);
+    buf_printf(&c->out,
+               "GET %s HTTP/1.1\r\nHost: %s:%s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n",
+               path, host, port, key);
     if (cli_flush(c) < 0) {
         *why = "cannot send the handshake";
         return -1;
@@ -7916,8 +8128,8 @@ static int cli_connect(struct cli *c, const char *url, const char **why)
 
 /* Calls function_id with data (JSON text) and leaves the invocationresult frame in *frame.
  * Returns 0, or -1 with why. */
-static int cli_call(const char *url, const char *fid, const char *data, const char *ns, int64_t timeout_ms,
-                    struct buf *frame, const char **why)
+static int cli_call(const char *url, const char *fid, const char *data, const char *ns,
+                    int64_t timeout_ms, struct buf *frame, const char **why)
 {
     struct cli c;
     memset(&c, 0, sizeof c);
@@ -8039,7 +8251,9 @@ static int cli_main(int argc, char **argv)
                 fprintf(stderr, "iii: --timeout: '%s' is not a number of milliseconds\n", argv[i]);
                 return 2;
             }
-        } else if (np < 3 && (argv[i][0] != '-' || !argv[i][1] || isdigit((unsigned char)argv[i][1]))) pos[np++] = argv[i];
+        } else if (np < 3 &&
+                   (argv[i][0] != '-' || !argv[i][1] || isdigit((unsigned char)argv[i][1])))
+            pos[np++] = argv[i];
         else {
             usage(stderr);
             return 2;
@@ -8069,22 +8283,32 @@ static int cli_main(int argc, char **argv)
         }
         rc = cli_report(&frame, 1, NULL);
     } else {
-        static const char *const fcols[] = {"function_id", "namespace", "worker_name", "description", NULL};
-        static const char *const wcols[] = {"name", "id", "namespace", "runtime", "function_count", "status", NULL};
+        static const char *const fcols[] = {"function_id", "namespace", "worker_name",
+                                            "description", NULL};
+        static const char *const wcols[] = {"name",           "id",     "namespace", "runtime",
+                                            "function_count", "status", NULL};
         static const char *const tcols[] = {"id", "namespace", "worker_name", "description", NULL};
-        static const char *const rcols[] = {"id", "trigger_type", "function_id", "worker_name", "config_summary", NULL};
+        static const char *const rcols[] = {"id",          "trigger_type",   "function_id",
+                                            "worker_name", "config_summary", NULL};
         const char *fid;
         if (np != 1) {
             usage(stderr);
             return 2;
         }
-        if (!strcmp(pos[0], "functions")) fid = "engine::functions::list", cli_list_key = "functions", cli_list_cols = fcols;
-        else if (!strcmp(pos[0], "workers")) fid = "engine::workers::list", cli_list_key = "workers", cli_list_cols = wcols;
-        else if (!strcmp(pos[0], "triggers")) fid = "engine::triggers::list", cli_list_key = "triggers", cli_list_cols = tcols;
+        if (!strcmp(pos[0], "functions"))
+            fid = "engine::functions::list", cli_list_key = "functions", cli_list_cols = fcols;
+        else if (!strcmp(pos[0], "workers"))
+            fid = "engine::workers::list", cli_list_key = "workers", cli_list_cols = wcols;
+        else if (!strcmp(pos[0], "triggers"))
+            fid = "engine::triggers::list", cli_list_key = "triggers", cli_list_cols = tcols;
         else if (!strcmp(pos[0], "registered-triggers"))
-            fid = "engine::registered-triggers::list", cli_list_key = "registered_triggers", cli_list_cols = rcols;
+            fid = "engine::registered-triggers::list", cli_list_key = "registered_triggers",
+            cli_list_cols = rcols;
         else {
-            fprintf(stderr, "iii: list: unknown kind '%s' (functions, workers, triggers, registered-triggers)\n", pos[0]);
+            fprintf(stderr,
+                    "iii: list: unknown kind '%s' (functions, workers, triggers, "
+                    "registered-triggers)\n",
+                    pos[0]);
             return 2;
         }
         if (cli_call(url, fid, "{}", NULL, timeout, &frame, &why) < 0) {
@@ -8121,7 +8345,8 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--port") && i + 1 < argc) {
             char *e;
             port = strtol(argv[++i], &e, 10);
-            if (*e || port < 0 || port > 65535) die("--port: '%s' is not a port number (0-65535)", argv[i]);
+            if (*e || port < 0 || port > 65535)
+                die("--port: '%s' is not a port number (0-65535)", argv[i]);
         } else if (!strcmp(a, "--echo")) S.echo = 1;
         else if (!strcmp(a, "-v") || !strcmp(a, "--version")) {
             printf("iii %s\n", III_VERSION);
@@ -8141,7 +8366,9 @@ int main(int argc, char **argv)
     char err[1024];
     int missing = 0;
     if (cfg_load(S.cfg_path, &S.cfg, &missing, err, sizeof err) < 0) die("%s", err);
-    if (missing) LOG(LOG_INFO, "no config file at %s: running on built-in defaults (no workers)", S.cfg_path);
+    if (missing)
+        LOG(LOG_INFO, "no config file at %s: running on built-in defaults (no workers)",
+            S.cfg_path);
     settings_from_cfg();
     S.grace_ms = S.cfg.grace_ms;
     const char *ge = getenv("III_NAMESPACE_GRACE_MS");
@@ -8156,7 +8383,8 @@ int main(int argc, char **argv)
     if (listener_open(err, sizeof err) < 0) die("%s", err);
     for (size_t i = 0; i < S.cfg.nw; i++)
         if (cfg_is_process(&S.cfg.w[i]) && !sup_add(&S.cfg.w[i])) die("out of memory");
-    if (!missing && watch_stat(&watch.st) == 0) watch.have = 1, watch.next_check = now_ms() + III_WATCH_INTERVAL_MS;
+    if (!missing && watch_stat(&watch.st) == 0)
+        watch.have = 1, watch.next_check = now_ms() + III_WATCH_INTERVAL_MS;
     loop_run();
     engine_free_all();
     while (nprocs) sup_free(0);

@@ -11,15 +11,15 @@
 
 static int failed, passed;
 
-#define CHECK(cond, ...)                                                                       \
-    do {                                                                                       \
-        if (!(cond)) {                                                                         \
-            printf("not ok - %s: ", test_name);                                                \
-            printf(__VA_ARGS__);                                                               \
-            printf("\n");                                                                      \
-            failed++;                                                                          \
-            return;                                                                            \
-        }                                                                                      \
+#define CHECK(cond, ...)                                                                           \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            printf("not ok - %s: ", test_name);                                                    \
+            printf(__VA_ARGS__);                                                                   \
+            printf("\n");                                                                          \
+            failed++;                                                                              \
+            return;                                                                                \
+        }                                                                                          \
     } while (0)
 #define PASS() (printf("ok - %s\n", test_name), passed++)
 
@@ -37,7 +37,8 @@ static void t_sha1(void)
     } v[] = {
         {"abc", "a9993e364706816aba3e25717850c26c9cd0d89d"},
         {"", "da39a3ee5e6b4b0d3255bfef95601890afd80709"},
-        {"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq", "84983e441c3bd26ebaae4aa1f95129e5e54670f1"},
+        {"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq",
+         "84983e441c3bd26ebaae4aa1f95129e5e54670f1"},
     };
     for (size_t i = 0; i < 3; i++) {
         struct sha1 s;
@@ -103,24 +104,30 @@ static void t_utf8(void)
         const char *s;
         int ok;
     } v[] = {
-        {"plain ascii", 1}, {"\xc3\xa9", 1}, {"\xe2\x82\xac", 1}, {"\xf0\x9f\x98\x80", 1},
-        {"\xf4\x8f\xbf\xbf", 1},        /* U+10FFFF */
-        {"\xef\xbf\xbf", 1},            /* U+FFFF */
-        {"\xc0\x80", 0},                /* overlong NUL */
-        {"\xc1\xbf", 0},                /* overlong */
-        {"\xe0\x80\x80", 0},            /* overlong 3-byte */
-        {"\xe0\x9f\xbf", 0},            /* overlong 3-byte upper edge */
-        {"\xf0\x80\x80\x80", 0},        /* overlong 4-byte */
-        {"\xf0\x8f\xbf\xbf", 0},        /* overlong 4-byte upper edge */
-        {"\xed\xa0\x80", 0},            /* U+D800 surrogate */
-        {"\xed\xbf\xbf", 0},            /* U+DFFF surrogate */
-        {"\xf4\x90\x80\x80", 0},        /* > U+10FFFF */
+        {"plain ascii", 1},
+        {"\xc3\xa9", 1},
+        {"\xe2\x82\xac", 1},
+        {"\xf0\x9f\x98\x80", 1},
+        {"\xf4\x8f\xbf\xbf", 1}, /* U+10FFFF */
+        {"\xef\xbf\xbf", 1},     /* U+FFFF */
+        {"\xc0\x80", 0},         /* overlong NUL */
+        {"\xc1\xbf", 0},         /* overlong */
+        {"\xe0\x80\x80", 0},     /* overlong 3-byte */
+        {"\xe0\x9f\xbf", 0},     /* overlong 3-byte upper edge */
+        {"\xf0\x80\x80\x80", 0}, /* overlong 4-byte */
+        {"\xf0\x8f\xbf\xbf", 0}, /* overlong 4-byte upper edge */
+        {"\xed\xa0\x80", 0},     /* U+D800 surrogate */
+        {"\xed\xbf\xbf", 0},     /* U+DFFF surrogate */
+        {"\xf4\x90\x80\x80", 0}, /* > U+10FFFF */
         {"\xf5\x80\x80\x80", 0},
-        {"\xff", 0}, {"\xfe", 0}, {"\x80", 0}, {"\xbf", 0},
-        {"\xc3", 0},                    /* truncated */
-        {"\xe2\x82", 0},                /* truncated */
-        {"a\xf0\x9f\x98", 0},           /* truncated at end */
-        {"\xc3\x28", 0},                /* bad continuation */
+        {"\xff", 0},
+        {"\xfe", 0},
+        {"\x80", 0},
+        {"\xbf", 0},
+        {"\xc3", 0},          /* truncated */
+        {"\xe2\x82", 0},      /* truncated */
+        {"a\xf0\x9f\x98", 0}, /* truncated at end */
+        {"\xc3\x28", 0},      /* bad continuation */
     };
     for (size_t i = 0; i < sizeof v / sizeof v[0]; i++)
         CHECK(utf8_valid((const unsigned char *)v[i].s, strlen(v[i].s)) == v[i].ok, "case %zu", i);
@@ -128,11 +135,13 @@ static void t_utf8(void)
     const unsigned char e[] = "x\xf0\x9f\x98\x80y";
     for (size_t cut = 0; cut <= 6; cut++) {
         struct utf8 u = {0, 0, 0};
-        CHECK(utf8_feed(&u, e, cut) == 0 && utf8_feed(&u, e + cut, 6 - cut) == 0 && !u.need, "split at %zu", cut);
+        CHECK(utf8_feed(&u, e, cut) == 0 && utf8_feed(&u, e + cut, 6 - cut) == 0 && !u.need,
+              "split at %zu", cut);
     }
     /* fail fast: the invalid byte is reported before the message ends */
     struct utf8 u = {0, 0, 0};
-    CHECK(utf8_feed(&u, (const unsigned char *)"ok\xed\xa0", 4) < 0, "surrogate prefix not caught early");
+    CHECK(utf8_feed(&u, (const unsigned char *)"ok\xed\xa0", 4) < 0,
+          "surrogate prefix not caught early");
     PASS();
 }
 
@@ -236,9 +245,11 @@ static void t_frames(void)
         const unsigned char *p = buf_data(&out);
         CHECK(p[0] == 0x81 && p[1] == 5 && !memcmp(p + 2, "hello", 5), "text echo");
         CHECK(p[7] == 0x82 && p[8] == 3, "binary echo");
-        CHECK(p[12] == 0x8A && p[13] == 2 && !memcmp(p + 14, "pp", 2), "pong before reassembled message");
+        CHECK(p[12] == 0x8A && p[13] == 2 && !memcmp(p + 14, "pp", 2),
+              "pong before reassembled message");
         CHECK(p[16] == 0x81 && p[17] == 8 && !memcmp(p + 18, "fragment", 8), "reassembled");
-        CHECK(p[26] == 0x82 && p[27] == 126 && p[28] == 0 && p[29] == 126, "126 uses 16-bit length");
+        CHECK(p[26] == 0x82 && p[27] == 126 && p[28] == 0 && p[29] == 126,
+              "126 uses 16-bit length");
         buf_free(&in), buf_free(&out);
     }
     PASS();
@@ -256,38 +267,42 @@ static void t_frame_violations(void)
     (void)cases;
     for (int bw = 0; bw < 2; bw++) {
         struct buf in = {0}, out = {0};
-#define EXPECT(code_, ...)                                                                     \
-    do {                                                                                       \
-        in.len = in.off = 0, out.len = out.off = 0;                                            \
-        __VA_ARGS__;                                                                           \
-        unsigned got = feed(&in, bw, &out);                                                    \
-        CHECK(got == (code_), "%s: expected %u got %u (bytewise=%d)", #__VA_ARGS__, (unsigned)(code_), got, bw); \
+#define EXPECT(code_, ...)                                                                         \
+    do {                                                                                           \
+        in.len = in.off = 0, out.len = out.off = 0;                                                \
+        __VA_ARGS__;                                                                               \
+        unsigned got = feed(&in, bw, &out);                                                        \
+        CHECK(got == (code_), "%s: expected %u got %u (bytewise=%d)", #__VA_ARGS__,                \
+              (unsigned)(code_), got, bw);                                                         \
     } while (0)
-        EXPECT(1002, mkframe(&in, 1, WS_TEXT, "x", 1, 0));                       /* unmasked */
-        EXPECT(1002, (mkframe(&in, 1, WS_TEXT, "x", 1, 1), in.p[0] |= 0x40));   /* RSV1 */
-        EXPECT(1002, mkframe(&in, 1, 3, "x", 1, 1));                            /* reserved opcode */
-        EXPECT(1002, mkframe(&in, 1, 0xB, "x", 1, 1));                          /* reserved control */
-        EXPECT(1002, mkframe(&in, 1, WS_CONT, "x", 1, 1));                      /* continuation first */
+        EXPECT(1002, mkframe(&in, 1, WS_TEXT, "x", 1, 0));                    /* unmasked */
+        EXPECT(1002, (mkframe(&in, 1, WS_TEXT, "x", 1, 1), in.p[0] |= 0x40)); /* RSV1 */
+        EXPECT(1002, mkframe(&in, 1, 3, "x", 1, 1));                          /* reserved opcode */
+        EXPECT(1002, mkframe(&in, 1, 0xB, "x", 1, 1));                        /* reserved control */
+        EXPECT(1002, mkframe(&in, 1, WS_CONT, "x", 1, 1)); /* continuation first */
         EXPECT(1002, (mkframe(&in, 0, WS_TEXT, "a", 1, 1), mkframe(&in, 1, WS_TEXT, "b", 1, 1)));
-        EXPECT(1002, mkframe(&in, 1, WS_PING, zeros, 126, 1));                  /* control > 125 */
-        EXPECT(1002, mkframe(&in, 0, WS_PING, "x", 1, 1));                      /* fragmented control */
-        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x03", 1, 1));                  /* 1-byte close */
-        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x03\xed", 2, 1));              /* 1005 */
-        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x00\x00", 2, 1));              /* 0 */
-        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x03\xe7", 2, 1));              /* 999 */
-        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x03\xf7", 2, 1));              /* 1015 */
-        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x0b\xb7", 2, 1));              /* 2999 */
-        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x13\x88", 2, 1));              /* 5000 */
-        EXPECT(3000, mkframe(&in, 1, WS_CLOSE, "\x0b\xb8", 2, 1));              /* 3000 echoed */
-        EXPECT(4999, mkframe(&in, 1, WS_CLOSE, "\x13\x87", 2, 1));              /* 4999 echoed */
-        EXPECT(1007, mkframe(&in, 1, WS_CLOSE, "\x03\xe8\xff", 3, 1));          /* bad reason */
-        EXPECT(1007, mkframe(&in, 1, WS_TEXT, "\xc0\x80", 2, 1));               /* overlong */
-        EXPECT(1007, mkframe(&in, 0, WS_TEXT, "ok\xff", 3, 1));                 /* fail fast */
-        EXPECT(1007, (mkframe(&in, 0, WS_TEXT, "\xf0\x9f", 2, 1), mkframe(&in, 1, WS_CONT, "", 0, 1)));
-        EXPECT(1000, (mkframe(&in, 0, WS_TEXT, "\xf0\x9f", 2, 1), mkframe(&in, 1, WS_CONT, "\x98\x80", 2, 1),
-                      mkframe(&in, 1, WS_CLOSE, "", 0, 1)));                    /* split code point ok */
+        EXPECT(1002, mkframe(&in, 1, WS_PING, zeros, 126, 1));         /* control > 125 */
+        EXPECT(1002, mkframe(&in, 0, WS_PING, "x", 1, 1));             /* fragmented control */
+        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x03", 1, 1));         /* 1-byte close */
+        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x03\xed", 2, 1));     /* 1005 */
+        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x00\x00", 2, 1));     /* 0 */
+        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x03\xe7", 2, 1));     /* 999 */
+        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x03\xf7", 2, 1));     /* 1015 */
+        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x0b\xb7", 2, 1));     /* 2999 */
+        EXPECT(1002, mkframe(&in, 1, WS_CLOSE, "\x13\x88", 2, 1));     /* 5000 */
+        EXPECT(3000, mkframe(&in, 1, WS_CLOSE, "\x0b\xb8", 2, 1));     /* 3000 echoed */
+        EXPECT(4999, mkframe(&in, 1, WS_CLOSE, "\x13\x87", 2, 1));     /* 4999 echoed */
+        EXPECT(1007, mkframe(&in, 1, WS_CLOSE, "\x03\xe8\xff", 3, 1)); /* bad reason */
+        EXPECT(1007, mkframe(&in, 1, WS_TEXT, "\xc0\x80", 2, 1));      /* overlong */
+        EXPECT(1007, mkframe(&in, 0, WS_TEXT, "ok\xff", 3, 1));        /* fail fast */
+        EXPECT(1007,
+               (mkframe(&in, 0, WS_TEXT, "\xf0\x9f", 2, 1), mkframe(&in, 1, WS_CONT, "", 0, 1)));
+        EXPECT(1000, (mkframe(&in, 0, WS_TEXT, "\xf0\x9f", 2, 1),
+                      mkframe(&in, 1, WS_CONT, "\x98\x80", 2, 1),
+                      mkframe(&in, 1, WS_CLOSE, "", 0, 1))); /* split code point ok */
         /* 64-bit length with the top bit set */
-        EXPECT(1002, (buf_append(&in, "\x82\xff\x80\x00\x00\x00\x00\x00\x00\x00", 10), buf_append(&in, "abcd", 4)));
+        EXPECT(1002, (buf_append(&in, "\x82\xff\x80\x00\x00\x00\x00\x00\x00\x00", 10),
+                      buf_append(&in, "abcd", 4)));
         /* over the frame limit: refused from the header alone */
         size_t saved = S.set.max_frame_bytes;
         S.set.max_frame_bytes = 1000;
@@ -295,7 +310,8 @@ static void t_frame_violations(void)
         S.set.max_frame_bytes = saved;
         saved = S.set.max_message_bytes;
         S.set.max_message_bytes = 100;
-        EXPECT(1009, (mkframe(&in, 0, WS_BIN, zeros, 60, 1), mkframe(&in, 1, WS_CONT, zeros, 60, 1)));
+        EXPECT(1009,
+               (mkframe(&in, 0, WS_BIN, zeros, 60, 1), mkframe(&in, 1, WS_CONT, zeros, 60, 1)));
         S.set.max_message_bytes = saved;
         buf_free(&in), buf_free(&out);
 #undef EXPECT
@@ -366,15 +382,17 @@ static void t_json_suite(const char *dir)
 static void t_json_api(void)
 {
     const char *test_name = "json_tokens_lookup_and_raw_relay";
-    const char *src = "{\"type\":\"invokefunction\",\"data\":{\"n\":1e300,\"z\":-0,\"b\":9007199254740993,"
-                      "\"d\":1,\"d\":2},\"k\\u0065y\":\"v\\n\\ud83d\\ude00\",\"arr\":[1,[2,3],{}],\"t\":true}";
+    const char *src =
+        "{\"type\":\"invokefunction\",\"data\":{\"n\":1e300,\"z\":-0,\"b\":9007199254740993,"
+        "\"d\":1,\"d\":2},\"k\\u0065y\":\"v\\n\\ud83d\\ude00\",\"arr\":[1,[2,3],{}],\"t\":true}";
     struct jdoc d = {0};
     d.max = 4096;
     CHECK(json_parse(&d, (const unsigned char *)src, strlen(src), 2, 1) == 0, "parse");
     int data = json_get(&d, 0, "data");
     CHECK(data > 0 && d.t[data].opaque, "data opaque");
     const char *want = "{\"n\":1e300,\"z\":-0,\"b\":9007199254740993,\"d\":1,\"d\":2}";
-    CHECK(JLEN(&d, data) == strlen(want) && !memcmp(JRAW(&d, data), want, strlen(want)), "raw relay");
+    CHECK(JLEN(&d, data) == strlen(want) && !memcmp(JRAW(&d, data), want, strlen(want)),
+          "raw relay");
     int k = json_get(&d, 0, "key");
     CHECK(k > 0, "escaped key lookup");
     size_t n;
@@ -388,8 +406,8 @@ static void t_json_api(void)
     struct buf b = {0};
     json_put_str(&b, "a\"b\\c\n\x01\xc3\xa9", 9);
     CHECK(buf_used(&b) == strlen("\"a\\\"b\\\\c\\n\\u0001\xc3\xa9\"") &&
-          !memcmp(buf_data(&b), "\"a\\\"b\\\\c\\n\\u0001\xc3\xa9\"", buf_used(&b)), "escape: %.*s",
-          (int)buf_used(&b), buf_data(&b));
+              !memcmp(buf_data(&b), "\"a\\\"b\\\\c\\n\\u0001\xc3\xa9\"", buf_used(&b)),
+          "escape: %.*s", (int)buf_used(&b), buf_data(&b));
     buf_free(&b);
     /* depth cap, no recursion: 100000 '[' is rejected quickly */
     size_t deep = 100000;
@@ -440,7 +458,8 @@ static void t_registry(void)
     c->ns = xstrdup("orders");
     c->ns_state = NS_RESOLVED;
     struct func *f = func_add(c, "orders", 6, "a::b", 4);
-    CHECK(f && func_find_c("orders", "a::b") == f && !func_find_c("default", "a::b"), "lookup by namespace");
+    CHECK(f && func_find_c("orders", "a::b") == f && !func_find_c("default", "a::b"),
+          "lookup by namespace");
     CHECK(S.fn_fp != fp0 && S.fn_n == n0 + 1, "fingerprint changed");
     func_remove(f);
     CHECK(S.fn_fp == fp0 && S.fn_n == n0, "fingerprint restored");
