@@ -7415,6 +7415,8 @@ static void sentinel_start(void)
         setsid(); /* out of the engine's group: a kill of that group does not reach us */
         signal(SIGINT, SIG_IGN), signal(SIGTERM, SIG_IGN), signal(SIGHUP, SIG_IGN);
         signal(SIGCHLD, SIG_DFL), signal(SIGPIPE, SIG_DFL);
+        int dn = open("/dev/null", O_RDWR); /* let go of the engine's stdio too */
+        if (dn >= 0) dup2(dn, 0), dup2(dn, 1), dup2(dn, 2);
         long maxfd = sysconf(_SC_OPEN_MAX);
         for (long fd = 3; fd < (maxfd > 0 && maxfd < 65536 ? maxfd : 1024); fd++)
             if (fd != p[0]) close((int)fd);
@@ -7670,8 +7672,8 @@ static void sup_reap_children(void)
             pr->pid = 0;
             int failed = !WIFEXITED(st) || WEXITSTATUS(st) != 0;
             if (WIFEXITED(st))
-                LOG(pr->stopping ? LOG_INFO : LOG_WARN, "worker %s: exited with status %d",
-                    pr->name, WEXITSTATUS(st));
+                LOG(pr->stopping || !failed ? LOG_INFO : LOG_WARN,
+                    "worker %s: exited with status %d", pr->name, WEXITSTATUS(st));
             else
                 LOG(pr->stopping ? LOG_INFO : LOG_WARN, "worker %s: killed by signal %d", pr->name,
                     WIFSIGNALED(st) ? WTERMSIG(st) : 0);

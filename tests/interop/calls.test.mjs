@@ -3,7 +3,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { TriggerAction } from 'iii-sdk';
 import {
-  startEngine, spawnWorker, client, call, callErr, waitFunctions, waitWorker, shutdownAllClients, diag, sleep,
+  startEngine, spawnWorker, client, call, callErr, waitFor, waitFunctions, waitWorker, shutdownAllClients, diag, sleep,
 } from './lib.mjs';
 
 let engine;
@@ -74,14 +74,14 @@ test('the callee sees _caller_worker_id = the caller\'s worker id, metadata sepa
 test('unknown function: function_not_found, quickly and with the namespace text', { timeout: 20000 }, async () => {
   const t0 = Date.now();
   const e = await callErr(c, 'calls::nope', { a: 1 }, 5000);
-  assert.equal(e.code, 'function_not_found', `got ${e.code}: ${e.message}`);
+  assert.equal(e.code, 'function_not_found', `got ${e.message}`);
   assert.equal(e.message, 'function_not_found: Function calls::nope not found in namespace default.');
   assert.ok(Date.now() - t0 < 2000, 'answered by the engine, not by the SDK timeout');
 });
 
 test('a handler that throws: invocation_failed, the message and stack pass through', { timeout: 20000 }, async () => {
   const e = await callErr(c, 'calls::throw', { a: 1 });
-  assert.equal(e.code, 'invocation_failed', `got ${e.code}: ${e.message}`);
+  assert.equal(e.code, 'invocation_failed', `got ${e.message}`);
   assert.equal(e.message, `invocation_failed: ${THROW_MSG}`);
   assert.equal(typeof e.stacktrace, 'string');
   assert.ok(e.stacktrace.includes('kaboom'), `stacktrace passes through: ${e.stacktrace}`);
@@ -109,4 +109,12 @@ test('non-object payloads are delivered unchanged (no _caller_worker_id)', { tim
   for (const v of ['plain string', 12345, -1.5, true, false, [1, 'two', { three: 3 }], []]) {
     assert.deepEqual(await call(c, 'calls::echo', v), v, `payload ${JSON.stringify(v)}`);
   }
+});
+
+test('engine::log::* calls (made by SDKs) are accepted and return no result', { timeout: 20000 }, async () => {
+  for (const lvl of ['info', 'warn', 'error', 'debug', 'trace']) {
+    const r = await call(c, `engine::log::${lvl}`, { message: `interop log ${lvl} ✓`, data: { k: 1 } }, 5000);
+    assert.equal(r, undefined, `engine::log::${lvl}`);
+  }
+  await waitFor(() => engine.stderr().includes('interop log info ✓'), { timeout: 2000, what: 'the log line on the engine\'s stderr' });
 });

@@ -65,3 +65,15 @@ test('a channel relays data from a worker process back to this process', { timeo
   assert.equal(sha(got), r.sha256);
   assert.deepEqual(texts, ['from-worker']);
 });
+
+test('a channel with buffer_size 1 carries 8 MiB in order to another process (backpressure)', { timeout: 60000 }, async () => {
+  const ch = await createChannel(c, 1);
+  const data = Buffer.alloc(8 * 1024 * 1024);
+  for (let i = 0; i < data.length; i += 4) data.writeUInt32LE(i >>> 2, i); // position-dependent: reordering shows
+  const pending = call(c, 'ch::consume', { reader: ch.readerRef }, 45000);
+  await new Promise((resolve, reject) => ch.writer.stream.write(data, (e) => (e ? reject(e) : resolve())));
+  await new Promise((resolve) => ch.writer.stream.end(resolve));
+  const r = await pending;
+  assert.equal(r.len, data.length);
+  assert.equal(r.sha256, sha(data));
+});

@@ -58,3 +58,20 @@ test('2,000 concurrent calls spread over two callee processes and a nested hop',
   });
   assert.deepEqual(bad.slice(0, 10), [], `${bad.length} of ${N} calls wrong`);
 });
+
+test('20 SDK workers in one process, every one calling every other one', { timeout: 60000 }, async () => {
+  const N = 20;
+  const ws = [];
+  for (let k = 0; k < N; k++) {
+    const x = client(engine.url, { name: `mesh-${k}` });
+    x.registerFunction(`mesh::f${k}`, async (d) => ({ k, from: d.from }));
+    ws.push(x);
+  }
+  await waitFunctions(c, ws.map((_, k) => `mesh::f${k}`), { timeout: 15000 });
+  const ps = [];
+  for (let a = 0; a < N; a++) for (let b = 0; b < N; b++) ps.push(call(ws[a], `mesh::f${b}`, { from: a }, 20000).then((r) => [a, b, r]));
+  const rs = await Promise.all(ps);
+  for (const [a, b, r] of rs) assert.deepEqual(r, { k: b, from: a });
+  const rows = (await call(c, 'engine::workers::list', { search: 'mesh-' })).workers;
+  assert.equal(rows.length, N);
+});

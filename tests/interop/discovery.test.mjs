@@ -42,7 +42,7 @@ test('engine::workers-available: worker_connected, worker_metadata_updated, work
     const row = await waitWorker(sub, 'disco-newcomer', { timeout: 10000 });
     id = row.id;
     const seen = (ev) => workerEvents.slice(from).some((e) => e.data?.event === ev && e.data?.worker_id === id);
-    await waitFor(() => seen('worker_connected') && seen('worker_metadata_updated'), { timeout: 3000, what: `connected+metadata events for ${id}; got ${JSON.stringify(workerEvents.slice(from).map((e) => e.data))}` });
+    await waitFor(() => seen('worker_connected') && seen('worker_metadata_updated'), { timeout: 3000, what: () => `connected+metadata events for ${id}; got ${JSON.stringify(workerEvents.slice(from).map((e) => e.data))}` });
     const ev = workerEvents.slice(from).find((e) => e.data?.worker_id === id);
     assert.deepEqual(ev.metadata, { sub: 'w' }, 'the binding metadata is the handler\'s second argument');
     const keys = Object.keys(ev.data).filter((k) => k !== '_caller_worker_id').sort();
@@ -56,7 +56,7 @@ test('engine::workers-available: worker_connected, worker_metadata_updated, work
   assert.equal(order[order.length - 1], 'worker_disconnected', `disconnect is the last event: ${order}`);
 });
 
-test('engine::functions-available: functions_changed on register and on leave (immediate, DECISIONS #1)', { timeout: 30000 }, async () => {
+test('engine::functions-available: functions_changed on register and on leave (immediate, DECISIONS item 1)', { timeout: 30000 }, async () => {
   const from = functionEvents.length;
   const w = spawnWorker(engine.url, { name: 'disco-fn-provider', functions: [{ id: 'disco::fresh', kind: 'echo', options: { description: 'fresh fn' } }] });
   let appearedAt;
@@ -65,7 +65,7 @@ test('engine::functions-available: functions_changed on register and on leave (i
     await waitFunctions(sub, ['disco::fresh'], { timeout: 10000 });
     appearedAt = Date.now();
     const hit = await waitFor(() => functionEvents.slice(from).find((e) => (e.data?.functions || []).some((f) => f.function_id === 'disco::fresh')),
-      { timeout: 3000, what: `functions_changed listing disco::fresh; got ${JSON.stringify(functionEvents.slice(from).map((e) => e.data?.event))}` });
+      { timeout: 3000, what: () => `functions_changed listing disco::fresh; got ${JSON.stringify(functionEvents.slice(from).map((e) => e.data?.event))}` });
     assert.equal(hit.data.event, 'functions_changed');
     assert.deepEqual(hit.metadata, { sub: 'f' });
     const row = hit.data.functions.find((f) => f.function_id === 'disco::fresh');

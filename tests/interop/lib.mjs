@@ -82,7 +82,8 @@ export async function waitFor(fn, { timeout = 5000, interval = 50, what = 'condi
     }
     if (Date.now() >= deadline) {
       const detail = lastErr ? ` (last error: ${lastErr.message})` : ` (last value: ${trunc(safeJson(last), 400)})`;
-      throw new Error(`timed out after ${timeout} ms waiting for ${what}${detail}`);
+      const w = typeof what === 'function' ? what() : what; // a function: described at failure time
+      throw new Error(`timed out after ${timeout} ms waiting for ${w}${detail}`);
     }
     await sleep(interval);
   }
@@ -155,6 +156,11 @@ export async function startEngine({ port = 0, config = DEFAULT_CONFIG, env = {},
       }
       live.delete(handle);
       try { rmSync(dir, { recursive: true, force: true }); } catch { /* ignore */ }
+      if (process.env.III_ENGINE_LOG_DIR) { // keep the engine's stderr for later inspection
+        try {
+          writeFileSync(path.join(process.env.III_ENGINE_LOG_DIR, `engine-${process.pid}-${child.pid}.log`), err);
+        } catch { /* ignore */ }
+      }
       return exitInfo;
     },
   };

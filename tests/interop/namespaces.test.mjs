@@ -123,3 +123,26 @@ test('conflict in default: registrationrejected names the owner; the refused wor
     await Promise.all([first.stop(), second.stop()]);
   }
 });
+
+test('the same worker name twice in one namespace: the second is refused, the first undisturbed', { timeout: 30000 }, async () => {
+  const first = spawnWorker(engine.url, { name: 'twin', functions: [{ id: 'twin1::fn', kind: 'tag' }] });
+  let second;
+  try {
+    await waitFunctions(c, ['twin1::fn'], { timeout: 10000 });
+    const row = await waitWorker(c, 'twin');
+    // same name; iii-sdk 0.22.1 ignores registrationrejected and keeps reconnecting after the
+    // engine closes it, which must not disturb the incumbent
+    second = spawnWorker(engine.url, { name: 'twin', functions: [{ id: 'twin2::fn', kind: 'tag' }] });
+    await second.waitEvent((e) => e.ev === 'started', 5000);
+    await sleep(2500);
+    const rows = (await call(c, 'engine::workers::list', {})).workers.filter((w) => w.name === 'twin');
+    assert.deepEqual(rows.map((w) => w.id), [row.id], 'one twin row, the first one');
+    const info = await call(c, 'engine::workers::info', { name: 'twin' });
+    assert.equal(info.worker.pid, first.pid);
+    const fl = (await call(c, 'engine::functions::list', { include_internal: true })).functions.map((f) => f.function_id);
+    assert.ok(!fl.includes('twin2::fn'), 'the refused worker\'s buffered registrations are never applied');
+    assert.deepEqual(await call(c, 'twin1::fn', { v: 1 }), { from: 'twin', ns: 'default', got: 1 });
+  } finally {
+    await Promise.all([first.stop(), second?.stop()]);
+  }
+});

@@ -67,10 +67,11 @@ test('traced calls (spans with payloads go to /otel) keep working; nothing recon
   for (let i = 0; i < 20; i++) assert.equal(await call(c, 'otel::echo', { v: `span-${i}` }), `span-${i}`);
   const e = await call(c, 'otel::throw', {}).then(() => null, (x) => x);
   assert.equal(e?.code, 'invocation_failed');
-  // a 2 MiB echo makes a ~4 MiB OTLP frame on the callee's /otel socket
-  const big = 'o'.repeat(2 * 1024 * 1024);
-  assert.equal((await call(c, 'otel::echo', { v: big }, 20000)).length, big.length);
-  await sleep(1500); // let the 100 ms span/log batches flush
+  // an 8 MiB echo makes a ~17 MiB OTLP frame (input and output payloads in span events) on
+  // the callee's /otel socket and on this process' one: above a 16 MiB frame limit
+  const big = 'o'.repeat(8 * 1024 * 1024);
+  assert.equal((await call(c, 'otel::echo', { v: big }, 30000)).length, big.length);
+  await sleep(2500); // let the 100 ms span/log batches flush (and a big frame cross)
   assert.equal(await call(c, 'otel::echo', { v: 'still' }), 'still');
   const after = (await nodeWorkers()).map((r) => r.id).sort();
   assert.deepEqual(after, before, 'same three workers, same ids');

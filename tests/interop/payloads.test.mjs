@@ -53,6 +53,18 @@ test('an 8 MiB string payload is relayed unchanged (both directions)', { timeout
   assert.ok(Date.now() - t0 < 30000);
 });
 
+test('16 concurrent 2 MiB calls each get their own payload back (engine write backpressure)', { timeout: 60000 }, async () => {
+  const base = bigString(2 * 1024 * 1024 - 16);
+  const ps = [];
+  for (let i = 0; i < 16; i++) ps.push(call(c, 'pl::echo', { v: `${String(i).padStart(8, '0')}${base}` }, 30000));
+  const rs = await Promise.all(ps);
+  rs.forEach((r, i) => {
+    assert.equal(r.slice(0, 8), String(i).padStart(8, '0'), `result ${i} belongs to call ${i}`);
+    assert.equal(r.length, base.length + 8);
+    assert.equal(sha(r.slice(8)), sha(base));
+  });
+});
+
 test('an 8 MiB structured payload (array of objects) round-trips', { timeout: 60000 }, async () => {
   const arr = [];
   let size = 0;
@@ -87,7 +99,7 @@ test('unicode payloads are relayed unchanged', { timeout: 30000 }, async () => {
   assert.equal(r2, JSON.stringify(v), 'the callee parsed exactly what the caller serialized');
 });
 
-test('lone surrogates (JSON \\ud800 escapes, DECISIONS #7 bytes relayed as they arrived)', { timeout: 30000 }, async () => {
+test('lone surrogates (escaped U+D800..U+DFFF) are relayed as they arrived (DECISIONS item 7)', { timeout: 30000 }, async () => {
   const v = { lone_high: 'a\ud800b', lone_low: '\udc00', reversed: '\udc00\ud800' };
   const r = await call(c, 'pl::echo', { v });
   assert.deepEqual(r, v);
@@ -107,7 +119,7 @@ test('extreme numbers that survive a JS round trip arrive with the same value', 
   assert.ok(e.every((x, i) => Object.is(x, nums[i])), 'bit-identical values');
 });
 
-test('number spellings JS would change are kept verbatim between raw clients (DECISIONS #7)', { timeout: 30000 }, async () => {
+test('number spellings JS would change are kept verbatim between raw clients (DECISIONS item 7)', { timeout: 30000 }, async () => {
   // raw -> engine -> raw, so no JS parser touches the payload on the path being tested
   const callee = await new RawClient(engine.url).open();
   const caller = await new RawClient(engine.url).open();

@@ -231,3 +231,15 @@ test('after the worker leaves: every list and info forgets it', { timeout: 30000
   const e4 = await callErr(keeper, 'engine::registered-triggers::info', { id: subjectBinding });
   assert.equal(e4.code, 'NOT_FOUND');
 });
+
+test('worker name and description from the SDK are sanitized (controls, bidi dropped; 280 chars; trimmed)', { timeout: 20000 }, async () => {
+  const odd = client(engine.url, { name: '  ctl\u0007na\u202eme\u2028  ', workerDescription: `${'d'.repeat(400)}` });
+  try {
+    const row = await waitWorker(keeper, 'ctlname', { timeout: 5000 });
+    assert.equal(row.description, 'd'.repeat(280));
+    const info = await call(keeper, 'engine::workers::info', { name: 'ctlname' });
+    assert.equal(info.worker.pid, process.pid);
+  } finally {
+    await odd.shutdown();
+  }
+});

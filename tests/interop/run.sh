@@ -6,7 +6,7 @@ orig=$(pwd)
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here" || exit 1
 if [ ! -d node_modules/iii-sdk ] || [ ! -d node_modules/ws ]; then
-  npm ci --no-audit --no-fund || exit 1
+  npm ci --no-audit --no-fund 1>&2 || exit 1
 fi
 if [ -n "${III_BIN:-}" ]; then
   case "$III_BIN" in

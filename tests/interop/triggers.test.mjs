@@ -115,7 +115,7 @@ test('a provider that refuses a binding: the error reaches the binder and the bi
     const reg = await picky.waitEvent((e) => e.ev === 'trigger_registered', 10000, 'registertrigger at the picky provider');
     // the SDK logs a forwarded error result with console.error
     await waitFor(() => binder.errors().includes(`Trigger registration failed for "${reg.id}" (demo::picky): provider refuses ${reg.id}`),
-      { timeout: 3000, what: `the forwarded triggerregistrationresult at the binder (stderr: ${binder.errors().slice(-500)})` });
+      { timeout: 3000, what: () => `the forwarded triggerregistrationresult at the binder (stderr: ${binder.errors().slice(-500)})` });
     assert.deepEqual(await bindings('demo::picky'), [], 'a refused binding is parked, not listed');
   } catch (e) {
     e.message += `\n${diag(engine, picky, binder)}`;
