@@ -919,33 +919,11 @@ static int json_put_str(struct buf *b, const char *s, size_t n)
         unsigned char c = (unsigned char)s[i];
         if (c >= 0x20 && c != '"' && c != '\\') continue;
         if (buf_append(b, s + st, i - st) < 0) return -1;
-        char e[7] = {'\\', 0, 0, 0, 0, 0, 0};
-        size_t el = 2;
-        switch (c) {
-        case '"':
-            e[1] = '"';
-            break;
-        case '\\':
-            e[1] = '\\';
-            break;
-        case '\n':
-            e[1] = 'n';
-            break;
-        case '\r':
-            e[1] = 'r';
-            break;
-        case '\t':
-            e[1] = 't';
-            break;
-        case '\b':
-            e[1] = 'b';
-            break;
-        case '\f':
-            e[1] = 'f';
-            break;
-        default:
-            e[1] = 'u', e[2] = '0', e[3] = '0', e[4] = hex[c >> 4], e[5] = hex[c & 15], el = 6;
-        }
+        /* two-character escapes where JSON has them, \u00XX for the other controls */
+        static const char from[] = "\"\\\n\r\t\b\f", to[] = "\"\\nrtbf";
+        const char *k = memchr(from, c, sizeof from - 1);
+        char e[6] = {'\\', k ? to[k - from] : 'u', '0', '0', hex[c >> 4], hex[c & 15]};
+        size_t el = k ? 2 : 6;
         if (buf_append(b, e, el) < 0) return -1;
         st = i + 1;
     }
@@ -3623,7 +3601,6 @@ static struct {
     uint64_t fn_fp, fn_fp_sent; /* discovery: fingerprint of the function id set */
     size_t fn_n, fn_n_sent;
     struct jdoc jd;       /* scratch envelope tokens, reused: no allocation per message */
-    struct jdoc jd2;      /* scratch for engine::* inputs */
     struct buf tmp, tmp2; /* scratch output */
     uint64_t n_invocations, n_inv_errors, n_spawns, n_deaths, n_msgs_in;
     size_t n_acks;      /* calls of kind INV_ACK in flight */
@@ -6959,6 +6936,27 @@ static void chan_teardown(struct conn *c)
     if (!ch->w && !ch->r && ch->w_taken && ch->r_taken) chan_free(ch);
 }
 
+/* Sweeps channels not fully connected within III_CHANNEL_TTL_MS (run every 60 s, §5.13). */
+static void chan_sweep(int64_t now, int64_t *next)
+{
+    static int64_t at;
+    if (!at) at = now + 60000;
+    if (now >= at) {
+        at = now + 60000;
+        size_t n = 0;
+        struct hnode **v = hm_list(&S.chans, &n);
+        for (size_t i = 0; v && i < n; i++) {
+            struct chan *ch = (struct chan *)v[i];
+            if ((ch->w_taken && ch->r_taken) || now - ch->created < III_CHANNEL_TTL_MS) continue;
+            if (ch->w) ch->w->chan = NULL, conn_close(ch->w, 1001, "channel expired");
+            if (ch->r) ch->r->chan = NULL, conn_close(ch->r, 1001, "channel expired");
+            chan_free(ch);
+        }
+        xfree(v);
+    }
+    if (at < *next) *next = at;
+}
+
 /* ==== Health and metrics ====================================================================
  * Plain HTTP on the worker port (DECISIONS.md item 8).
  */
@@ -7281,7 +7279,7 @@ static void engine_free_all(void)
         S.inv_free = v->free_next;
         xfree(v);
     }
-    xfree(S.jd.t), xfree(S.jd2.t);
+    xfree(S.jd.t);
     buf_free(&S.tmp), buf_free(&S.tmp2);
 }
 
@@ -7325,6 +7323,7 @@ static void loop_run(void)
         sup_tick(now, &next);
         cfg_watch_tick(now, &next);
         ack_timeouts(now, &next);
+        chan_sweep(now, &next);
         if (S.dirty) next = now;
         int timeout = next == INT64_MAX    ? -1
                       : next <= now        ? 0
