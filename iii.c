@@ -25,9 +25,10 @@
  * Limits live in iii.h and in the `iii-worker-manager` config block.
  *
  * CONTENTS (grep -n '^/\* ====' iii.c)
- *   includes and types, utilities, buffer, SHA-1 and base64, UTF-8, JSON, YAML subset, config,
- *   hash map, sockets, HTTP, WebSocket frames, connections, registry, router, engine functions,
- *   triggers and discovery, channels, supervisor, event loop, CLI client, main.
+ *   Utilities, Buffer, SHA-1 and base64, UTF-8, JSON, YAML subset, Config, Hash map, Types and
+ *   the global state, Sockets, WebSocket frames, Connections, HTTP, Registry, Router, Triggers
+ *   and discovery, Worker protocol, Engine functions, Channels, Health and metrics, Event loop,
+ *   Supervisor, Configuration and hot reload, CLI client, main.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "iii.h"
@@ -7419,7 +7420,7 @@ static void sentinel_start(void)
         long maxfd = sysconf(_SC_OPEN_MAX);
         for (long fd = 3; fd < (maxfd > 0 && maxfd < 65536 ? maxfd : 1024); fd++)
             if (fd != p[0]) close((int)fd);
-        long groups[1024];
+        static long groups[1024]; /* one per declared worker at most (III_CFG_MAX_WORKERS) */
         size_t ng = 0;
         char rb[512], ln[32];
         size_t ll = 0;
