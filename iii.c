@@ -63,6 +63,8 @@
  * loop starts; allocation wrappers that count live bytes and can be told to fail (tests);
  * clocks in int64 milliseconds; random ids from /dev/urandom with a xorshift fallback.
  */
+/* Levels in increasing verbosity: LOG(l) prints when l <= log_level. The default (info) logs
+ * connection and worker lifecycle events only, never one line per message. */
 enum { LOG_ERROR, LOG_WARN, LOG_INFO, LOG_DEBUG, LOG_TRACE };
 static int log_level = LOG_INFO;
 static const char *log_names[] = {"error", "warn", "info", "debug", "trace"};
@@ -84,6 +86,7 @@ static void log_write(int level, const char *fmt, ...) III_PRINTF(2, 3);
 /* Writes one "iii: level: text" line to stderr in a single write() (lines do not interleave). */
 static void log_write(int level, const char *fmt, ...)
 {
+    /* one stack line: a longer message is cut, never split across two writes */
     char line[1024];
     int n = snprintf(line, sizeof line, "iii: %s: ", log_names[level]);
     va_list ap;
@@ -116,6 +119,8 @@ static size_t mem_live_bytes, mem_allocs_total;
 static long mem_fail_after = -1; /* tests: fail the k-th allocation from now (-1 = never) */
 #define MEM_HDR 16               /* keeps the user pointer aligned for any type */
 
+/* malloc that counts live bytes for /metrics and honours mem_fail_after. NULL on OOM (or an
+ * injected failure); the caller must handle it, usually by closing one connection. */
 static void *xmalloc(size_t n)
 {
     if (mem_fail_after >= 0 && mem_fail_after-- == 0) return NULL;
@@ -128,6 +133,7 @@ static void *xmalloc(size_t n)
     return p + MEM_HDR;
 }
 
+/* Frees a block from xmalloc/xrealloc (NULL is a no-op) and subtracts its size from the count. */
 static void xfree(void *q)
 {
     if (!q) return;
@@ -138,6 +144,8 @@ static void xfree(void *q)
     free(p);
 }
 
+/* realloc with the same accounting. On NULL the old block is untouched and still owned by the
+ * caller (standard realloc contract), so `p = xrealloc(p, n)` would leak: assign to a temp. */
 static void *xrealloc(void *q, size_t n)
 {
     if (!q) return xmalloc(n);
@@ -154,6 +162,7 @@ static void *xrealloc(void *q, size_t n)
     return p + MEM_HDR;
 }
 
+/* Zero-filled xmalloc (one size argument: callers multiply after their own overflow check). */
 static void *xcalloc(size_t n)
 {
     void *p = xmalloc(n);
@@ -161,6 +170,7 @@ static void *xcalloc(size_t n)
     return p;
 }
 
+/* Copies s[0..n) into a new NUL-terminated string; the caller frees with xfree. NULL on OOM. */
 static char *xstrndup(const char *s, size_t n)
 {
     char *d = xmalloc(n + 1);
@@ -195,6 +205,8 @@ static unsigned char rnd_pool[512];
 static size_t rnd_left;
 static uint64_t rnd_state;
 
+/* Fills out[0..n) from the pool, refilling it 512 bytes at a time (one open/read/close per
+ * refill keeps no fd around across fork/exec). Never fails. */
 static void rnd_bytes(unsigned char *out, size_t n)
 {
     while (n) {
@@ -224,6 +236,7 @@ static void uuid_new(char out[37])
     static const char hex[] = "0123456789abcdef";
     unsigned char b[16];
     rnd_bytes(b, 16);
+    /* RFC 4122 §4.4: version 4 in the high nibble of byte 6, variant 10xx in byte 8 */
     b[6] = (unsigned char)((b[6] & 0x0F) | 0x40);
     b[8] = (unsigned char)((b[8] & 0x3F) | 0x80);
     int j = 0;
@@ -271,7 +284,7 @@ static int str_blank(const char *s, size_t n)
  * with -1 on OOM; callers turn that into closing one connection.
  */
 struct buf {
-    unsigned char *p;
+    unsigned char *p;     /* heap block of cap bytes (NULL when cap is 0), owned by the buf */
     size_t len, cap, off; /* data is p[off..len) */
 };
 
@@ -280,6 +293,8 @@ static int buf_reserve(struct buf *b, size_t n)
 {
     if (b->cap - b->len >= n) return 0;
     if (b->off && b->off == b->len) b->off = b->len = 0;
+    /* compact instead of growing when over half the block is consumed, or when moving the live
+     * bytes down alone makes room: a memmove is cheaper than a bigger block */
     if (b->off > b->cap / 2 || (b->off && b->cap - (b->len - b->off) >= n)) {
         memmove(b->p, b->p + b->off, b->len - b->off);
         b->len -= b->off;
@@ -287,6 +302,7 @@ static int buf_reserve(struct buf *b, size_t n)
         if (b->cap - b->len >= n) return 0;
     }
     if (n > SIZE_MAX - b->len) return -1;
+    /* doubling keeps appends amortised O(1); near SIZE_MAX take exactly what is needed */
     size_t need = b->len + n, cap = b->cap ? b->cap : 256;
     while (cap < need) {
         if (cap > SIZE_MAX / 2) {
@@ -302,6 +318,8 @@ static int buf_reserve(struct buf *b, size_t n)
     return 0;
 }
 
+/* Appends d[0..n). 0 ok, -1 OOM (b unchanged). The "check a cap" rule is the caller's: it
+ * compares buf_used() with its limit before appending. */
 static int buf_append(struct buf *b, const void *d, size_t n)
 {
     if (!n) return 0;
@@ -320,6 +338,8 @@ static int buf_putc(struct buf *b, int c)
     return 0;
 }
 
+/* printf-appends; short results go through a stack buffer (no reserve), long ones are formatted
+ * straight into the buffer after one reserve. 0 ok, -1 OOM or encoding error. */
 static int buf_printf(struct buf *b, const char *fmt, ...) III_PRINTF(2, 3);
 static int buf_printf(struct buf *b, const char *fmt, ...)
 {
@@ -355,6 +375,7 @@ static void buf_consume(struct buf *b, size_t n)
     }
 }
 
+/* Releases the storage and resets b to the empty state; b itself stays usable. */
 static void buf_free(struct buf *b)
 {
     xfree(b->p);
@@ -376,14 +397,15 @@ static char *buf_cstr(struct buf *b)
  * assembled with shifts), so the code is right on any host.
  */
 struct sha1 {
-    uint32_t h[5];
-    uint64_t n; /* bytes hashed so far */
-    unsigned char blk[64];
-    size_t fill;
+    uint32_t h[5];         /* chaining state H0..H4 (FIPS 180-4 §5.3.1) */
+    uint64_t n;            /* bytes hashed so far */
+    unsigned char blk[64]; /* current 512-bit block being filled */
+    size_t fill;           /* bytes of blk in use */
 };
 
 #define SHA1_ROL(x, k) (((x) << (k)) | ((x) >> (32 - (k))))
 
+/* Compresses one 64-byte block p into s->h (FIPS 180-4 §6.1.2: 80 rounds, four stages). */
 static void sha1_block(struct sha1 *s, const unsigned char *p)
 {
     uint32_t w[80], a = s->h[0], b = s->h[1], c = s->h[2], d = s->h[3], e = s->h[4];
@@ -411,6 +433,7 @@ static void sha1_init(struct sha1 *s)
     s->fill = 0;
 }
 
+/* Hashes len more bytes; buffers a partial block in s->blk. */
 static void sha1_update(struct sha1 *s, const void *data, size_t len)
 {
     const unsigned char *p = data;
@@ -423,6 +446,8 @@ static void sha1_update(struct sha1 *s, const void *data, size_t len)
     }
 }
 
+/* Pads (0x80, zeros, 64-bit big-endian bit length; FIPS 180-4 §5.1.1) and writes the 20-byte
+ * digest. s must be re-initialised before reuse. */
 static void sha1_final(struct sha1 *s, unsigned char out[20])
 {
     uint64_t bits = s->n * 8;
@@ -463,6 +488,7 @@ static long b64_decode(const char *in, size_t n, unsigned char *out, size_t cap)
         int pad = 0;
         for (int k = 0; k < 4; k++) {
             char c = in[i + k];
+            /* strchr would also "find" the terminating NUL, hence the c test */
             const char *q = c ? strchr(b64_tab, c) : NULL;
             if (c == '=' && i + 4 == n && k >= 2) {
                 pad++;
@@ -506,6 +532,9 @@ static int utf8_feed(struct utf8 *u, const unsigned char *p, size_t n)
             unsigned char c = p[i++];
             if (c < 0x80) continue;
             u->lo = 0x80, u->hi = 0xBF;
+            /* RFC 3629 §4: C0/C1 would be overlong; after E0 the next byte is A0..BF (no
+             * overlongs), after ED 80..9F (no surrogates), after F0 90..BF, after F4 80..8F
+             * (nothing above U+10FFFF) */
             if (c >= 0xC2 && c <= 0xDF) u->need = 1;
             else if (c == 0xE0) u->need = 2, u->lo = 0xA0;
             else if ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF) u->need = 2;
@@ -566,7 +595,7 @@ static int utf8_put(struct buf *b, uint32_t cp)
 enum { J_NULL = 1, J_FALSE, J_TRUE, J_NUMBER, J_STRING, J_ARRAY, J_OBJECT };
 
 struct jtok {
-    unsigned char type;
+    unsigned char type;   /* J_* kind */
     unsigned char esc;    /* string: contains a backslash escape */
     unsigned char opaque; /* container deeper than tokdepth: children not tokenized */
     uint32_t start, end;  /* value's bytes: src[start..end), strings include their quotes */
@@ -575,11 +604,11 @@ struct jtok {
 };
 
 struct jdoc {
-    const unsigned char *src;
-    size_t len;
-    struct jtok *t;
-    uint32_t nt, cap;
-    uint32_t max; /* token cap for this parse */
+    const unsigned char *src; /* the parsed text, borrowed from the caller (tokens point into it) */
+    size_t len;               /* bytes of src */
+    struct jtok *t;           /* token array, grown by json_push; owned by the jdoc's owner */
+    uint32_t nt, cap;         /* tokens in use / allocated */
+    uint32_t max;             /* token cap for this parse */
 };
 
 /* Validates one string starting at the opening quote s[*pos]; advances *pos past the closing
@@ -593,6 +622,7 @@ static int json_scan_str(const unsigned char *s, size_t n, size_t *pos, int chec
     *esc = 0;
     for (;;) {
         size_t st = i;
+        /* RFC 8259 §7: U+0000..U+001F must be escaped, so a raw one ends the scan as an error */
         while (i < n && s[i] != '"' && s[i] != '\\' && s[i] >= 0x20) i++;
         if (check_utf8 && utf8_feed(&u, s + st, i - st) < 0) return -1;
         if (i >= n || s[i] < 0x20) return -1;
@@ -631,6 +661,7 @@ static int json_scan_num(const unsigned char *s, size_t n, size_t *pos)
     size_t i = *pos;
     if (i < n && s[i] == '-') i++;
     if (i >= n) return -1;
+    /* RFC 8259 §6: no leading zeros, no '+', digits required after '.' and in the exponent */
     if (s[i] == '0') i++;
     else if (s[i] >= '1' && s[i] <= '9')
         while (i < n && s[i] >= '0' && s[i] <= '9') i++;
@@ -650,6 +681,8 @@ static int json_scan_num(const unsigned char *s, size_t n, size_t *pos)
     return 0;
 }
 
+/* Appends a token of `type` starting at byte `start`, growing d->t geometrically up to d->max.
+ * Returns its index, or -1 when the token cap is reached or on OOM. */
 static int json_push(struct jdoc *d, int type, size_t start)
 {
     if (d->nt >= d->max) return -1;
@@ -683,6 +716,7 @@ static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokd
     int expect_key = 0; /* inside an object, a key (string) comes next */
     d->src = s, d->len = n, d->nt = 0;
     if (!d->max) d->max = III_JSON_MAX_TOKENS;
+    /* token offsets are 32-bit (half the token size); frame limits keep real input far below */
     if (n > UINT32_MAX - 1) return -1;
     for (;;) {
         while (i < n && JSON_WS(s[i])) i++;
@@ -696,6 +730,7 @@ static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokd
             if (depth >= III_JSON_MAX_DEPTH) return -1;
             if (tokenize) {
                 if ((ti = json_push(d, c == '{' ? J_OBJECT : J_ARRAY, i)) < 0) return -1;
+                /* its children sit at tokdepth: validated, not tokenized */
                 if (depth + 1 >= tokdepth) d->t[ti].opaque = 1;
                 if (depth > 0 && kind[depth - 1] == '[') d->t[stack[depth - 1]].n++;
             }
@@ -751,6 +786,7 @@ static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokd
         /* after a complete value: close containers or expect a separator */
         for (;;) {
             while (i < n && JSON_WS(s[i])) i++;
+            /* RFC 8259 §2: exactly one value, with only white space after it */
             if (depth == 0) return i == n ? 0 : -1;
             if (i >= n) return -1;
             char close = kind[depth - 1] == '{' ? '}' : ']';
@@ -808,6 +844,8 @@ static int json_unescape(const struct jdoc *d, int ti, struct buf *out)
             c = '\t';
             break;
         case 'u': {
+            /* json_scan_str already checked the four hex digits; a UTF-16 pair combines (RFC 8259
+             * §7) */
             uint32_t cp = (uint32_t)strtoul(
                 (char[]){(char)q[0], (char)q[1], (char)q[2], (char)q[3], 0}, NULL, 16);
             q += 4;
@@ -833,6 +871,8 @@ static int json_unescape(const struct jdoc *d, int ti, struct buf *out)
     return 0;
 }
 
+/* json_get with an explicit key length. Returns the first match: with duplicate keys the first
+ * one wins (RFC 8259 §4 leaves it to the implementation). Opaque objects never match. */
 static int json_get_n(const struct jdoc *d, int obj, const char *key, size_t klen)
 {
     if (obj < 0 || d->t[obj].type != J_OBJECT || d->t[obj].opaque) return -1;
@@ -897,6 +937,7 @@ static int json_int(const struct jdoc *d, int ti, int64_t *v)
     if (p[0] == '-') neg = 1, i = 1;
     for (; i < n; i++) {
         if (p[i] < '0' || p[i] > '9') return -1;
+        /* checked before the multiply: no wrap-around on 20-digit input */
         if (acc > (UINT64_MAX - 9) / 10) return -1;
         acc = acc * 10 + (uint64_t)(p[i] - '0');
     }
@@ -932,6 +973,7 @@ static int json_put_str(struct buf *b, const char *s, size_t n)
     return buf_putc(b, '"');
 }
 
+/* json_put_str for a C string; NULL becomes the literal null. */
 static int json_put_cstr(struct buf *b, const char *s)
 {
     return s ? json_put_str(b, s, strlen(s)) : buf_append(b, "null", 4);
@@ -1312,9 +1354,9 @@ static void yaml_free(struct yaml_node *n) { yaml_free_at(n, 0); }
 
 /* Key/value pairs of a MAP sorted by key (bytewise), for canonical output and comparison. */
 struct yaml_kv {
-    const char *k;
-    const struct yaml_node *v;
-    size_t i; /* index in the MAP: reports the first of two duplicates */
+    const char *k;             /* the key (borrowed from the MAP) */
+    const struct yaml_node *v; /* its value (borrowed) */
+    size_t i;                  /* index in the MAP: reports the first of two duplicates */
 };
 
 /* qsort order: by key bytes (strcmp compares as unsigned char), then by position. */
@@ -2500,6 +2542,7 @@ static int yaml_equal(const struct yaml_node *a, const struct yaml_node *b)
 #endif
 #define CFG_MS_MAX 2147483647 /* timeouts end up as poll() ints */
 
+/* The `restart` policies of a process worker (DECISIONS.md item 3). */
 enum { CFG_RESTART_ALWAYS, CFG_RESTART_ON_FAILURE, CFG_RESTART_NEVER };
 
 struct cfg_listener {
@@ -2511,7 +2554,7 @@ struct cfg_listener {
     size_t max_message_bytes, max_frame_bytes, max_header_bytes; /* all >= 1 */
     size_t max_connections, max_outbound_bytes;                  /* all >= 1 */
     char **allowed_origins; /* browser origins; "*" = any; see cfg_default_origins */
-    size_t n_origins;
+    size_t n_origins;       /* entries in allowed_origins */
 };
 
 struct cfg_worker {
@@ -2528,10 +2571,10 @@ struct cfg_worker {
 };
 
 struct cfg {
-    int64_t grace_ms; /* registration_namespace_grace_ms, III_DEFAULT_GRACE_MS when absent */
-    int has_grace;    /* the file set it (an env override may still apply) */
-    struct cfg_worker *w;
-    size_t nw;
+    int64_t grace_ms;        /* registration_namespace_grace_ms, III_DEFAULT_GRACE_MS when absent */
+    int has_grace;           /* the file set it (an env override may still apply) */
+    struct cfg_worker *w;    /* the entries, workers then modules, in file order */
+    size_t nw;               /* entries in w */
     struct cfg_listener lis; /* from the iii-worker-manager entry, defaults otherwise */
 };
 
@@ -2557,6 +2600,8 @@ static const char *const cfg_reference_only[] = {
     "pubsub",     "iii-worker-ops", "iii-sandbox",
     NULL};
 
+/* The keys an entry may have. From index 3 on they are the process keys, which a built-in
+ * entry may not use (cfg_entry relies on this order). */
 static const char *const cfg_entry_keys[] = {"name", "config",  "image",           "command", "env",
                                              "cwd",  "restart", "stop_timeout_ms", NULL};
 
@@ -2564,8 +2609,8 @@ static const char *const cfg_entry_keys[] = {"name", "config",  "image",        
 struct cfg_ctx {
     const char *file; /* config path as given, for messages */
     char *dir;        /* absolute directory of the config file (owned) */
-    char *err;
-    size_t errlen;
+    char *err;        /* message out-buffer (caller's) */
+    size_t errlen;    /* its size */
 };
 
 /* 1 when s is one of the NULL-terminated list. */
@@ -3137,6 +3182,7 @@ static int cfg_entry(struct cfg_ctx *x, struct cfg *c, struct yaml_node *list, s
     if (!(w->base = xstrdup(s))) goto oom;
     for (i = 0; i + 1 < c->nw; i++) dup += !strcmp(c->w[i].base, s);
     if (!(w->name = xmalloc(strlen(s) + 24))) goto oom;
+    /* the 24 spare bytes hold '#', any unsigned long and the NUL */
     if (dup) sprintf(w->name, "%s#%lu", s, (unsigned long)dup);
     else strcpy(w->name, s);
     who = w->name;
@@ -3364,17 +3410,19 @@ fail:
  * doubles at load factor 1. Every keyed object starts with a struct hnode.
  */
 struct hnode {
-    struct hnode *next;
-    uint32_t hash;
-    uint32_t klen;
-    const char *key; /* points into the owning object */
+    struct hnode *next; /* bucket chain */
+    uint32_t hash;      /* hm_hash(key), cached: table growth never recomputes it */
+    uint32_t klen;      /* key bytes (keys may contain NUL: "ns\0id") */
+    const char *key;    /* points into the owning object */
 };
 
 struct hmap {
-    struct hnode **b;
-    size_t nb, n;
+    struct hnode **b; /* bucket array, a power of two long (index = hash & (nb - 1)) */
+    size_t nb, n;     /* buckets / nodes in the map */
 };
 
+/* 32-bit FNV-1a over the key bytes: simple and fast on short ids. It is not keyed, so it is
+ * not resistant to deliberately colliding keys. */
 static uint32_t hm_hash(const char *k, size_t n)
 {
     uint32_t h = 2166136261u;
@@ -3382,6 +3430,7 @@ static uint32_t hm_hash(const char *k, size_t n)
     return h;
 }
 
+/* Looks up key k[0..n); returns the node (embedded in its object) or NULL. */
 static struct hnode *hm_get(const struct hmap *m, const char *k, size_t n)
 {
     if (!m->nb) return NULL;
@@ -3416,6 +3465,8 @@ static int hm_put(struct hmap *m, struct hnode *e, const char *k, size_t n)
     return 0;
 }
 
+/* Unlinks e if it is in m (a node not in the map is a no-op). Frees nothing: the owner of the
+ * object does that, after unlinking it from every map it is in. */
 static void hm_del(struct hmap *m, struct hnode *e)
 {
     if (!m->nb) return;
@@ -3440,6 +3491,7 @@ static struct hnode **hm_list(const struct hmap *m, size_t *n)
     return v;
 }
 
+/* Frees the bucket array only; the objects belong to whoever put them in. */
 static void hm_free(struct hmap *m)
 {
     xfree(m->b);
@@ -3459,6 +3511,8 @@ enum conn_kind {
     CK_CHAN_R, /* "/ws/channels/<id>?dir=read" */
     CK_PLAIN   /* plain HTTP answer being flushed, then closed */
 };
+/* Namespace resolution of a worker connection (PROTOCOL.md §1.4): registrations are buffered
+ * while PENDING, applied directly once RESOLVED, swallowed once ABORTED (teardown started). */
 enum ns_state { NS_PENDING, NS_RESOLVED, NS_ABORTED };
 
 struct func;
@@ -3469,6 +3523,9 @@ struct conn {
     struct hnode h;           /* in S.workers, keyed by wid (worker connections only) */
     struct conn *prev, *next; /* S.conns list */
     struct conn *dnext;       /* S.dirty list (output pending) */
+    /* fd: the socket (-1 once closed); kind: enum conn_kind. Flags: dirty = on S.dirty; closing =
+     * Close queued, input ignored; dead = drop at reap; torn = role teardown done; ws = upgraded;
+     * has_pid = pid reported; leased = holds a (namespace, name) lease in S.leases. */
     int fd, kind;
     unsigned dirty : 1, closing : 1, dead : 1, torn : 1, ws : 1, has_pid : 1, leased : 1;
     unsigned in_borrowed : 1; /* c->in points at the shared read buffer (see loop_read) */
@@ -3478,28 +3535,29 @@ struct conn {
     int64_t t_accept, t_rx, t_ping, t_close; /* monotonic ms */
     int64_t connected_wall;                  /* epoch ms, for connected_at_ms */
     char wid[37], token[37];                 /* worker_id and reattach_token */
-    char ip[48];
+    char ip[48]; /* peer address text, for logs and engine::workers::list */
     /* metadata from engine::workers::register (NULL = not reported) */
     char *name, *desc, *runtime, *version, *os, *isolation, *telemetry;
-    uint32_t pid;
-    char *ns; /* resolved namespace (NULL while pending) */
-    int ns_state;
+    uint32_t pid;                     /* worker's reported process id (valid when has_pid) */
+    char *ns;                         /* resolved namespace (NULL while pending) */
+    int ns_state;                     /* enum ns_state */
     int64_t grace_at;                 /* when buffered registrations land in default */
     struct buf pendq;                 /* buffered registration frames: [u32 length][bytes]... */
     struct func *funcs;               /* functions this connection owns (f->cnext list) */
     struct inv *calls_out, *calls_in; /* calls it made / calls dispatched to it */
-    size_t n_calls;
-    struct chan *chan; /* channel side */
-    uint64_t otel_frames;
+    size_t n_calls;                   /* in-flight calls on both lists, for engine::workers::list */
+    struct chan *chan;                /* channel side */
+    uint64_t otel_frames;             /* /otel frames received and dropped (DECISIONS.md) */
 };
 
 struct func {
-    struct hnode h; /* S.funcs, key "ns\0id" */
-    char *key;      /* ns '\0' id */
-    size_t klen;
+    struct hnode h;      /* S.funcs, key "ns\0id" */
+    char *key;           /* ns '\0' id */
+    size_t klen;         /* key bytes: strlen(ns) + 1 + strlen(id) */
     const char *ns, *id; /* into key */
     struct conn *owner;  /* NULL: in-process builtin */
     struct func *cnext;  /* owner's list */
+    /* builtin handler (see BI_ARGS); NULL for worker-owned functions */
     void (*bi)(struct conn *caller, const struct jdoc *d, int data, struct buf *res,
                struct buf *err);
     char *desc_raw, *req_raw, *resp_raw, *meta_raw; /* raw JSON values as registered, or NULL */
@@ -3507,102 +3565,102 @@ struct func {
 };
 
 enum inv_kind {
-    INV_CALL,
-    INV_VOID,
-    INV_ENQUEUE,
-    INV_FIRE,
-    INV_ACK /* register_trigger awaiting its provider */
+    INV_CALL,    /* the caller waits for the target's result (§3.2) */
+    INV_VOID,    /* §3.3: the target still answers; the result is discarded */
+    INV_ENQUEUE, /* §3.4: a call to the queue worker on the caller's behalf */
+    INV_FIRE,    /* engine-internal: trigger fires and discovery events */
+    INV_ACK      /* register_trigger awaiting its provider */
 };
 
 struct inv {
     struct hnode h; /* S.invs keyed by id */
     char id[37];    /* the id the target sees */
-    int kind;
+    int kind;       /* enum inv_kind */
     struct conn *caller, *target;
     struct inv *cprev, *cnext, *tprev, *tnext; /* caller's / target's in-flight lists */
-    char *fid; /* function_id as requested (JSON string, raw), for the reply */
-    size_t fid_len;
-    char *ctx; /* caller's raw ,"traceparent":..,"baggage":.. members, echoed back */
-    size_t ctx_len;
-    char receipt[37];   /* enqueue: the engine's messageReceiptId; ack: the binding id */
-    int64_t deadline;   /* ack: when the wait is given up (and the call accepted) */
-    char fid_small[96]; /* inline storage: no allocation for ordinary ids */
-    char ctx_small[160];
-    struct inv *free_next;
+    char *fid;             /* function_id as requested (JSON string, raw), for the reply */
+    size_t fid_len;        /* bytes of fid */
+    char *ctx;             /* caller's raw ,"traceparent":..,"baggage":.. members, echoed back */
+    size_t ctx_len;        /* bytes of ctx (0: none) */
+    char receipt[37];      /* enqueue: the engine's messageReceiptId; ack: the binding id */
+    int64_t deadline;      /* ack: when the wait is given up (and the call accepted) */
+    char fid_small[96];    /* inline storage: no allocation for ordinary ids */
+    char ctx_small[160];   /* inline storage for ctx (typical traceparent + baggage) */
+    struct inv *free_next; /* S.inv_free list link while recycled */
 };
 
 struct ttype {
-    struct hnode h; /* S.ttypes, key "ns\0id" */
-    char *key;
-    size_t klen;
-    const char *ns, *id;
+    struct hnode h;                       /* S.ttypes, key "ns\0id" */
+    char *key;                            /* "ns\0id", owned; ns and id point into it */
+    size_t klen;                          /* key bytes */
+    const char *ns, *id;                  /* into key */
     struct conn *provider;                /* NULL: in-process (the discovery events) */
     char *desc_raw, *treq_raw, *creq_raw; /* raw JSON */
 };
 
 struct trig {
-    struct hnode h; /* S.trigs keyed by id */
-    char *id, *type, *fid;
-    char *config_raw, *meta_raw;
-    struct conn *owner; /* NULL: durable (engine::register_trigger) */
-    char *ns;           /* target namespace */
-    char *trigger_ns;   /* explicit provider namespace or NULL */
-    char *home_ns;      /* registering connection's namespace */
-    char *provider_ns;  /* where the provider was found (live only) */
-    int live;           /* 0: parked */
+    struct hnode h;        /* S.trigs keyed by id */
+    char *id, *type, *fid; /* binding id, trigger type id, target function id (owned copies) */
+    char *config_raw, *meta_raw; /* raw JSON as registered (meta may be NULL) */
+    struct conn *owner;          /* NULL: durable (engine::register_trigger) */
+    char *ns;                    /* target namespace */
+    char *trigger_ns;            /* explicit provider namespace or NULL */
+    char *home_ns;               /* registering connection's namespace */
+    char *provider_ns;           /* where the provider was found (live only) */
+    int live;                    /* 0: parked */
 };
 
 struct lease {
-    struct hnode h; /* S.leases key "ns\0name" */
-    char *key;
-    size_t klen;
-    struct conn *owner;
+    struct hnode h;     /* S.leases key "ns\0name" */
+    char *key;          /* "ns\0name", owned */
+    size_t klen;        /* key bytes */
+    struct conn *owner; /* the connection that claimed the name */
 };
 
 struct chan {
-    struct hnode h; /* S.chans keyed by channel id */
-    char id[37], key[37];
-    struct conn *w, *r;
-    int w_taken, r_taken, w_done;
-    struct buf pending; /* frames written before the reader arrived */
-    int64_t created;
+    struct hnode h;               /* S.chans keyed by channel id */
+    char id[37], key[37];         /* channel id and its access key (both UUIDv4, §5.13) */
+    struct conn *w, *r;           /* writer and reader connections (NULL until attached) */
+    int w_taken, r_taken, w_done; /* each end attaches once; w_done: writer closed */
+    struct buf pending;           /* frames written before the reader arrived */
+    int64_t created; /* monotonic ms: swept if not fully connected within III_CHANNEL_TTL_MS */
 };
 
 struct settings {
-    char *host;
-    int port;
+    char *host; /* bind address */
+    int port;   /* configured port (0 = any free port) */
     int64_t handshake_timeout_ms, ping_interval_ms, idle_timeout_ms;
     size_t max_message_bytes, max_frame_bytes, max_header_bytes, max_connections,
         max_outbound_bytes;
-    char **origins;
-    size_t n_origins;
+    char **origins;   /* allowed Origin values; "*" allows any (DECISIONS.md 7) */
+    size_t n_origins; /* entries in origins */
 };
 
 static struct {
-    struct settings set;
-    int64_t grace_ms;
-    const char *cfg_path;
-    int lfd; /* listening socket */
-    int bound_port;
-    struct cfg cfg; /* the configuration in force */
-    char listen_url[80];
-    int echo;
-    int sigpipe[2];
-    volatile sig_atomic_t sig_term, sig_hup, sig_chld;
-    int stop; /* shutdown requested */
-    int exit_code;
-    struct conn *conns;
-    size_t nconns;
-    struct conn *dirty;
+    struct settings set;  /* listener settings in force */
+    int64_t grace_ms;     /* namespace grace period (PROTOCOL.md §1.4) */
+    const char *cfg_path; /* config file (--config), or NULL for built-in defaults */
+    int lfd;              /* listening socket */
+    int bound_port;       /* actual port (differs from set.port when that is 0) */
+    struct cfg cfg;       /* the configuration in force */
+    char listen_url[80];  /* ws://host:port, for the listening line and logs */
+    int echo;             /* --echo: serve /echo for conformance suites */
+    int sigpipe[2];       /* self-pipe: the signal handler writes, the loop polls */
+    volatile sig_atomic_t sig_term, sig_hup, sig_chld; /* set by the handler only */
+    int stop;                                          /* shutdown requested */
+    int exit_code;                                     /* returned by main after shutdown */
+    struct conn *conns;                                /* every connection, doubly linked */
+    size_t nconns;      /* length of conns, checked against max_connections */
+    struct conn *dirty; /* connections with output to write this turn */
     struct hmap workers, funcs, invs, ttypes, trigs, leases, chans;
-    struct inv *inv_free;
-    size_t inv_free_n;
-    int64_t start_ms, start_wall;
-    int64_t accept_pause_until;
-    uint64_t fn_fp, fn_fp_sent; /* discovery: fingerprint of the function id set */
-    size_t fn_n, fn_n_sent;
-    struct jdoc jd;       /* scratch envelope tokens, reused: no allocation per message */
-    struct buf tmp, tmp2; /* scratch output */
+    struct inv *inv_free;         /* recycled call records (capped at 4096) */
+    size_t inv_free_n;            /* length of inv_free */
+    int64_t start_ms, start_wall; /* monotonic / epoch ms at start, for uptime */
+    int64_t accept_pause_until;   /* accept() backs off after EMFILE */
+    uint64_t fn_fp, fn_fp_sent;   /* discovery: fingerprint of the function id set */
+    size_t fn_n, fn_n_sent;       /* function count now / at the last event */
+    struct jdoc jd;               /* scratch envelope tokens, reused: no allocation per message */
+    struct buf tmp, tmp2;         /* scratch output */
     uint64_t n_invocations, n_inv_errors, n_spawns, n_deaths, n_msgs_in;
     size_t n_acks;      /* calls of kind INV_ACK in flight */
     struct trig *defer; /* set by engine::register_trigger: reply when the provider acks */
@@ -3614,6 +3672,8 @@ static const char NS_DEFAULT[] = "default";
  * Non-blocking, close-on-exec sockets; TCP_NODELAY on every accepted connection (frames are
  * small and latency-bound). IPv4 and IPv6 through getaddrinfo.
  */
+/* Makes fd non-blocking and close-on-exec (children must not inherit engine sockets). 0 ok,
+ * -1 with errno from fcntl. */
 static int net_flags(int fd)
 {
     int fl = fcntl(fd, F_GETFL, 0);
@@ -3686,6 +3746,7 @@ static void net_peer(const struct sockaddr_storage *ss, char *out, size_t n)
  */
 enum { WS_CONT = 0, WS_TEXT = 1, WS_BIN = 2, WS_CLOSE = 8, WS_PING = 9, WS_PONG = 10 };
 
+/* Header bytes for an unmasked payload of n bytes: 7-bit, 16-bit or 64-bit length (§5.2). */
 static size_t ws_hdr_len(size_t n) { return n < 126 ? 2 : n < 65536 ? 4 : 10; }
 
 /* Starts a frame in b for a payload of about est bytes; returns a position token for ws_end,
@@ -3696,6 +3757,7 @@ static size_t ws_begin(struct buf *b, size_t est, int mask)
     size_t hl = ws_hdr_len(est) + (mask ? 4 : 0);
     if (est > SIZE_MAX - 16 || buf_reserve(b, hl + est) < 0) return SIZE_MAX;
     size_t at = b->len - b->off;
+    /* the header's first byte remembers the reserved size until ws_end writes the real header */
     b->p[b->len] = (unsigned char)hl;
     b->len += hl;
     return at;
@@ -3707,6 +3769,7 @@ static int ws_end(struct buf *b, size_t at, int op, int mask)
 {
     size_t pos = b->off + at, hl0 = b->p[pos], n = b->len - pos - hl0;
     size_t hl = ws_hdr_len(n) + (mask ? 4 : 0);
+    /* the estimate chose another length encoding: slide the payload to fit the real header */
     if (hl != hl0) {
         if (hl > hl0 && buf_reserve(b, hl - hl0) < 0) return -1;
         pos = b->off + at;
@@ -3829,6 +3892,7 @@ static void http_health(struct buf *b);
 static void http_metrics(struct buf *b);
 static struct chan *chan_lookup(const char *path, const char *query, int *dir, int *status);
 
+/* Puts c on S.dirty (once) so the loop writes its output this turn (coalesced output). */
 static void conn_dirty(struct conn *c)
 {
     if (!c->dirty) {
@@ -3860,6 +3924,7 @@ static void conn_close(struct conn *c, unsigned code, const char *reason)
         if (code) {
             p[0] = (unsigned char)(code >> 8), p[1] = (unsigned char)code, n = 2;
             size_t rl = reason ? strlen(reason) : 0;
+            /* RFC 6455 §5.5: a control frame payload is at most 125 bytes, 2 of them the code */
             if (rl > sizeof p - 2) rl = sizeof p - 2;
             if (rl) memcpy(p + 2, reason, rl), n += rl;
         }
@@ -3897,6 +3962,8 @@ static void conn_queued(struct conn *c)
     conn_dirty(c);
 }
 
+/* A new connection in state CK_HTTP for an accepted fd, linked into S.conns. Takes ownership
+ * of fd (closed by conn_free); ip is copied. NULL on OOM (the caller closes fd). */
 static struct conn *conn_new(int fd, const char *ip)
 {
     struct conn *c = xcalloc(sizeof *c);
@@ -3912,6 +3979,8 @@ static struct conn *conn_new(int fd, const char *ip)
     return c;
 }
 
+/* Unlinks c, closes its fd and frees it with its buffers and metadata strings. Only the reap
+ * pass calls this, after the role's teardown: never from inside one of c's handlers. */
 static void conn_free(struct conn *c)
 {
     if (c->prev) c->prev->next = c->next;
@@ -3934,6 +4003,7 @@ static void conn_flush(struct conn *c)
             buf_consume(&c->out, (size_t)w);
         } else if (w < 0 && errno == EINTR) {
             continue;
+            /* the socket is full: the rest waits for POLLOUT */
         } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
             break;
         } else {
@@ -3947,6 +4017,8 @@ static void conn_flush(struct conn *c)
  * answers (/health, /metrics). The request head must arrive within handshake_timeout_ms and
  * max_header_bytes. Every plain answer closes the connection.
  */
+/* Queues a complete plain HTTP/1.1 response and turns c into CK_PLAIN: the reap pass closes it
+ * once flushed ("Connection: close", RFC 7230 §6.6), so no keep-alive state is ever kept. */
 static void http_reply(struct conn *c, int status, const char *reason, const char *ctype,
                        const char *extra, const char *body, size_t blen)
 {
@@ -3961,6 +4033,7 @@ static void http_reply(struct conn *c, int status, const char *reason, const cha
     conn_dirty(c);
 }
 
+/* A plain-text error answer "STATUS REASON\n"; extra: additional header lines or NULL. */
 static void http_error(struct conn *c, int status, const char *reason, const char *extra)
 {
     char body[160];
@@ -4012,11 +4085,14 @@ static void http_on_data(struct conn *c)
 {
     unsigned char *p = buf_data(&c->in);
     size_t n = buf_used(&c->in), end = 0;
+    /* the head ends at the first CRLF CRLF (RFC 7230 §3); bare-LF heads are not accepted */
     for (size_t i = 3; i < n; i++)
         if (p[i] == '\n' && p[i - 1] == '\r' && p[i - 2] == '\n' && p[i - 3] == '\r') {
             end = i + 1;
             break;
         }
+    /* 431 (RFC 6585 §5) as soon as the cap is passed, so a slow client cannot make us buffer more
+     */
     if (!end || end > S.set.max_header_bytes) {
         if ((!end && n > S.set.max_header_bytes) || end > S.set.max_header_bytes)
             http_error(c, 431, "Request Header Fields Too Large", NULL);
@@ -4024,6 +4100,7 @@ static void http_on_data(struct conn *c)
     }
     char *h = (char *)p;
     h[end - 2] = 0; /* head as one C string ending after the last header's CRLF */
+    /* a NUL inside the head would truncate the C-string parsing below: refuse it */
     if (memchr(h, 0, end - 2)) {
         http_error(c, 400, "Bad Request", NULL);
         return;
@@ -4042,17 +4119,20 @@ static void http_on_data(struct conn *c)
         return;
     }
     *target++ = 0, *ver++ = 0;
+    /* HTTP/1.0 may fetch /health and /metrics; the upgrade itself needs 1.1 (RFC 6455 §4.1) */
     if (strcmp(ver, "HTTP/1.1") && strcmp(ver, "HTTP/1.0")) {
         http_error(c, 400, "Bad Request", NULL);
         return;
     }
     const char *upgrade = NULL, *key = NULL, *version = NULL, *origin = NULL, *host = NULL;
+    /* every Connection header value joined (cut at 255 bytes) */
     char connection[256] = "";
     for (line = eol + 2; *line; line = eol + 2) {
         eol = strstr(line, "\r\n");
         if (!eol) break;
         *eol = 0;
         char *colon = strchr(line, ':');
+        /* obs-fold (a line starting with white space) is refused, as RFC 7230 §3.2.4 allows */
         if (!colon || colon == line || line[0] == ' ' || line[0] == '\t') {
             http_error(c, 400, "Bad Request", NULL);
             return;
@@ -4069,16 +4149,19 @@ static void http_on_data(struct conn *c)
         else if (HDR_IS("sec-websocket-version")) version = v;
         else if (HDR_IS("origin")) origin = v;
         else if (HDR_IS("host")) host = v;
+        /* repeated Connection headers are joined with "," (RFC 7230 §3.2.2) */
         else if (HDR_IS("connection")) {
             size_t cl = strlen(connection);
             snprintf(connection + cl, sizeof connection - cl, "%s%s", cl ? "," : "", v);
         }
 #undef HDR_IS
     }
+    /* §1.1: a query string is allowed and ignored on / and /otel; channels read key and dir */
     char *query = strchr(target, '?');
     if (query) *query++ = 0;
     int is_ws_path = !strcmp(target, "/") || !strcmp(target, "/otel") ||
                      (S.echo && !strcmp(target, "/echo")) || !strncmp(target, "/ws/channels/", 13);
+    /* no Upgrade header: a plain request; only /health and /metrics have plain answers */
     if (!upgrade) {
         if (!strcmp(meth, "GET") && !strcmp(target, "/health")) {
             S.tmp.len = S.tmp.off = 0;
@@ -4108,10 +4191,13 @@ static void http_on_data(struct conn *c)
         http_error(c, 404, "Not Found", NULL);
         return;
     }
+    /* RFC 6455 §4.4: an unsupported version gets 426 with the versions we speak */
     if (!version || strcmp(version, "13")) {
         http_error(c, 426, "Upgrade Required", "Sec-WebSocket-Version: 13\r\n");
         return;
     }
+    /* RFC 6455 §4.2.1: HTTP/1.1, Host, Upgrade: websocket, Connection: upgrade, and a key that is
+     * base64 of exactly 16 bytes */
     unsigned char kb[20];
     if (strcmp(ver, "HTTP/1.1") || !host || !http_has_token(upgrade, "websocket") ||
         !http_has_token(connection, "upgrade") || !key ||
@@ -4119,6 +4205,8 @@ static void http_on_data(struct conn *c)
         http_error(c, 400, "Bad Request", NULL);
         return;
     }
+    /* a browser page may only connect from an allowed origin: without this check any web page
+     * could drive a local engine (cross-site WebSocket hijacking; RFC 6455 §10.2) */
     if (!http_origin_ok(origin)) {
         LOG(LOG_WARN, "refused upgrade from %s: origin '%s' not in allowed_origins", c->ip, origin);
         http_error(c, 403, "Forbidden", NULL);
@@ -4138,6 +4226,8 @@ static void http_on_data(struct conn *c)
         }
         kind = dir == 'w' ? CK_CHAN_W : CK_CHAN_R;
     }
+    /* RFC 6455 §4.2.2: 101 with Sec-WebSocket-Accept; no subprotocol or extension is negotiated
+     * (PROTOCOL.md §1.1), so neither header is sent */
     char acc[29];
     ws_accept_key(key, strlen(key), acc);
     buf_printf(&c->out,
@@ -4153,6 +4243,8 @@ static void http_on_data(struct conn *c)
         worker_on_open(c);
     } else if (ch) {
         int taken = dir == 'w' ? ch->w_taken : ch->r_taken;
+        /* §5.13: each side of a channel attaches once; a second taker gets 1008 (policy violation)
+         */
         if (taken) {
             conn_close(c, 1008, "channel side already taken");
             return;
@@ -4161,6 +4253,7 @@ static void http_on_data(struct conn *c)
         if (dir == 'w') ch->w = c, ch->w_taken = 1;
         else {
             ch->r = c, ch->r_taken = 1;
+            /* what the writer sent before the reader arrived goes out first, in order */
             if (buf_used(&ch->pending)) {
                 buf_append(&c->out, buf_data(&ch->pending), buf_used(&ch->pending));
                 buf_free(&ch->pending);
@@ -4168,6 +4261,7 @@ static void http_on_data(struct conn *c)
             if (ch->w_done) conn_close(c, 1000, NULL);
         }
     }
+    /* frames pipelined right behind the head are handled now, not on the next readable event */
     if (buf_used(&c->in)) ws_on_data(c);
 }
 
@@ -4216,6 +4310,8 @@ static void ws_on_data(struct conn *c)
             return;
         }
         if (hl == 0) return;
+        /* data frames: the fragmentation rules of §5.4; the size cap applies to the whole message
+         */
         if (op < 8) {
             if (op == WS_CONT && !c->msg_op) {
                 conn_close(c, 1002, "continuation without a message");
@@ -4226,6 +4322,8 @@ static void ws_on_data(struct conn *c)
                 return;
             }
             size_t have = c->msg_op ? buf_used(&c->msg) : 0;
+            /* 1009 "message too big" (RFC 6455 §7.4.1) before any payload is buffered; written so
+             * that plen + have cannot overflow */
             if (plen > S.set.max_message_bytes - have || have > S.set.max_message_bytes) {
                 conn_close(c, 1009, "message too big");
                 return;
@@ -4240,12 +4338,17 @@ static void ws_on_data(struct conn *c)
             return;
         }
         unsigned char *pl = p + hl;
+        /* §5.3: every client payload is masked; unmasked in place, inside the input buffer */
         ws_unmask(pl, plen, mask);
         c->t_rx = now_ms();
+        /* §5.5.2: a Ping is answered with a Pong carrying the same payload, even between fragments
+         */
         if (op == WS_PING) {
             conn_frame(c, WS_PONG, pl, plen);
         } else if (op == WS_CLOSE) {
             unsigned cc = 0;
+            /* §5.5.1: a close body is empty or a 2-byte code plus UTF-8 reason; we echo the peer's
+             * code */
             if (plen == 1) {
                 conn_close(c, 1002, "bad close payload");
                 return;
@@ -4265,6 +4368,7 @@ static void ws_on_data(struct conn *c)
             return;
         } else if (op == WS_PONG) {
             /* activity only (t_rx updated above) */
+            /* an unfragmented message is delivered straight from the input buffer, with no copy */
         } else if (op != WS_CONT && fin) {
             if (op == WS_TEXT && !utf8_valid(pl, plen)) {
                 conn_close(c, 1007, "invalid utf-8");
@@ -4277,6 +4381,7 @@ static void ws_on_data(struct conn *c)
                 memset(&c->u8, 0, sizeof c->u8);
                 c->msg.len = c->msg.off = 0;
             }
+            /* §8.1: invalid UTF-8 fails the connection with 1007 as soon as it is seen */
             if (c->msg_op == WS_TEXT && utf8_feed(&c->u8, pl, plen) < 0) {
                 conn_close(c, 1007, "invalid utf-8");
                 return;
@@ -4306,6 +4411,7 @@ static void ws_on_data(struct conn *c)
  * The set of function ids is summarised by an order-independent fingerprint (sum of 64-bit
  * hashes plus a count) so the loop can tell in O(1) whether functions-available must fire.
  */
+/* 64-bit FNV-1a with a final fold: one term of the function-set fingerprint. */
 static uint64_t fnv64(const char *k, size_t n)
 {
     uint64_t h = UINT64_C(14695981039346656037);
@@ -4328,6 +4434,7 @@ static char *reg_key(char *stackbuf, size_t cap, const char *ns, size_t nl, cons
     return k;
 }
 
+/* Looks up (ns, id) in a map keyed "ns\0id"; no allocation for keys under 256 bytes. */
 static struct hnode *reg_find(struct hmap *m, const char *ns, size_t nl, const char *id, size_t il)
 {
     char sb[256];
@@ -4339,11 +4446,13 @@ static struct hnode *reg_find(struct hmap *m, const char *ns, size_t nl, const c
     return e;
 }
 
+/* The function registered as (ns, id), or NULL. Strict: no namespace fallback (§3.1). */
 static struct func *func_find(const char *ns, size_t nl, const char *id, size_t il)
 {
     return (struct func *)reg_find(&S.funcs, ns, nl, id, il);
 }
 
+/* func_find for C strings. */
 static struct func *func_find_c(const char *ns, const char *id)
 {
     return func_find(ns, strlen(ns), id, strlen(id));
@@ -4372,6 +4481,7 @@ static struct func *func_add(struct conn *owner, const char *ns, size_t nl, cons
     return f;
 }
 
+/* Frees the registered description/schemas/metadata (a re-register replaces them). */
 static void func_clear_meta(struct func *f)
 {
     xfree(f->desc_raw), xfree(f->req_raw), xfree(f->resp_raw), xfree(f->meta_raw);
@@ -4379,6 +4489,8 @@ static void func_clear_meta(struct func *f)
     f->internal = 0;
 }
 
+/* Unregisters f: out of S.funcs and its owner's list, out of the fingerprint, then freed. The
+ * caller has already dealt with calls in flight to it (they keep the connection, not f). */
 static void func_remove(struct func *f)
 {
     hm_del(&S.funcs, &f->h);
@@ -4413,6 +4525,9 @@ static int conn_live(const struct conn *c) { return c && !c->torn && !c->closing
  * (struct inv) comes from a free list and keeps the caller's id, the requested function_id and
  * the caller's trace context in inline storage, so a routed call allocates nothing once warm.
  */
+/* A call record for id (36 chars, copied) of the given kind, from the free list when possible,
+ * inserted into S.invs. Fields up to fid_small are zeroed. NULL on OOM. The caller checks that
+ * id is not already in flight. Release with inv_free. */
 static struct inv *inv_new(const char *id, int kind)
 {
     struct inv *v = S.inv_free;
@@ -4441,6 +4556,8 @@ static char *inv_store(char *small, size_t cap, const unsigned char *s, size_t n
     return d;
 }
 
+/* Adds v to caller's calls_out and target's calls_in (either may be NULL): the in-flight sets
+ * of §3.8, walked at disconnect (§7) to fail or forget the calls. */
 static void inv_link(struct inv *v, struct conn *caller, struct conn *target)
 {
     if (caller) {
@@ -4459,6 +4576,7 @@ static void inv_link(struct inv *v, struct conn *caller, struct conn *target)
     }
 }
 
+/* Removes v from both in-flight lists and clears its connection pointers. */
 static void inv_unlink(struct inv *v)
 {
     if (v->caller) {
@@ -4477,6 +4595,8 @@ static void inv_unlink(struct inv *v)
     }
 }
 
+/* Unlinks and unmaps v, frees out-of-line fid/ctx, and recycles the record (the free list is
+ * capped at 4096 so a burst does not pin memory forever). */
 static void inv_free(struct inv *v)
 {
     if (v->kind == INV_ACK) S.n_acks--;
@@ -4499,6 +4619,7 @@ static void rt_send_result(struct conn *c, const char *id, size_t idlen, const c
 {
     if (!conn_open(c)) return;
     struct buf *b = &c->out;
+    /* 80 covers the fixed JSON text, so the header size is usually right the first time */
     size_t at = ws_begin(b, 80 + idlen + fidlen + rlen + elen + ctxlen, 0);
     if (at == SIZE_MAX || buf_puts(b, "{\"type\":\"invocationresult\",\"invocation_id\":") < 0 ||
         json_put_str(b, id, idlen) < 0 || buf_puts(b, ",\"function_id\":") < 0 ||
@@ -4534,6 +4655,7 @@ static void rt_ns_hint(const char *id, size_t il, char *out, size_t cap)
 {
     size_t n = 0;
     struct hnode **v = hm_list(&S.funcs, &n);
+    /* the hint names at most 64 namespaces: it is a message for people, not an index */
     const char *names[64];
     size_t k = 0;
     out[0] = 0;
@@ -4559,6 +4681,9 @@ static void rt_ns_hint(const char *id, size_t il, char *out, size_t cap)
 /* Appends data with "_caller_worker_id" set (§3.2 step 3): objects get the member added last
  * (replacing any caller-supplied one), anything else passes unchanged. Fast path: no copy of
  * the payload beyond the single append into the target's buffer. */
+/* Returns 0, or -1 on OOM. data must be a complete valid JSON value (it came through the
+ * parser). The byte search for the key may give a false positive (the text appears inside a
+ * nested value or a string); the slow path then rebuilds and gets it right. */
 static int rt_put_data(struct buf *b, const unsigned char *data, size_t dl, const char *wid)
 {
     if (!wid || dl < 2 || data[0] != '{') return buf_append(b, data, dl);
@@ -4675,11 +4800,14 @@ static void rt_run_builtin(struct func *f, struct conn *caller, const unsigned c
 static struct ttype *trig_provider(const struct trig *t);
 static void ack_settle(struct inv *v, const struct jdoc *d, int errbody);
 
+/* The error a caller gets when the target disconnects mid-call (§7; exact text, DECISIONS.md). */
 static const char ERR_STOPPED[] =
     "{\"code\":\"invocation_stopped\",\"message\":\"Invocation stopped\"}";
 
 /* Engine-internal call (trigger fires, discovery events): resolve in ns, run or dispatch with a
  * fresh id; the result is discarded. meta: raw JSON metadata or NULL. */
+/* No caller is linked (INV_FIRE): a result or error from the target is only logged, and a
+ * target that disconnects just drops the record. data is copied into the frame. */
 static void rt_call_internal(const char *ns, const char *fid, const unsigned char *data, size_t dl,
                              const char *meta)
 {
@@ -4713,6 +4841,7 @@ static void rt_call_internal(const char *ns, const char *fid, const unsigned cha
 
 /* Baggage for an enqueue: the caller's W3C baggage with iii.function.id set to the target
  * (§3.4), written as a JSON string. */
+/* Any existing iii.function.id entries are removed first, so the key appears once. */
 static void rt_baggage(struct buf *b, const struct jdoc *d, int bg, const char *fid, size_t fl)
 {
     struct buf in = {0}, out = {0};
@@ -4740,6 +4869,9 @@ static void rt_baggage(struct buf *b, const struct jdoc *d, int bg, const char *
 }
 
 /* §3.4: an enqueue action calls engine::queue::enqueue in default with the engine's receipt. */
+/* iid < 0: no reply is wanted. The target of the call is the queue worker, not fid: fid only
+ * goes into the payload. The caller's reply (receipt or enqueue_error) is sent by rt_result
+ * when the queue worker answers; while waiting, v->ctx holds the caller's invocation id. */
 static void rt_enqueue(struct conn *c, const struct jdoc *d, int iid, int fidt, const char *fid,
                        size_t fl, const char *ns, int data, int tp, int bg, const char *queue,
                        size_t ql)
@@ -4809,6 +4941,8 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
     const char *fid, *ns = NS_DEFAULT, *queue = NULL;
     size_t fl, nl = sizeof NS_DEFAULT - 1, ql = 0;
     int is_void = 0, is_enq = 0;
+    /* §2: data is required (null is a value), function_id a string, invocation_id a UUID when
+     * present; anything else does not decode and is dropped without a reply (§1.5) */
     if (data < 0 || jstr(d, fidt, &s1, &fid, &fl) < 0) goto drop;
     if (!JABSENT(d, iid) && (JTYPE(d, iid) != J_STRING ||
                              !uuid_valid((const char *)JRAW(d, iid) + 1, JLEN(d, iid) - 2)))
@@ -4817,8 +4951,11 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
         (!JABSENT(d, bg) && JTYPE(d, bg) != J_STRING) ||
         (!JABSENT(d, nsi) && JTYPE(d, nsi) != J_STRING))
         goto drop;
+    /* §2: action is {"type":"void"} or {"type":"enqueue","queue":..}; any other makes the whole
+     * frame invalid */
     if (!JABSENT(d, act)) {
         struct jdoc ad;
+        /* an action object is tiny: 16 tokens on the stack, no allocation per call */
         struct jtok at[16];
         if (JTYPE(d, act) != J_OBJECT || json_sub(d, act, &ad, at, 16) < 0) goto drop;
         int ty = json_get(&ad, 0, "type");
@@ -4831,6 +4968,7 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
             goto drop;
         }
     }
+    /* §3.3: void ignores the caller's invocation_id; no id at all is fire-and-forget too */
     int reply = !JABSENT(d, iid) && !is_void;
     if (!JABSENT(d, nsi)) {
         if (jstr(d, nsi, &s2, &ns, &nl) < 0) goto drop;
@@ -4850,6 +4988,7 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
             goto done;
         }
     }
+    /* §3.4: an enqueue never resolves its target: it goes to engine::queue::enqueue in default */
     if (is_enq) {
         char *nsz = xstrndup(ns, nl);
         if (nsz) rt_enqueue(c, d, reply ? iid : -1, fidt, fid, fl, nsz, data, tp, bg, queue, ql);
@@ -4863,8 +5002,10 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
     if (!JABSENT(d, tp)) buf_puts(ctx, ",\"traceparent\":"), json_put_raw(ctx, d, tp);
     if (!JABSENT(d, bg)) buf_puts(ctx, ",\"baggage\":"), json_put_raw(ctx, d, bg);
     size_t replyctx = buf_used(ctx);
+    /* metadata goes to the target only: the reply echoes trace context, nothing else (§2.7) */
     if (!JABSENT(d, meta)) buf_puts(ctx, ",\"metadata\":"), json_put_raw(ctx, d, meta);
     const char *cid = reply ? (const char *)JRAW(d, iid) + 1 : NULL;
+    /* §3.1: strict resolution in exactly ns; the miss names the namespaces that do have the id */
     struct func *f = func_find(ns, nl, fid, fl);
     if (!f) {
         S.n_inv_errors++;
@@ -4880,6 +5021,7 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
         }
         goto done;
     }
+    /* an in-process builtin runs inline and is answered now (§3.2 step 6) */
     if (!f->owner) {
         struct buf res = {0}, err = {0};
         S.defer = NULL;
@@ -4887,6 +5029,8 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
         if (buf_used(&err)) S.n_inv_errors++;
         struct trig *df = S.defer;
         S.defer = NULL;
+        /* a builtin (engine::register_trigger) set S.defer: hold the reply until the provider acks
+         */
         if (df && reply && !hm_get(&S.invs, cid, 36)) {
             /* §5.11: the reply waits (up to 10 s) for the WS provider's triggerregistrationresult
              */
@@ -4896,6 +5040,8 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
                 S.n_acks++;
                 memcpy(v->receipt, df->id, 36);
                 v->receipt[36] = 0;
+                /* 10 s as in the reference engine (§5.11); then the call is accepted without the
+                 * ack */
                 v->deadline = now_ms() + 10000;
                 v->fid = inv_store(v->fid_small, sizeof v->fid_small, JRAW(d, fidt), JLEN(d, fidt));
                 v->fid_len = JLEN(d, fidt);
@@ -4915,8 +5061,10 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
         goto done;
     }
     struct conn *t = f->owner;
+    /* §3.3: a void call's target still receives an invocation_id: one the engine mints */
     char mint[37];
     if (!reply) uuid_new(mint);
+    /* a caller's id is the key of the call record (§3.2 step 6), so it must be unique in flight */
     if (!conn_open(t) || (reply && hm_get(&S.invs, cid, 36))) {
         S.n_inv_errors++;
         if (reply) {
@@ -4947,6 +5095,7 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
             goto done;
         }
     }
+    /* §3.2 steps 5-6: the call joins the caller's and the target's in-flight sets */
     inv_link(v, reply ? c : NULL, t);
     rt_send_invoke(t, v->id, (const char *)JRAW(d, fidt), JLEN(d, fidt), JRAW(d, data),
                    JLEN(d, data), c->wid, (char *)buf_data(ctx), buf_used(ctx));
@@ -4970,6 +5119,7 @@ static void rt_result(struct conn *c, const struct jdoc *d)
         return;
     }
     struct inv *v = (struct inv *)hm_get(&S.invs, (const char *)JRAW(d, iid) + 1, 36);
+    /* §2.3: a late or unknown result is a debug-level no-op */
     if (!v || v->target != c) {
         LOG(LOG_DEBUG, "worker %s: result for unknown invocation %.36s ignored", c->wid,
             JRAW(d, iid) + 1);
@@ -4977,11 +5127,13 @@ static void rt_result(struct conn *c, const struct jdoc *d)
     }
     int has_err = !JABSENT(d, err), has_res = !JABSENT(d, res);
     if (has_err) S.n_inv_errors++;
+    /* an error wins over a result; a null or absent result is omitted from the reply (§2.7) */
     if (v->kind == INV_CALL && v->caller) {
         rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len,
                        has_err || !has_res ? NULL : JRAW(d, res), has_res ? JLEN(d, res) : 0,
                        has_err ? JRAW(d, err) : NULL, has_err ? JLEN(d, err) : 0, v->ctx,
                        v->ctx_len);
+        /* §3.4: the queue worker's answer becomes the engine's receipt, or enqueue_error */
     } else if (v->kind == INV_ENQUEUE && v->caller) {
         struct buf out = {0};
         if (has_err) {
@@ -5018,16 +5170,20 @@ static void rt_result(struct conn *c, const struct jdoc *d)
 static const char TT_WORKERS[] = "engine::workers-available";
 static const char TT_FUNCTIONS[] = "engine::functions-available";
 
+/* The trigger type registered as (ns, id), or NULL. */
 static struct ttype *tt_find(const char *ns, const char *id)
 {
     return (struct ttype *)reg_find(&S.ttypes, ns, strlen(ns), id, strlen(id));
 }
 
+/* The binding with id[0..n), live or parked, or NULL. Binding ids are global (not per ns). */
 static struct trig *trig_find(const char *id, size_t n)
 {
     return (struct trig *)hm_get(&S.trigs, id, n);
 }
 
+/* Provider resolution of §4.1: an explicit trigger_namespace is the only candidate; otherwise
+ * the binding's home namespace, then default. NULL: no provider yet (the binding parks). */
 static struct ttype *trig_resolve(const struct trig *t)
 {
     if (t->trigger_ns) return tt_find(t->trigger_ns, t->type);
@@ -5070,6 +5226,8 @@ oom:
     conn_abort(p, "out of memory");
 }
 
+/* Sends unregistertrigger for t to provider p (§2.7: trigger_type always present). A closed
+ * provider is skipped; OOM drops the provider. */
 static void trig_send_unregister(struct conn *p, const struct trig *t)
 {
     if (!conn_open(p)) return;
@@ -5106,6 +5264,7 @@ static void trig_deliver(struct trig *t, struct ttype *tt)
     t->live = 1;
 }
 
+/* Unmaps and frees binding t with all its strings. Tells no provider: see trig_remove. */
 static void trig_free(struct trig *t)
 {
     hm_del(&S.trigs, &t->h);
@@ -5156,6 +5315,7 @@ static struct trig *trig_register(struct conn *owner, const char *id, const char
         xfree(t->ns), xfree(t->trigger_ns), xfree(t->home_ns), xfree(t);
         return NULL;
     }
+    /* no provider yet: the binding stays parked (§4.4) until one registers the type */
     if (tt) trig_deliver(t, tt);
     else
         LOG(LOG_WARN,
@@ -5173,6 +5333,7 @@ static struct ttype *tt_register(struct conn *p, const char *ns, const char *id,
     size_t n = 0;
     struct hnode **v = hm_list(&S.trigs, &n);
     if (!v) return NULL;
+    /* §2.4: parked intents of connections that are gone are dropped before anything replays */
     for (size_t i = 0; i < n; i++) {
         struct trig *t = (struct trig *)v[i];
         if (!t->live && t->owner && !conn_live(t->owner)) trig_free(t), v[i] = NULL;
@@ -5192,11 +5353,14 @@ static struct ttype *tt_register(struct conn *p, const char *ns, const char *id,
         tt->ns = tt->key;
         tt->id = tt->key + strlen(ns) + 1;
     }
+    /* §2.4: replace, never skip: the newest registration's description and schemas win */
     xfree(tt->desc_raw), xfree(tt->treq_raw), xfree(tt->creq_raw);
     tt->desc_raw = desc_raw ? xstrdup(desc_raw) : NULL;
     tt->treq_raw = treq_raw ? xstrdup(treq_raw) : NULL;
     tt->creq_raw = creq_raw ? xstrdup(creq_raw) : NULL;
     tt->provider = p;
+    /* §2.4 steps 1-3: replay live bindings that resolve here, activate parked ones, and re-home
+     * bindings that had fallen back to default (the old provider is told to drop them) */
     for (size_t i = 0; i < n; i++) {
         struct trig *t = (struct trig *)v[i];
         if (!t || strcmp(t->type, id) || trig_resolve(t) != tt) continue;
@@ -5221,6 +5385,7 @@ static void tt_remove(struct ttype *tt)
             strcmp(t->provider_ns, tt->ns))
             continue;
         struct ttype *alt = trig_resolve(t);
+        /* §4.5: another provider may still resolve (home namespace or default); else park it */
         if (alt) trig_deliver(t, alt);
         else {
             t->live = 0;
@@ -5244,6 +5409,7 @@ static void trig_fire(const char *type, const unsigned char *data, size_t dl)
     xfree(v);
 }
 
+/* Fires engine::workers-available (§6.1) with {"event":event,"worker_id":wid}. */
 static void ev_worker(const char *event, const char *wid)
 {
     char data[128];
@@ -5264,6 +5430,7 @@ static void ev_functions_tick(void)
         for (struct hnode *e = S.trigs.b[i]; e; e = e->next)
             if (((struct trig *)e)->live && !strcmp(((struct trig *)e)->type, TT_FUNCTIONS))
                 any = 1;
+    /* nobody listens: skip building the list (the fingerprint is already marked as sent) */
     if (!any) return;
     struct buf b = {0};
     size_t n = 0;
@@ -5285,11 +5452,14 @@ static void ev_functions_tick(void)
  * arrival order; invokes and results routed at once; reattach retires a previous connection;
  * teardown (§7) runs exactly once, in the spec's order, whatever ended the connection.
  */
+/* Queues the JSON text in b to c as one text frame (b is not consumed). */
 static void worker_send(struct conn *c, const struct buf *b)
 {
     conn_frame(c, WS_TEXT, buf_data(b), buf_used(b));
 }
 
+/* Sends registrationrejected (§5.10) to c; name and fid are omitted when NULL. The connection
+ * stays open: a rejection refuses one registration, never the worker. */
 static void worker_rejected(struct conn *c, const char *code, const char *ns, const char *name,
                             const char *fid, const char *owner)
 {
@@ -5320,6 +5490,8 @@ static void reg_function(struct conn *c, const struct jdoc *d)
     const char *id;
     struct buf sc = {0};
     if (jstr(d, json_get(d, 0, "id"), &sc, &id, &il) < 0 || !il) goto done;
+    /* §2.1 step 6: an HTTP-invoked function needs the http_functions module, which this engine
+     * does not have: logged, no reply */
     if (!JABSENT(d, json_get(d, 0, "invocation"))) {
         LOG(LOG_ERROR,
             "worker %s: function %.*s is HTTP-invoked; this engine has no http_functions module",
@@ -5328,6 +5500,7 @@ static void reg_function(struct conn *c, const struct jdoc *d)
     }
     char *idz = xstrndup(id, il);
     if (!idz) goto done;
+    /* §2.1 step 3: engine:: ids are reserved to the default namespace */
     if (il >= 8 && !memcmp(id, "engine::", 8) && strcmp(c->ns, NS_DEFAULT)) {
         worker_rejected(c, "FUNCTION_NAMESPACE_CONFLICT", c->ns, NULL, idz, "");
         xfree(idz);
@@ -5341,6 +5514,7 @@ static void reg_function(struct conn *c, const struct jdoc *d)
             xfree(idz);
             goto done;
         }
+        /* §2.1 step 4: a different live owner keeps the id; the newcomer is told who holds it */
         if (conn_live(f->owner)) {
             worker_rejected(c, "FUNCTION_NAMESPACE_CONFLICT", c->ns, NULL, idz, f->owner->wid);
             xfree(idz);
@@ -5354,6 +5528,7 @@ static void reg_function(struct conn *c, const struct jdoc *d)
         conn_abort(c, "out of memory");
         goto done;
     }
+    /* a re-register by the owner is an idempotent overwrite (§2.1 step 4) */
     func_clear_meta(f);
     f->desc_raw = jraw_dup(d, json_get(d, 0, "description"));
     f->req_raw = jraw_dup(d, json_get(d, 0, "request_format"));
@@ -5362,6 +5537,7 @@ static void reg_function(struct conn *c, const struct jdoc *d)
     f->meta_raw = jraw_dup(d, mt);
     if (JTYPE(d, mt) == J_OBJECT) {
         struct jdoc md = {0};
+        /* metadata is small in practice; the cap bounds the work a hostile value can cause */
         md.max = 4096;
         if (json_parse(&md, JRAW(d, mt), JLEN(d, mt), 2, 0) == 0)
             f->internal = JTYPE(&md, json_get(&md, 0, "internal")) == J_TRUE;
@@ -5396,6 +5572,7 @@ static void reg_apply(struct conn *c, const struct jdoc *d)
     if (json_streq(d, ty, "registerfunction")) {
         reg_function(c, d);
     } else if (json_streq(d, ty, "unregisterfunction")) {
+        /* §2.2: only the recorded owner may remove it; no reply either way */
         char *id = json_strdup(d, json_get(d, 0, "id"), NULL);
         struct func *f = id ? func_find_c(c->ns, id) : NULL;
         if (f && f->owner == c) func_remove(f);
@@ -5420,6 +5597,8 @@ static void reg_apply(struct conn *c, const struct jdoc *d)
         }
         xfree(id), xfree(ns);
     } else if (json_streq(d, ty, "registertrigger")) {
+        /* §4.2: `namespace` is the target function's namespace (default when absent), and
+         * trigger_namespace pins the provider's; a blank one is answered with INVALID_NAMESPACE */
         int id = json_get(d, 0, "id"), tt = json_get(d, 0, "trigger_type"),
             fid = json_get(d, 0, "function_id");
         int cfg = json_get(d, 0, "config"), mt = json_get(d, 0, "metadata");
@@ -5455,6 +5634,7 @@ static void reg_apply(struct conn *c, const struct jdoc *d)
         xfree(ids), xfree(tts), xfree(fids), xfree(ns), xfree(tn), xfree(cr), xfree(mr);
     } else if (json_streq(d, ty, "unregistertrigger")) {
         size_t n;
+        /* §2.5: by id only, with no ownership check: any connection may remove any binding */
         char *id = json_strdup(d, json_get(d, 0, "id"), &n);
         struct trig *t = id ? trig_find(id, n) : NULL;
         if (t) trig_remove(t);
@@ -5466,6 +5646,8 @@ static void reg_apply(struct conn *c, const struct jdoc *d)
 /* Applies the buffered registration frames of c in arrival order (§1.4). */
 static void worker_drain(struct conn *c)
 {
+    /* the queue is moved out of c first, so nothing appends to the buffer being walked; the walk
+     * stops if a registration tears the connection down or changes its state */
     struct buf q = c->pendq;
     memset(&c->pendq, 0, sizeof c->pendq);
     struct jdoc d = {0};
@@ -5497,6 +5679,9 @@ static void worker_resolve(struct conn *c, const char *ns)
     worker_drain(c);
 }
 
+/* The upgrade to "/" completed (§1.2): mint worker_id and reattach_token, arm the namespace
+ * grace timer, map the connection, send workerregistered first, then announce
+ * worker_connected. OOM drops the connection. */
 static void worker_on_open(struct conn *c)
 {
     uuid_new(c->wid);
@@ -5504,6 +5689,7 @@ static void worker_on_open(struct conn *c)
     c->connected_wall = wall_ms();
     c->ns_state = NS_PENDING;
     c->grace_at = now_ms() + S.grace_ms;
+    /* §1.2 step 3: discoverable from now on (engine::workers::list shows it once it has a pid) */
     if (hm_put(&S.workers, &c->h, c->wid, 36) < 0) {
         conn_abort(c, "out of memory");
         return;
@@ -5526,8 +5712,10 @@ static void worker_reattach(struct conn *c, const struct jdoc *d)
     if (JTYPE(d, pw) != J_STRING || !uuid_valid((const char *)JRAW(d, pw) + 1, JLEN(d, pw) - 2))
         return;
     const char *prev = (const char *)JRAW(d, pw) + 1;
+    /* §1.7 step 1: ignored when it names ourselves or no live connection */
     if (!memcmp(prev, c->wid, 36)) return;
     struct conn *old = (struct conn *)hm_get(&S.workers, prev, 36);
+    /* §1.7 step 2: worker ids are public, so the token is the proof of identity */
     if (!old || old->torn) return;
     if (JTYPE(d, tk) != J_STRING || JLEN(d, tk) != 38 || memcmp(JRAW(d, tk) + 1, old->token, 36)) {
         LOG(LOG_WARN, "worker %s: reattach to %s refused: missing or wrong reattach_token", c->wid,
@@ -5535,16 +5723,20 @@ static void worker_reattach(struct conn *c, const struct jdoc *d)
         return;
     }
     LOG(LOG_INFO, "worker %s: reattached, retiring previous connection %s", c->wid, old->wid);
+    /* §1.7 step 3: the old connection's cleanup runs now, inline, so a register that follows on
+     * this socket finds its name lease and functions free */
     worker_teardown(old);
     conn_abort(old, "retired by reattach");
 }
 
 /* Field shapes of the inbound messages (§2): a frame whose field has the wrong type, or that
  * lacks a required one, does not decode and is dropped (the reference engine's serde rules). */
+/* F_* (low 4 bits) is the shape; F_REQ marks a required field. null counts as absent except
+ * for F_ANY, where it is a value (`"config": null` is a config). */
 enum { F_STR = 1, F_UUID, F_ANY, F_OBJ, F_ERR, F_REQ = 16 };
 static const struct msg_field {
-    const char *type, *field;
-    int kind;
+    const char *type, *field; /* message type and member name */
+    int kind;                 /* F_* shape, | F_REQ when required */
 } MSG_FIELDS[] = {
     {"registerfunction", "id", F_STR | F_REQ},
     {"registerfunction", "description", F_STR},
@@ -5628,8 +5820,11 @@ static int msg_valid(const struct jdoc *d, const char *t, size_t tl)
  * checked by the parser (check_utf8). */
 static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, int check_utf8)
 {
+    /* §1.5: empty or whitespace-only frames are ignored */
     if (str_blank((const char *)p, n)) return;
     struct jdoc *d = &S.jd;
+    /* an envelope has a handful of members; 4096 tokens bounds the work per frame (payloads are
+     * not tokenized: tokdepth 2 keeps `data` one opaque token) */
     d->max = 4096;
     if (json_parse(d, p, n, 2, check_utf8) < 0 || d->t[0].type != J_OBJECT) {
         LOG(LOG_WARN, "worker %s: json decode error: frame dropped", c->wid);
@@ -5642,7 +5837,9 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
     }
     const char *t = (const char *)JRAW(d, ty) + 1;
     size_t tl = JLEN(d, ty) - 2;
+/* `type` matching is exact and case-sensitive (§1.5) */
 #define TYPE_IS(x) (tl == sizeof(x) - 1 && !memcmp(t, x, tl))
+    /* the reference engine's serde rules: a wrong field type drops the frame (§1.5) */
     if (!msg_valid(d, t, tl)) {
         LOG(LOG_WARN, "worker %s: json decode error: invalid %.*s frame dropped", c->wid, (int)tl,
             t);
@@ -5652,12 +5849,17 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
         rt_invoke(c, d);
     } else if (TYPE_IS("invocationresult")) {
         rt_result(c, d);
+        /* §1.6: a JSON ping gets a JSON pong; the engine never sends JSON pings itself */
     } else if (TYPE_IS("ping")) {
         conn_frame(c, WS_TEXT, "{\"type\":\"pong\"}", 15);
     } else if (TYPE_IS("registerfunction") || TYPE_IS("unregisterfunction") ||
                TYPE_IS("registertriggertype") || TYPE_IS("registertrigger") ||
                TYPE_IS("unregistertrigger") || TYPE_IS("registerservice")) {
+        /* §1.4: buffered while the namespace is pending, applied once resolved, swallowed once the
+         * connection is aborted */
         if (c->ns_state == NS_PENDING) {
+            /* record = [host-order u32 length][frame bytes]; host order is fine, as only
+             * worker_drain in this process reads it back */
             uint32_t len = (uint32_t)n;
             if (buf_append(&c->pendq, &len, 4) < 0 || buf_append(&c->pendq, p, n) < 0)
                 conn_abort(c, "out of memory");
@@ -5670,6 +5872,8 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
         const char *ids;
         size_t il;
         struct inv *ack = NULL;
+        /* an engine::register_trigger waiting on this provider is matched by binding id (receipt)
+         */
         if (jstr(d, id, &sc, &ids, &il) == 0 && il == 36)
             for (struct inv *x = c->calls_in; x && !ack; x = x->tnext)
                 if (x->kind == INV_ACK && !memcmp(x->receipt, ids, 36)) ack = x;
@@ -5706,6 +5910,7 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
         buf_free(&sc);
     } else if (TYPE_IS("reattach")) {
         worker_reattach(c, d);
+        /* §1.5: engine-to-worker types arriving from a worker are ignored */
     } else if (TYPE_IS("pong") || TYPE_IS("workerregistered") || TYPE_IS("registrationrejected")) {
         /* no-ops */
     } else {
@@ -5786,6 +5991,7 @@ static void worker_teardown(struct conn *c)
         }
         inv_free(v);
     }
+    /* calls it made: the targets may still answer; those results find no record and are ignored */
     while (c->calls_out) inv_free(c->calls_out);
     /* 6: its bindings, parked intents and trigger types */
     size_t n = 0;
@@ -5824,6 +6030,10 @@ static void worker_teardown(struct conn *c)
  * its input object (d, token 0), writes a result into res or an error body into err. Lists are
  * collected into arrays and sorted with qsort; nothing here is on the routing hot path.
  */
+/* Every builtin gets: caller (NULL for engine-internal calls), the parsed input d with `in`
+ * the token of the input object, and two empty buffers it borrows: res for a raw JSON result
+ * (left empty = no result, omitted on the wire) and err for an ErrorBody. Builtins never keep
+ * pointers into d: it is freed when they return. */
 #define BI_ARGS struct conn *caller, const struct jdoc *d, int in, struct buf *res, struct buf *err
 
 /* Optional string input: 0 absent, 1 present (decoded copy in *out, caller frees), -1 wrong type.
@@ -5837,6 +6047,7 @@ static int bi_str(const struct jdoc *d, int in, const char *key, char **out)
     return 1;
 }
 
+/* 1 only for a literal true: absent, null or any other type reads as false. */
 static int bi_bool(const struct jdoc *d, int in, const char *key)
 {
     return JTYPE(d, json_get(d, in, key)) == J_TRUE;
@@ -5852,6 +6063,7 @@ static int str_icontains(const char *hay, const char *needle)
     return 0;
 }
 
+/* 1 if s starts with p (byte comparison). */
 static int str_prefix(const char *s, const char *p) { return !strncmp(s, p, strlen(p)); }
 
 /* A raw JSON string value decoded (for searching descriptions); NULL when not a string. */
@@ -5878,6 +6090,8 @@ static const char *fn_wname(const struct func *f, char *out, size_t cap)
     return out;
 }
 
+/* One FunctionSummary (§5.1): function_id, namespace, worker_name, and description / metadata
+ * as registered (raw JSON, omitted when absent). Also the element of functions_changed (§6.2). */
 static int fn_summary(struct buf *b, const struct func *f)
 {
     buf_puts(b, "{\"function_id\":");
@@ -5892,11 +6106,12 @@ static int fn_summary(struct buf *b, const struct func *f)
 }
 
 struct ranked {
-    int rank;
+    int rank;          /* primary key: lower sorts first (search rank, or 0) */
     const char *a, *b; /* sort keys */
-    void *p;
+    void *p;           /* the object the row stands for */
 };
 
+/* qsort order for listings: rank, then a, then b (NULL b sorts as ""): deterministic output. */
 static int ranked_cmp(const void *x, const void *y)
 {
     const struct ranked *p = x, *q = y;
@@ -5930,6 +6145,9 @@ static int fn_rank(const struct func *f, const char *needle)
     return m ? 2 : -1;
 }
 
+/* engine::functions::list (§5.1): filters search / prefix / worker / workers, hides engine::*
+ * and internal ids unless include_internal, sorts by search rank then id then namespace.
+ * A non-string filter is a deserialization_error. */
 static void bi_functions_list(BI_ARGS)
 {
     (void)caller;
@@ -5956,6 +6174,7 @@ static void bi_functions_list(BI_ARGS)
         if (!incl && fn_hidden(f)) continue;
         if (prefix && !str_prefix(f->id, prefix)) continue;
         const char *wn = fn_wname(f, tmp, sizeof tmp);
+        /* `worker` (one name) and `workers` (a list) filter together: a match in either keeps it */
         if (worker || JTYPE(d, wl) == J_ARRAY) {
             int ok = worker && !strcmp(worker, wn);
             if (!ok && JTYPE(d, wl) == J_ARRAY && !d->t[wl].opaque)
@@ -5995,6 +6214,7 @@ static void fn_detail(struct buf *b, const struct func *f)
     if (f->req_raw) buf_puts(b, ",\"request_schema\":"), buf_puts(b, f->req_raw);
     if (f->resp_raw) buf_puts(b, ",\"response_schema\":"), buf_puts(b, f->resp_raw);
     if (f->meta_raw) buf_puts(b, ",\"metadata\":"), buf_puts(b, f->meta_raw);
+    /* the live bindings that target this function in its namespace, sorted by id */
     buf_puts(b, ",\"registered_triggers\":[");
     size_t n = 0, k = 0;
     struct hnode **v = hm_list(&S.trigs, &n);
@@ -6021,6 +6241,8 @@ static void fn_detail(struct buf *b, const struct func *f)
 }
 
 /* The namespaces in which id is registered, sorted, as "a, b" (empty when none). */
+/* *count gets how many namespaces hold id and *only the last match found (meaningful when
+ * *count is 1). At most 64 names are collected: the hint is for people, not a full index. */
 static void fn_namespaces(const char *id, char *out, size_t cap, int *count, struct func **only)
 {
     size_t n = 0, k = 0;
@@ -6079,6 +6301,9 @@ static struct func *fn_info_resolve(const char *id, const char *ns, struct buf *
     return NULL;
 }
 
+/* engine::functions::info (§5.2): one function_id (NOT_FOUND error when missing) or a batch
+ * of function_ids (deduplicated, at most 32; a missing one becomes an error row, not an
+ * error reply). namespace, when given, is strict. */
 static void bi_functions_info(BI_ARGS)
 {
     (void)caller;
@@ -6104,6 +6329,7 @@ static void bi_functions_info(BI_ARGS)
         rt_err(err, "INVALID_ARGUMENTS",
                "`function_ids` must be a non-empty array of function ids");
     } else {
+        /* a batch is capped at 32 distinct ids; duplicates are answered once */
         const char *ids[33];
         char *own[33];
         size_t k = 0, bad = 0;
@@ -6149,8 +6375,10 @@ static void bi_functions_info(BI_ARGS)
 }
 
 /* ---- workers ---- */
+/* The in-process modules listed as workers with status "available" (§5.7). */
 static const char *const BUILTIN_MODULES[] = {"iii-worker-manager", "iii-engine-functions"};
 
+/* Functions c owns (its list is unbounded, so this is O(n); listings only). */
 static size_t conn_fn_count(const struct conn *c)
 {
     size_t n = 0;
@@ -6168,8 +6396,10 @@ static void worker_row(struct buf *b, const struct conn *c, int extra)
     buf_puts(b, ",\"version\":");
     json_put_cstr(b, c->version);
     buf_printf(b, ",\"id\":\"%s\",\"namespace\":", c->wid);
+    /* a worker whose namespace is still pending is listed in default */
     json_put_cstr(b, c->ns ? c->ns : NS_DEFAULT);
     buf_puts(b, ",\"runtime\":");
+    /* §5.7: runtime is "unknown" when the worker did not report one */
     json_put_cstr(b, c->runtime ? c->runtime : "unknown");
     buf_puts(b, ",\"os\":");
     json_put_cstr(b, c->os);
@@ -6187,6 +6417,8 @@ static void worker_row(struct buf *b, const struct conn *c, int extra)
     buf_putc(b, '}');
 }
 
+/* The row of a builtin module in engine::workers::list/info: it reports the engine's version and
+ * start time; only iii-engine-functions owns functions (the ownerless builtins). */
 static void module_row(struct buf *b, const char *name, int extra)
 {
     size_t nf = 0;
@@ -6207,6 +6439,8 @@ static void module_row(struct buf *b, const char *name, int extra)
     buf_putc(b, '}');
 }
 
+/* engine::workers::list (§5.7): live worker connections that reported a pid, plus the builtin
+ * modules; filters search (substring of name), runtime and status; sorted by name then id. */
 static void bi_workers_list(BI_ARGS)
 {
     (void)caller, (void)err;
@@ -6247,8 +6481,12 @@ out:
     xfree(search), xfree(runtime), xfree(status);
 }
 
+/* The worker_name of a trigger type (§5.3): the provider's reported name, the module that
+ * provides the well-known ids in the reference engine, else the id's first "::" segment.
+ * May return a static buffer: valid until the next call. */
 static const char *tt_worker_name(const struct ttype *tt)
 {
+    /* the reference engine's module names for the well-known types, so listings look the same */
     static const char *const known[][2] = {
         {"http", "iii-http"},     {"cron", "iii-cron"},        {"state", "iii-state"},
         {"stream", "iii-stream"}, {"subscribe", "iii-pubsub"}, {"durable:subscriber", "queue"}};
@@ -6265,6 +6503,7 @@ static const char *tt_worker_name(const struct ttype *tt)
     return seg;
 }
 
+/* One TriggerTypeSummary row of engine::triggers::list (§5.3). */
 static void tt_row(struct buf *b, const struct ttype *tt)
 {
     buf_puts(b, "{\"id\":");
@@ -6283,6 +6522,7 @@ static void config_summary(struct buf *b, const char *raw)
 {
     struct buf c = {0};
     int in_str = 0;
+    /* drop white space outside strings: the stored raw config may be pretty-printed */
     for (const char *p = raw; *p; p++) {
         if (in_str) {
             buf_putc(&c, *p);
@@ -6293,6 +6533,7 @@ static void config_summary(struct buf *b, const char *raw)
             if (*p == '"') in_str = 1;
         }
     }
+    /* cut at 80 code points, never inside a UTF-8 sequence */
     size_t n = buf_used(&c), chars = 0, i = 0;
     const unsigned char *s = buf_data(&c);
     while (i < n && chars < 80) {
@@ -6320,6 +6561,7 @@ static void trig_target_wname(struct buf *b, const struct trig *t)
     else buf_puts(b, "null");
 }
 
+/* One RegisteredTriggerSummary (§5.5): the binding with its raw config and config_summary. */
 static int trig_row(struct buf *b, const struct trig *t)
 {
     buf_puts(b, "{\"id\":");
@@ -6402,6 +6644,9 @@ static struct conn *worker_by_name(const char *name, const char *ns, struct buf 
     return NULL;
 }
 
+/* engine::workers::info (§5.8): by name (namespace strict when given, else default, else the
+ * only match); a builtin module answers with its ownerless functions. The reply lists the
+ * worker's functions, the trigger types it provides and the live bindings that target it. */
 static void bi_workers_info(BI_ARGS)
 {
     (void)caller;
@@ -6411,7 +6656,7 @@ static void bi_workers_info(BI_ARGS)
                "Failed to deserialize input for engine::workers::info: missing field `name`");
         goto out;
     }
-    for (size_t i = 0; i < 2; i++)
+    for (size_t i = 0; i < 2; i++) /* the builtin modules live in default */
         if (!strcmp(name, BUILTIN_MODULES[i]) && (!ns || !strcmp(ns, NS_DEFAULT))) {
             buf_puts(res, "{\"worker\":");
             module_row(res, name, 1);
@@ -6484,12 +6729,15 @@ static char *sanitize(const char *s)
     struct buf b = {0};
     size_t chars = 0;
     const unsigned char *p = (const unsigned char *)s;
+    /* sequence length from the lead byte only: s is valid UTF-8 (it came through the parser) */
     while (*p && chars < III_MAX_NAME) {
         size_t l = *p < 0x80 ? 1 : *p < 0xE0 ? 2 : *p < 0xF0 ? 3 : 4;
         uint32_t cp = *p;
         if (l == 2) cp = (uint32_t)(p[0] & 0x1F) << 6 | (p[1] & 0x3F);
         else if (l == 3)
             cp = (uint32_t)(p[0] & 0x0F) << 12 | (uint32_t)(p[1] & 0x3F) << 6 | (p[2] & 0x3F);
+        /* C0/C1 controls, ALM, LRM/RLM, LS/PS and the bidi embedding/override/isolate controls:
+         * they could make one worker's name display as another's in logs and listings */
         int drop = cp < 0x20 || cp == 0x7F || (cp >= 0x80 && cp < 0xA0) || cp == 0x061C ||
                    cp == 0x200E || cp == 0x200F || (cp >= 0x2028 && cp <= 0x202E) ||
                    (cp >= 0x2066 && cp <= 0x2069);
@@ -6509,6 +6757,10 @@ static char *sanitize(const char *s)
     return r;
 }
 
+/* engine::workers::register (§5.9), the connection's announce: records metadata, claims the
+ * (namespace, name) lease, and pins the namespace (§1.4), which drains buffered
+ * registrations. A name held by another live worker gets registrationrejected
+ * WORKER_NAMESPACE_CONFLICT and a 1008 close (§5.10). Needs a WS caller. */
 static void bi_workers_register(BI_ARGS)
 {
     struct conn *c = caller;
@@ -6538,12 +6790,14 @@ static void bi_workers_register(BI_ARGS)
             goto out;
         }
     }
+    /* the first resolution wins (§1.4): a late register with another namespace changes nothing */
     const char *eff = c->ns_state != NS_PENDING && c->ns ? c->ns : ns ? ns : NS_DEFAULT;
     if (c->ns_state != NS_PENDING && ns && strcmp(ns, eff))
         LOG(LOG_WARN,
             "worker %s: late engine::workers::register for namespace '%s' honoured in fixed "
             "namespace '%s'",
             c->wid, ns, eff);
+    /* §5.9: a (namespace, name) lease: one live worker per name in a namespace */
     if (name) {
         struct lease *l = (struct lease *)reg_find(&S.leases, eff, strlen(eff), name, strlen(name));
         if (l && l->owner != c && conn_live(l->owner)) {
@@ -6588,6 +6842,7 @@ static void bi_workers_register(BI_ARGS)
     if (!JABSENT(d, (t = json_get(d, in, "telemetry"))))
         xfree(c->telemetry), c->telemetry = jraw_dup(d, t);
     int64_t pid;
+    /* only a worker that reports a pid is listed by engine::workers::list (§5.7) */
     if (json_int(d, json_get(d, in, "pid"), &pid) == 0 && pid >= 0 && pid <= UINT32_MAX)
         c->pid = (uint32_t)pid, c->has_pid = 1;
     worker_resolve(c, eff);
@@ -6597,6 +6852,8 @@ out:
     xfree(ns), xfree(name);
 }
 
+/* engine::triggers::list (§5.3): trigger *types*; engine::* ids hidden unless
+ * include_internal; filters search (id or description), prefix, worker; sorted by id, ns. */
 static void bi_triggers_list(BI_ARGS)
 {
     (void)caller, (void)err;
@@ -6630,6 +6887,7 @@ static void bi_triggers_list(BI_ARGS)
     xfree(v), xfree(r), xfree(search), xfree(prefix), xfree(worker);
 }
 
+/* TriggerTypeDetail (§5.4): the summary plus schemas and the count of live bindings. */
 static void tt_detail(struct buf *b, const struct ttype *tt)
 {
     size_t cnt = 0;
@@ -6649,6 +6907,7 @@ static void tt_detail(struct buf *b, const struct ttype *tt)
     buf_printf(b, ",\"instance_count\":%zu}", cnt);
 }
 
+/* engine::triggers::info (§5.4): type id in `namespace` (default when absent), strict. */
 static void bi_triggers_info(BI_ARGS)
 {
     (void)caller;
@@ -6666,6 +6925,8 @@ static void bi_triggers_info(BI_ARGS)
     xfree(id), xfree(ns);
 }
 
+/* engine::registered-triggers::list (§5.5): live bindings only (parked ones are invisible);
+ * bindings that target engine::* functions hidden unless include_internal. Sorted by id. */
 static void bi_rtriggers_list(BI_ARGS)
 {
     (void)caller, (void)err;
@@ -6702,6 +6963,8 @@ static void bi_rtriggers_list(BI_ARGS)
     xfree(v), xfree(r), xfree(search), xfree(type), xfree(fid), xfree(worker);
 }
 
+/* engine::registered-triggers::info (§5.6): one live binding with its provider's type detail
+ * and its target function's detail (null when either is missing). */
 static void bi_rtriggers_info(BI_ARGS)
 {
     (void)caller;
@@ -6741,6 +7004,9 @@ static void bi_rtriggers_info(BI_ARGS)
     xfree(id);
 }
 
+/* engine::register_trigger (§5.11): a durable binding (no owner, survives disconnects) in
+ * default with a fresh id. The {"id"} result goes out at once unless a WS provider serves
+ * the binding: then S.defer makes rt_invoke hold it until the provider acks (or 10 s pass). */
 static void bi_register_trigger(BI_ARGS)
 {
     (void)caller;
@@ -6769,6 +7035,7 @@ out:
     xfree(type), xfree(fid), xfree(tns);
 }
 
+/* engine::unregister_trigger (§5.12): removes any binding by id; {"removed":bool}. */
 static void bi_unregister_trigger(BI_ARGS)
 {
     (void)caller;
@@ -6784,6 +7051,8 @@ static void bi_unregister_trigger(BI_ARGS)
     xfree(id);
 }
 
+/* engine::log::* (DECISIONS.md): writes message and data to the engine's log at `level`; data
+ * is cut to 600 bytes so one call cannot flood the log. No result. */
 static void bi_log(struct conn *caller, const struct jdoc *d, int in, int level)
 {
     char *msg = NULL;
@@ -6806,6 +7075,7 @@ static void bi_log_trace(BI_ARGS) { (void)res, (void)err, bi_log(caller, d, in, 
 
 static void bi_channels_create(BI_ARGS);
 
+/* The builtin table: id -> handler, registered ownerless in default by bi_init. */
 static const struct {
     const char *id;
     void (*fn)(BI_ARGS);
@@ -6833,6 +7103,7 @@ static const struct {
 static int bi_init(void)
 {
     for (size_t i = 0; i < sizeof BUILTINS / sizeof BUILTINS[0]; i++) {
+        /* 7 == strlen("default"); owner NULL marks the function as in-process */
         struct func *f = func_add(NULL, NS_DEFAULT, 7, BUILTINS[i].id, strlen(BUILTINS[i].id));
         if (!f) return -1;
         f->bi = BUILTINS[i].fn;
@@ -6852,6 +7123,8 @@ static int bi_init(void)
  * in the channel (bounded by max_outbound_bytes); the writer's close reaches the reader after
  * the data. Channels have no owner; one not fully connected after III_CHANNEL_TTL_MS is swept.
  */
+/* engine::channels::create (§5.13): mints channel id and access key and returns the writer
+ * and reader references. The channel lives in S.chans until both sides are gone or the sweep. */
 static void bi_channels_create(BI_ARGS)
 {
     (void)caller, (void)d, (void)in;
@@ -6877,6 +7150,7 @@ static void bi_channels_create(BI_ARGS)
 /* Finds the channel of an upgrade path; *dir = 'w' or 'r'; *status 404 or 400 on failure. */
 static struct chan *chan_lookup(const char *path, const char *query, int *dir, int *status)
 {
+    /* query parameters are matched literally (no percent-decoding): ids and keys are UUIDs */
     const char *id = path + 13; /* after "/ws/channels/" */
     char key[64] = "", dv[16] = "";
     *status = 404;
@@ -6900,6 +7174,7 @@ static struct chan *chan_lookup(const char *path, const char *query, int *dir, i
     return ch;
 }
 
+/* Unmaps and frees ch. The connections must already have dropped their c->chan pointers. */
 static void chan_free(struct chan *ch)
 {
     hm_del(&S.chans, &ch->h);
@@ -6907,6 +7182,8 @@ static void chan_free(struct chan *ch)
     xfree(ch);
 }
 
+/* A data frame from a channel side: the writer's frames are relayed to the reader with their
+ * opcode (text or binary), or held until it arrives; over the cap, the writer gets 1009. */
 static void chan_on_message(struct conn *c, int op, const unsigned char *p, size_t n)
 {
     struct chan *ch = c->chan;
@@ -6941,6 +7218,7 @@ static void chan_teardown(struct conn *c)
 static void chan_sweep(int64_t now, int64_t *next)
 {
     static int64_t at;
+    /* once a minute is enough for a TTL of minutes, and keeps the sweep off the hot path */
     if (!at) at = now + 60000;
     if (now >= at) {
         at = now + 60000;
@@ -6961,6 +7239,7 @@ static void chan_sweep(int64_t now, int64_t *next)
 /* ==== Health and metrics ====================================================================
  * Plain HTTP on the worker port (DECISIONS.md item 8).
  */
+/* Worker connections not yet torn down (the iii_workers_active gauge and /health). */
 static size_t count_workers(void)
 {
     size_t n = 0;
@@ -6968,12 +7247,15 @@ static size_t count_workers(void)
     return n;
 }
 
+/* GET /health body (DECISIONS.md item 8). */
 static void http_health(struct buf *b)
 {
     buf_printf(b, "{\"status\":\"ok\",\"workers\":%zu,\"functions\":%zu,\"uptime_ms\":%lld}",
                count_workers(), S.funcs.n, (long long)(now_ms() - S.start_ms));
 }
 
+/* GET /metrics: Prometheus text exposition format 0.0.4 (hence the content type's version);
+ * the counter names are the ones DECISIONS.md item 8 promises. */
 static void http_metrics(struct buf *b)
 {
     buf_printf(
@@ -7014,6 +7296,8 @@ static void http_metrics(struct buf *b)
  * dirty connection is written once, functions-available is checked, and closed connections
  * are torn down and freed (the reap pass).
  */
+/* Async-signal-safe: sets a flag and writes one byte to the self-pipe so poll() wakes; errno is
+ * preserved for the interrupted code. All real work happens in the loop. */
 static void sig_handler(int sig)
 {
     int e = errno;
@@ -7026,6 +7310,9 @@ static void sig_handler(int sig)
     errno = e;
 }
 
+/* SIGPIPE ignored (a write to a dead peer returns EPIPE instead of killing us); SIGINT/SIGTERM,
+ * SIGHUP and SIGCHLD go through sig_handler. SA_RESTART keeps slow syscalls from failing with
+ * EINTR. Start-up only: dies on failure. */
 static void loop_signals_init(void)
 {
     struct sigaction sa;
@@ -7043,6 +7330,8 @@ static void loop_signals_init(void)
     sigaction(SIGCHLD, &sa, NULL);
 }
 
+/* Accepts up to 64 connections per turn (fairness to established ones) while under
+ * max_connections; each gets TCP_NODELAY (small latency-bound frames) and a CK_HTTP conn. */
 static void loop_accept(void)
 {
     for (int i = 0; i < 64 && S.nconns < S.set.max_connections; i++) {
@@ -7065,6 +7354,7 @@ static void loop_accept(void)
     }
 }
 
+/* Dispatches buffered input by role: request head, or WebSocket frames. */
 static void loop_process(struct conn *c)
 {
     if (c->kind == CK_HTTP) http_on_data(c);
@@ -7078,6 +7368,7 @@ static void loop_process(struct conn *c)
  * (lingering close: the peer gets our Close instead of a reset). */
 static void loop_read(struct conn *c)
 {
+    /* static is safe: one thread, and nothing keeps a pointer into it after loop_process */
     static unsigned char shared[III_READ_CHUNK];
     if (c->closing) {
         ssize_t r = read(c->fd, shared, sizeof shared);
@@ -7122,17 +7413,23 @@ static void loop_read(struct conn *c)
 static int64_t loop_timers(struct conn *c, int64_t now)
 {
     int64_t next = INT64_MAX;
+/* DUE(t): 1 once deadline t has passed; otherwise 0, and t becomes the next wake-up if sooner */
 #define DUE(t) ((t) <= now ? 1 : ((t) < next ? (next = (t)), 0 : 0))
     if (c->dead) return next;
     if (c->closing) {
+        /* RFC 6455 §7.1.1 wants the peer's Close and a TCP close; a peer that never answers gets
+         * III_CLOSE_FLUSH_MS before we drop the socket anyway */
         if (DUE(c->t_close + III_CLOSE_FLUSH_MS)) c->dead = 1;
         return next;
     }
     if (c->kind == CK_HTTP) {
+        /* §1.1: the request head must be complete within handshake_timeout_ms; once upgraded the
+         * deadline no longer applies */
         if (DUE(c->t_accept + S.set.handshake_timeout_ms)) conn_abort(c, "handshake timeout");
         return next;
     }
     if (!c->ws) return next;
+    /* §1.4 grace timer: no engine::workers::register in time, so pin to default and drain */
     if (c->kind == CK_WORKER && c->ns_state == NS_PENDING && DUE(c->grace_at)) {
         LOG(LOG_WARN,
             "worker %s: no engine::workers::register within %lld ms; its registrations land in "
@@ -7140,11 +7437,13 @@ static int64_t loop_timers(struct conn *c, int64_t now)
             c->wid, (long long)S.grace_ms);
         worker_resolve(c, NS_DEFAULT);
     }
+    /* DECISIONS.md item 2: silence past idle_timeout_ms is a dead peer; 1001 "going away" */
     if (S.set.idle_timeout_ms > 0 && DUE(c->t_rx + S.set.idle_timeout_ms)) {
         conn_close(c, 1001, "idle timeout");
         return next;
     }
     if (S.set.ping_interval_ms > 0) {
+        /* ping only a quiet connection, at most once per interval (RFC 6455 §5.5.2) */
         int64_t last = c->t_rx > c->t_ping ? c->t_rx : c->t_ping;
         if (DUE(last + S.set.ping_interval_ms)) {
             conn_frame(c, WS_PING, "", 0);
@@ -7168,6 +7467,8 @@ static void loop_reap(void)
             c->torn = 1;
         }
     }
+    /* a second pass: every teardown has run before anything is freed, as a teardown may still
+     * queue frames to (or close) other connections that are going away in this same turn */
     for (c = S.conns; c; c = nx) {
         nx = c->next;
         if (c->dead) {
@@ -7194,6 +7495,9 @@ static void loop_flush(void)
         if (!c->dead) {
             conn_flush(c);
             if (c->closing && !buf_used(&c->out) && !c->dead) {
+                /* half-close once our Close frame or HTTP answer is out: the peer reads EOF and
+                 * closes, and we keep reading until it does (RFC 6455 §7.1.1: ideally the server
+                 * closes TCP first) */
                 if (c->kind == CK_HTTP || c->kind == CK_PLAIN || c->ws) shutdown(c->fd, SHUT_WR);
             }
         }
@@ -7223,6 +7527,7 @@ static void loop_shutdown(void)
         if (c->ws) conn_close(c, 1001, "engine shutting down");
         else conn_abort(c, "shutdown");
     }
+    /* SIGTERM to every worker group now; SIGKILL follows per stop_timeout_ms in sup_tick below */
     sup_stop_all();
     loop_flush();
     /* peers get up to 1 s to take their Close; workers their stop timeout */
@@ -7232,6 +7537,7 @@ static void loop_shutdown(void)
         struct pollfd pf[256];
         struct conn *pc[256];
         size_t n = 0;
+        /* best effort: at most 200 sockets per round, the rest of the 256 slots for worker pipes */
         for (struct conn *c = S.conns; c && n < 200; c = c->next) {
             if (c->dead) continue;
             pf[n].fd = c->fd, pf[n].events = (short)(POLLIN | (buf_used(&c->out) ? POLLOUT : 0)),
@@ -7250,6 +7556,7 @@ static void loop_shutdown(void)
         sup_tick(now_ms(), &nx);
         loop_reap();
     }
+    /* whatever has not closed by now is dropped (already torn down above) */
     while (S.conns) S.conns->dead = 1, S.conns->torn = 1, loop_reap();
 }
 
@@ -7284,6 +7591,9 @@ static void engine_free_all(void)
     buf_free(&S.tmp), buf_free(&S.tmp2);
 }
 
+/* The engine's main loop until a shutdown is requested: flush and reap, build the poll set
+ * (computing the next deadline on the way), poll, dispatch, then handle the signal flags and
+ * the functions-available check. Ends with loop_shutdown. */
 static void loop_run(void)
 {
     struct pollfd *pf = NULL;
@@ -7293,6 +7603,8 @@ static void loop_run(void)
         loop_flush();
         loop_reap();
         int64_t now = now_ms(), next = INT64_MAX;
+        /* the poll set follows the connection count (+64 for the signal pipe, the listener and the
+         * worker pipes); if growing it fails, connections beyond it just wait for a later turn */
         size_t need = S.nconns + 64;
         if (need > cap) {
             struct pollfd *np = xrealloc(pf, need * sizeof *pf);
@@ -7303,6 +7615,7 @@ static void loop_run(void)
         size_t n = 0;
         pf[n].fd = S.sigpipe[0], pf[n].events = POLLIN, pc[n++] = NULL;
         size_t lidx = SIZE_MAX;
+        /* at max_connections the listener leaves the poll set: new peers wait in the backlog */
         if (S.lfd >= 0 && S.nconns < S.set.max_connections && now >= S.accept_pause_until)
             lidx = n, pf[n].fd = S.lfd, pf[n].events = POLLIN, pc[n++] = NULL;
         else if (S.accept_pause_until > now && S.accept_pause_until < next)
@@ -7326,6 +7639,7 @@ static void loop_run(void)
         ack_timeouts(now, &next);
         chan_sweep(now, &next);
         if (S.dirty) next = now;
+        /* wake at least once a minute even with no deadline: cheap, and robust to a missed one */
         int timeout = next == INT64_MAX    ? -1
                       : next <= now        ? 0
                       : next - now > 60000 ? 60000
@@ -7338,6 +7652,7 @@ static void loop_run(void)
         if (rc > 0) {
             if (pf[0].revents & POLLIN) {
                 unsigned char sink[64];
+                /* drain the self-pipe; the sig_* flags say which signals arrived */
                 while (read(S.sigpipe[0], sink, sizeof sink) > 0) {
                 }
             }
@@ -7380,6 +7695,8 @@ struct proc {
     pid_t pid;            /* 0: not running */
     int fd[2];            /* stdout, stderr pipes (-1 when closed) */
     struct buf line[2];   /* partial output lines */
+    /* started: monotonic ms of the last start (uptime decides the backoff reset); next_start: when
+     * a pending restart is due; backoff: the next restart delay; kill_at: SIGKILL deadline */
     int64_t started, next_start, backoff, kill_at;
     int stopping;                    /* SIGTERM sent */
     int remove;                      /* free once stopped */
@@ -7387,11 +7704,14 @@ struct proc {
     int dead_restart;                /* policy says: start at next_start */
 };
 
+/* Every supervised process, in no particular order (sup_free swaps the last one in). */
 static struct proc **procs;
-static size_t nprocs;
-static int sentinel_fd = -1;
-static struct buf out_q[2]; /* worker output waiting for the engine's stdout / stderr */
+static size_t nprocs;        /* entries in procs */
+static int sentinel_fd = -1; /* write end of the lifeline pipe (-1: no sentinel) */
+static struct buf out_q[2];  /* worker output waiting for the engine's stdout / stderr */
 
+/* Tells the sentinel that process group pgid appeared ('+') or is gone ('-'). Best effort:
+ * without a sentinel the engine still stops its workers on a normal shutdown. */
 static void sentinel_cmd(char op, pid_t pgid)
 {
     if (sentinel_fd < 0) return;
@@ -7418,6 +7738,8 @@ static void sentinel_start(void)
         int dn = open("/dev/null", O_RDWR); /* let go of the engine's stdio too */
         if (dn >= 0) dup2(dn, 0), dup2(dn, 1), dup2(dn, 2);
         long maxfd = sysconf(_SC_OPEN_MAX);
+        /* keep only the lifeline: the sentinel must not hold the listener or any pipe open (it
+         * would keep the port bound, or a worker's output pipe alive, after the engine died) */
         for (long fd = 3; fd < (maxfd > 0 && maxfd < 65536 ? maxfd : 1024); fd++)
             if (fd != p[0]) close((int)fd);
         static long groups[1024]; /* one per declared worker at most (III_CFG_MAX_WORKERS) */
@@ -7444,6 +7766,8 @@ static void sentinel_start(void)
         /* the engine is gone */
         for (size_t k = 0; k < ng; k++) kill((pid_t)-groups[k], SIGTERM);
         if (ng) {
+            /* one second between SIGTERM and SIGKILL: the sentinel has no config to read
+             * stop_timeout_ms */
             struct timespec ts = {1, 0};
             nanosleep(&ts, NULL);
         }
@@ -7497,6 +7821,7 @@ static void sup_lines(struct proc *pr, int k, int eof)
     }
 }
 
+/* Closes output pipe k of pr after emitting any final partial line. */
 static void sup_close_fd(struct proc *pr, int k)
 {
     if (pr->fd[k] < 0) return;
@@ -7524,6 +7849,7 @@ static int sup_start(struct proc *pr)
     char url[96], pidv[32];
     int port = S.bound_port;
     if (sentinel_fd < 0) sentinel_start();
+    /* children dial loopback on the bound port whatever host the listener binds (DECISIONS.md 3) */
     snprintf(url, sizeof url, "ws://127.0.0.1:%d", port);
     snprintf(pidv, sizeof pidv, "%ld", (long)getpid());
     pid_t pid = fork();
@@ -7537,6 +7863,8 @@ static int sup_start(struct proc *pr)
         struct sigaction sa;
         memset(&sa, 0, sizeof sa);
         sa.sa_handler = SIG_DFL;
+        /* the child must not inherit the engine's dispositions (SIGPIPE ignored) or blocked signals
+         */
         for (int sg = 1; sg < 32; sg++) sigaction(sg, &sa, NULL);
         sigset_t none;
         sigemptyset(&none);
@@ -7553,6 +7881,7 @@ static int sup_start(struct proc *pr)
         setenv("III_ENGINE_URL", url, 1);
         setenv("III_WORKER_NAME", pr->w->name, 1);
         setenv("III_ENGINE_PID", pidv, 1);
+        /* the entry's env is applied last: it may override the III_* variables too */
         for (char **e = pr->w->env; e && *e; e++) {
             char *eq = strchr(*e, '=');
             if (eq) {
@@ -7583,6 +7912,8 @@ static int sup_start(struct proc *pr)
     return 0;
 }
 
+/* Adds a supervised process for entry w (borrowed: it belongs to S.cfg) and starts it; a failed
+ * start is retried after the backoff. NULL on OOM. */
 static struct proc *sup_add(struct cfg_worker *w)
 {
     struct proc **np = xrealloc(procs, (nprocs + 1) * sizeof *np);
@@ -7612,6 +7943,7 @@ static void sup_stop(struct proc *pr)
     LOG(LOG_INFO, "worker %s: stopping (pid %ld)", pr->name, (long)pr->pid);
 }
 
+/* Frees procs[i] (its process must have been reaped) and fills the hole with the last entry. */
 static void sup_free(size_t i)
 {
     struct proc *pr = procs[i];
@@ -7621,6 +7953,7 @@ static void sup_free(size_t i)
     procs[i] = procs[--nprocs];
 }
 
+/* Shutdown: every process is stopped and freed once reaped, with no restart. */
 static void sup_stop_all(void)
 {
     for (size_t i = 0; i < nprocs; i++) {
@@ -7639,6 +7972,7 @@ static int64_t sup_max_stop(void)
     return m;
 }
 
+/* 1 while a child runs or captured output still waits for stdout/stderr (shutdown waits). */
 static int sup_running(void)
 {
     for (size_t i = 0; i < nprocs; i++)
@@ -7657,6 +7991,9 @@ static void sup_retire_conns(pid_t pid)
         }
 }
 
+/* Reaps every exited child (WNOHANG, after SIGCHLD) and applies the restart policy: removed
+ * entries are freed, reloaded ones restart at once with the new entry, others per `restart`
+ * with exponential backoff (DECISIONS.md item 3). Only called from the loop. */
 static void sup_reap_children(void)
 {
     int st;
@@ -7670,6 +8007,7 @@ static void sup_reap_children(void)
             sentinel_cmd('-', pid);
             sup_retire_conns(pid);
             pr->pid = 0;
+            /* on-failure restarts after a non-zero status or a death by signal */
             int failed = !WIFEXITED(st) || WEXITSTATUS(st) != 0;
             if (WIFEXITED(st))
                 LOG(pr->stopping || !failed ? LOG_INFO : LOG_WARN,
@@ -7689,6 +8027,7 @@ static void sup_reap_children(void)
             } else if (!pr->stopping && pr->w &&
                        (pr->w->restart == CFG_RESTART_ALWAYS ||
                         (pr->w->restart == CFG_RESTART_ON_FAILURE && failed))) {
+                /* a worker that ran a while is not penalised for crashes long ago */
                 if (now - pr->started >= III_BACKOFF_RESET_MS) pr->backoff = III_BACKOFF_MIN_MS;
                 pr->next_start = now + pr->backoff;
                 LOG(LOG_INFO, "worker %s: restarting in %lld ms", pr->name, (long long)pr->backoff);
@@ -7701,6 +8040,8 @@ static void sup_reap_children(void)
     }
 }
 
+/* Timers of the supervisor: SIGKILL for processes past their stop timeout (repeated every
+ * second until they are reaped), and due restarts. Lowers *next to the earliest deadline. */
 static void sup_tick(int64_t now, int64_t *next)
 {
     for (size_t i = 0; i < nprocs; i++) {
@@ -7735,6 +8076,9 @@ static int sup_pollfds(struct pollfd *p, size_t cap)
     return (int)n;
 }
 
+/* Handles the poll results of sup_pollfds' entries: drains captured output to the engine's
+ * stdout/stderr, reads worker pipes into line buffers. A stdout write error discards the queue
+ * (nobody is reading; the engine must not block or grow). */
 static void sup_on_poll(struct pollfd *p, size_t n)
 {
     for (size_t j = 0; j < n; j++) {
@@ -7753,6 +8097,8 @@ static void sup_on_poll(struct pollfd *p, size_t n)
             for (int k = 0; k < 2; k++) {
                 struct proc *pr = procs[i];
                 if (pr->fd[k] != p[j].fd) continue;
+                /* read at most what fits after reserving 4 KiB; sup_lines keeps the line buffer
+                 * short */
                 if (buf_reserve(&pr->line[k], 4096) < 0) {
                     sup_close_fd(pr, k);
                     continue;
@@ -7779,11 +8125,13 @@ static void sup_on_poll(struct pollfd *p, size_t n)
 static const char *cli_host;
 static long cli_port = -1;
 static struct cfg_watch {
-    int have;
-    struct stat st;
-    int64_t next_check, reload_at;
+    int have;                      /* watching is on (a config file existed at start-up) */
+    struct stat st;                /* the file's last seen stat (mtime, size, inode) */
+    int64_t next_check, reload_at; /* next stat() poll; debounced reload time (0: none) */
 } watch;
 
+/* Copies the listener settings of S.cfg into S.set; --host/--port from the command line win.
+ * S.set borrows the strings (host, origins) from S.cfg or argv: nothing to free here. */
 static void settings_from_cfg(void)
 {
     struct cfg_listener *l = &S.cfg.lis;
@@ -7801,8 +8149,11 @@ static void settings_from_cfg(void)
     S.set.n_origins = l->n_origins;
 }
 
+/* stat() of the config file; -1 with errno when it is missing. */
 static int watch_stat(struct stat *st) { return stat(S.cfg_path, st); }
 
+/* 1 if the file looks different: the inode catches rename-over saves, ctime and nanosecond
+ * mtime catch same-second, same-size in-place edits where the platform has them. */
 static int watch_changed(const struct stat *a, const struct stat *b)
 {
     return a->st_mtime != b->st_mtime || a->st_size != b->st_size || a->st_ino != b->st_ino ||
@@ -7836,6 +8187,7 @@ static void cfg_watch_tick(int64_t now, int64_t *next)
     if (watch.reload_at && watch.reload_at < *next) *next = watch.reload_at;
 }
 
+/* The entry of c with instance name `name`, or NULL (a linear scan: configs are small). */
 static struct cfg_worker *cfg_find(struct cfg *c, const char *name)
 {
     for (size_t i = 0; i < c->nw; i++)
@@ -7843,6 +8195,7 @@ static struct cfg_worker *cfg_find(struct cfg *c, const char *name)
     return NULL;
 }
 
+/* 1 for an entry the supervisor runs (not built-in, has a command). */
 static int cfg_is_process(const struct cfg_worker *w) { return !w->builtin && w->argv; }
 
 /* Opens the listener for S.set; prints the listening line. 0 ok, -1 with err. */
@@ -7858,6 +8211,7 @@ static int listener_open(char *err, size_t errlen)
              strchr(S.set.host, ':') ? "ws://[%s]:%d" : "ws://%s:%d", S.set.host, bound);
     char line[128];
     int n = snprintf(line, sizeof line, "iii: listening on %s\n", S.listen_url);
+    /* on stdout in one write: whoever started the engine can wait for it and learn the port */
     ssize_t w = write(1, line, (size_t)n);
     (void)w;
     return 0;
@@ -7877,9 +8231,15 @@ static void reload_fail(const char *fmt, ...)
     ssize_t w = write(2, line, (size_t)(n < (int)sizeof line ? n : (int)sizeof line - 1));
     (void)w;
     S.exit_code = 1;
+    /* no exit() here: the loop ends, so workers are stopped and output flushed on the way out */
     S.stop = 1;
 }
 
+/* Hot reload (PROTOCOL.md §8.5, DECISIONS.md item 4), from the config watch or SIGHUP. Loads and
+ * validates the whole file first; any failure is fatal via reload_fail. Then rebinds the
+ * listener if host/port changed, and diffs process entries by instance name: removed ones are
+ * stopped, changed ones stopped and restarted from the new entry, added ones started. The old
+ * config is freed last: procs are re-pointed at entries of the new one before that. */
 static void cfg_reload(const char *why)
 {
     struct cfg nc;
@@ -7962,9 +8322,11 @@ static void cfg_reload(const char *why)
             found |= !procs[k]->remove && !strcmp(procs[k]->name ? procs[k]->name : "", w->name);
         if (!found) sup_add(w), added++;
     }
+    /* only now: every proc points into the new config (or has w == NULL) */
     cfg_free(&old);
     LOG(LOG_INFO, "reload applied: %zu added, %zu removed, %zu changed", added, removed, changed);
 }
+/* The command-line synopsis (engine mode and the two CLI client commands). */
 static void usage(FILE *f)
 {
     fputs(
@@ -7981,6 +8343,8 @@ static void usage(FILE *f)
  * registry), sends one invokefunction and waits for its result. Same framing code as the
  * engine; client frames are masked (RFC 6455 §5.3; a zero key is legal).
  */
+/* One blocking client connection: fd (blocking socket), input and output buffers, and the
+ * deadline (monotonic ms) that bounds every wait in cli_fill. */
 struct cli {
     int fd;
     struct buf in, out;
@@ -8006,6 +8370,7 @@ static int cli_fill(struct cli *c)
     if (left <= 0) return -1;
     struct pollfd pf = {c->fd, POLLIN, 0};
     if (poll(&pf, 1, (int)left) <= 0) return -1;
+    /* read in 64 KiB steps: one read per poll, many frames per read */
     if (buf_reserve(&c->in, 65536) < 0) return -1;
     ssize_t r = read(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len);
     if (r <= 0) return -1;
@@ -8021,6 +8386,8 @@ static int cli_recv(struct cli *c, unsigned char **p, size_t *n, const char **wh
         int op, fin, code;
         size_t plen;
         unsigned char mask[4];
+        /* server frames are unmasked (RFC 6455 §5.1); 1 GiB bounds what one answer may make us
+         * buffer */
         int hl = ws_parse_hdr(buf_data(&c->in), buf_used(&c->in), 0, (size_t)1 << 30, &op, &fin,
                               &plen, mask, &code);
         if (hl < 0) {
@@ -8098,6 +8465,7 @@ static int cli_connect(struct cli *c, const char *url, const char **why)
     }
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    /* a fresh random 16-byte nonce per handshake (RFC 6455 §4.1), and the accept value we expect */
     unsigned char kb[16];
     char key[25], acc[29];
     rnd_bytes(kb, 16);
@@ -8114,6 +8482,7 @@ static int cli_connect(struct cli *c, const char *url, const char **why)
     for (;;) {
         char *hd = buf_cstr(&c->in), *e = hd ? strstr(hd, "\r\n\r\n") : NULL;
         if (e) {
+            /* RFC 6455 §4.1: anything but 101 with our Sec-WebSocket-Accept fails the connection */
             if (strncmp(hd, "HTTP/1.1 101", 12) || !strstr(hd, acc)) {
                 *why = "the engine refused the WebSocket upgrade";
                 return -1;
@@ -8159,6 +8528,8 @@ static int cli_call(const char *url, const char *fid, const char *data, const ch
         if (cli_recv(&c, &p, &n, why) < 0) goto out;
         struct jdoc d = {0};
         d.max = 4096;
+        /* the engine answers with our invocation_id (§3.2); other frames (workerregistered, and so
+         * on) are skipped */
         int ok = json_parse(&d, p, n, 2, 1) == 0 && d.t[0].type == J_OBJECT &&
                  json_streq(&d, json_get(&d, 0, "type"), "invocationresult") &&
                  json_streq(&d, json_get(&d, 0, "invocation_id"), id);
@@ -8169,6 +8540,7 @@ static int cli_call(const char *url, const char *fid, const char *data, const ch
             break;
         }
     }
+    /* a polite 1000 (normal closure) close; we do not wait for the engine's answer */
     ws_frame(&c.out, WS_CLOSE, "\x03\xe8", 2, 1);
     cli_flush(&c);
 out:
@@ -8181,6 +8553,7 @@ out:
 static int cli_report(struct buf *frame, int as_json, void (*table)(const struct jdoc *, int))
 {
     struct jdoc d = {0};
+    /* a listing can be long: no token cap; depth 64 tokenizes all of it for the tables */
     d.max = UINT32_MAX;
     buf_cstr(frame);
     if (json_parse(&d, buf_data(frame), buf_used(frame), 64, 0) < 0) {
@@ -8220,8 +8593,10 @@ static void cli_cell(const struct jdoc *d, int obj, const char *key, int last)
     putchar(last ? '\n' : '\t');
 }
 
+/* What cli_table prints: the result member holding the array and the columns (NULL-ended). */
 static const char *cli_list_key, *const *cli_list_cols;
 
+/* Prints the header row in upper case, then one row per element of the result's array. */
 static void cli_table(const struct jdoc *d, int res)
 {
     int arr = json_get(d, res, cli_list_key);
@@ -8234,9 +8609,13 @@ static void cli_table(const struct jdoc *d, int res)
         for (const char *const *c = cli_list_cols; *c; c++) cli_cell(d, (int)e, *c, !c[1]);
 }
 
+/* `iii trigger` / `iii list` (argv[0] is the subcommand). Exit status: 0 ok, 1 the function
+ * returned an error, 2 usage error, 3 could not reach the engine or no answer in time. The
+ * default timeout is 30 s; --url defaults to $III_URL, then the SDK's default address. */
 static int cli_main(int argc, char **argv)
 {
     const char *url = getenv("III_URL"), *ns = NULL;
+    /* 30 s: long enough for a slow function, short enough that a script does not hang forever */
     int64_t timeout = 30000;
     int as_json = 0;
     const char *pos[3] = {NULL, NULL, NULL};
@@ -8327,6 +8706,10 @@ static int cli_main(int argc, char **argv)
 /* ==== main ================================================================================== */
 
 #ifndef III_NO_MAIN
+/* Engine mode: parse arguments, load config.yaml (missing = built-in defaults; invalid = exit
+ * 1), apply --host/--port and III_NAMESPACE_GRACE_MS, install signals, register builtins,
+ * bind the listener (fatal on failure, DECISIONS.md item 5), start declared workers, run the
+ * loop, then free everything so leak checkers see only real leaks. III_LOG sets the level. */
 int main(int argc, char **argv)
 {
     const char *host = NULL;
@@ -8334,8 +8717,10 @@ int main(int argc, char **argv)
     S.cfg_path = "config.yaml";
     S.lfd = -1;
     const char *lv = getenv("III_LOG");
+    /* III_LOG=error|warn|info|debug|trace; any other value keeps the default (info) */
     for (int i = 0; lv && i <= LOG_TRACE; i++)
         if (!strcmp(lv, log_names[i])) log_level = i;
+    /* the client commands need no config, listener or signals: dispatch before any set-up */
     if (argc > 1 && (!strcmp(argv[1], "trigger") || !strcmp(argv[1], "list"))) {
         signal(SIGPIPE, SIG_IGN);
         return cli_main(argc - 1, argv + 1);
@@ -8372,7 +8757,9 @@ int main(int argc, char **argv)
         LOG(LOG_INFO, "no config file at %s: running on built-in defaults (no workers)",
             S.cfg_path);
     settings_from_cfg();
+    /* the grace period is read at start-up only (§1.4); a reload does not change it */
     S.grace_ms = S.cfg.grace_ms;
+    /* §1.4: the environment wins over registration_namespace_grace_ms from the config */
     const char *ge = getenv("III_NAMESPACE_GRACE_MS");
     if (ge && *ge) {
         char *e;
@@ -8385,6 +8772,7 @@ int main(int argc, char **argv)
     if (listener_open(err, sizeof err) < 0) die("%s", err);
     for (size_t i = 0; i < S.cfg.nw; i++)
         if (cfg_is_process(&S.cfg.w[i]) && !sup_add(&S.cfg.w[i])) die("out of memory");
+    /* watch the file only if it existed at start-up (DECISIONS.md item 6: no file, no reload) */
     if (!missing && watch_stat(&watch.st) == 0)
         watch.have = 1, watch.next_check = now_ms() + III_WATCH_INTERVAL_MS;
     loop_run();
