@@ -2532,8 +2532,9 @@ static int yaml_equal(const struct yaml_node *a, const struct yaml_node *b)
  * name#1, name#2 in order. A built-in name (cfg_builtins) runs inside the engine and takes only
  * `config`; `iii-worker-manager`'s config holds the listener settings (tests/CONTRACT.md), each
  * type-checked, unknown ones refused. Every other entry is a process the engine supervises and
- * must say how to start it with `command` (DECISIONS.md item 3). Unlike the reference engine,
- * unknown keys in an entry are refused too: a misspelt `restart` must not pass silently.
+ * must say how to start it with `command` (DECISIONS.md item 3). As in the reference engine
+ * (PROTOCOL.md §11.22), unknown keys in an entry are ignored; a misspelt `command` still fails
+ * because `command` is then missing.
  * Strings in struct cfg are owned by it (cfg_free), except that lis.host and
  * lis.allowed_origins may point to static defaults, which cfg_free recognizes.
  */
@@ -7514,6 +7515,8 @@ static void cfg_reload(const char *why);
 static void sup_stop_all(void);
 static int sup_running(void);
 static int64_t sup_max_stop(void);
+static size_t sup_slots(void);
+static void sup_kill_all(void);
 
 /* Graceful shutdown (SIGINT/SIGTERM): stop accepting, end every worker's calls with
  * invocation_stopped, close every connection with 1001, stop supervised workers, flush. */
@@ -7534,16 +7537,20 @@ static void loop_shutdown(void)
     int64_t t0 = now_ms(), conn_until = t0 + 1000, until = t0 + sup_max_stop() + 500;
     if (until < conn_until) until = conn_until;
     while (now_ms() < until && ((S.conns && now_ms() < conn_until) || sup_running())) {
-        struct pollfd pf[256];
-        struct conn *pc[256];
+        size_t cap = S.nconns + sup_slots() + 1;
+        struct pollfd *pf = xmalloc(cap * sizeof *pf);
+        struct conn **pc = xmalloc(cap * sizeof *pc);
+        if (!pf || !pc) {
+            xfree(pf), xfree(pc);
+            break; /* no memory to wait with: the workers are killed below */
+        }
         size_t n = 0;
-        /* best effort: at most 200 sockets per round, the rest of the 256 slots for worker pipes */
-        for (struct conn *c = S.conns; c && n < 200; c = c->next) {
+        for (struct conn *c = S.conns; c; c = c->next) {
             if (c->dead) continue;
             pf[n].fd = c->fd, pf[n].events = (short)(POLLIN | (buf_used(&c->out) ? POLLOUT : 0)),
             pc[n++] = c;
         }
-        size_t ns = sup_pollfds(pf + n, 256 - n);
+        size_t ns = sup_pollfds(pf + n, cap - n);
         poll(pf, (nfds_t)(n + ns), 20);
         for (size_t i = 0; i < n; i++) {
             if (pf[i].revents & POLLOUT) conn_flush(pc[i]);
@@ -7551,11 +7558,13 @@ static void loop_shutdown(void)
             if (pf[i].revents & (POLLIN | POLLHUP | POLLERR)) loop_read(pc[i]);
         }
         sup_on_poll(pf + n, ns);
+        xfree(pf), xfree(pc);
         sup_reap_children();
         int64_t nx = INT64_MAX;
         sup_tick(now_ms(), &nx);
         loop_reap();
     }
+    sup_kill_all(); /* anything still running past its stop timeout */
     /* whatever has not closed by now is dropped (already torn down above) */
     while (S.conns) S.conns->dead = 1, S.conns->torn = 1, loop_reap();
 }
@@ -7605,7 +7614,7 @@ static void loop_run(void)
         int64_t now = now_ms(), next = INT64_MAX;
         /* the poll set follows the connection count (+64 for the signal pipe, the listener and the
          * worker pipes); if growing it fails, connections beyond it just wait for a later turn */
-        size_t need = S.nconns + 64;
+        size_t need = S.nconns + sup_slots() + 64;
         if (need > cap) {
             struct pollfd *np = xrealloc(pf, need * sizeof *pf);
             struct conn **nc = np ? xrealloc(pc, need * sizeof *pc) : NULL;
@@ -7621,7 +7630,7 @@ static void loop_run(void)
         else if (S.accept_pause_until > now && S.accept_pause_until < next)
             next = S.accept_pause_until;
         size_t sidx = n;
-        size_t ns = sup_pollfds(pf + n, 32);
+        size_t ns = sup_pollfds(pf + n, cap - n);
         n += ns;
         for (struct conn *c = S.conns; c && n < cap; c = c->next) {
             int64_t t = loop_timers(c, now);
@@ -7721,7 +7730,8 @@ static void sentinel_cmd(char op, pid_t pgid)
     (void)w;
 }
 
-/* Forks the sentinel (see the section comment). Called before any socket is opened. */
+/* Forks the sentinel (see the section comment), on the first spawn. It closes every inherited
+ * descriptor but its pipe and points its stdio at /dev/null, so it holds nothing of ours. */
 static void sentinel_start(void)
 {
     int p[2];
@@ -7961,6 +7971,16 @@ static void sup_stop_all(void)
         procs[i]->restart_with = NULL;
         sup_stop(procs[i]);
     }
+}
+
+/* Poll slots the supervisor may need: two pipes per worker, plus stdout and stderr. */
+static size_t sup_slots(void) { return 2 * nprocs + 2; }
+
+/* SIGKILL to every worker group still running (end of shutdown). */
+static void sup_kill_all(void)
+{
+    for (size_t i = 0; i < nprocs; i++)
+        if (procs[i]->pid) kill(-procs[i]->pid, SIGKILL);
 }
 
 /* The longest stop timeout among running workers (shutdown waits that long at most). */
@@ -8351,7 +8371,7 @@ struct cli {
     int64_t deadline;
 };
 
-/* Writes all of c->out, waiting at most until the deadline. */
+/* Writes all of c->out (a blocking socket: a command sends a few hundred bytes). */
 static int cli_flush(struct cli *c)
 {
     while (buf_used(&c->out)) {

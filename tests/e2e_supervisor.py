@@ -615,6 +615,26 @@ def worker_partial_last_line_flushed():
 
 
 @test
+def many_workers_output_all_read():
+    """40 declared workers each print a line every 50 ms: every one is heard (the poll set must
+    hold every worker's pipes, not a fixed handful) and all stop cleanly on SIGTERM."""
+    d = mkdir()
+    n = 40
+    entries = "".join(
+        "  - name: m%d\n    command: %s\n" % (i, json.dumps("while :; do echo tick-%d; sleep 0.05; done" % i))
+        for i in range(n))
+    e = SupEngine(d, config(entries))
+    try:
+        want = set("[m%d] tick-%d" % (i, i) for i in range(n))
+        got = wait_until(lambda: want <= set(e.stdout_lines()), 10.0)
+        missing = sorted(want - set(e.stdout_lines()))
+        check(got, "%d of %d workers never heard: %r" % (len(missing), n, missing[:5]))
+    finally:
+        rc = e.stop()
+    check(rc == 0, "engine exit status %r after SIGTERM" % rc)
+
+
+@test
 def worker_gets_iii_url_for_cli():
     e, d = env_engine()
     got = wait_until(lambda: read_file(os.path.join(d, "lister.list")), 8.0)
