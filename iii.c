@@ -622,6 +622,17 @@ static int json_scan_str(const unsigned char *s, size_t n, size_t *pos, int chec
     *esc = 0;
     for (;;) {
         size_t st = i;
+        /* eight bytes at a time while none is '"', '\\' or a control (or, when validating, a
+         * non-ASCII byte): the classic "has a zero byte" test on the word XORed with each */
+        while (i + 8 <= n) {
+            uint64_t w, q, b;
+            const uint64_t ones = UINT64_C(0x0101010101010101), high = UINT64_C(0x8080808080808080);
+            memcpy(&w, s + i, 8);
+            q = w ^ (ones * '"'), b = w ^ (ones * '\\');
+            uint64_t hit = ((q - ones) & ~q) | ((b - ones) & ~b) | ((w - ones * 0x20) & ~w);
+            if ((hit & high) || (check_utf8 && (w & high))) break;
+            i += 8;
+        }
         /* RFC 8259 §7: U+0000..U+001F must be escaped, so a raw one ends the scan as an error */
         while (i < n && s[i] != '"' && s[i] != '\\' && s[i] >= 0x20) i++;
         if (check_utf8 && utf8_feed(&u, s + st, i - st) < 0) return -1;
