@@ -251,13 +251,12 @@ static void uuid_new(char out[37])
 /* 1 if s[0..n) is a hyphenated UUID (8-4-4-4-12 hex digits, any case). */
 static int uuid_valid(const char *s, size_t n)
 {
-    if (n != 36) return 0;
+    if (n != 36 || s[8] != '-' || s[13] != '-' || s[18] != '-' || s[23] != '-') return 0;
     for (size_t i = 0; i < 36; i++) {
-        if (i == 8 || i == 13 || i == 18 || i == 23) {
-            if (s[i] != '-') return 0;
-        } else if (!isxdigit((unsigned char)s[i])) {
+        unsigned c = (unsigned char)s[i], l = c | 0x20; /* ASCII fold, no locale call */
+        if (!((c >= '0' && c <= '9') || (l >= 'a' && l <= 'f')) && i != 8 && i != 13 && i != 18 &&
+            i != 23)
             return 0;
-        }
     }
     return 1;
 }
@@ -329,7 +328,8 @@ static int buf_append(struct buf *b, const void *d, size_t n)
     return 0;
 }
 
-static int buf_puts(struct buf *b, const char *s) { return buf_append(b, s, strlen(s)); }
+/* a macro, so that appending a literal costs no strlen at run time */
+#define buf_puts(b, s) buf_append((b), (s), strlen(s))
 
 static int buf_putc(struct buf *b, int c)
 {
@@ -818,10 +818,8 @@ static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokd
 /* Finds member `key` of object token obj. Returns the value's token index or -1. Keys with
  * escapes are compared after decoding (rare; the common path is a memcmp). */
 static int json_get_n(const struct jdoc *d, int obj, const char *key, size_t klen);
-static int json_get(const struct jdoc *d, int obj, const char *key)
-{
-    return json_get_n(d, obj, key, strlen(key));
-}
+/* a macro, so that the length of a literal key is known at compile time */
+#define json_get(d, obj, key) json_get_n((d), (obj), (key), strlen(key))
 
 /* Decodes string token ti (escapes resolved, lone surrogates become U+FFFD) and appends the
  * UTF-8 bytes to out. 0 ok, -1 OOM or not a string. */
@@ -5746,40 +5744,45 @@ static void worker_reattach(struct conn *c, const struct jdoc *d)
 /* F_* (low 4 bits) is the shape; F_REQ marks a required field. null counts as absent except
  * for F_ANY, where it is a value (`"config": null` is a config). */
 enum { F_STR = 1, F_UUID, F_ANY, F_OBJ, F_ERR, F_REQ = 16 };
+#define MF(t, f, k)                                                                                \
+    {                                                                                              \
+        t, f, k, sizeof(t) - 1, sizeof(f) - 1                                                      \
+    }
 static const struct msg_field {
     const char *type, *field; /* message type and member name */
     int kind;                 /* F_* shape, | F_REQ when required */
+    unsigned char tl, fl;     /* their lengths (MF computes them at compile time) */
 } MSG_FIELDS[] = {
-    {"registerfunction", "id", F_STR | F_REQ},
-    {"registerfunction", "description", F_STR},
-    {"registerfunction", "invocation", F_OBJ},
-    {"unregisterfunction", "id", F_STR | F_REQ},
-    {"invocationresult", "invocation_id", F_UUID | F_REQ},
-    {"invocationresult", "function_id", F_STR | F_REQ},
-    {"invocationresult", "error", F_ERR},
-    {"invocationresult", "traceparent", F_STR},
-    {"invocationresult", "baggage", F_STR},
-    {"registertriggertype", "id", F_STR | F_REQ},
-    {"registertriggertype", "description", F_STR | F_REQ},
-    {"registertriggertype", "namespace", F_STR},
-    {"registertrigger", "id", F_STR | F_REQ},
-    {"registertrigger", "trigger_type", F_STR | F_REQ},
-    {"registertrigger", "function_id", F_STR | F_REQ},
-    {"registertrigger", "config", F_ANY | F_REQ},
-    {"registertrigger", "namespace", F_STR},
-    {"registertrigger", "trigger_namespace", F_STR},
-    {"unregistertrigger", "id", F_STR | F_REQ},
-    {"unregistertrigger", "trigger_type", F_STR},
-    {"triggerregistrationresult", "id", F_STR | F_REQ},
-    {"triggerregistrationresult", "trigger_type", F_STR | F_REQ},
-    {"triggerregistrationresult", "function_id", F_STR | F_REQ},
-    {"triggerregistrationresult", "error", F_ERR},
-    {"registerservice", "id", F_STR | F_REQ},
-    {"registerservice", "name", F_STR},
-    {"registerservice", "description", F_STR},
-    {"registerservice", "parent_service_id", F_STR},
-    {"reattach", "previous_worker_id", F_UUID | F_REQ},
-    {"reattach", "reattach_token", F_STR},
+    MF("registerfunction", "id", F_STR | F_REQ),
+    MF("registerfunction", "description", F_STR),
+    MF("registerfunction", "invocation", F_OBJ),
+    MF("unregisterfunction", "id", F_STR | F_REQ),
+    MF("invocationresult", "invocation_id", F_UUID | F_REQ),
+    MF("invocationresult", "function_id", F_STR | F_REQ),
+    MF("invocationresult", "error", F_ERR),
+    MF("invocationresult", "traceparent", F_STR),
+    MF("invocationresult", "baggage", F_STR),
+    MF("registertriggertype", "id", F_STR | F_REQ),
+    MF("registertriggertype", "description", F_STR | F_REQ),
+    MF("registertriggertype", "namespace", F_STR),
+    MF("registertrigger", "id", F_STR | F_REQ),
+    MF("registertrigger", "trigger_type", F_STR | F_REQ),
+    MF("registertrigger", "function_id", F_STR | F_REQ),
+    MF("registertrigger", "config", F_ANY | F_REQ),
+    MF("registertrigger", "namespace", F_STR),
+    MF("registertrigger", "trigger_namespace", F_STR),
+    MF("unregistertrigger", "id", F_STR | F_REQ),
+    MF("unregistertrigger", "trigger_type", F_STR),
+    MF("triggerregistrationresult", "id", F_STR | F_REQ),
+    MF("triggerregistrationresult", "trigger_type", F_STR | F_REQ),
+    MF("triggerregistrationresult", "function_id", F_STR | F_REQ),
+    MF("triggerregistrationresult", "error", F_ERR),
+    MF("registerservice", "id", F_STR | F_REQ),
+    MF("registerservice", "name", F_STR),
+    MF("registerservice", "description", F_STR),
+    MF("registerservice", "parent_service_id", F_STR),
+    MF("reattach", "previous_worker_id", F_UUID | F_REQ),
+    MF("reattach", "reattach_token", F_STR),
 };
 
 /* 1 if value ti is an ErrorBody {code: string, message: string, stacktrace?: string}. */
@@ -5799,8 +5802,8 @@ static int msg_valid(const struct jdoc *d, const char *t, size_t tl)
 {
     for (size_t i = 0; i < sizeof MSG_FIELDS / sizeof MSG_FIELDS[0]; i++) {
         const struct msg_field *f = &MSG_FIELDS[i];
-        if (strlen(f->type) != tl || memcmp(f->type, t, tl)) continue;
-        int v = json_get(d, 0, f->field);
+        if (f->tl != tl || memcmp(f->type, t, tl)) continue;
+        int v = json_get_n(d, 0, f->field, f->fl);
         if (v < 0 || (d->t[v].type == J_NULL && (f->kind & 15) != F_ANY)) {
             if (f->kind & F_REQ) return 0;
             continue;
