@@ -30,7 +30,9 @@
  *   and discovery, Worker protocol, Engine functions, Channels, Health and metrics, Event loop,
  *   Supervisor, Configuration and hot reload, CLI client, main.
  */
-#define _POSIX_C_SOURCE 200809L
+#define _POSIX_C_SOURCE   200809L
+#define _FILE_OFFSET_BITS 64 /* 32-bit glibc: stat() of 64-bit inode numbers and sizes */
+#define _TIME_BITS        64 /* 32-bit glibc >= 2.34: time_t past 2038 (needs the line above) */
 #include "iii.h"
 
 #include <ctype.h>
@@ -359,7 +361,7 @@ static int buf_printf(struct buf *b, const char *fmt, ...)
 }
 
 static size_t buf_used(const struct buf *b) { return b->len - b->off; }
-static unsigned char *buf_data(const struct buf *b) { return b->p + b->off; }
+static unsigned char *buf_data(const struct buf *b) { return b->p ? b->p + b->off : b->p; }
 
 /* Marks n bytes consumed; releases a large buffer once it is drained (frugal when idle). */
 static void buf_consume(struct buf *b, size_t n)
@@ -8802,8 +8804,13 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < S.cfg.nw; i++)
         if (cfg_is_process(&S.cfg.w[i]) && !sup_add(&S.cfg.w[i])) die("out of memory");
     /* watch the file only if it existed at start-up (DECISIONS.md item 6: no file, no reload) */
-    if (!missing && watch_stat(&watch.st) == 0)
-        watch.have = 1, watch.next_check = now_ms() + III_WATCH_INTERVAL_MS;
+    if (!missing) {
+        if (watch_stat(&watch.st) == 0)
+            watch.have = 1, watch.next_check = now_ms() + III_WATCH_INTERVAL_MS;
+        else
+            LOG(LOG_WARN, "cannot stat %s (%s): config changes will not be picked up", S.cfg_path,
+                strerror(errno));
+    }
     loop_run();
     engine_free_all();
     while (nprocs) sup_free(0);

@@ -121,6 +121,22 @@ if [ -f tests/interop/run.sh ]; then
         skip "interop: node/npm not installed"
     fi
 fi
+if [ -f tests/flavours.sh ]; then
+    if [ "$LONG" = 1 ]; then run_suite flavours sh tests/flavours.sh --long; else run_suite flavours sh tests/flavours.sh; fi
+fi
+if have clang && clang -g -O1 -fsanitize=fuzzer,address,undefined -Wno-unused-function tests/fuzz_engine.c -o build/fuzz_engine 2>build/fuzz-cc.log; then
+    secs=10
+    [ "$LONG" = 1 ] && secs=120
+    mkdir -p build/fuzz-corpus
+    if build/fuzz_engine -max_total_time=$secs build/fuzz-corpus >build/fuzz.log 2>&1; then
+        ok "fuzz: engine parsers and worker protocol, $(grep -o 'Done [0-9]* runs' build/fuzz.log | cut -d' ' -f2) libFuzzer runs, no crash or leak"
+    else
+        notok "fuzz: engine parsers (build/fuzz.log; reproducer in the working directory)"
+        grep -m5 'ERROR\|SUMMARY\|abort' build/fuzz.log
+    fi
+else
+    skip "fuzz: clang with libFuzzer not available"
+fi
 if [ -f bench/run.sh ]; then
     run_suite bench_smoke sh bench/run.sh --smoke
 fi
