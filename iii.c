@@ -59,6 +59,10 @@
 #include <sys/types.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
+#if defined(__linux__) && !defined(III_USE_POLL)
+#include <sys/epoll.h>
+#define III_EPOLL 1 /* connections in an epoll set; -DIII_USE_POLL keeps plain poll() */
+#endif
 
 /* ==== Utilities =============================================================================
  * Logging through one macro that checks the level before formatting; die() only before the
@@ -3541,6 +3545,9 @@ struct conn {
     int fd, kind;
     unsigned dirty : 1, closing : 1, dead : 1, torn : 1, ws : 1, has_pid : 1, leased : 1;
     unsigned in_borrowed : 1; /* c->in points at the shared read buffer (see loop_read) */
+    unsigned ep_out : 1;      /* epoll: registered for EPOLLOUT too */
+    unsigned reapq : 1;       /* on S.reap: closing or dead, looked at by the reap pass */
+    struct conn *rnext;       /* S.reap list */
     struct buf in, out, msg;  /* input, queued output, fragmented message being reassembled */
     int msg_op;               /* opcode of the message in msg, 0 when none */
     struct utf8 u8;           /* validator state of a fragmented text message */
@@ -3675,6 +3682,10 @@ static struct {
     struct buf tmp, tmp2;         /* scratch output */
     uint64_t n_invocations, n_inv_errors, n_spawns, n_deaths, n_msgs_in;
     size_t n_acks;      /* calls of kind INV_ACK in flight */
+    struct conn *reap;  /* connections closing or dead: all the reap pass looks at */
+    int64_t timer_at;   /* earliest connection deadline: the timer scan waits for it */
+    int ep;             /* epoll descriptor, -1 when every connection is polled each turn */
+    int reap_now;       /* a dead connection waits on S.reap: do not sleep before reaping it */
     struct trig *defer; /* set by engine::register_trigger: reply when the provider acks */
 } S;
 
@@ -3917,12 +3928,30 @@ static void conn_dirty(struct conn *c)
 /* 1 if frames may still be queued to c. */
 static int conn_open(const struct conn *c) { return !c->closing && !c->dead; }
 
+/* Puts c on the reap list (once): closing and dead connections are all the reap pass visits,
+ * so a turn costs nothing per idle connection. */
+static void reap_push(struct conn *c)
+{
+    if (c->dead) S.reap_now = 1;
+    if (c->reapq) return;
+    c->reapq = 1;
+    c->rnext = S.reap;
+    S.reap = c;
+}
+
+/* A deadline at t exists: the next timer scan happens no later than t. */
+static void timer_touch(int64_t t)
+{
+    if (t < S.timer_at) S.timer_at = t;
+}
+
 /* Drops c at once, without a Close frame (I/O error, EOF, slow reader, OOM). */
 static void conn_abort(struct conn *c, const char *why)
 {
     if (c->dead) return;
     if (c->kind == CK_WORKER) LOG(LOG_DEBUG, "worker %s: closing: %s", c->wid, why);
     c->dead = 1;
+    reap_push(c);
 }
 
 /* Starts a close: queues a Close frame with code (0 = no code) on WebSocket connections and
@@ -3947,6 +3976,8 @@ static void conn_close(struct conn *c, unsigned code, const char *reason)
     }
     c->closing = 1;
     c->t_close = now_ms();
+    reap_push(c);
+    timer_touch(c->t_close + III_CLOSE_FLUSH_MS);
     conn_dirty(c);
 }
 
@@ -3984,6 +4015,19 @@ static struct conn *conn_new(int fd, const char *ip)
     c->kind = CK_HTTP;
     c->t_accept = c->t_rx = now_ms();
     snprintf(c->ip, sizeof c->ip, "%s", ip);
+#ifdef III_EPOLL
+    if (S.ep >= 0 && fd >= 0) {
+        struct epoll_event ev;
+        memset(&ev, 0, sizeof ev);
+        ev.events = EPOLLIN;
+        ev.data.ptr = c;
+        if (epoll_ctl(S.ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
+            xfree(c);
+            return NULL;
+        }
+    }
+#endif
+    timer_touch(c->t_accept + S.set.handshake_timeout_ms);
     c->next = S.conns;
     if (S.conns) S.conns->prev = c;
     S.conns = c;
@@ -3999,6 +4043,11 @@ static void conn_free(struct conn *c)
     else S.conns = c->next;
     if (c->next) c->next->prev = c->prev;
     S.nconns--;
+#ifdef III_EPOLL
+    /* explicit: a forked child may still share the descriptor for a moment, and the epoll
+     * registration lives as long as the open file description does */
+    if (S.ep >= 0 && c->fd >= 0) epoll_ctl(S.ep, EPOLL_CTL_DEL, c->fd, NULL);
+#endif
     if (c->fd >= 0) close(c->fd);
     buf_free(&c->in), buf_free(&c->out), buf_free(&c->msg), buf_free(&c->pendq);
     xfree(c->name), xfree(c->desc), xfree(c->runtime), xfree(c->version), xfree(c->os);
@@ -4042,6 +4091,8 @@ static void http_reply(struct conn *c, int status, const char *reason, const cha
     c->kind = CK_PLAIN;
     c->closing = 1;
     c->t_close = now_ms();
+    reap_push(c);
+    timer_touch(c->t_close + III_CLOSE_FLUSH_MS);
     conn_dirty(c);
 }
 
@@ -4250,6 +4301,8 @@ static void http_on_data(struct conn *c)
     c->kind = kind;
     c->ws = 1;
     c->t_rx = now_ms();
+    if (S.set.ping_interval_ms > 0) timer_touch(c->t_rx + S.set.ping_interval_ms);
+    if (S.set.idle_timeout_ms > 0) timer_touch(c->t_rx + S.set.idle_timeout_ms);
     conn_dirty(c);
     if (kind == CK_WORKER) {
         worker_on_open(c);
@@ -5696,6 +5749,7 @@ static void worker_on_open(struct conn *c)
     c->connected_wall = wall_ms();
     c->ns_state = NS_PENDING;
     c->grace_at = now_ms() + S.grace_ms;
+    timer_touch(c->grace_at);
     /* §1.2 step 3: discoverable from now on (engine::workers::list shows it once it has a pid) */
     if (hm_put(&S.workers, &c->h, c->wid, 36) < 0) {
         conn_abort(c, "out of memory");
@@ -7385,7 +7439,7 @@ static void loop_read(struct conn *c)
     if (c->closing) {
         ssize_t r = read(c->fd, shared, sizeof shared);
         if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
-            c->dead = 1;
+            c->dead = 1, reap_push(c);
         return;
     }
     int borrow = !buf_used(&c->in);
@@ -7431,7 +7485,7 @@ static int64_t loop_timers(struct conn *c, int64_t now)
     if (c->closing) {
         /* RFC 6455 §7.1.1 wants the peer's Close and a TCP close; a peer that never answers gets
          * III_CLOSE_FLUSH_MS before we drop the socket anyway */
-        if (DUE(c->t_close + III_CLOSE_FLUSH_MS)) c->dead = 1;
+        if (DUE(c->t_close + III_CLOSE_FLUSH_MS)) c->dead = 1, reap_push(c);
         return next;
     }
     if (c->kind == CK_HTTP) {
@@ -7470,29 +7524,60 @@ static int64_t loop_timers(struct conn *c, int64_t now)
 /* Tears down and frees connections that are done. */
 static void loop_reap(void)
 {
-    struct conn *c = S.conns, *nx;
-    for (; c; c = nx) {
-        nx = c->next;
-        if ((c->closing || c->dead) && !c->torn) {
+    struct conn *c;
+    S.reap_now = 0;
+    for (c = S.reap; c; c = c->rnext)
+        if (!c->torn) {
             if (c->kind == CK_WORKER) worker_teardown(c);
             else if (c->kind == CK_CHAN_W || c->kind == CK_CHAN_R) chan_teardown(c);
             c->torn = 1;
         }
-    }
     /* a second pass: every teardown has run before anything is freed, as a teardown may still
-     * queue frames to (or close) other connections that are going away in this same turn */
-    for (c = S.conns; c; c = nx) {
-        nx = c->next;
-        if (c->dead) {
-            if (c->dirty) {
-                /* unlink from the dirty list before freeing */
-                struct conn **pp = &S.dirty;
-                while (*pp && *pp != c) pp = &(*pp)->dnext;
-                if (*pp) *pp = c->dnext;
-            }
-            conn_free(c);
+     * queue frames to (or close) other connections that are going away in this same turn;
+     * closing connections still flushing their Close stay on the list */
+    struct conn **pp = &S.reap;
+    while ((c = *pp)) {
+        if (!c->dead) {
+            pp = &c->rnext;
+            continue;
         }
+        *pp = c->rnext;
+        if (c->dirty) {
+            /* unlink from the dirty list before freeing */
+            struct conn **dp = &S.dirty;
+            while (*dp && *dp != c) dp = &(*dp)->dnext;
+            if (*dp) *dp = c->dnext;
+        }
+        conn_free(c);
     }
+}
+
+/* epoll: asks for EPOLLOUT exactly while output is pending (level-triggered, so no event is
+ * missed; one epoll_ctl when a reader falls behind and one when it catches up). */
+static void ep_sync(struct conn *c)
+{
+#ifdef III_EPOLL
+    unsigned want = buf_used(&c->out) > 0;
+    if (S.ep < 0 || c->fd < 0 || c->dead || want == c->ep_out) return;
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN | (want ? EPOLLOUT : 0);
+    ev.data.ptr = c;
+    if (epoll_ctl(S.ep, EPOLL_CTL_MOD, c->fd, &ev) == 0) c->ep_out = want;
+    else conn_abort(c, "epoll_ctl failed");
+#else
+    (void)c;
+#endif
+}
+
+/* Writes what c->out holds and keeps the poll interest in step. A closing connection is
+ * half-closed once its Close frame or HTTP answer is out: the peer reads EOF and closes, and we
+ * keep reading until it does (RFC 6455 §7.1.1: ideally the server closes TCP first). */
+static void conn_write(struct conn *c)
+{
+    conn_flush(c);
+    ep_sync(c);
+    if (c->closing && !buf_used(&c->out) && !c->dead) shutdown(c->fd, SHUT_WR);
 }
 
 /* Writes every dirty connection once; a closing one is half-closed once its output is out. */
@@ -7504,15 +7589,7 @@ static void loop_flush(void)
         struct conn *nx = c->dnext;
         c->dirty = 0;
         c->dnext = NULL;
-        if (!c->dead) {
-            conn_flush(c);
-            if (c->closing && !buf_used(&c->out) && !c->dead) {
-                /* half-close once our Close frame or HTTP answer is out: the peer reads EOF and
-                 * closes, and we keep reading until it does (RFC 6455 §7.1.1: ideally the server
-                 * closes TCP first) */
-                if (c->kind == CK_HTTP || c->kind == CK_PLAIN || c->ws) shutdown(c->fd, SHUT_WR);
-            }
-        }
+        if (!c->dead) conn_write(c);
         c = nx;
     }
 }
@@ -7577,7 +7654,8 @@ static void loop_shutdown(void)
     }
     sup_kill_all(); /* anything still running past its stop timeout */
     /* whatever has not closed by now is dropped (already torn down above) */
-    while (S.conns) S.conns->dead = 1, S.conns->torn = 1, loop_reap();
+    for (struct conn *c = S.conns; c; c = c->next) c->dead = 1, c->torn = 1, reap_push(c);
+    loop_reap();
 }
 
 /* Frees every registry object at exit, so a leak checker sees only real leaks. */
@@ -7643,13 +7721,21 @@ static void loop_run(void)
         size_t sidx = n;
         size_t ns = sup_pollfds(pf + n, cap - n);
         n += ns;
-        for (struct conn *c = S.conns; c && n < cap; c = c->next) {
-            int64_t t = loop_timers(c, now);
-            if (t < next) next = t;
-            if (c->dead) {
-                next = now; /* reap it without waiting */
-                continue;
-            }
+        /* connection deadlines: one scan when the earliest is due (at most every 20 ms), not a
+         * walk over every connection per turn */
+        if (now >= S.timer_at) {
+            S.timer_at = INT64_MAX;
+            for (struct conn *c = S.conns; c; c = c->next) timer_touch(loop_timers(c, now));
+            if (S.timer_at < now + 20) S.timer_at = now + 20;
+        }
+        if (S.timer_at < next) next = S.timer_at;
+        if (S.reap_now) next = now;
+        size_t cidx = n, eidx = SIZE_MAX;
+#ifdef III_EPOLL
+        if (S.ep >= 0) eidx = n, pf[n].fd = S.ep, pf[n].events = POLLIN, pc[n++] = NULL;
+#endif
+        for (struct conn *c = S.conns; eidx == SIZE_MAX && c && n < cap; c = c->next) {
+            if (c->dead) continue;
             pf[n].fd = c->fd;
             pf[n].events = (short)(POLLIN | (buf_used(&c->out) ? POLLOUT : 0));
             pc[n++] = c;
@@ -7678,12 +7764,25 @@ static void loop_run(void)
             }
             if (lidx != SIZE_MAX && (pf[lidx].revents & POLLIN)) loop_accept();
             sup_on_poll(pf + sidx, ns);
-            for (size_t i = sidx + ns; i < n; i++) {
+            for (size_t i = cidx; eidx == SIZE_MAX && i < n; i++) {
                 struct conn *c = pc[i];
                 if (!pf[i].revents || c->dead) continue;
-                if (pf[i].revents & POLLOUT) conn_flush(c);
+                if (pf[i].revents & POLLOUT) conn_write(c);
                 if (pf[i].revents & (POLLIN | POLLHUP | POLLERR)) loop_read(c);
             }
+#ifdef III_EPOLL
+            if (eidx != SIZE_MAX && (pf[eidx].revents & POLLIN)) {
+                /* only the ready connections: a turn costs nothing per idle one */
+                struct epoll_event evs[256];
+                int k = epoll_wait(S.ep, evs, 256, 0);
+                for (int i = 0; i < k; i++) {
+                    struct conn *c = evs[i].data.ptr;
+                    if (c->dead) continue; /* freed only by the next reap: the pointer is valid */
+                    if (evs[i].events & EPOLLOUT) conn_write(c);
+                    if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) loop_read(c);
+                }
+            }
+#endif
         }
         if (S.sig_chld) S.sig_chld = 0, sup_reap_children();
         if (S.sig_hup) S.sig_hup = 0, cfg_reload("SIGHUP");
@@ -8292,6 +8391,7 @@ static void cfg_reload(const char *why)
     char *oh = xstrdup(S.set.host);
     int oport = S.set.port;
     settings_from_cfg();
+    timer_touch(now_ms()); /* new ping/idle/handshake settings: rescan the deadlines */
     if (oh && (strcmp(oh, S.set.host) || oport != S.set.port)) {
         if (listener_open(err, sizeof err) < 0) {
             xfree(oh);
@@ -8799,6 +8899,12 @@ int main(int argc, char **argv)
         S.grace_ms = v;
     }
     loop_signals_init();
+    S.ep = -1;
+#ifdef III_EPOLL
+    S.ep = epoll_create1(EPOLL_CLOEXEC);
+    if (S.ep < 0)
+        LOG(LOG_WARN, "epoll_create1: %s; polling every connection instead", strerror(errno));
+#endif
     if (bi_init() < 0) die("out of memory");
     if (listener_open(err, sizeof err) < 0) die("%s", err);
     for (size_t i = 0; i < S.cfg.nw; i++)
@@ -8818,6 +8924,7 @@ int main(int argc, char **argv)
     buf_free(&out_q[0]), buf_free(&out_q[1]);
     cfg_free(&S.cfg);
     if (sentinel_fd >= 0) close(sentinel_fd);
+    if (S.ep >= 0) close(S.ep);
     return S.exit_code;
 }
 #endif

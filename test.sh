@@ -110,6 +110,12 @@ if have python3; then
 else
     skip "python suites: python3 not installed"
 fi
+# the portable poll() backend (the default on Linux is epoll): same transport suite
+if $CC -std=c99 -g -O1 $SAN -DIII_USE_POLL iii.c -o build/iii-poll 2>build/poll.log; then
+    III_BIN="$ROOT/build/iii-poll" run_suite poll_backend python3 tests/test_transport.py
+else
+    notok "build: -DIII_USE_POLL"
+fi
 for t in tests/e2e_*.sh; do
     [ -f "$t" ] || continue
     run_suite "$(basename "$t" .sh)" sh "$t"

@@ -126,7 +126,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     buf_free(&b);
     ev_functions_tick();
     /* every connection goes away: teardown paths run, then nothing may be left */
-    for (struct conn *x = S.conns; x; x = x->next) x->dead = 1;
+    for (struct conn *x = S.conns; x; x = x->next) x->dead = 1, reap_push(x);
     S.dirty = NULL;
     for (struct conn *x = S.conns; x; x = x->next) x->dirty = 0;
     loop_reap();
