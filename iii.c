@@ -8,9 +8,11 @@
  *
  * PROCESS MODEL
  * One thread, one poll() loop. Sockets are non-blocking; signals arrive through a self-pipe;
- * timers are monotonic-clock deadlines scanned when the poll set is built. Declared workers
- * are child processes (fork/exec) in their own process groups, their output captured through
- * pipes that are part of the same poll set.
+ * timers are monotonic-clock deadlines, scanned when the earliest is due. On Linux the
+ * connections sit in an epoll set whose descriptor is one entry of that poll() (so a turn
+ * costs what is ready, not what is connected); elsewhere, or built with -DIII_USE_POLL, every
+ * connection is a poll() entry. Declared workers are child processes (fork/exec) in their own
+ * process groups, their output captured through pipes that are part of the same poll set.
  *
  * MESSAGE FLOW
  *   caller --invokefunction--> engine: parse the envelope (data is validated, not tokenized),
