@@ -1845,6 +1845,79 @@ def fuzz_random_blobs_after_handshake():
             ws.close()
 
 
+def _hello_within(port, timeout):
+    """A TCP connect + upgrade; True when workerregistered arrives within timeout."""
+    w = WS(port, handshake=False)
+    key = base64.b64encode(os.urandom(16)).decode()
+    w.send_raw(("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key).encode())
+    try:
+        st, _, _ = w.read_http(timeout)
+        return w, st == 101 and json.loads(w.recv_msg(timeout)[1])["type"] == "workerregistered"
+    except (TimeoutError, Closed):
+        return w, False
+
+
+@suite.test
+def max_connections_pauses_accept_then_resumes():
+    cfg = "workers:\n  - name: iii-worker-manager\n    config: { max_connections: 4 }\n"
+    with Engine(config=cfg) as e:
+        conns = [WS(e.port) for _ in range(4)]
+        for c in conns:
+            assert c.recv_json()["type"] == "workerregistered"
+        extra, got = _hello_within(e.port, 0.7)
+        assert not got, "a 5th connection was served above max_connections: 4"
+        conns[0].close()
+        # the waiting peer is accepted from the backlog once a slot frees up
+        try:
+            st, _, _ = extra.read_http(3.0)
+            ok = st == 101 and json.loads(extra.recv_msg(3.0)[1])["type"] == "workerregistered"
+        except (TimeoutError, Closed) as ex:
+            ok = False
+        assert ok, "the 5th connection was not served after one closed"
+        for c in conns[1:] + [extra]:
+            c.close()
+
+
+@suite.test
+def fd_exhaustion_backs_off_and_recovers():
+    """Engine started with RLIMIT_NOFILE 24: connecting 40 peers exhausts its descriptors
+    (EMFILE); it must neither spin nor die, and serves again once peers leave."""
+    import wslib
+    d = tempfile.mkdtemp(prefix="iii-emfile-")
+    wrap = os.path.join(d, "iii-lowfd")
+    with open(wrap, "w") as f:
+        f.write("#!/bin/sh\nulimit -n 24 || exit 99\nexec %s \"$@\"\n" % BIN)
+    os.chmod(wrap, 0o755)
+    saved = wslib.BIN
+    wslib.BIN = wrap
+    try:
+        with Engine() as e:
+            peers = []
+            for _ in range(40):
+                try:
+                    peers.append(socket.create_connection(("127.0.0.1", e.port), timeout=2))
+                except OSError:
+                    break
+            time.sleep(1.0)
+            # busy-looping on EMFILE would burn a core: the engine's CPU time must stay low
+            with open("/proc/%d/stat" % e.proc.pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            assert e.alive(), "engine died on descriptor exhaustion"
+            assert cpu < 0.6, "engine used %.2fs CPU in ~1s of EMFILE: accept is spinning" % cpu
+            for p in peers:
+                p.close()
+            time.sleep(0.3)
+            w, got = _hello_within(e.port, 3.0)
+            w.close()
+            assert got, "engine did not serve a new worker after descriptors were freed"
+    finally:
+        wslib.BIN = saved
+        import shutil
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @suite.test
 def shared_engines_exit_cleanly():
     """Every shared engine, stopped with SIGTERM, exits 0 (under ASan: no leak/error report)."""
