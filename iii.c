@@ -7626,6 +7626,7 @@ static void loop_shutdown(void)
     /* peers get up to 1 s to take their Close; workers their stop timeout */
     int64_t t0 = now_ms(), conn_until = t0 + 1000, until = t0 + sup_max_stop() + 500;
     if (until < conn_until) until = conn_until;
+    loop_reap(); /* dead ones go now: no reason to sleep a poll round on them */
     while (now_ms() < until && ((S.conns && now_ms() < conn_until) || sup_running())) {
         size_t cap = S.nconns + sup_slots() + 1;
         struct pollfd *pf = xmalloc(cap * sizeof *pf);
