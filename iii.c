@@ -4717,6 +4717,24 @@ static void rt_err(struct buf *e, const char *code, const char *fmt, ...)
     buf_putc(e, '}');
 }
 
+/* Sorts names[0..k) (insertion sort: k is small) and writes them to out as "a, b, c",
+ * truncated to cap. Error messages list namespaces this way, sorted as the reference does. */
+static void names_join(const char **names, size_t k, char *out, size_t cap)
+{
+    for (size_t i = 1; i < k; i++)
+        for (size_t j = i; j > 0 && strcmp(names[j - 1], names[j]) > 0; j--) {
+            const char *t = names[j];
+            names[j] = names[j - 1], names[j - 1] = t;
+        }
+    size_t o = 0;
+    out[0] = 0;
+    for (size_t i = 0; i < k && o < cap; i++) {
+        int w = snprintf(out + o, cap - o, "%s%s", i ? ", " : "", names[i]);
+        if (w < 0) break;
+        o += (size_t)w;
+    }
+}
+
 /* Namespace hint of function_not_found: ". It is registered in namespace(s): a, b." */
 static void rt_ns_hint(const char *id, size_t il, char *out, size_t cap)
 {
@@ -4733,16 +4751,9 @@ static void rt_ns_hint(const char *id, size_t il, char *out, size_t cap)
     }
     xfree(v);
     if (!k) return;
-    /* sorted, as the reference engine does */
-    for (size_t i = 1; i < k; i++)
-        for (size_t j = i; j > 0 && strcmp(names[j - 1], names[j]) > 0; j--) {
-            const char *t = names[j];
-            names[j] = names[j - 1], names[j - 1] = t;
-        }
-    size_t o = (size_t)snprintf(out, cap, " It is registered in namespace(s): ");
-    for (size_t i = 0; i < k && o < cap; i++)
-        o += (size_t)snprintf(out + o, cap - o, "%s%s", i ? ", " : "", names[i]);
-    if (o < cap) snprintf(out + o, cap - o, ".");
+    char list[400];
+    names_join(names, k, list, sizeof list);
+    snprintf(out, cap, " It is registered in namespace(s): %s.", list);
 }
 
 /* Appends data with "_caller_worker_id" set (§3.2 step 3): objects get the member added last
@@ -6323,14 +6334,7 @@ static void fn_namespaces(const char *id, char *out, size_t cap, int *count, str
         if (!strcmp(f->id, id)) names[k++] = f->ns, *only = f;
     }
     xfree(v);
-    for (size_t i = 1; i < k; i++)
-        for (size_t j = i; j > 0 && strcmp(names[j - 1], names[j]) > 0; j--) {
-            const char *t = names[j];
-            names[j] = names[j - 1], names[j - 1] = t;
-        }
-    size_t o = 0;
-    for (size_t i = 0; i < k && o < cap; i++)
-        o += (size_t)snprintf(out + o, cap - o, "%s%s", i ? ", " : "", names[i]);
+    names_join(names, k, out, cap);
     *count = (int)k;
 }
 
@@ -6681,16 +6685,8 @@ static struct conn *worker_by_name(const char *name, const char *ns, struct buf 
         if (!seen && k < 64) nss[k++] = cn;
         any = c;
     }
-    for (size_t i = 1; i < k; i++)
-        for (size_t j = i; j > 0 && strcmp(nss[j - 1], nss[j]) > 0; j--) {
-            const char *t = nss[j];
-            nss[j] = nss[j - 1], nss[j - 1] = t;
-        }
     char where[512];
-    size_t o = 0;
-    where[0] = 0;
-    for (size_t i = 0; i < k && o < sizeof where; i++)
-        o += (size_t)snprintf(where + o, sizeof where - o, "%s%s", i ? ", " : "", nss[i]);
+    names_join(nss, k, where, sizeof where);
     if (ns) {
         if (in_ns) return in_ns;
         if (k)
