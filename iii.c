@@ -617,6 +617,7 @@ struct jdoc {
     struct jtok *t;           /* token array, grown by json_push; owned by the jdoc's owner */
     uint32_t nt, cap;         /* tokens in use / allocated */
     uint32_t max;             /* token cap for this parse */
+    int cwid_key;             /* a "_caller_worker_id" key was seen at depth 2 (rt_put_data) */
 };
 
 /* Validates one string starting at the opening quote s[*pos]; advances *pos past the closing
@@ -733,7 +734,7 @@ static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokd
     int depth = 0;
     size_t i = 0;
     int expect_key = 0; /* inside an object, a key (string) comes next */
-    d->src = s, d->len = n, d->nt = 0;
+    d->src = s, d->len = n, d->nt = 0, d->cwid_key = 0;
     if (!d->max) d->max = III_JSON_MAX_TOKENS;
     /* token offsets are 32-bit (half the token size); frame limits keep real input far below */
     if (n > UINT32_MAX - 1) return -1;
@@ -779,6 +780,10 @@ static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokd
             if (expect_key) {
                 /* object key: count the member, then expect ':' and the value */
                 if (tokenize) d->t[stack[depth - 1]].n++;
+                /* the one key of a payload the router cares about, noted on the way past: a
+                 * routed `data` object is then never scanned again for it (rt_put_data) */
+                if (depth == 2 && i - st == 19 && !memcmp(s + st, "\"_caller_worker_id\"", 19))
+                    d->cwid_key = 1;
                 while (i < n && JSON_WS(s[i])) i++;
                 if (i >= n || s[i] != ':') return -1;
                 i++;
@@ -4762,7 +4767,8 @@ static void rt_ns_hint(const char *id, size_t il, char *out, size_t cap)
 /* Returns 0, or -1 on OOM. data must be a complete valid JSON value (it came through the
  * parser). The byte search for the key may give a false positive (the text appears inside a
  * nested value or a string); the slow path then rebuilds and gets it right. */
-static int rt_put_data(struct buf *b, const unsigned char *data, size_t dl, const char *wid)
+static int rt_put_data(struct buf *b, const unsigned char *data, size_t dl, const char *wid,
+                       int maybe_key)
 {
     if (!wid || dl < 2 || data[0] != '{') return buf_append(b, data, dl);
     size_t close = dl - 1; /* the parser guarantees data[dl-1] == '}' for objects */
@@ -4771,7 +4777,8 @@ static int rt_put_data(struct buf *b, const unsigned char *data, size_t dl, cons
     int empty = i == close;
     static const char key[] = "\"_caller_worker_id\"";
     int has = 0;
-    for (size_t k = 0; !empty && k + sizeof key - 1 <= dl; k++)
+    /* maybe_key: the envelope parse saw the key somewhere at that depth; only then look */
+    for (size_t k = 0; maybe_key && !empty && k + sizeof key - 1 <= dl; k++)
         if (data[k] == '"' && !memcmp(data + k, key, sizeof key - 1)) {
             has = 1;
             break;
@@ -4820,14 +4827,14 @@ static int rt_put_data(struct buf *b, const unsigned char *data, size_t dl, cons
  * ",\"traceparent\":..,\"baggage\":..,\"metadata\":.." members (may be empty). */
 static int rt_send_invoke(struct conn *t, const char *id, const char *fid, size_t fidlen,
                           const unsigned char *data, size_t dl, const char *caller_wid,
-                          const char *ctx, size_t ctxlen)
+                          int maybe_key, const char *ctx, size_t ctxlen)
 {
     struct buf *b = &t->out;
     size_t at = ws_begin(b, 110 + fidlen + dl + ctxlen, 0);
     if (at == SIZE_MAX || buf_puts(b, "{\"type\":\"invokefunction\",\"invocation_id\":\"") < 0 ||
         buf_append(b, id, 36) < 0 || buf_puts(b, "\",\"function_id\":") < 0 ||
         buf_append(b, fid, fidlen) < 0 || buf_puts(b, ",\"data\":") < 0 ||
-        rt_put_data(b, data, dl, caller_wid) < 0 || buf_append(b, ctx, ctxlen) < 0 ||
+        rt_put_data(b, data, dl, caller_wid, maybe_key) < 0 || buf_append(b, ctx, ctxlen) < 0 ||
         buf_putc(b, '}') < 0 || ws_end(b, at, WS_TEXT, 0) < 0) {
         conn_abort(t, "out of memory");
         return -1;
@@ -4912,7 +4919,7 @@ static void rt_call_internal(const char *ns, const char *fid, const unsigned cha
     if (meta) buf_puts(ctx, ",\"metadata\":"), buf_puts(ctx, meta);
     struct buf q = {0};
     json_put_cstr(&q, fid);
-    rt_send_invoke(f->owner, v->id, (char *)buf_data(&q), buf_used(&q), data, dl, NULL,
+    rt_send_invoke(f->owner, v->id, (char *)buf_data(&q), buf_used(&q), data, dl, NULL, 0,
                    (char *)buf_data(ctx), buf_used(ctx));
     buf_free(&q);
 }
@@ -5003,7 +5010,8 @@ static void rt_enqueue(struct conn *c, const struct jdoc *d, int iid, int fidt, 
     if (strcmp(ns, NS_DEFAULT)) buf_puts(&in, ",\"namespace\":"), json_put_cstr(&in, ns);
     buf_putc(&in, '}');
     static const char qf[] = "\"engine::queue::enqueue\"";
-    rt_send_invoke(f->owner, v->id, qf, sizeof qf - 1, buf_data(&in), buf_used(&in), NULL, "", 0);
+    rt_send_invoke(f->owner, v->id, qf, sizeof qf - 1, buf_data(&in), buf_used(&in), NULL, 0, "",
+                   0);
     buf_free(&in);
     S.n_invocations++;
 }
@@ -5176,7 +5184,7 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
     /* §3.2 steps 5-6: the call joins the caller's and the target's in-flight sets */
     inv_link(v, reply ? c : NULL, t);
     rt_send_invoke(t, v->id, (const char *)JRAW(d, fidt), JLEN(d, fidt), JRAW(d, data),
-                   JLEN(d, data), c->wid, (char *)buf_data(ctx), buf_used(ctx));
+                   JLEN(d, data), c->wid, d->cwid_key, (char *)buf_data(ctx), buf_used(ctx));
     goto done;
 drop:
     LOG(LOG_WARN, "worker %s: json decode error: invalid invokefunction dropped", c->wid);
