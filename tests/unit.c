@@ -400,6 +400,22 @@ static void t_json_api(void)
     CHECK(s && n == 6 && !memcmp(s, "v\n\xf0\x9f\x98\x80", 6), "unescape with surrogate pair");
     xfree(s);
     CHECK(json_streq(&d, json_get(&d, 0, "type"), "invokefunction"), "streq");
+    CHECK(!d.cwid_key, "no _caller_worker_id key in this data");
+    {
+        /* the router's hint: a key at data's depth is noted, a deeper or top-level one is not */
+        static const char *yes = "{\"data\":{\"a\":1,\"_caller_worker_id\":\"x\"}}";
+        static const char *no1 = "{\"data\":{\"a\":{\"_caller_worker_id\":\"x\"}}}";
+        static const char *no2 = "{\"_caller_worker_id\":1,\"data\":\"_caller_worker_id\"}";
+        struct jdoc h = {0};
+        h.max = 64;
+        CHECK(json_parse(&h, (const unsigned char *)yes, strlen(yes), 2, 1) == 0 && h.cwid_key,
+              "hint missed");
+        CHECK(json_parse(&h, (const unsigned char *)no1, strlen(no1), 2, 1) == 0 && !h.cwid_key,
+              "depth 3 noted");
+        CHECK(json_parse(&h, (const unsigned char *)no2, strlen(no2), 2, 1) == 0 && !h.cwid_key,
+              "depth 1 noted");
+        xfree(h.t);
+    }
     CHECK(JTYPE(&d, json_get(&d, 0, "t")) == J_TRUE, "true");
     CHECK(json_get(&d, 0, "missing") < 0, "missing");
     /* writer escapes */
