@@ -4740,25 +4740,33 @@ static void names_join(const char **names, size_t k, char *out, size_t cap)
     }
 }
 
+/* The namespaces in which id[0..il) is registered, sorted, as "a, b" (empty when none).
+ * *count gets how many there are and *only the last match (meaningful when *count is 1). At
+ * most 64 names are collected: the list is for people, not a full index. */
+static void fn_namespaces(const char *id, size_t il, char *out, size_t cap, int *count,
+                          struct func **only)
+{
+    size_t n = 0, k = 0;
+    struct hnode **v = hm_list(&S.funcs, &n);
+    const char *names[64];
+    for (size_t i = 0; v && i < n && k < 64; i++) {
+        struct func *f = (struct func *)v[i];
+        if (strlen(f->id) == il && !memcmp(f->id, id, il)) names[k++] = f->ns, *only = f;
+    }
+    xfree(v);
+    names_join(names, k, out, cap);
+    *count = (int)k;
+}
+
 /* Namespace hint of function_not_found: ". It is registered in namespace(s): a, b." */
 static void rt_ns_hint(const char *id, size_t il, char *out, size_t cap)
 {
-    size_t n = 0;
-    struct hnode **v = hm_list(&S.funcs, &n);
-    /* the hint names at most 64 namespaces: it is a message for people, not an index */
-    const char *names[64];
-    size_t k = 0;
-    out[0] = 0;
-    if (!v) return;
-    for (size_t i = 0; i < n && k < 64; i++) {
-        struct func *f = (struct func *)v[i];
-        if (strlen(f->id) == il && !memcmp(f->id, id, il)) names[k++] = f->ns;
-    }
-    xfree(v);
-    if (!k) return;
     char list[400];
-    names_join(names, k, list, sizeof list);
-    snprintf(out, cap, " It is registered in namespace(s): %s.", list);
+    int cnt;
+    struct func *only = NULL;
+    fn_namespaces(id, il, list, sizeof list, &cnt, &only);
+    out[0] = 0;
+    if (cnt) snprintf(out, cap, " It is registered in namespace(s): %s.", list);
 }
 
 /* Appends data with "_caller_worker_id" set (§3.2 step 3): objects get the member added last
@@ -6327,25 +6335,6 @@ static void fn_detail(struct buf *b, const struct func *f)
     buf_puts(b, "]}");
 }
 
-/* The namespaces in which id is registered, sorted, as "a, b" (empty when none). */
-/* *count gets how many namespaces hold id and *only the last match found (meaningful when
- * *count is 1). At most 64 names are collected: the hint is for people, not a full index. */
-static void fn_namespaces(const char *id, char *out, size_t cap, int *count, struct func **only)
-{
-    size_t n = 0, k = 0;
-    struct hnode **v = hm_list(&S.funcs, &n);
-    const char *names[64];
-    out[0] = 0;
-    *count = 0;
-    for (size_t i = 0; v && i < n && k < 64; i++) {
-        struct func *f = (struct func *)v[i];
-        if (!strcmp(f->id, id)) names[k++] = f->ns, *only = f;
-    }
-    xfree(v);
-    names_join(names, k, out, cap);
-    *count = (int)k;
-}
-
 /* Resolves id for functions::info: explicit ns strict; else default, else the only one. */
 static struct func *fn_info_resolve(const char *id, const char *ns, struct buf *err)
 {
@@ -6355,7 +6344,7 @@ static struct func *fn_info_resolve(const char *id, const char *ns, struct buf *
     if (ns) {
         struct func *f = func_find_c(ns, id);
         if (f) return f;
-        fn_namespaces(id, where, sizeof where, &cnt, &only);
+        fn_namespaces(id, strlen(id), where, sizeof where, &cnt, &only);
         if (err) {
             if (cnt)
                 rt_err(err, "NOT_FOUND",
@@ -6368,7 +6357,7 @@ static struct func *fn_info_resolve(const char *id, const char *ns, struct buf *
     }
     struct func *f = func_find_c(NS_DEFAULT, id);
     if (f) return f;
-    fn_namespaces(id, where, sizeof where, &cnt, &only);
+    fn_namespaces(id, strlen(id), where, sizeof where, &cnt, &only);
     if (cnt == 1) return only;
     if (err) {
         if (cnt > 1)
