@@ -287,17 +287,30 @@ static int str_blank(const char *s, size_t n)
 
 /* ==== Buffer ================================================================================
  * One growable byte buffer for everything: append at len, consume by advancing off, compact
- * lazily. Sizes are checked for overflow before any arithmetic (32-bit matters). Appends fail
- * with -1 on OOM; callers turn that into closing one connection.
+ * lazily. Sizes are checked for overflow before any arithmetic (32-bit matters). A buffer may
+ * carry a cap (lim): its live bytes never exceed it, and the block never grows far past it, so a
+ * capped queue costs at most its cap however it is fed. A failed append (OOM or over the cap)
+ * returns -1 and also sets a sticky error (err), so a frame built from many appends is checked
+ * once, at its end (ws_end), and a half-built frame is rolled back, never sent.
  */
+enum { BUF_OK, BUF_ENOMEM, BUF_ELIMIT };
 struct buf {
     unsigned char *p;     /* heap block of cap bytes (NULL when cap is 0), owned by the buf */
     size_t len, cap, off; /* data is p[off..len) */
+    size_t lim;           /* 0: no cap; else buf_used() never exceeds it (appends fail) */
+    int err;              /* sticky BUF_ENOMEM / BUF_ELIMIT since the last check, else BUF_OK */
 };
 
-/* Ensures room for n more bytes after len. 0 ok, -1 OOM or overflow. */
+/* Ensures room for n more bytes after len. 0 ok, -1 OOM, overflow or over the cap (err set), or
+ * an earlier failure not yet checked. */
 static int buf_reserve(struct buf *b, size_t n)
 {
+    if (b->err) return -1; /* sticky: after one failure nothing more is appended until checked */
+    if (b->cap - b->len >= n && (!b->lim || b->len - b->off + n <= b->lim)) return 0;
+    if (b->lim && (n > b->lim || b->len - b->off > b->lim - n)) {
+        b->err = BUF_ELIMIT;
+        return -1;
+    }
     if (b->cap - b->len >= n) return 0;
     if (b->off && b->off == b->len) b->off = b->len = 0;
     /* compact instead of growing when over half the block is consumed, or when moving the live
@@ -308,8 +321,12 @@ static int buf_reserve(struct buf *b, size_t n)
         b->off = 0;
         if (b->cap - b->len >= n) return 0;
     }
-    if (n > SIZE_MAX - b->len) return -1;
-    /* doubling keeps appends amortised O(1); near SIZE_MAX take exactly what is needed */
+    if (n > SIZE_MAX - b->len) {
+        b->err = BUF_ENOMEM;
+        return -1;
+    }
+    /* doubling keeps appends amortised O(1); near SIZE_MAX take exactly what is needed; a
+     * capped buffer never grows past what its cap can use */
     size_t need = b->len + n, cap = b->cap ? b->cap : 256;
     while (cap < need) {
         if (cap > SIZE_MAX / 2) {
@@ -318,8 +335,12 @@ static int buf_reserve(struct buf *b, size_t n)
         }
         cap *= 2;
     }
+    if (b->lim && cap > b->off + b->lim) cap = need > b->off + b->lim ? need : b->off + b->lim;
     unsigned char *p = xrealloc(b->p, cap);
-    if (!p) return -1;
+    if (!p) {
+        b->err = BUF_ENOMEM;
+        return -1;
+    }
     b->p = p;
     b->cap = cap;
     return 0;
@@ -356,7 +377,10 @@ static int buf_printf(struct buf *b, const char *fmt, ...)
     va_start(ap, fmt);
     int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
-    if (n < 0) return -1;
+    if (n < 0) {
+        b->err = BUF_ENOMEM;
+        return -1;
+    }
     if ((size_t)n < sizeof tmp) return buf_append(b, tmp, (size_t)n);
     if (buf_reserve(b, (size_t)n + 1) < 0) return -1;
     va_start(ap, fmt);
@@ -369,7 +393,9 @@ static int buf_printf(struct buf *b, const char *fmt, ...)
 static size_t buf_used(const struct buf *b) { return b->len - b->off; }
 static unsigned char *buf_data(const struct buf *b) { return b->p ? b->p + b->off : b->p; }
 
-/* Marks n bytes consumed; releases a large buffer once it is drained (frugal when idle). */
+/* Marks n bytes consumed. Memory goes back after a burst: a large buffer is released once it is
+ * drained, and one that is mostly drained moves its rest down into a block a quarter the size
+ * (at most one move per halving, so the cost stays amortised O(1) per byte). */
 static void buf_consume(struct buf *b, size_t n)
 {
     b->off += n;
@@ -380,15 +406,37 @@ static void buf_consume(struct buf *b, size_t n)
             b->p = NULL;
             b->cap = 0;
         }
+    } else if (b->cap > III_BUF_SHRINK && b->len - b->off <= b->cap / 8) {
+        size_t used = b->len - b->off, cap = b->cap / 4;
+        memmove(b->p, b->p + b->off, used);
+        b->off = 0, b->len = used;
+        unsigned char *p = xrealloc(b->p, cap);
+        if (p) b->p = p, b->cap = cap; /* a failed shrink keeps the bigger block: still valid */
     }
 }
 
-/* Releases the storage and resets b to the empty state; b itself stays usable. */
+/* Releases the storage and resets b to the empty state; b itself stays usable (its cap too). */
 static void buf_free(struct buf *b)
 {
     xfree(b->p);
     b->p = NULL;
     b->len = b->cap = b->off = 0;
+    b->err = BUF_OK;
+}
+
+/* Empties b for reuse, keeping its block (scratch buffers). */
+static void buf_reset(struct buf *b)
+{
+    b->len = b->off = 0;
+    b->err = BUF_OK;
+}
+
+/* The sticky error of b (BUF_OK when every append since the last call succeeded), cleared. */
+static int buf_check(struct buf *b)
+{
+    int e = b->err;
+    b->err = BUF_OK;
+    return e;
 }
 
 /* Makes the buffer's data a NUL-terminated C string (NUL not counted). NULL on OOM. */
@@ -721,6 +769,61 @@ static int json_push(struct jdoc *d, int type, size_t start)
 
 #define JSON_WS(c) ((c) == ' ' || (c) == '\t' || (c) == '\n' || (c) == '\r')
 
+/* Skips the one JSON value that starts at s[i] (no white space before it) in text that
+ * json_parse has already accepted: strings by their escapes, containers by counting brackets
+ * outside strings, so no stack is needed. Returns the index just past the value. */
+static size_t json_skip(const unsigned char *s, size_t n, size_t i)
+{
+    size_t depth = 0;
+    do {
+        unsigned char c = s[i];
+        if (c == '"') {
+            for (i++; i < n && s[i] != '"'; i++)
+                if (s[i] == '\\') i++;
+            i++;
+        } else if (c == '{' || c == '[') {
+            depth++, i++;
+        } else if (c == '}' || c == ']') {
+            depth--, i++;
+        } else if (!depth) { /* a scalar on its own: up to the next delimiter */
+            while (i < n && s[i] != ',' && s[i] != '}' && s[i] != ']' && !JSON_WS(s[i])) i++;
+        } else {
+            i++;
+        }
+    } while (depth && i < n);
+    return i;
+}
+
+/* 1 if the object key s[0..n) (a validated JSON string, quotes included) decodes to
+ * "_caller_worker_id", however it is spelt: plain, or with escapes such as \u0064. */
+static int json_key_is_cwid(const unsigned char *s, size_t n)
+{
+    static const char k[] = "_caller_worker_id";
+    static const char from[] = "bfnrt", to[] = "\b\f\n\r\t";
+    size_t j = 0;
+    if (n < 2 || n > 2 + 6 * (sizeof k - 1)) return 0; /* longer cannot decode to 17 chars */
+    for (size_t i = 1; i + 1 < n; j++) {
+        unsigned c = s[i];
+        if (c == '\\' && s[i + 1] == 'u') {
+            c = 0;
+            for (int h = 2; h < 6; h++) {
+                unsigned d = s[i + h];
+                c = c << 4 | (d <= '9' ? d - '0' : (d | 0x20) - 'a' + 10);
+            }
+            i += 6;
+        } else if (c == '\\') {
+            const char *m = memchr(from, s[i + 1], sizeof from - 1);
+            c = m ? (unsigned char)to[m - from] : s[i + 1];
+            i += 2;
+        } else {
+            i++;
+        }
+        if (j >= sizeof k - 1 || c != (unsigned char)k[j]) return 0;
+    }
+    return j == sizeof k - 1;
+}
+
+
 /* Parses s[0..n) as one JSON text into d (tokens reused between calls; the caller owns d and
  * frees d->t). Containers nested deeper than tokdepth (1 = only the top value) are validated
  * but kept as one opaque token. check_utf8: 0 when the input was already validated.
@@ -782,7 +885,8 @@ static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokd
                 if (tokenize) d->t[stack[depth - 1]].n++;
                 /* the one key of a payload the router cares about, noted on the way past: a
                  * routed `data` object is then never scanned again for it (rt_put_data) */
-                if (depth == 2 && i - st == 19 && !memcmp(s + st, "\"_caller_worker_id\"", 19))
+                if (depth == 2 && (esc ? json_key_is_cwid(s + st, i - st)
+                                       : i - st == 19 && !memcmp(s + st, "\"_caller_worker_id\"", 19)))
                     d->cwid_key = 1;
                 while (i < n && JSON_WS(s[i])) i++;
                 if (i >= n || s[i] != ':') return -1;
@@ -2576,6 +2680,11 @@ struct cfg_listener {
     int64_t idle_timeout_ms;      /* 0 = never time out */
     size_t max_message_bytes, max_frame_bytes, max_header_bytes; /* all >= 1 */
     size_t max_connections, max_outbound_bytes;                  /* all >= 1 */
+    size_t max_pending_bytes, max_pending_frames;                /* >= 1 */
+    size_t max_inflight_per_connection, max_inflight_total;      /* >= 1 */
+    size_t max_functions_per_connection;                         /* >= 1 */
+    size_t max_triggers_per_connection, max_triggers_per_function, max_triggers; /* >= 1 */
+    size_t max_memory_bytes;                                     /* 0 = no budget */
     char **allowed_origins; /* browser origins; "*" = any; see cfg_default_origins */
     size_t n_origins;       /* entries in allowed_origins */
 };
@@ -2659,6 +2768,15 @@ static void cfg_defaults(struct cfg *c)
     c->lis.max_header_bytes = III_DEFAULT_MAX_HEADER_BYTES;
     c->lis.max_connections = III_DEFAULT_MAX_CONNECTIONS;
     c->lis.max_outbound_bytes = III_DEFAULT_MAX_OUTBOUND_BYTES;
+    c->lis.max_pending_bytes = III_DEFAULT_MAX_PENDING_BYTES;
+    c->lis.max_pending_frames = III_DEFAULT_MAX_PENDING_FRAMES;
+    c->lis.max_inflight_per_connection = III_DEFAULT_MAX_INFLIGHT_PER_CONN;
+    c->lis.max_inflight_total = III_DEFAULT_MAX_INFLIGHT_TOTAL;
+    c->lis.max_functions_per_connection = III_DEFAULT_MAX_FUNCTIONS_PER_CONN;
+    c->lis.max_triggers_per_connection = III_DEFAULT_MAX_TRIGGERS_PER_CONN;
+    c->lis.max_triggers_per_function = III_DEFAULT_MAX_TRIGGERS_PER_FUNCTION;
+    c->lis.max_triggers = III_DEFAULT_MAX_TRIGGERS;
+    c->lis.max_memory_bytes = III_DEFAULT_MAX_MEMORY_BYTES;
     c->lis.allowed_origins = cfg_default_origins;
     c->lis.n_origins = sizeof cfg_default_origins / sizeof cfg_default_origins[0];
 }
@@ -2958,6 +3076,18 @@ static int cfg_listener(struct cfg_ctx *x, const char *who, const struct yaml_no
         {"max_header_bytes", 1, INT64_MAX, CFG_LOFF(max_header_bytes), 'z'},
         {"max_connections", 1, CFG_MS_MAX, CFG_LOFF(max_connections), 'z'},
         {"max_outbound_bytes", 1, INT64_MAX, CFG_LOFF(max_outbound_bytes), 'z'},
+        {"max_pending_registration_bytes", 1, INT64_MAX, CFG_LOFF(max_pending_bytes), 'z'},
+        {"max_pending_registration_frames", 1, CFG_MS_MAX, CFG_LOFF(max_pending_frames), 'z'},
+        {"max_inflight_per_connection", 1, CFG_MS_MAX, CFG_LOFF(max_inflight_per_connection),
+         'z'},
+        {"max_inflight_total", 1, CFG_MS_MAX, CFG_LOFF(max_inflight_total), 'z'},
+        {"max_functions_per_connection", 1, CFG_MS_MAX, CFG_LOFF(max_functions_per_connection),
+         'z'},
+        {"max_triggers_per_connection", 1, CFG_MS_MAX, CFG_LOFF(max_triggers_per_connection),
+         'z'},
+        {"max_triggers_per_function", 1, CFG_MS_MAX, CFG_LOFF(max_triggers_per_function), 'z'},
+        {"max_triggers", 1, CFG_MS_MAX, CFG_LOFF(max_triggers), 'z'},
+        {"max_memory_bytes", 0, INT64_MAX, CFG_LOFF(max_memory_bytes), 'z'},
     };
     size_t i, k;
     char t[64], what[80];
@@ -3043,7 +3173,12 @@ static int cfg_listener(struct cfg_ctx *x, const char *who, const struct yaml_no
                             "unknown key `%s` in config (expected host, port, "
                             "handshake_timeout_ms, ping_interval_ms, idle_timeout_ms, "
                             "max_message_bytes, max_frame_bytes, max_header_bytes, "
-                            "max_connections, max_outbound_bytes, allowed_origins)",
+                            "max_connections, max_outbound_bytes, "
+                            "max_pending_registration_bytes, max_pending_registration_frames, "
+                            "max_inflight_per_connection, max_inflight_total, "
+                            "max_functions_per_connection, max_triggers_per_connection, "
+                            "max_triggers_per_function, max_triggers, max_memory_bytes, "
+                            "allowed_origins)",
                             key);
         }
     }
@@ -3225,7 +3360,7 @@ static int cfg_entry(struct cfg_ctx *x, struct cfg *c, struct yaml_node *list, s
                          "as a process with `command`");
     }
     if ((v = cfg_opt(e, "config"))) {
-        struct buf j = {NULL, 0, 0, 0};
+        struct buf j = {0};
         if (yaml_to_json(v, &j) < 0 || buf_putc(&j, 0) < 0) {
             buf_free(&j);
             goto oom;
@@ -3334,7 +3469,7 @@ static int cfg_parse(const char *text, size_t len, const char *path, struct cfg 
                      size_t errlen)
 {
     struct cfg_ctx x;
-    struct buf exp = {NULL, 0, 0, 0};
+    struct buf exp = {0};
     struct yaml_node *root;
     struct cfg c;
     int rc = -1;
@@ -3554,6 +3689,9 @@ struct conn {
     unsigned in_borrowed : 1; /* c->in points at the shared read buffer (see loop_read) */
     unsigned ep_out : 1;      /* epoll: registered for EPOLLOUT too */
     unsigned reapq : 1;       /* on S.reap: closing or dead, looked at by the reap pass */
+    unsigned log_n;           /* log lines about this connection in the current window */
+    unsigned log_dropped;     /* ... and those suppressed (LOG_LIMITED) */
+    int64_t log_win;          /* start of the current rate-limit window (monotonic ms) */
     struct conn *rnext;       /* S.reap list */
     struct buf in, out, msg;  /* input, queued output, fragmented message being reassembled */
     int msg_op;               /* opcode of the message in msg, 0 when none */
@@ -3571,7 +3709,7 @@ struct conn {
     struct buf pendq;                 /* buffered registration frames: [u32 length][bytes]... */
     struct func *funcs;               /* functions this connection owns (f->cnext list) */
     struct inv *calls_out, *calls_in; /* calls it made / calls dispatched to it */
-    size_t n_calls;                   /* in-flight calls on both lists, for engine::workers::list */
+    size_t n_out, n_in;               /* lengths of calls_out / calls_in (bounded by limits) */
     struct chan *chan;                /* channel side */
     uint64_t otel_frames;             /* /otel frames received and dropped (DECISIONS.md) */
 };
@@ -3590,6 +3728,16 @@ struct func {
     int internal;                                   /* metadata.internal == true */
 };
 
+/* A builtin's per-call result, owned by the router's stack frame for that one call: the result
+ * or error body the builtin writes (res / err, handed to it as pointers), and a binding whose
+ * reply must wait for its provider's ack (set by engine::register_trigger). Nothing of a call
+ * lives in global state, so a builtin may re-enter the router safely. */
+struct trig;
+struct bi_res {
+    struct buf res, err;
+    struct trig *defer;
+};
+
 enum inv_kind {
     INV_CALL,    /* the caller waits for the target's result (§3.2) */
     INV_VOID,    /* §3.3: the target still answers; the result is discarded */
@@ -3599,8 +3747,9 @@ enum inv_kind {
 };
 
 struct inv {
-    struct hnode h; /* S.invs keyed by id */
-    char id[37];    /* the id the target sees */
+    struct hnode h; /* S.invs keyed by key */
+    char id[37];    /* the id the target sees, spelt as the caller spelt it */
+    char key[37];   /* id folded to lowercase: ids match whatever case a peer answers in */
     int kind;       /* enum inv_kind */
     struct conn *caller, *target;
     struct inv *cprev, *cnext, *tprev, *tnext; /* caller's / target's in-flight lists */
@@ -3658,6 +3807,11 @@ struct settings {
     int64_t handshake_timeout_ms, ping_interval_ms, idle_timeout_ms;
     size_t max_message_bytes, max_frame_bytes, max_header_bytes, max_connections,
         max_outbound_bytes;
+    size_t max_pending_bytes, max_pending_frames;       /* registration buffer before announce */
+    size_t max_inflight_per_connection, max_inflight_total; /* calls in flight */
+    size_t max_functions_per_connection;                /* functions one connection may own */
+    size_t max_triggers_per_connection, max_triggers_per_function, max_triggers; /* bindings */
+    size_t max_memory_bytes; /* all the engine's allocations together; 0 = no budget */
     char **origins;   /* allowed Origin values; "*" allows any (DECISIONS.md 7) */
     size_t n_origins; /* entries in origins */
 };
@@ -3693,7 +3847,7 @@ static struct {
     int64_t timer_at;   /* earliest connection deadline: the timer scan waits for it */
     int ep;             /* epoll descriptor, -1 when every connection is polled each turn */
     int reap_now;       /* a dead connection waits on S.reap: do not sleep before reaping it */
-    struct trig *defer; /* set by engine::register_trigger: reply when the provider acks */
+    uint64_t n_busy;    /* calls refused with BUSY (a bound or the memory budget) */
 } S;
 
 static const char NS_DEFAULT[] = "default";
@@ -3780,12 +3934,17 @@ enum { WS_CONT = 0, WS_TEXT = 1, WS_BIN = 2, WS_CLOSE = 8, WS_PING = 9, WS_PONG 
 static size_t ws_hdr_len(size_t n) { return n < 126 ? 2 : n < 65536 ? 4 : 10; }
 
 /* Starts a frame in b for a payload of about est bytes; returns a position token for ws_end,
- * or SIZE_MAX on OOM. The token is relative to b->off, so buffer compaction cannot break it.
- * mask: room for a masking key (client frames). */
+ * or SIZE_MAX when even the estimate does not fit (b->err is then set). The token is relative
+ * to b->off, so buffer compaction cannot break it. mask: room for a masking key (client frames).
+ * The payload is then appended with any buf_* calls, unchecked: ws_end checks them all. */
 static size_t ws_begin(struct buf *b, size_t est, int mask)
 {
     size_t hl = ws_hdr_len(est) + (mask ? 4 : 0);
-    if (est > SIZE_MAX - 16 || buf_reserve(b, hl + est) < 0) return SIZE_MAX;
+    if (est > SIZE_MAX - 16) {
+        b->err = BUF_ENOMEM;
+        return SIZE_MAX;
+    }
+    if (buf_reserve(b, hl + est) < 0) return SIZE_MAX;
     size_t at = b->len - b->off;
     /* the header's first byte remembers the reserved size until ws_end writes the real header */
     b->p[b->len] = (unsigned char)hl;
@@ -3794,14 +3953,25 @@ static size_t ws_begin(struct buf *b, size_t est, int mask)
 }
 
 /* Finishes the frame started at `at`: writes FIN + opcode and the real length (mask bit from
- * `mask`: the CLI client masks with a zero key, which is legal and keeps the code simple). */
+ * `mask`: the CLI client masks with a zero key, which is legal and keeps the code simple).
+ * If any append since ws_begin failed, the partial frame is removed again and the error
+ * returned: 0 ok, -BUF_ENOMEM, or -BUF_ELIMIT (the buffer's cap). The sticky error is cleared. */
 static int ws_end(struct buf *b, size_t at, int op, int mask)
 {
+    if (at == SIZE_MAX || b->err) {
+        int e = buf_check(b);
+        if (at != SIZE_MAX) b->len = b->off + at;
+        return e == BUF_ELIMIT ? -BUF_ELIMIT : -BUF_ENOMEM;
+    }
     size_t pos = b->off + at, hl0 = b->p[pos], n = b->len - pos - hl0;
     size_t hl = ws_hdr_len(n) + (mask ? 4 : 0);
     /* the estimate chose another length encoding: slide the payload to fit the real header */
     if (hl != hl0) {
-        if (hl > hl0 && buf_reserve(b, hl - hl0) < 0) return -1;
+        if (hl > hl0 && buf_reserve(b, hl - hl0) < 0) {
+            int e = buf_check(b);
+            b->len = b->off + at;
+            return e == BUF_ELIMIT ? -BUF_ELIMIT : -BUF_ENOMEM;
+        }
         pos = b->off + at;
         memmove(b->p + pos + hl, b->p + pos + hl0, n);
         b->len = pos + hl + n;
@@ -3822,12 +3992,11 @@ static int ws_end(struct buf *b, size_t at, int op, int mask)
     return 0;
 }
 
-/* Appends one complete frame. */
+/* Appends one complete frame. 0, or -BUF_ENOMEM / -BUF_ELIMIT (nothing appended). */
 static int ws_frame(struct buf *b, int op, const void *p, size_t n, int mask)
 {
     size_t at = ws_begin(b, n, mask);
-    if (at == SIZE_MAX) return -1;
-    if (buf_append(b, p, n) < 0) return -1;
+    buf_append(b, p, n);
     return ws_end(b, at, op, mask);
 }
 
@@ -3961,6 +4130,51 @@ static void conn_abort(struct conn *c, const char *why)
     reap_push(c);
 }
 
+/* Per-connection log rate limit (LOG_LIMITED): at most III_LOG_BURST lines per
+ * III_LOG_WINDOW_MS about one connection, so a peer cannot turn its bytes into more bytes of
+ * log; what was held back is counted in one line when the next window opens. */
+static int log_allow(struct conn *c)
+{
+    int64_t now = now_ms();
+    if (now - c->log_win >= III_LOG_WINDOW_MS) {
+        if (c->log_dropped)
+            log_write(LOG_WARN, "connection %s: %u more log lines about it were suppressed",
+                      c->kind == CK_WORKER ? c->wid : c->ip, c->log_dropped);
+        c->log_win = now, c->log_n = 0, c->log_dropped = 0;
+    }
+    if (c->log_n < III_LOG_BURST) {
+        c->log_n++;
+        return 1;
+    }
+    c->log_dropped++;
+    return 0;
+}
+#define LOG_LIMITED(c, level, ...)                                                                 \
+    do {                                                                                           \
+        if ((level) <= log_level && log_allow(c)) log_write((level), __VA_ARGS__);                 \
+    } while (0)
+
+/* 1 when the engine's allocations are over max_memory_bytes: new work (calls, connections) is
+ * refused until memory comes back. */
+static int mem_over_budget(void)
+{
+    return S.set.max_memory_bytes && mem_live_bytes > S.set.max_memory_bytes;
+}
+
+/* A frame could not be queued to c (rc from ws_end/ws_frame): over its outbound cap means a
+ * reader that does not keep up, which is disconnected rather than allowed to grow the engine's
+ * memory; anything else is out of memory. Either way only c goes. */
+static void conn_fail(struct conn *c, int rc)
+{
+    if (rc == -BUF_ELIMIT) {
+        LOG(LOG_WARN, "connection %s: outbound queue over %zu bytes, disconnecting a slow reader",
+            c->kind == CK_WORKER ? c->wid : c->ip, c->out.lim);
+        conn_abort(c, "slow reader");
+    } else {
+        conn_abort(c, "out of memory");
+    }
+}
+
 /* Starts a close: queues a Close frame with code (0 = no code) on WebSocket connections and
  * stops processing input; the reap pass closes the socket once the frame is flushed. */
 static void conn_close(struct conn *c, unsigned code, const char *reason)
@@ -3976,8 +4190,9 @@ static void conn_close(struct conn *c, unsigned code, const char *reason)
             if (rl > sizeof p - 2) rl = sizeof p - 2;
             if (rl) memcpy(p + 2, reason, rl), n += rl;
         }
-        if (ws_frame(&c->out, WS_CLOSE, p, n, 0) < 0) {
-            conn_abort(c, "out of memory");
+        int rc = ws_frame(&c->out, WS_CLOSE, p, n, 0);
+        if (rc < 0) {
+            conn_fail(c, rc);
             return;
         }
     }
@@ -3988,28 +4203,31 @@ static void conn_close(struct conn *c, unsigned code, const char *reason)
     conn_dirty(c);
 }
 
-/* Queues a frame to c; a failure to queue (OOM, over the outbound cap) drops c. */
+/* Queues a frame to c. Every engine-originated frame (results, pongs, rejections, events) goes
+ * through c->out and so through its cap; a failure to queue drops c (conn_fail). */
 static void conn_frame(struct conn *c, int op, const void *p, size_t n)
 {
     if (!conn_open(c)) return;
-    if (ws_frame(&c->out, op, p, n, 0) < 0) {
-        conn_abort(c, "out of memory");
+    int rc = ws_frame(&c->out, op, p, n, 0);
+    if (rc < 0) {
+        conn_fail(c, rc);
         return;
     }
     conn_dirty(c);
 }
 
-/* Called after a frame was appended to c->out by hand: enforces the outbound cap (a reader
- * that does not keep up is disconnected rather than allowed to grow the engine's memory). */
-static void conn_queued(struct conn *c)
+/* Ends a frame built by hand in c->out since ws_begin returned `at`: checks every append at
+ * once (the buffer's sticky error), rolls a failed frame back and drops c, else marks c dirty.
+ * 0 ok, -1 when c was dropped. */
+static int conn_frame_end(struct conn *c, size_t at)
 {
-    if (buf_used(&c->out) > S.set.max_outbound_bytes) {
-        LOG(LOG_WARN, "connection %s: outbound queue over %zu bytes, disconnecting a slow reader",
-            c->kind == CK_WORKER ? c->wid : c->ip, S.set.max_outbound_bytes);
-        conn_abort(c, "slow reader");
-        return;
+    int rc = ws_end(&c->out, at, WS_TEXT, 0);
+    if (rc < 0) {
+        conn_fail(c, rc);
+        return -1;
     }
     conn_dirty(c);
+    return 0;
 }
 
 /* A new connection in state CK_HTTP for an accepted fd, linked into S.conns. Takes ownership
@@ -4020,6 +4238,7 @@ static struct conn *conn_new(int fd, const char *ip)
     if (!c) return NULL;
     c->fd = fd;
     c->kind = CK_HTTP;
+    c->out.lim = S.set.max_outbound_bytes;
     c->t_accept = c->t_rx = now_ms();
     snprintf(c->ip, sizeof c->ip, "%s", ip);
 #ifdef III_EPOLL
@@ -4234,12 +4453,12 @@ static void http_on_data(struct conn *c)
     /* no Upgrade header: a plain request; only /health and /metrics have plain answers */
     if (!upgrade) {
         if (!strcmp(meth, "GET") && !strcmp(target, "/health")) {
-            S.tmp.len = S.tmp.off = 0;
+            buf_reset(&S.tmp);
             http_health(&S.tmp);
             http_reply(c, 200, "OK", "application/json", NULL, (char *)buf_data(&S.tmp),
                        buf_used(&S.tmp));
         } else if (!strcmp(meth, "GET") && !strcmp(target, "/metrics")) {
-            S.tmp.len = S.tmp.off = 0;
+            buf_reset(&S.tmp);
             http_metrics(&S.tmp);
             http_reply(c, 200, "OK", "text/plain; version=0.0.4", NULL, (char *)buf_data(&S.tmp),
                        buf_used(&S.tmp));
@@ -4451,7 +4670,7 @@ static void ws_on_data(struct conn *c)
             if (op != WS_CONT) {
                 c->msg_op = op;
                 memset(&c->u8, 0, sizeof c->u8);
-                c->msg.len = c->msg.off = 0;
+                buf_reset(&c->msg);
             }
             /* §8.1: invalid UTF-8 fails the connection with 1007 as soon as it is seen */
             if (c->msg_op == WS_TEXT && utf8_feed(&c->u8, pl, plen) < 0) {
@@ -4597,6 +4816,25 @@ static int conn_live(const struct conn *c) { return c && !c->torn && !c->closing
  * (struct inv) comes from a free list and keeps the caller's id, the requested function_id and
  * the caller's trace context in inline storage, so a routed call allocates nothing once warm.
  */
+/* Folds a 36-character UUID to lowercase into out (37 bytes): invocation ids are compared
+ * case-insensitively, as UUIDs are (RFC 4122 §3), so "A1..." answered as "a1..." still matches. */
+static void inv_fold(const char *id, char out[37])
+{
+    for (int i = 0; i < 36; i++) {
+        unsigned char ch = (unsigned char)id[i];
+        out[i] = (char)(ch >= 'A' && ch <= 'Z' ? ch | 0x20 : ch);
+    }
+    out[36] = 0;
+}
+
+/* The call in flight under id (36 characters, any case), or NULL. */
+static struct inv *inv_find(const char *id)
+{
+    char k[37];
+    inv_fold(id, k);
+    return (struct inv *)hm_get(&S.invs, k, 36);
+}
+
 /* A call record for id (36 chars, copied) of the given kind, from the free list when possible,
  * inserted into S.invs. Fields up to fid_small are zeroed. NULL on OOM. The caller checks that
  * id is not already in flight. Release with inv_free. */
@@ -4612,8 +4850,9 @@ static struct inv *inv_new(const char *id, int kind)
     memset(v, 0, offsetof(struct inv, fid_small));
     memcpy(v->id, id, 36);
     v->id[36] = 0;
+    inv_fold(id, v->key);
     v->kind = kind;
-    if (hm_put(&S.invs, &v->h, v->id, 36) < 0) {
+    if (hm_put(&S.invs, &v->h, v->key, 36) < 0) {
         v->free_next = S.inv_free, S.inv_free = v, S.inv_free_n++;
         return NULL;
     }
@@ -4637,14 +4876,14 @@ static void inv_link(struct inv *v, struct conn *caller, struct conn *target)
         v->cnext = caller->calls_out;
         if (caller->calls_out) caller->calls_out->cprev = v;
         caller->calls_out = v;
-        caller->n_calls++;
+        caller->n_out++;
     }
     if (target) {
         v->target = target;
         v->tnext = target->calls_in;
         if (target->calls_in) target->calls_in->tprev = v;
         target->calls_in = v;
-        target->n_calls++;
+        target->n_in++;
     }
 }
 
@@ -4655,14 +4894,14 @@ static void inv_unlink(struct inv *v)
         if (v->cprev) v->cprev->cnext = v->cnext;
         else v->caller->calls_out = v->cnext;
         if (v->cnext) v->cnext->cprev = v->cprev;
-        v->caller->n_calls--;
+        v->caller->n_out--;
         v->caller = NULL;
     }
     if (v->target) {
         if (v->tprev) v->tprev->tnext = v->tnext;
         else v->target->calls_in = v->tnext;
         if (v->tnext) v->tnext->tprev = v->tprev;
-        v->target->n_calls--;
+        v->target->n_in--;
         v->target = NULL;
     }
 }
@@ -4691,18 +4930,18 @@ static void rt_send_result(struct conn *c, const char *id, size_t idlen, const c
 {
     if (!conn_open(c)) return;
     struct buf *b = &c->out;
-    /* 80 covers the fixed JSON text, so the header size is usually right the first time */
+    /* 80 covers the fixed JSON text, so the header size is usually right the first time; the
+     * appends are checked once, by conn_frame_end (sticky buffer error) */
     size_t at = ws_begin(b, 80 + idlen + fidlen + rlen + elen + ctxlen, 0);
-    if (at == SIZE_MAX || buf_puts(b, "{\"type\":\"invocationresult\",\"invocation_id\":") < 0 ||
-        json_put_str(b, id, idlen) < 0 || buf_puts(b, ",\"function_id\":") < 0 ||
-        buf_append(b, fid, fidlen) < 0 ||
-        (res && (buf_puts(b, ",\"result\":") < 0 || buf_append(b, res, rlen) < 0)) ||
-        (err && (buf_puts(b, ",\"error\":") < 0 || buf_append(b, err, elen) < 0)) ||
-        buf_append(b, ctx, ctxlen) < 0 || buf_putc(b, '}') < 0 || ws_end(b, at, WS_TEXT, 0) < 0) {
-        conn_abort(c, "out of memory");
-        return;
-    }
-    conn_queued(c);
+    buf_puts(b, "{\"type\":\"invocationresult\",\"invocation_id\":");
+    json_put_str(b, id, idlen);
+    buf_puts(b, ",\"function_id\":");
+    buf_append(b, fid, fidlen);
+    if (res) buf_puts(b, ",\"result\":"), buf_append(b, res, rlen);
+    if (err) buf_puts(b, ",\"error\":"), buf_append(b, err, elen);
+    buf_append(b, ctx, ctxlen);
+    buf_putc(b, '}');
+    conn_frame_end(c, at);
 }
 
 /* Writes an error body {"code":..,"message":..} into e. */
@@ -4714,7 +4953,7 @@ static void rt_err(struct buf *e, const char *code, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    e->len = e->off = 0;
+    buf_reset(e);
     buf_puts(e, "{\"code\":");
     json_put_cstr(e, code);
     buf_puts(e, ",\"message\":");
@@ -4783,45 +5022,32 @@ static int rt_put_data(struct buf *b, const unsigned char *data, size_t dl, cons
     size_t i = 1;
     while (i < close && JSON_WS(data[i])) i++;
     int empty = i == close;
-    static const char key[] = "\"_caller_worker_id\"";
-    int has = 0;
-    /* maybe_key: the envelope parse saw the key somewhere at that depth; only then look */
-    for (size_t k = 0; maybe_key && !empty && k + sizeof key - 1 <= dl; k++)
-        if (data[k] == '"' && !memcmp(data + k, key, sizeof key - 1)) {
-            has = 1;
-            break;
-        }
-    if (has) {
-        /* rare: rebuild the object without the caller-supplied member(s) */
-        struct jdoc d = {0};
-        d.max = UINT32_MAX;
-        if (json_parse(&d, data, dl, 2, 0) < 0) {
-            xfree(d.t);
-            return buf_append(b, data, dl);
-        }
+    /* maybe_key: the envelope parse saw the key (in any spelling, escapes decoded) as a member
+     * of some object at that depth; only then is the object rebuilt without it */
+    if (maybe_key && !empty) {
+        /* rare: copy the members one by one, leaving out every one whose key decodes to
+         * _caller_worker_id; a scan over bytes already validated, so nothing is allocated */
         int first = 1;
-        if (buf_putc(b, '{') < 0) goto oom;
-        uint32_t t = 1;
-        for (uint32_t m = 0; m < d.t[0].n; m++) {
-            uint32_t val = t + 1;
-            if (!json_streq(&d, (int)t, "_caller_worker_id")) {
-                if (!first && buf_putc(b, ',') < 0) goto oom;
-                if (json_put_raw(b, &d, (int)t) < 0 || buf_putc(b, ':') < 0 ||
-                    json_put_raw(b, &d, (int)val) < 0)
-                    goto oom;
+        buf_putc(b, '{');
+        while (i < close) {
+            size_t ks = i, ke = json_skip(data, close, i), vs = ke;
+            while (data[vs] != ':') vs++;
+            vs++;
+            while (JSON_WS(data[vs])) vs++;
+            size_t ve = json_skip(data, close, vs);
+            if (!json_key_is_cwid(data + ks, ke - ks)) {
+                if (!first) buf_putc(b, ',');
+                buf_append(b, data + ks, ke - ks), buf_putc(b, ':');
+                buf_append(b, data + vs, ve - vs);
                 first = 0;
             }
-            t = d.t[val].next;
+            i = ve;
+            while (i < close && (JSON_WS(data[i]) || data[i] == ',')) i++;
         }
-        xfree(d.t);
-        if (!first && buf_putc(b, ',') < 0) return -1;
-        return buf_puts(b, "\"_caller_worker_id\":\"") < 0 || buf_puts(b, wid) < 0 ||
-                       buf_puts(b, "\"}") < 0
-                   ? -1
-                   : 0;
-    oom:
-        xfree(d.t);
-        return -1;
+        if (!first) buf_putc(b, ',');
+        buf_puts(b, "\"_caller_worker_id\":\"");
+        buf_puts(b, wid);
+        return buf_puts(b, "\"}");
     }
     if (buf_append(b, data, close) < 0) return -1;
     if (!empty && buf_putc(b, ',') < 0) return -1;
@@ -4831,24 +5057,26 @@ static int rt_put_data(struct buf *b, const unsigned char *data, size_t dl, cons
                : 0;
 }
 
-/* Appends an invokefunction frame for target t. fid: raw JSON string; ctx: raw
- * ",\"traceparent\":..,\"baggage\":..,\"metadata\":.." members (may be empty). */
+/* Appends an invokefunction frame for target t. fid: raw JSON string; ctx: the caller's raw
+ * ",\"traceparent\":..,\"baggage\":.." members (may be empty); meta: raw metadata or NULL.
+ * 0, or -1 when t was dropped (OOM or over its outbound cap). */
 static int rt_send_invoke(struct conn *t, const char *id, const char *fid, size_t fidlen,
                           const unsigned char *data, size_t dl, const char *caller_wid,
-                          int maybe_key, const char *ctx, size_t ctxlen)
+                          int maybe_key, const char *ctx, size_t ctxlen, const unsigned char *meta,
+                          size_t metalen)
 {
     struct buf *b = &t->out;
-    size_t at = ws_begin(b, 110 + fidlen + dl + ctxlen, 0);
-    if (at == SIZE_MAX || buf_puts(b, "{\"type\":\"invokefunction\",\"invocation_id\":\"") < 0 ||
-        buf_append(b, id, 36) < 0 || buf_puts(b, "\",\"function_id\":") < 0 ||
-        buf_append(b, fid, fidlen) < 0 || buf_puts(b, ",\"data\":") < 0 ||
-        rt_put_data(b, data, dl, caller_wid, maybe_key) < 0 || buf_append(b, ctx, ctxlen) < 0 ||
-        buf_putc(b, '}') < 0 || ws_end(b, at, WS_TEXT, 0) < 0) {
-        conn_abort(t, "out of memory");
-        return -1;
-    }
-    conn_queued(t);
-    return 0;
+    size_t at = ws_begin(b, 110 + fidlen + dl + ctxlen + metalen, 0);
+    buf_puts(b, "{\"type\":\"invokefunction\",\"invocation_id\":\"");
+    buf_append(b, id, 36);
+    buf_puts(b, "\",\"function_id\":");
+    buf_append(b, fid, fidlen);
+    buf_puts(b, ",\"data\":");
+    rt_put_data(b, data, dl, caller_wid, maybe_key);
+    buf_append(b, ctx, ctxlen);
+    if (meta) buf_puts(b, ",\"metadata\":"), buf_append(b, meta, metalen);
+    buf_putc(b, '}');
+    return conn_frame_end(t, at);
 }
 
 /* Points *s and *n at string token ti's decoded text: the raw bytes when there is no escape, else
@@ -4861,7 +5089,7 @@ static int jstr(const struct jdoc *d, int ti, struct buf *scratch, const char **
         *n = JLEN(d, ti) - 2;
         return 0;
     }
-    scratch->len = scratch->off = 0;
+    buf_reset(scratch);
     if (json_unescape(d, ti, scratch) < 0 || !buf_cstr(scratch)) return -1;
     *s = (const char *)buf_data(scratch);
     *n = buf_used(scratch);
@@ -4878,20 +5106,22 @@ static int json_sub(const struct jdoc *d, int ti, struct jdoc *sub, struct jtok 
 }
 
 /* Runs builtin f on data (raw JSON) for caller (NULL = engine-internal). The builtin writes a
- * result into res (nothing = no result) or an error body into err. */
+ * result into r->res (nothing = no result) or an error body into r->err, and may hand back a
+ * binding in r->defer (see struct bi_res). */
 static void rt_run_builtin(struct func *f, struct conn *caller, const unsigned char *data,
-                           size_t dl, struct buf *res, struct buf *err)
+                           size_t dl, struct bi_res *r)
 {
     struct jdoc d = {0};
     if (json_parse(&d, data, dl, 3, 0) < 0 || d.t[0].type != J_OBJECT)
-        rt_err(err, "deserialization_error",
+        rt_err(&r->err, "deserialization_error",
                "Failed to deserialize input for %s: invalid type: expected a JSON object", f->id);
-    else f->bi(caller, &d, 0, res, err);
+    else f->bi(caller, &d, 0, &r->res, &r->err);
     xfree(d.t);
 }
 
 static struct ttype *trig_provider(const struct trig *t);
 static void ack_settle(struct inv *v, const struct jdoc *d, int errbody);
+static int rt_busy(const struct conn *c, const struct conn *t, int reply, char *msg, size_t cap);
 
 /* The error a caller gets when the target disconnects mid-call (§7; exact text, DECISIONS.md). */
 static const char ERR_STOPPED[] =
@@ -4911,24 +5141,30 @@ static void rt_call_internal(const char *ns, const char *fid, const unsigned cha
     }
     S.n_invocations++;
     if (!f->owner) {
-        struct buf res = {0}, err = {0};
-        rt_run_builtin(f, NULL, data, dl, &res, &err);
-        buf_free(&res), buf_free(&err);
+        struct bi_res r;
+        memset(&r, 0, sizeof r);
+        rt_run_builtin(f, NULL, data, dl, &r);
+        buf_free(&r.res), buf_free(&r.err);
         return;
     }
+    char why[256];
     if (!conn_open(f->owner)) return;
+    if (rt_busy(NULL, f->owner, 0, why, sizeof why)) {
+        S.n_busy++;
+        LOG_LIMITED(f->owner, LOG_WARN, "trigger fire to %s dropped: %s", fid, why);
+        return;
+    }
     char id[37];
     uuid_new(id);
     struct inv *v = inv_new(id, INV_FIRE);
     if (!v) return;
     inv_link(v, NULL, f->owner);
-    struct buf *ctx = &S.tmp2;
-    ctx->len = ctx->off = 0;
-    if (meta) buf_puts(ctx, ",\"metadata\":"), buf_puts(ctx, meta);
     struct buf q = {0};
     json_put_cstr(&q, fid);
-    rt_send_invoke(f->owner, v->id, (char *)buf_data(&q), buf_used(&q), data, dl, NULL, 0,
-                   (char *)buf_data(ctx), buf_used(ctx));
+    if (buf_check(&q)) conn_abort(f->owner, "out of memory");
+    else
+        rt_send_invoke(f->owner, v->id, (char *)buf_data(&q), buf_used(&q), data, dl, NULL, 0, "",
+                       0, (const unsigned char *)meta, meta ? strlen(meta) : 0);
     buf_free(&q);
 }
 
@@ -5018,10 +5254,169 @@ static void rt_enqueue(struct conn *c, const struct jdoc *d, int iid, int fidt, 
     if (strcmp(ns, NS_DEFAULT)) buf_puts(&in, ",\"namespace\":"), json_put_cstr(&in, ns);
     buf_putc(&in, '}');
     static const char qf[] = "\"engine::queue::enqueue\"";
-    rt_send_invoke(f->owner, v->id, qf, sizeof qf - 1, buf_data(&in), buf_used(&in), NULL, 0, "",
-                   0);
+    if (buf_check(&in)) conn_abort(c, "out of memory");
+    else
+        rt_send_invoke(f->owner, v->id, qf, sizeof qf - 1, buf_data(&in), buf_used(&in), NULL, 0,
+                       "", 0, NULL, 0);
     buf_free(&in);
     S.n_invocations++;
+}
+
+/* Bytes rt_ctx_write needs for the caller's trace context of frame d. */
+static size_t rt_ctx_len(const struct jdoc *d, int tp, int bg)
+{
+    return (JABSENT(d, tp) ? 0 : 15 + JLEN(d, tp)) + (JABSENT(d, bg) ? 0 : 11 + JLEN(d, bg));
+}
+
+/* Writes the members a reply echoes to its caller (§3.7), raw as they arrived:
+ * ,"traceparent":..,"baggage":.. (each only when present). out has rt_ctx_len bytes of room.
+ * Returns the bytes written. */
+static size_t rt_ctx_write(char *out, const struct jdoc *d, int tp, int bg)
+{
+    size_t n = 0;
+    if (!JABSENT(d, tp))
+        memcpy(out, ",\"traceparent\":", 15), memcpy(out + 15, JRAW(d, tp), JLEN(d, tp)),
+            n = 15 + JLEN(d, tp);
+    if (!JABSENT(d, bg))
+        memcpy(out + n, ",\"baggage\":", 11), memcpy(out + n + 11, JRAW(d, bg), JLEN(d, bg)),
+            n += 11 + JLEN(d, bg);
+    return n;
+}
+
+/* Answers caller c's call (id cid, function_id token fidt of frame d) with an error body
+ * {code, message}; ctx is the trace context echoed back. */
+static void rt_reply_err(struct conn *c, const struct jdoc *d, int fidt, const char *cid,
+                         const char *ctx, size_t cl, const char *code, const char *fmt, ...)
+    III_PRINTF(8, 9);
+static void rt_reply_err(struct conn *c, const struct jdoc *d, int fidt, const char *cid,
+                         const char *ctx, size_t cl, const char *code, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    struct buf e = {0};
+    rt_err(&e, code, "%s", msg);
+    if (buf_check(&e)) conn_abort(c, "out of memory");
+    else
+        rt_send_result(c, cid, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt), NULL, 0,
+                       buf_data(&e), buf_used(&e), ctx, cl);
+    buf_free(&e);
+}
+
+/* 1 when a call from c to target t (NULL: an in-process builtin) must be refused now, with the
+ * reason in msg: the engine's calls in flight, c's as caller, t's as target, or the memory
+ * budget. These bounds are what keeps one peer from holding unbounded call records. */
+static int rt_busy(const struct conn *c, const struct conn *t, int reply, char *msg, size_t cap)
+{
+    size_t per = S.set.max_inflight_per_connection;
+    if (t && S.invs.n >= S.set.max_inflight_total)
+        snprintf(msg, cap, "The engine has %zu calls in flight (max_inflight_total)", S.invs.n);
+    else if (t && reply && c->n_out >= per)
+        snprintf(msg, cap, "This connection has %zu calls in flight (max_inflight_per_connection)",
+                 c->n_out);
+    else if (t && t->n_in >= per)
+        snprintf(msg, cap, "Worker %s has %zu calls in flight (max_inflight_per_connection)",
+                 t->name ? t->name : t->wid, t->n_in);
+    else if (mem_over_budget())
+        snprintf(msg, cap, "The engine is at its memory budget of %zu bytes (max_memory_bytes)",
+                 S.set.max_memory_bytes);
+    else return 0;
+    return 1;
+}
+
+/* §5.11: engine::register_trigger's binding t is served by a WS provider, so the reply to
+ * caller c waits (up to 10 s) for the provider's triggerregistrationresult. 1 when the wait
+ * was set up (the reply is then sent by ack_settle), 0 to reply now. */
+static int rt_hold_ack(struct conn *c, struct trig *t, const struct jdoc *d, int fidt,
+                       const char *cid, const char *ctx, size_t cl)
+{
+    struct ttype *pt = trig_provider(t);
+    if (!pt || !pt->provider || inv_find(cid)) return 0;
+    struct inv *v = inv_new(cid, INV_ACK);
+    if (!v) return 0;
+    v->fid = inv_store(v->fid_small, sizeof v->fid_small, JRAW(d, fidt), JLEN(d, fidt));
+    v->ctx = inv_store(v->ctx_small, sizeof v->ctx_small, (const unsigned char *)ctx, cl);
+    if (!v->fid || !v->ctx) {
+        inv_free(v);
+        return 0;
+    }
+    S.n_acks++;
+    memcpy(v->receipt, t->id, 36);
+    v->receipt[36] = 0;
+    /* 10 s as in the reference engine (§5.11); then the call is accepted without the ack */
+    v->deadline = now_ms() + 10000;
+    timer_touch(v->deadline);
+    v->fid_len = JLEN(d, fidt), v->ctx_len = cl;
+    inv_link(v, c, pt->provider);
+    return 1;
+}
+
+/* An in-process builtin runs inline and is answered now (§3.2 step 6). Its result lives in a
+ * struct bi_res on this stack frame: nothing global is held across the builtin, which may
+ * itself fire triggers and so re-enter the router. */
+static void rt_invoke_builtin(struct conn *c, struct func *f, const struct jdoc *d, int fidt,
+                              int data, const char *cid, const char *ctx, size_t cl)
+{
+    struct bi_res r;
+    memset(&r, 0, sizeof r);
+    rt_run_builtin(f, c, JRAW(d, data), JLEN(d, data), &r);
+    if (buf_check(&r.res) | buf_check(&r.err)) { /* a half-built answer is never sent */
+        buf_free(&r.res), buf_free(&r.err);
+        rt_err(&r.err, "invocation_error", "out of memory");
+    }
+    if (buf_used(&r.err)) S.n_inv_errors++;
+    if (cid && conn_open(c) && !(r.defer && rt_hold_ack(c, r.defer, d, fidt, cid, ctx, cl)))
+        rt_send_result(c, cid, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt),
+                       buf_used(&r.err) || !buf_used(&r.res) ? NULL : buf_data(&r.res),
+                       buf_used(&r.res), buf_used(&r.err) ? buf_data(&r.err) : NULL,
+                       buf_used(&r.err), ctx, cl);
+    buf_free(&r.res), buf_free(&r.err);
+}
+
+/* Dispatches c's call to worker t: a call record joins both in-flight sets (§3.2 steps 5-6)
+ * and one invokefunction frame is queued to t. cid NULL: a void call, whose target still gets
+ * an invocation_id, one the engine mints (§3.3). */
+static void rt_invoke_worker(struct conn *c, struct conn *t, const struct jdoc *d, int fidt,
+                             int data, int meta, const char *cid, const char *ctx, size_t cl)
+{
+    char mint[37];
+    if (!cid) uuid_new(mint);
+    /* a caller's id is the key of the call record (§3.2 step 6), so it must be unique in flight */
+    if (!conn_open(t) || (cid && inv_find(cid))) {
+        S.n_inv_errors++;
+        if (!cid) return;
+        if (!conn_open(t))
+            rt_reply_err(c, d, fidt, cid, ctx, cl, "channel_send_failed",
+                         "Worker connection for %.*s is closed", (int)JLEN(d, fidt) - 2,
+                         (const char *)JRAW(d, fidt) + 1);
+        else
+            rt_reply_err(c, d, fidt, cid, ctx, cl, "invocation_error",
+                         "invocation_id %.36s is already in flight", cid);
+        return;
+    }
+    struct inv *v = inv_new(cid ? cid : mint, cid ? INV_CALL : INV_VOID);
+    if (!v) {
+        conn_abort(c, "out of memory");
+        return;
+    }
+    if (cid) {
+        v->fid = inv_store(v->fid_small, sizeof v->fid_small, JRAW(d, fidt), JLEN(d, fidt));
+        v->fid_len = JLEN(d, fidt);
+        v->ctx = inv_store(v->ctx_small, sizeof v->ctx_small, (const unsigned char *)ctx, cl);
+        v->ctx_len = cl;
+        if (!v->fid || !v->ctx) {
+            inv_free(v);
+            conn_abort(c, "out of memory");
+            return;
+        }
+    }
+    inv_link(v, cid ? c : NULL, t);
+    /* metadata goes to the target only: the reply echoes trace context, nothing else (§2.7) */
+    rt_send_invoke(t, v->id, (const char *)JRAW(d, fidt), JLEN(d, fidt), JRAW(d, data),
+                   JLEN(d, data), c->wid, d->cwid_key, ctx, cl,
+                   JABSENT(d, meta) ? NULL : JRAW(d, meta), JABSENT(d, meta) ? 0 : JLEN(d, meta));
 }
 
 /* Handles an invokefunction frame from worker c (§3). Malformed frames are dropped silently. */
@@ -5090,109 +5485,39 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
         goto done;
     }
     S.n_invocations++;
-    /* the trace context echoed to the caller, and the sidecars forwarded to the target */
-    struct buf *ctx = &S.tmp2;
-    ctx->len = ctx->off = 0;
-    if (!JABSENT(d, tp)) buf_puts(ctx, ",\"traceparent\":"), json_put_raw(ctx, d, tp);
-    if (!JABSENT(d, bg)) buf_puts(ctx, ",\"baggage\":"), json_put_raw(ctx, d, bg);
-    size_t replyctx = buf_used(ctx);
-    /* metadata goes to the target only: the reply echoes trace context, nothing else (§2.7) */
-    if (!JABSENT(d, meta)) buf_puts(ctx, ",\"metadata\":"), json_put_raw(ctx, d, meta);
+    /* the trace context echoed to the caller lives in this call's own stack frame (or a block
+     * it owns): never in a global scratch buffer, as a builtin below may re-enter the router */
+    char ctxs[256], *ctxh = NULL, *ctx = ctxs;
+    size_t cl = rt_ctx_len(d, tp, bg);
+    if (cl > sizeof ctxs && !(ctx = ctxh = xmalloc(cl))) {
+        conn_abort(c, "out of memory");
+        goto done;
+    }
+    cl = rt_ctx_write(ctx, d, tp, bg);
     const char *cid = reply ? (const char *)JRAW(d, iid) + 1 : NULL;
     /* §3.1: strict resolution in exactly ns; the miss names the namespaces that do have the id */
     struct func *f = func_find(ns, nl, fid, fl);
+    char why[256];
     if (!f) {
         S.n_inv_errors++;
         if (reply) {
             char hint[512];
-            struct buf e = {0};
             rt_ns_hint(fid, fl, hint, sizeof hint);
-            rt_err(&e, "function_not_found", "Function %.*s not found in namespace %.*s.%s",
-                   (int)fl, fid, (int)nl, ns, hint);
-            rt_send_result(c, cid, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt), NULL, 0,
-                           buf_data(&e), buf_used(&e), (char *)buf_data(ctx), replyctx);
-            buf_free(&e);
+            rt_reply_err(c, d, fidt, cid, ctx, cl, "function_not_found",
+                         "Function %.*s not found in namespace %.*s.%s", (int)fl, fid, (int)nl, ns,
+                         hint);
         }
-        goto done;
+    } else if (rt_busy(c, f->owner, reply, why, sizeof why)) {
+        /* a bound is reached: refused now, with a reason, rather than queued without limit */
+        S.n_inv_errors++, S.n_busy++;
+        if (reply) rt_reply_err(c, d, fidt, cid, ctx, cl, "BUSY", "%s", why);
+        else LOG_LIMITED(c, LOG_WARN, "worker %s: call to %.*s dropped: %s", c->wid, (int)fl, fid, why);
+    } else if (!f->owner) {
+        rt_invoke_builtin(c, f, d, fidt, data, cid, ctx, cl);
+    } else {
+        rt_invoke_worker(c, f->owner, d, fidt, data, meta, cid, ctx, cl);
     }
-    /* an in-process builtin runs inline and is answered now (§3.2 step 6) */
-    if (!f->owner) {
-        struct buf res = {0}, err = {0};
-        S.defer = NULL;
-        rt_run_builtin(f, c, JRAW(d, data), JLEN(d, data), &res, &err);
-        if (buf_used(&err)) S.n_inv_errors++;
-        struct trig *df = S.defer;
-        S.defer = NULL;
-        /* a builtin (engine::register_trigger) set S.defer: hold the reply until the provider acks
-         */
-        if (df && reply && !hm_get(&S.invs, cid, 36)) {
-            /* §5.11: the reply waits (up to 10 s) for the WS provider's triggerregistrationresult
-             */
-            struct ttype *pt = trig_provider(df);
-            struct inv *v = pt && pt->provider ? inv_new(cid, INV_ACK) : NULL;
-            if (v) {
-                S.n_acks++;
-                memcpy(v->receipt, df->id, 36);
-                v->receipt[36] = 0;
-                /* 10 s as in the reference engine (§5.11); then the call is accepted without the
-                 * ack */
-                v->deadline = now_ms() + 10000;
-                v->fid = inv_store(v->fid_small, sizeof v->fid_small, JRAW(d, fidt), JLEN(d, fidt));
-                v->fid_len = JLEN(d, fidt);
-                v->ctx = inv_store(v->ctx_small, sizeof v->ctx_small, buf_data(ctx), replyctx);
-                v->ctx_len = replyctx;
-                inv_link(v, c, pt->provider);
-                buf_free(&res), buf_free(&err);
-                goto done;
-            }
-        }
-        if (reply && conn_open(c))
-            rt_send_result(c, cid, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt),
-                           buf_used(&err) ? NULL : (buf_used(&res) ? buf_data(&res) : NULL),
-                           buf_used(&res), buf_used(&err) ? buf_data(&err) : NULL, buf_used(&err),
-                           (char *)buf_data(ctx), replyctx);
-        buf_free(&res), buf_free(&err);
-        goto done;
-    }
-    struct conn *t = f->owner;
-    /* §3.3: a void call's target still receives an invocation_id: one the engine mints */
-    char mint[37];
-    if (!reply) uuid_new(mint);
-    /* a caller's id is the key of the call record (§3.2 step 6), so it must be unique in flight */
-    if (!conn_open(t) || (reply && hm_get(&S.invs, cid, 36))) {
-        S.n_inv_errors++;
-        if (reply) {
-            struct buf e = {0};
-            if (!conn_open(t))
-                rt_err(&e, "channel_send_failed", "Worker connection for %.*s is closed", (int)fl,
-                       fid);
-            else rt_err(&e, "invocation_error", "invocation_id %.36s is already in flight", cid);
-            rt_send_result(c, cid, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt), NULL, 0,
-                           buf_data(&e), buf_used(&e), (char *)buf_data(ctx), replyctx);
-            buf_free(&e);
-        }
-        goto done;
-    }
-    struct inv *v = inv_new(reply ? cid : mint, reply ? INV_CALL : INV_VOID);
-    if (!v) {
-        conn_abort(c, "out of memory");
-        goto done;
-    }
-    if (reply) {
-        v->fid = inv_store(v->fid_small, sizeof v->fid_small, JRAW(d, fidt), JLEN(d, fidt));
-        v->fid_len = JLEN(d, fidt);
-        v->ctx = inv_store(v->ctx_small, sizeof v->ctx_small, buf_data(ctx), replyctx);
-        v->ctx_len = replyctx;
-        if (!v->fid || !v->ctx) {
-            inv_free(v);
-            conn_abort(c, "out of memory");
-            goto done;
-        }
-    }
-    /* §3.2 steps 5-6: the call joins the caller's and the target's in-flight sets */
-    inv_link(v, reply ? c : NULL, t);
-    rt_send_invoke(t, v->id, (const char *)JRAW(d, fidt), JLEN(d, fidt), JRAW(d, data),
-                   JLEN(d, data), c->wid, d->cwid_key, (char *)buf_data(ctx), buf_used(ctx));
+    xfree(ctxh);
     goto done;
 drop:
     LOG(LOG_WARN, "worker %s: json decode error: invalid invokefunction dropped", c->wid);
@@ -5207,7 +5532,7 @@ static void rt_result(struct conn *c, const struct jdoc *d)
     int iid = json_get(d, 0, "invocation_id");
     int res = json_get(d, 0, "result"), err = json_get(d, 0, "error");
     /* shapes were checked by msg_valid: a UUID invocation_id, a string function_id */
-    struct inv *v = (struct inv *)hm_get(&S.invs, (const char *)JRAW(d, iid) + 1, 36);
+    struct inv *v = inv_find((const char *)JRAW(d, iid) + 1);
     /* §2.3: a late or unknown result is a debug-level no-op */
     if (!v || v->target != c) {
         LOG(LOG_DEBUG, "worker %s: result for unknown invocation %.36s ignored", c->wid,
@@ -5295,7 +5620,6 @@ static void trig_send_register(struct conn *p, const struct trig *t, const char 
                          128 + strlen(t->id) + strlen(t->type) + strlen(t->fid) +
                              strlen(t->config_raw) + (t->meta_raw ? strlen(t->meta_raw) : 0),
                          0);
-    if (at == SIZE_MAX) goto oom;
     buf_puts(b, "{\"type\":\"registertrigger\",\"id\":");
     json_put_cstr(b, t->id);
     buf_puts(b, ",\"trigger_type\":");
@@ -5308,11 +5632,8 @@ static void trig_send_register(struct conn *p, const struct trig *t, const char 
     if (strcmp(t->ns, NS_DEFAULT)) buf_puts(b, ",\"namespace\":"), json_put_cstr(b, t->ns);
     if (strcmp(provider_ns, NS_DEFAULT))
         buf_puts(b, ",\"trigger_namespace\":"), json_put_cstr(b, provider_ns);
-    if (buf_putc(b, '}') < 0 || ws_end(b, at, WS_TEXT, 0) < 0) goto oom;
-    conn_queued(p);
-    return;
-oom:
-    conn_abort(p, "out of memory");
+    buf_putc(b, '}');
+    conn_frame_end(p, at); /* every append above is checked here, once (sticky error) */
 }
 
 /* Sends unregistertrigger for t to provider p (§2.7: trigger_type always present). A closed
@@ -5322,16 +5643,12 @@ static void trig_send_unregister(struct conn *p, const struct trig *t)
     if (!conn_open(p)) return;
     struct buf *b = &p->out;
     size_t at = ws_begin(b, 64 + strlen(t->id) + strlen(t->type), 0);
-    if (at == SIZE_MAX) goto oom;
     buf_puts(b, "{\"type\":\"unregistertrigger\",\"id\":");
     json_put_cstr(b, t->id);
     buf_puts(b, ",\"trigger_type\":");
     json_put_cstr(b, t->type);
-    if (buf_putc(b, '}') < 0 || ws_end(b, at, WS_TEXT, 0) < 0) goto oom;
-    conn_queued(p);
-    return;
-oom:
-    conn_abort(p, "out of memory");
+    buf_putc(b, '}');
+    conn_frame_end(p, at);
 }
 
 /* Delivers t to provider tt: a WS provider gets registertrigger (fire-and-forget, live at
@@ -6475,7 +6792,7 @@ static void worker_row(struct buf *b, const struct conn *c, int extra)
     buf_printf(b,
                ",\"status\":\"connected\",\"function_count\":%zu,\"connected_at_ms\":%lld,"
                "\"active_invocations\":%zu,\"isolation\":",
-               conn_fn_count(c), (long long)c->connected_wall, c->n_calls);
+               conn_fn_count(c), (long long)c->connected_wall, c->n_out + c->n_in);
     json_put_cstr(b, c->isolation);
     buf_puts(b, ",\"ip_address\":");
     json_put_cstr(b, c->ip);
@@ -7067,7 +7384,8 @@ static void bi_rtriggers_info(BI_ARGS)
 
 /* engine::register_trigger (§5.11): a durable binding (no owner, survives disconnects) in
  * default with a fresh id. The {"id"} result goes out at once unless a WS provider serves
- * the binding: then S.defer makes rt_invoke hold it until the provider acks (or 10 s pass). */
+ * the binding: then the call's struct bi_res carries it back (defer) and the router holds the
+ * reply until the provider acks (or 10 s pass). */
 static void bi_register_trigger(BI_ARGS)
 {
     (void)caller;
@@ -7089,7 +7407,8 @@ static void bi_register_trigger(BI_ARGS)
         rt_err(err, "trigger_registration_failed", "out of memory");
     } else {
         buf_printf(res, "{\"id\":\"%s\"}", id);
-        S.defer = t; /* the router waits for a WS provider's answer before replying */
+        /* res is the res member of the caller's struct bi_res (rt_run_builtin): reach the rest */
+        ((struct bi_res *)(void *)((char *)res - offsetof(struct bi_res, res)))->defer = t;
     }
     xfree(cr), xfree(mr);
 out:
@@ -7250,8 +7569,7 @@ static void chan_on_message(struct conn *c, int op, const unsigned char *p, size
     struct chan *ch = c->chan;
     if (!ch || c->kind != CK_CHAN_W) return; /* the reader's data frames are ignored */
     if (ch->r) {
-        conn_frame(ch->r, op, p, n);
-        if (conn_open(ch->r)) conn_queued(ch->r);
+        conn_frame(ch->r, op, p, n); /* over the reader's outbound cap drops the reader */
     } else if (ws_frame(&ch->pending, op, p, n, 0) < 0 ||
                buf_used(&ch->pending) > S.set.max_outbound_bytes) {
         conn_close(c, 1009, "channel buffer full");
@@ -8271,6 +8589,17 @@ static void settings_from_cfg(void)
     S.set.max_header_bytes = l->max_header_bytes;
     S.set.max_connections = l->max_connections;
     S.set.max_outbound_bytes = l->max_outbound_bytes;
+    S.set.max_pending_bytes = l->max_pending_bytes;
+    S.set.max_pending_frames = l->max_pending_frames;
+    S.set.max_inflight_per_connection = l->max_inflight_per_connection;
+    S.set.max_inflight_total = l->max_inflight_total;
+    S.set.max_functions_per_connection = l->max_functions_per_connection;
+    S.set.max_triggers_per_connection = l->max_triggers_per_connection;
+    S.set.max_triggers_per_function = l->max_triggers_per_function;
+    S.set.max_triggers = l->max_triggers;
+    S.set.max_memory_bytes = l->max_memory_bytes;
+    /* a reload's new outbound cap applies to the connections already open, too */
+    for (struct conn *c = S.conns; c; c = c->next) c->out.lim = l->max_outbound_bytes;
     S.set.origins = l->allowed_origins;
     S.set.n_origins = l->n_origins;
 }

@@ -34,6 +34,33 @@
 #ifndef III_DEFAULT_MAX_OUTBOUND_BYTES
 #define III_DEFAULT_MAX_OUTBOUND_BYTES (256u << 20) /* 4 max messages queued: then a slow reader goes */
 #endif
+#ifndef III_DEFAULT_MAX_PENDING_BYTES
+#define III_DEFAULT_MAX_PENDING_BYTES (4u << 20) /* registrations buffered before the announce */
+#endif
+#ifndef III_DEFAULT_MAX_PENDING_FRAMES
+#define III_DEFAULT_MAX_PENDING_FRAMES 10000 /* ... and as frames: an SDK sends tens */
+#endif
+#ifndef III_DEFAULT_MAX_INFLIGHT_PER_CONN
+#define III_DEFAULT_MAX_INFLIGHT_PER_CONN 16384 /* calls one connection has out, or has in */
+#endif
+#ifndef III_DEFAULT_MAX_INFLIGHT_TOTAL
+#define III_DEFAULT_MAX_INFLIGHT_TOTAL 262144 /* call records in all: about 110 MB at most */
+#endif
+#ifndef III_DEFAULT_MAX_FUNCTIONS_PER_CONN
+#define III_DEFAULT_MAX_FUNCTIONS_PER_CONN 10000 /* functions one worker may own */
+#endif
+#ifndef III_DEFAULT_MAX_TRIGGERS_PER_CONN
+#define III_DEFAULT_MAX_TRIGGERS_PER_CONN 10000 /* bindings one connection made (live + durable) */
+#endif
+#ifndef III_DEFAULT_MAX_TRIGGERS_PER_FUNCTION
+#define III_DEFAULT_MAX_TRIGGERS_PER_FUNCTION 256 /* bindings aimed at one function: no fan-out */
+#endif
+#ifndef III_DEFAULT_MAX_TRIGGERS
+#define III_DEFAULT_MAX_TRIGGERS 100000 /* bindings in all, durable ones included */
+#endif
+#ifndef III_DEFAULT_MAX_MEMORY_BYTES
+#define III_DEFAULT_MAX_MEMORY_BYTES (1024u << 20) /* every buffer and record together */
+#endif
 #ifndef III_DEFAULT_PING_INTERVAL_MS
 #define III_DEFAULT_PING_INTERVAL_MS 20000 /* matches the SDK's own ping cadence */
 #endif
@@ -49,7 +76,7 @@
 
 /* ---- hard limits (not config keys) -------------------------------------------------------- */
 #ifndef III_JSON_MAX_DEPTH
-#define III_JSON_MAX_DEPTH 64 /* nesting cap of the JSON parser: no unbounded stack */
+#define III_JSON_MAX_DEPTH 128 /* nesting cap of the JSON parser (the reference: 128) */
 #endif
 #ifndef III_JSON_MAX_TOKENS
 #define III_JSON_MAX_TOKENS 65536 /* tokens in one engine::* input (data is relayed untokenized) */
@@ -74,6 +101,12 @@
 #endif
 #ifndef III_WORKER_LINE_MAX
 #define III_WORKER_LINE_MAX 8192 /* a captured worker output line longer than this is split */
+#endif
+#ifndef III_LOG_BURST
+#define III_LOG_BURST 10 /* log lines about one connection per window ... */
+#endif
+#ifndef III_LOG_WINDOW_MS
+#define III_LOG_WINDOW_MS 10000 /* ... of this long; the rest are counted, not written */
 #endif
 #ifndef III_BACKOFF_MIN_MS
 #define III_BACKOFF_MIN_MS 1000 /* restart backoff: 1 s doubling ... */
