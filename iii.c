@@ -277,6 +277,17 @@ static int str_ncaseeq(const char *a, const char *b, size_t n)
     return 1;
 }
 
+/* 1 if s[0..n) may be an id or a namespace: 1..III_MAX_ID bytes and no control character (a
+ * NUL would cut it short wherever it is used as a C string, a newline would forge log lines).
+ * The bytes are valid UTF-8 already: every string the engine accepts went through the parser. */
+static int id_ok(const char *s, size_t n)
+{
+    if (!n || n > III_MAX_ID) return 0;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] < 0x20 || s[i] == 0x7F) return 0;
+    return 1;
+}
+
 /* 1 if s[0..n) is empty or only ASCII white space (a "blank" namespace). */
 static int str_blank(const char *s, size_t n)
 {
@@ -695,6 +706,9 @@ static int json_scan_str(const unsigned char *s, size_t n, size_t *pos, int chec
         if (check_utf8 && utf8_feed(&u, s + st, i - st) < 0) return -1;
         if (i >= n || s[i] < 0x20) return -1;
         if (s[i] == '"') break;
+        /* an escape between the bytes of one UTF-8 sequence would let invalid UTF-8 through
+         * (F0 9B \\ BF BF): the validator's state must be clean at every escape */
+        if (u.need) return -1;
         *esc = 1;
         if (++i >= n) return -1;
         switch (s[i]) {
@@ -3683,9 +3697,9 @@ struct conn {
     struct conn *dnext;       /* S.dirty list (output pending) */
     /* fd: the socket (-1 once closed); kind: enum conn_kind. Flags: dirty = on S.dirty; closing =
      * Close queued, input ignored; dead = drop at reap; torn = role teardown done; ws = upgraded;
-     * has_pid = pid reported; leased = holds a (namespace, name) lease in S.leases. */
+     * has_pid = pid reported. */
     int fd, kind;
-    unsigned dirty : 1, closing : 1, dead : 1, torn : 1, ws : 1, has_pid : 1, leased : 1;
+    unsigned dirty : 1, closing : 1, dead : 1, torn : 1, ws : 1, has_pid : 1;
     unsigned in_borrowed : 1; /* c->in points at the shared read buffer (see loop_read) */
     unsigned ep_out : 1;      /* epoll: registered for EPOLLOUT too */
     unsigned reapq : 1;       /* on S.reap: closing or dead, looked at by the reap pass */
@@ -3708,6 +3722,11 @@ struct conn {
     int64_t grace_at;                 /* when buffered registrations land in default */
     struct buf pendq;                 /* buffered registration frames: [u32 length][bytes]... */
     struct func *funcs;               /* functions this connection owns (f->cnext list) */
+    size_t n_funcs;                   /* length of funcs */
+    struct trig *trigs;               /* bindings counted against it (t->acct == c) */
+    size_t n_trigs;                   /* length of trigs */
+    struct ttype *ttypes;             /* trigger types it provides (tt->pnext list) */
+    struct lease *lease;              /* its (namespace, name) lease, or NULL */
     struct inv *calls_out, *calls_in; /* calls it made / calls dispatched to it */
     size_t n_out, n_in;               /* lengths of calls_out / calls_in (bounded by limits) */
     struct chan *chan;                /* channel side */
@@ -3759,6 +3778,7 @@ struct inv {
     size_t ctx_len;        /* bytes of ctx (0: none) */
     char receipt[37];      /* enqueue: the engine's messageReceiptId; ack: the binding id */
     int64_t deadline;      /* ack: when the wait is given up (and the call accepted) */
+    struct inv *aprev, *anext; /* ack: S.acks list, so the timeout scan walks only acks */
     char fid_small[96];    /* inline storage: no allocation for ordinary ids */
     char ctx_small[160];   /* inline storage for ctx (typical traceparent + baggage) */
     struct inv *free_next; /* S.inv_free list link while recycled */
@@ -3770,7 +3790,18 @@ struct ttype {
     size_t klen;                          /* key bytes */
     const char *ns, *id;                  /* into key */
     struct conn *provider;                /* NULL: in-process (the discovery events) */
+    struct ttype *pnext;                  /* provider's list (c->ttypes) */
     char *desc_raw, *treq_raw, *creq_raw; /* raw JSON */
+};
+
+/* Bindings grouped by a key, so that what concerns one trigger type or one target function
+ * costs what that group holds, never a walk over every binding: S.tgroups by trigger type id,
+ * S.fgroups by "ns\0function_id". A group is freed with its last binding. */
+struct tgroup {
+    struct hnode h;   /* in S.tgroups or S.fgroups */
+    char *key;        /* owned */
+    struct trig *head; /* its bindings (t->type_next or t->fn_next chain) */
+    size_t n;         /* how many */
 };
 
 struct trig {
@@ -3778,13 +3809,21 @@ struct trig {
     char *id, *type, *fid; /* binding id, trigger type id, target function id (owned copies) */
     char *config_raw, *meta_raw; /* raw JSON as registered (meta may be NULL) */
     struct conn *owner;          /* NULL: durable (engine::register_trigger) */
+    struct conn *acct;           /* the connection it counts against: its owner, or for a
+                                    durable one its creator while that is connected */
     char *ns;                    /* target namespace */
     char *trigger_ns;            /* explicit provider namespace or NULL */
     char *home_ns;               /* registering connection's namespace */
     char *provider_ns;           /* where the provider was found (live only) */
     int live;                    /* 0: parked */
+    struct tgroup *tg, *fg;      /* its type group and its target-function group */
+    struct trig *type_prev, *type_next, *fn_prev, *fn_next; /* links in those groups */
+    struct trig *acct_prev, *acct_next;                     /* link in acct->trigs */
 };
 
+/* A (namespace, worker name) lease (§5.9): one live worker per name in a namespace. The lease
+ * and the connection point at each other (c->lease), and teardown frees it through that
+ * pointer, so a lease can never outlive or lose its owner. */
 struct lease {
     struct hnode h;     /* S.leases key "ns\0name" */
     char *key;          /* "ns\0name", owned */
@@ -3832,17 +3871,20 @@ static struct {
     struct conn *conns;                                /* every connection, doubly linked */
     size_t nconns;      /* length of conns, checked against max_connections */
     struct conn *dirty; /* connections with output to write this turn */
-    struct hmap workers, funcs, invs, ttypes, trigs, leases, chans;
+    struct hmap workers, funcs, invs, ttypes, trigs, leases, chans, tgroups, fgroups;
     struct inv *inv_free;         /* recycled call records (capped at 4096) */
     size_t inv_free_n;            /* length of inv_free */
     int64_t start_ms, start_wall; /* monotonic / epoch ms at start, for uptime */
     int64_t accept_pause_until;   /* accept() backs off after EMFILE */
     uint64_t fn_fp, fn_fp_sent;   /* discovery: fingerprint of the function id set */
+    int64_t fn_event_at;          /* discovery: no functions_changed before this (pacing) */
+    int64_t chan_sweep_at;        /* next sweep of unclaimed channels */
     size_t fn_n, fn_n_sent;       /* function count now / at the last event */
     struct jdoc jd;               /* scratch envelope tokens, reused: no allocation per message */
     struct buf tmp, tmp2;         /* scratch output */
     uint64_t n_invocations, n_inv_errors, n_spawns, n_deaths, n_msgs_in;
-    size_t n_acks;      /* calls of kind INV_ACK in flight */
+    size_t n_acks;      /* calls of kind INV_ACK in flight (the S.acks list) */
+    struct inv *acks;   /* register_trigger replies waiting for their provider's ack */
     struct conn *reap;  /* connections closing or dead: all the reap pass looks at */
     int64_t timer_at;   /* earliest connection deadline: the timer scan waits for it */
     int ep;             /* epoll descriptor, -1 when every connection is polled each turn */
@@ -4766,7 +4808,7 @@ static struct func *func_add(struct conn *owner, const char *ns, size_t nl, cons
     f->ns = f->key;
     f->id = f->key + nl + 1;
     f->owner = owner;
-    if (owner) f->cnext = owner->funcs, owner->funcs = f;
+    if (owner) f->cnext = owner->funcs, owner->funcs = f, owner->n_funcs++;
     S.fn_fp += fnv64(f->key, kl);
     S.fn_n++;
     return f;
@@ -4788,7 +4830,7 @@ static void func_remove(struct func *f)
     if (f->owner) {
         struct func **pp = &f->owner->funcs;
         while (*pp && *pp != f) pp = &(*pp)->cnext;
-        if (*pp) *pp = f->cnext;
+        if (*pp) *pp = f->cnext, f->owner->n_funcs--;
     }
     S.fn_fp -= fnv64(f->key, f->klen);
     S.fn_n--;
@@ -4809,6 +4851,17 @@ static int func_put_worker_name(struct buf *b, const struct func *f)
 
 /* A connection that is going away no longer holds its leases (§1.7, §11.15). */
 static int conn_live(const struct conn *c) { return c && !c->torn && !c->closing && !c->dead; }
+
+/* Gives up c's name lease, if it holds one: out of S.leases and freed. Allocates nothing. */
+static void lease_drop(struct conn *c)
+{
+    struct lease *l = c->lease;
+    if (!l) return;
+    hm_del(&S.leases, &l->h);
+    xfree(l->key);
+    xfree(l);
+    c->lease = NULL;
+}
 
 /* ==== Router ================================================================================
  * invokefunction → resolve (namespace, id) strictly → builtin: run inline; worker: record the
@@ -4910,7 +4963,12 @@ static void inv_unlink(struct inv *v)
  * capped at 4096 so a burst does not pin memory forever). */
 static void inv_free(struct inv *v)
 {
-    if (v->kind == INV_ACK) S.n_acks--;
+    if (v->kind == INV_ACK) {
+        S.n_acks--;
+        if (v->aprev) v->aprev->anext = v->anext;
+        else S.acks = v->anext;
+        if (v->anext) v->anext->aprev = v->aprev;
+    }
     inv_unlink(v);
     hm_del(&S.invs, &v->h);
     if (v->fid && v->fid != v->fid_small) xfree(v->fid);
@@ -5336,13 +5394,16 @@ static int rt_hold_ack(struct conn *c, struct trig *t, const struct jdoc *d, int
     if (!pt || !pt->provider || inv_find(cid)) return 0;
     struct inv *v = inv_new(cid, INV_ACK);
     if (!v) return 0;
+    S.n_acks++; /* on S.acks from the start, as inv_free takes every INV_ACK off it */
+    v->anext = S.acks, v->aprev = NULL;
+    if (S.acks) S.acks->aprev = v;
+    S.acks = v;
     v->fid = inv_store(v->fid_small, sizeof v->fid_small, JRAW(d, fidt), JLEN(d, fidt));
     v->ctx = inv_store(v->ctx_small, sizeof v->ctx_small, (const unsigned char *)ctx, cl);
     if (!v->fid || !v->ctx) {
         inv_free(v);
         return 0;
     }
-    S.n_acks++;
     memcpy(v->receipt, t->id, 36);
     v->receipt[36] = 0;
     /* 10 s as in the reference engine (§5.11); then the call is accepted without the ack */
@@ -5580,6 +5641,13 @@ static void rt_result(struct conn *c, const struct jdoc *d)
  * keyed by id, live or parked. Provider resolution: the explicit trigger_namespace only, else
  * the binding's home namespace, then default (§4.1). WS-provided types are fired by their
  * provider; the engine's own types (the two discovery events) are fired here.
+ *
+ * Invariants: every binding is in exactly one type group (its trigger type id) and one function
+ * group (its target), and in its acct connection's list while that is connected; every trigger
+ * type with a provider is on that provider's list. So a provider change, a fire or a teardown
+ * walks only what it concerns, and teardown needs no allocation. Bindings are bounded per
+ * connection, per target function and in all (max_triggers*), so no client can make one event
+ * fan out into unbounded calls.
  */
 static const char TT_WORKERS[] = "engine::workers-available";
 static const char TT_FUNCTIONS[] = "engine::functions-available";
@@ -5594,6 +5662,86 @@ static struct ttype *tt_find(const char *ns, const char *id)
 static struct trig *trig_find(const char *id, size_t n)
 {
     return (struct trig *)hm_get(&S.trigs, id, n);
+}
+
+/* The group of map m under key k[0..kl), or NULL. */
+static struct tgroup *tg_find(struct hmap *m, const char *k, size_t kl)
+{
+    return (struct tgroup *)hm_get(m, k, kl);
+}
+
+/* The bindings of trigger type id (any namespace): the head of its group's chain, or NULL. */
+static struct trig *tg_first(const char *type)
+{
+    struct tgroup *g = tg_find(&S.tgroups, type, strlen(type));
+    return g ? g->head : NULL;
+}
+
+/* The group of m under key k[0..kl), created empty when missing. NULL on OOM. */
+static struct tgroup *tg_get(struct hmap *m, const char *k, size_t kl)
+{
+    struct tgroup *g = tg_find(m, k, kl);
+    if (g) return g;
+    if (!(g = xcalloc(sizeof *g))) return NULL;
+    if (!(g->key = xmalloc(kl + 1)) || (memcpy(g->key, k, kl), g->key[kl] = 0, 0) ||
+        hm_put(m, &g->h, g->key, kl) < 0) {
+        xfree(g->key), xfree(g);
+        return NULL;
+    }
+    return g;
+}
+
+/* Frees group g of map m once it is empty. */
+static void tg_release(struct hmap *m, struct tgroup *g)
+{
+    if (!g || g->n) return;
+    hm_del(m, &g->h);
+    xfree(g->key), xfree(g);
+}
+
+/* Links t into its type and function groups (created on demand). 0 ok, -1 OOM (t unlinked). */
+static int trig_index(struct trig *t)
+{
+    char sb[256];
+    size_t kl, nl = strlen(t->ns);
+    char *k = reg_key(sb, sizeof sb, t->ns, nl, t->fid, strlen(t->fid), &kl);
+    struct tgroup *tg = tg_get(&S.tgroups, t->type, strlen(t->type));
+    struct tgroup *fg = k ? tg_get(&S.fgroups, k, kl) : NULL;
+    if (k && k != sb) xfree(k);
+    if (!tg || !fg) {
+        if (tg) tg_release(&S.tgroups, tg);
+        if (fg) tg_release(&S.fgroups, fg);
+        return -1;
+    }
+    t->tg = tg, t->fg = fg;
+    t->type_next = tg->head, t->type_prev = NULL;
+    if (tg->head) tg->head->type_prev = t;
+    tg->head = t, tg->n++;
+    t->fn_next = fg->head, t->fn_prev = NULL;
+    if (fg->head) fg->head->fn_prev = t;
+    fg->head = t, fg->n++;
+    return 0;
+}
+
+/* Counts t against connection c (its owner, or the creator of a durable binding). */
+static void trig_acct(struct trig *t, struct conn *c)
+{
+    t->acct = c;
+    t->acct_prev = NULL, t->acct_next = c->trigs;
+    if (c->trigs) c->trigs->acct_prev = t;
+    c->trigs = t, c->n_trigs++;
+}
+
+/* Stops counting t against its connection (the connection left, or t is freed). */
+static void trig_unacct(struct trig *t)
+{
+    struct conn *c = t->acct;
+    if (!c) return;
+    if (t->acct_prev) t->acct_prev->acct_next = t->acct_next;
+    else c->trigs = t->acct_next;
+    if (t->acct_next) t->acct_next->acct_prev = t->acct_prev;
+    c->n_trigs--;
+    t->acct = NULL, t->acct_prev = t->acct_next = NULL;
 }
 
 /* Provider resolution of §4.1: an explicit trigger_namespace is the only candidate; otherwise
@@ -5670,13 +5818,34 @@ static void trig_deliver(struct trig *t, struct ttype *tt)
     t->live = 1;
 }
 
-/* Unmaps and frees binding t with all its strings. Tells no provider: see trig_remove. */
-static void trig_free(struct trig *t)
+/* Frees binding t's strings and t (it is in no map and no list any more). */
+static void trig_destroy(struct trig *t)
 {
-    hm_del(&S.trigs, &t->h);
     xfree(t->id), xfree(t->type), xfree(t->fid), xfree(t->config_raw), xfree(t->meta_raw);
     xfree(t->ns), xfree(t->trigger_ns), xfree(t->home_ns), xfree(t->provider_ns);
     xfree(t);
+}
+
+/* Unmaps, unlinks and frees binding t. Tells no provider: see trig_remove. Allocates nothing. */
+static void trig_free(struct trig *t)
+{
+    hm_del(&S.trigs, &t->h);
+    trig_unacct(t);
+    if (t->tg) {
+        if (t->type_prev) t->type_prev->type_next = t->type_next;
+        else t->tg->head = t->type_next;
+        if (t->type_next) t->type_next->type_prev = t->type_prev;
+        t->tg->n--;
+        tg_release(&S.tgroups, t->tg);
+    }
+    if (t->fg) {
+        if (t->fn_prev) t->fn_prev->fn_next = t->fn_next;
+        else t->fg->head = t->fn_next;
+        if (t->fn_next) t->fn_next->fn_prev = t->fn_prev;
+        t->fg->n--;
+        tg_release(&S.fgroups, t->fg);
+    }
+    trig_destroy(t);
 }
 
 /* Removes binding t; a live one's provider is told with unregistertrigger (§2.5). */
@@ -5687,13 +5856,39 @@ static void trig_remove(struct trig *t)
     trig_free(t);
 }
 
-/* Creates or replaces binding id (§4.2): owner NULL = durable. All strings are copied.
- * Returns the binding or NULL on OOM. */
-static struct trig *trig_register(struct conn *owner, const char *id, const char *type,
-                                  const char *fid, const char *config_raw, const char *meta_raw,
-                                  const char *ns, const char *trigger_ns, const char *home_ns)
+/* Why a new binding from connection acct (NULL: none) to function (ns, fid) must be refused,
+ * written into why; 0 when it may be made. Replacing binding `old` frees its place first. */
+static int trig_limits(const struct conn *acct, const char *ns, const char *fid,
+                       const struct trig *old, char *why, size_t cap)
+{
+    char sb[256];
+    size_t kl;
+    char *k = reg_key(sb, sizeof sb, ns, strlen(ns), fid, strlen(fid), &kl);
+    struct tgroup *fg = k ? tg_find(&S.fgroups, k, kl) : NULL;
+    if (k && k != sb) xfree(k);
+    size_t on_fn = fg ? fg->n - (old && old->fg == fg) : 0;
+    size_t mine = acct ? acct->n_trigs - (old && old->acct == acct) : 0;
+    if (S.trigs.n - (old != NULL) >= S.set.max_triggers)
+        snprintf(why, cap, "the engine holds %zu bindings (max_triggers)", S.trigs.n);
+    else if (on_fn >= S.set.max_triggers_per_function)
+        snprintf(why, cap, "function %s has %zu bindings (max_triggers_per_function)", fid, on_fn);
+    else if (mine >= S.set.max_triggers_per_connection)
+        snprintf(why, cap, "this connection made %zu bindings (max_triggers_per_connection)", mine);
+    else return 0;
+    return 1;
+}
+
+/* Creates or replaces binding id (§4.2): owner NULL = durable, counted against acct (its
+ * creator) while that is connected. All strings are copied. Returns the binding, or NULL with
+ * the reason in why (a limit, or out of memory). */
+static struct trig *trig_register(struct conn *owner, struct conn *acct, const char *id,
+                                  const char *type, const char *fid, const char *config_raw,
+                                  const char *meta_raw, const char *ns, const char *trigger_ns,
+                                  const char *home_ns, char *why, size_t whycap)
 {
     struct trig *old = trig_find(id, strlen(id));
+    if (trig_limits(acct, ns, fid, old, why, whycap)) return NULL;
+    snprintf(why, whycap, "out of memory");
     struct ttype *oldp = old ? trig_provider(old) : NULL;
     struct trig *t = xcalloc(sizeof *t);
     if (!t) return NULL;
@@ -5703,10 +5898,13 @@ static struct trig *trig_register(struct conn *owner, const char *id, const char
     t->home_ns = xstrdup(home_ns);
     t->owner = owner;
     if (!t->id || !t->type || !t->fid || !t->config_raw || (meta_raw && !t->meta_raw) || !t->ns ||
-        (trigger_ns && !t->trigger_ns) || !t->home_ns) {
+        (trigger_ns && !t->trigger_ns) || !t->home_ns || trig_index(t) < 0) {
+        trig_destroy(t);
+        return NULL;
+    }
+    if (hm_put(&S.trigs, &t->h, t->id, strlen(t->id)) < 0) {
         t->h.key = NULL;
-        xfree(t->id), xfree(t->type), xfree(t->fid), xfree(t->config_raw), xfree(t->meta_raw);
-        xfree(t->ns), xfree(t->trigger_ns), xfree(t->home_ns), xfree(t);
+        trig_free(t); /* hm_del of a node not in the map is a no-op */
         return NULL;
     }
     struct ttype *tt = trig_resolve(t);
@@ -5716,11 +5914,7 @@ static struct trig *trig_register(struct conn *owner, const char *id, const char
             trig_send_unregister(oldp->provider, old);
         trig_free(old);
     }
-    if (hm_put(&S.trigs, &t->h, t->id, strlen(t->id)) < 0) {
-        xfree(t->id), xfree(t->type), xfree(t->fid), xfree(t->config_raw), xfree(t->meta_raw);
-        xfree(t->ns), xfree(t->trigger_ns), xfree(t->home_ns), xfree(t);
-        return NULL;
-    }
+    if (acct) trig_acct(t, acct);
     /* no provider yet: the binding stays parked (§4.4) until one registers the type */
     if (tt) trig_deliver(t, tt);
     else
@@ -5730,19 +5924,27 @@ static struct trig *trig_register(struct conn *owner, const char *id, const char
     return t;
 }
 
+/* Moves trigger type tt to provider p (NULL = in-process), keeping the providers' lists. */
+static void tt_set_provider(struct ttype *tt, struct conn *p)
+{
+    if (tt->provider) {
+        struct ttype **pp = &tt->provider->ttypes;
+        while (*pp && *pp != tt) pp = &(*pp)->pnext;
+        if (*pp) *pp = tt->pnext;
+    }
+    tt->provider = p, tt->pnext = NULL;
+    if (p) tt->pnext = p->ttypes, p->ttypes = tt;
+}
+
 /* Registers (replaces) trigger type (ns, id) provided by p (NULL = in-process), then replays
- * and activates the bindings that now resolve to it (§2.4). */
+ * and activates the bindings that now resolve to it (§2.4). Walks only the bindings of id. */
 static struct ttype *tt_register(struct conn *p, const char *ns, const char *id,
                                  const char *desc_raw, const char *treq_raw, const char *creq_raw)
 {
-    /* sweep parked intents whose owner is gone */
-    size_t n = 0;
-    struct hnode **v = hm_list(&S.trigs, &n);
-    if (!v) return NULL;
     /* §2.4: parked intents of connections that are gone are dropped before anything replays */
-    for (size_t i = 0; i < n; i++) {
-        struct trig *t = (struct trig *)v[i];
-        if (!t->live && t->owner && !conn_live(t->owner)) trig_free(t), v[i] = NULL;
+    for (struct trig *t = tg_first(id), *nx; t; t = nx) {
+        nx = t->type_next;
+        if (!t->live && t->owner && !conn_live(t->owner)) trig_free(t);
     }
     struct ttype *tt = tt_find(ns, id);
     if (!tt) {
@@ -5752,7 +5954,6 @@ static struct ttype *tt_register(struct conn *p, const char *ns, const char *id,
             hm_put(&S.ttypes, &tt->h, tt->key, kl) < 0) {
             if (tt) xfree(tt->key);
             xfree(tt);
-            xfree(v);
             return NULL;
         }
         tt->klen = kl;
@@ -5764,32 +5965,27 @@ static struct ttype *tt_register(struct conn *p, const char *ns, const char *id,
     tt->desc_raw = desc_raw ? xstrdup(desc_raw) : NULL;
     tt->treq_raw = treq_raw ? xstrdup(treq_raw) : NULL;
     tt->creq_raw = creq_raw ? xstrdup(creq_raw) : NULL;
-    tt->provider = p;
+    tt_set_provider(tt, p);
     /* §2.4 steps 1-3: replay live bindings that resolve here, activate parked ones, and re-home
      * bindings that had fallen back to default (the old provider is told to drop them) */
-    for (size_t i = 0; i < n; i++) {
-        struct trig *t = (struct trig *)v[i];
-        if (!t || strcmp(t->type, id) || trig_resolve(t) != tt) continue;
+    for (struct trig *t = tg_first(id); t; t = t->type_next) {
+        if (trig_resolve(t) != tt) continue;
         struct ttype *cur = trig_provider(t);
         if (t->live && cur && cur != tt && cur->provider)
             trig_send_unregister(cur->provider, t); /* re-home */
         trig_deliver(t, tt);
     }
-    xfree(v);
     return tt;
 }
 
-/* Removes trigger type tt (its provider left): bindings it served fall back or park (§4.5). */
+/* Removes trigger type tt (its provider left): bindings it served fall back or park (§4.5).
+ * Walks only the bindings of its id; allocates nothing. */
 static void tt_remove(struct ttype *tt)
 {
     hm_del(&S.ttypes, &tt->h);
-    size_t n = 0;
-    struct hnode **v = hm_list(&S.trigs, &n);
-    for (size_t i = 0; v && i < n; i++) {
-        struct trig *t = (struct trig *)v[i];
-        if (!t->live || !t->provider_ns || strcmp(t->type, tt->id) ||
-            strcmp(t->provider_ns, tt->ns))
-            continue;
+    tt_set_provider(tt, NULL);
+    for (struct trig *t = tg_first(tt->id); t; t = t->type_next) {
+        if (!t->live || !t->provider_ns || strcmp(t->provider_ns, tt->ns)) continue;
         struct ttype *alt = trig_resolve(t);
         /* §4.5: another provider may still resolve (home namespace or default); else park it */
         if (alt) trig_deliver(t, alt);
@@ -5798,21 +5994,19 @@ static void tt_remove(struct ttype *tt)
             LOG(LOG_INFO, "trigger %s disabled until trigger type '%s' returns", t->id, t->type);
         }
     }
-    xfree(v);
     xfree(tt->desc_raw), xfree(tt->treq_raw), xfree(tt->creq_raw), xfree(tt->key), xfree(tt);
 }
 
-/* Fires an in-process trigger type: every live binding of that type gets the event. */
+/* Fires an in-process trigger type: every live binding of that type gets the event. A fire
+ * only queues frames (a target that overflows is marked dead, not freed) or runs a builtin
+ * with the event as its input, which no binding-changing builtin accepts (they need an id or a
+ * trigger_type), so the chain does not change under the walk. */
 static void trig_fire(const char *type, const unsigned char *data, size_t dl)
 {
-    size_t n = 0;
-    struct hnode **v = hm_list(&S.trigs, &n);
-    for (size_t i = 0; v && i < n; i++) {
-        struct trig *t = (struct trig *)v[i];
-        if (t->live && !strcmp(t->type, type))
-            rt_call_internal(t->ns, t->fid, data, dl, t->meta_raw);
-    }
-    xfree(v);
+    struct tgroup *g = tg_find(&S.tgroups, type, strlen(type));
+    size_t n = g ? g->n : 0, i = 0;
+    for (struct trig *t = g ? g->head : NULL; t && i < n; t = t->type_next, i++)
+        if (t->live) rt_call_internal(t->ns, t->fid, data, dl, t->meta_raw);
 }
 
 /* Fires engine::workers-available (§6.1) with {"event":event,"worker_id":wid}. */
@@ -5825,19 +6019,29 @@ static void ev_worker(const char *event, const char *wid)
 
 static int fn_summary(struct buf *b, const struct func *f);
 
+/* 1 if some live binding of trigger type `type` exists (somebody listens). */
+static int trig_listened(const char *type)
+{
+    for (struct trig *t = tg_first(type); t; t = t->type_next)
+        if (t->live) return 1;
+    return 0;
+}
+
 /* Called once per loop turn: fires functions_changed when the id set changed (DECISIONS.md
- * item 1: immediate, coalesced to one event per turn; keyed on the id set only). */
-static void ev_functions_tick(void)
+ * item 1: immediate, coalesced to one event per turn; keyed on the id set only). A snapshot is
+ * the whole function list, so the next one waits until the last one's size has been paced
+ * out at III_DISCOVERY_BYTES_PER_S: a small registry still gets every change at once, while a
+ * client toggling one function among 20,000 cannot make the engine send gigabytes. */
+static void ev_functions_tick(int64_t now, int64_t *next)
 {
     if (S.fn_fp == S.fn_fp_sent && S.fn_n == S.fn_n_sent) return;
+    if (now < S.fn_event_at) {
+        if (S.fn_event_at < *next) *next = S.fn_event_at;
+        return;
+    }
     S.fn_fp_sent = S.fn_fp, S.fn_n_sent = S.fn_n;
-    int any = 0;
-    for (size_t i = 0; i < S.trigs.nb && !any; i++)
-        for (struct hnode *e = S.trigs.b[i]; e; e = e->next)
-            if (((struct trig *)e)->live && !strcmp(((struct trig *)e)->type, TT_FUNCTIONS))
-                any = 1;
     /* nobody listens: skip building the list (the fingerprint is already marked as sent) */
-    if (!any) return;
+    if (!trig_listened(TT_FUNCTIONS)) return;
     struct buf b = {0};
     size_t n = 0;
     struct hnode **v = hm_list(&S.funcs, &n);
@@ -5848,7 +6052,12 @@ static void ev_functions_tick(void)
     }
     buf_puts(&b, "]}");
     xfree(v);
-    trig_fire(TT_FUNCTIONS, buf_data(&b), buf_used(&b));
+    if (!v || buf_check(&b)) {
+        LOG(LOG_WARN, "functions-available: out of memory building the event; skipped");
+    } else {
+        trig_fire(TT_FUNCTIONS, buf_data(&b), buf_used(&b));
+        S.fn_event_at = now + (int64_t)(buf_used(&b) / (III_DISCOVERY_BYTES_PER_S / 1000));
+    }
     buf_free(&b);
 }
 
@@ -5864,10 +6073,13 @@ static void worker_send(struct conn *c, const struct buf *b)
     conn_frame(c, WS_TEXT, buf_data(b), buf_used(b));
 }
 
-/* Sends registrationrejected (§5.10) to c; name and fid are omitted when NULL. The connection
- * stays open: a rejection refuses one registration, never the worker. */
+/* Sends registrationrejected (§5.10) to c; name and fid are omitted when NULL, and so is
+ * why (a "message" member this engine adds: unknown fields are ignored by SDKs). The
+ * connection stays open: a rejection refuses one registration, never the worker. Each refusal
+ * is logged at warn, rate-limited per connection (a client that reconnects and retries stays
+ * visible without flooding the log). */
 static void worker_rejected(struct conn *c, const char *code, const char *ns, const char *name,
-                            const char *fid, const char *owner)
+                            const char *fid, size_t fidlen, const char *owner, const char *why)
 {
     struct buf b = {0};
     buf_puts(&b, "{\"type\":\"registrationrejected\",\"code\":");
@@ -5875,12 +6087,21 @@ static void worker_rejected(struct conn *c, const char *code, const char *ns, co
     buf_puts(&b, ",\"namespace\":");
     json_put_cstr(&b, ns);
     if (name) buf_puts(&b, ",\"worker_name\":"), json_put_cstr(&b, name);
-    if (fid) buf_puts(&b, ",\"function_id\":"), json_put_cstr(&b, fid);
+    if (fid) buf_puts(&b, ",\"function_id\":"), json_put_str(&b, fid, fidlen);
     buf_puts(&b, ",\"owner_worker_id\":");
     json_put_cstr(&b, owner);
+    if (why) buf_puts(&b, ",\"message\":"), json_put_cstr(&b, why);
     buf_putc(&b, '}');
-    worker_send(c, &b);
+    if (buf_check(&b)) conn_abort(c, "out of memory");
+    else worker_send(c, &b);
     buf_free(&b);
+    LOG_LIMITED(c, LOG_WARN,
+                "worker %s (name %s, pid %lu): registration refused: %s in namespace '%s'%s%.*s%s%s%s%s",
+                c->wid, c->name ? c->name : "-", c->has_pid ? (unsigned long)c->pid : 0UL, code, ns,
+                fid ? ", function " : "", fid ? (int)(fidlen > 200 ? 200 : fidlen) : 0,
+                fid ? fid : "", name ? ", name " : "", name ? name : "",
+                owner && *owner ? ", held by worker " : "", owner && *owner ? owner : "");
+    if (why) LOG_LIMITED(c, LOG_WARN, "worker %s: %s", c->wid, why);
 }
 
 /* Copies the raw bytes of token ti into a new string, NULL when absent/null (or OOM). */
@@ -5904,32 +6125,41 @@ static void reg_function(struct conn *c, const struct jdoc *d)
             c->wid, (int)il, id);
         goto done;
     }
-    char *idz = xstrndup(id, il);
-    if (!idz) goto done;
+    const char *FNC = "FUNCTION_NAMESPACE_CONFLICT"; /* non-fatal for the SDKs (§5.10) */
+    /* ids are routing keys: no control characters (a NUL made "x\u0000" list as "x"), bounded */
+    if (!id_ok(id, il)) {
+        worker_rejected(c, FNC, c->ns, NULL, id, il, "",
+                        "function ids are 1 to " III_STR(III_MAX_ID) " bytes with no control "
+                        "characters");
+        goto done;
+    }
     /* §2.1 step 3: engine:: ids are reserved to the default namespace */
     if (il >= 8 && !memcmp(id, "engine::", 8) && strcmp(c->ns, NS_DEFAULT)) {
-        worker_rejected(c, "FUNCTION_NAMESPACE_CONFLICT", c->ns, NULL, idz, "");
-        xfree(idz);
+        worker_rejected(c, FNC, c->ns, NULL, id, il, "", NULL);
         goto done;
     }
     struct func *f = func_find(c->ns, strlen(c->ns), id, il);
     if (f && f->owner != c) {
         if (!f->owner) {
             /* deliberate deviation (§11.24): builtins cannot be overwritten by a worker */
-            worker_rejected(c, "FUNCTION_NAMESPACE_CONFLICT", c->ns, NULL, idz, "");
-            xfree(idz);
+            worker_rejected(c, FNC, c->ns, NULL, id, il, "", NULL);
             goto done;
         }
         /* §2.1 step 4: a different live owner keeps the id; the newcomer is told who holds it */
         if (conn_live(f->owner)) {
-            worker_rejected(c, "FUNCTION_NAMESPACE_CONFLICT", c->ns, NULL, idz, f->owner->wid);
-            xfree(idz);
+            worker_rejected(c, FNC, c->ns, NULL, id, il, f->owner->wid, NULL);
             goto done;
         }
         func_remove(f); /* the owner is tearing down: a fast restart takes over */
         f = NULL;
     }
-    xfree(idz);
+    if (!f && c->n_funcs >= S.set.max_functions_per_connection) {
+        char why[160];
+        snprintf(why, sizeof why, "this connection owns %zu functions (max_functions_per_connection)",
+                 c->n_funcs);
+        worker_rejected(c, FNC, c->ns, NULL, id, il, "", why);
+        goto done;
+    }
     if (!f && !(f = func_add(c, c->ns, strlen(c->ns), id, il))) {
         conn_abort(c, "out of memory");
         goto done;
@@ -5985,15 +6215,29 @@ static void reg_apply(struct conn *c, const struct jdoc *d)
         xfree(id);
     } else if (json_streq(d, ty, "registertriggertype")) {
         int nsi = json_get(d, 0, "namespace"), dsc = json_get(d, 0, "description");
-        char *id = json_strdup(d, json_get(d, 0, "id"), NULL);
-        char *ns = JABSENT(d, nsi) ? xstrdup(c->ns) : json_strdup(d, nsi, NULL);
+        size_t il = 0, nl = 0;
+        char *id = json_strdup(d, json_get(d, 0, "id"), &il);
+        char *ns = JABSENT(d, nsi) ? xstrdup(c->ns) : json_strdup(d, nsi, &nl);
+        if (ns && JABSENT(d, nsi)) nl = strlen(ns);
         if (!id || !ns || JTYPE(d, dsc) != J_STRING) {
-            LOG(LOG_WARN, "worker %s: json decode error: invalid registertriggertype dropped",
-                c->wid);
-        } else if (str_blank(ns, strlen(ns))) {
-            LOG(LOG_ERROR,
-                "worker %s: registertriggertype %s: `namespace` is empty; nothing registered",
-                c->wid, id);
+            LOG_LIMITED(c, LOG_WARN,
+                        "worker %s: json decode error: invalid registertriggertype dropped", c->wid);
+        } else if (str_blank(ns, nl)) {
+            LOG_LIMITED(c, LOG_ERROR,
+                        "worker %s: registertriggertype %s: `namespace` is empty; nothing registered",
+                        c->wid, id);
+        } else if (!id_ok(id, il) || !id_ok(ns, nl)) {
+            LOG_LIMITED(c, LOG_WARN,
+                        "worker %s: registertriggertype refused: ids and namespaces are 1 to "
+                        "%d bytes with no control characters",
+                        c->wid, III_MAX_ID);
+        } else if (!strncmp(id, "engine::", 8)) {
+            /* the engine's own trigger types (the discovery events) belong to it, like engine::
+             * function ids (§2.1 step 3): a worker cannot take their bindings or delete them */
+            LOG_LIMITED(c, LOG_WARN,
+                        "worker %s: registertriggertype %s refused: engine:: trigger types belong "
+                        "to the engine",
+                        c->wid, id);
         } else {
             char *dr = jraw_dup(d, dsc),
                  *tr = jraw_dup(d, json_get(d, 0, "trigger_request_format"));
@@ -6012,30 +6256,44 @@ static void reg_apply(struct conn *c, const struct jdoc *d)
         if (JTYPE(d, id) != J_STRING || JTYPE(d, tt) != J_STRING || JTYPE(d, fid) != J_STRING ||
             cfg < 0 || (!JABSENT(d, nsi) && JTYPE(d, nsi) != J_STRING) ||
             (!JABSENT(d, tns) && JTYPE(d, tns) != J_STRING)) {
-            LOG(LOG_WARN, "worker %s: json decode error: invalid registertrigger dropped", c->wid);
+            LOG_LIMITED(c, LOG_WARN, "worker %s: json decode error: invalid registertrigger dropped",
+                        c->wid);
             return;
         }
-        char *ids = json_strdup(d, id, NULL), *tts = json_strdup(d, tt, NULL),
-             *fids = json_strdup(d, fid, NULL);
-        char *ns = JABSENT(d, nsi) ? xstrdup(NS_DEFAULT) : json_strdup(d, nsi, NULL);
-        char *tn = JABSENT(d, tns) ? NULL : json_strdup(d, tns, NULL);
+        size_t l1 = 0, l2 = 0, l3 = 0, l4 = 3, l5 = 0;
+        char *ids = json_strdup(d, id, &l1), *tts = json_strdup(d, tt, &l2),
+             *fids = json_strdup(d, fid, &l3);
+        char *ns = JABSENT(d, nsi) ? xstrdup(NS_DEFAULT) : json_strdup(d, nsi, &l4);
+        char *tn = JABSENT(d, tns) ? NULL : json_strdup(d, tns, &l5);
         char *cr = jraw_dup(d, cfg), *mr = jraw_dup(d, mt);
         if (!cr) cr = xstrdup("null");
         if (ids && tts && fids && ns && cr) {
-            const char *blank = str_blank(ns, strlen(ns))         ? "namespace"
-                                : tn && str_blank(tn, strlen(tn)) ? "trigger_namespace"
-                                                                  : NULL;
+            const char *blank = str_blank(ns, l4)         ? "namespace"
+                                : tn && str_blank(tn, l5) ? "trigger_namespace"
+                                                          : NULL;
+            char why[200];
+            struct buf e = {0};
             if (blank) {
-                struct buf e = {0};
                 rt_err(&e, "INVALID_NAMESPACE",
                        "`%s` is empty: it was named and left blank. Give it a name, "
                        "or omit it to use `default`.",
                        blank);
-                trig_result_error(c, d, id, tt, fid, buf_cstr(&e));
-                buf_free(&e);
-            } else if (!trig_register(c, ids, tts, fids, cr, mr, ns, tn, c->ns)) {
-                conn_abort(c, "out of memory");
+            } else if (!id_ok(ids, l1) || !id_ok(tts, l2) || !id_ok(fids, l3) || !id_ok(ns, l4) ||
+                       (tn && !id_ok(tn, l5))) {
+                rt_err(&e, "trigger_registration_failed",
+                       "ids and namespaces are 1 to %d bytes with no control characters",
+                       III_MAX_ID);
+            } else if (!trig_register(c, c, ids, tts, fids, cr, mr, ns, tn, c->ns, why,
+                                      sizeof why)) {
+                rt_err(&e, "trigger_registration_failed", "%s", why);
             }
+            if (buf_used(&e)) {
+                LOG_LIMITED(c, LOG_WARN, "worker %s: registertrigger %s refused: %.*s", c->wid,
+                            ids, (int)buf_used(&e), (char *)buf_data(&e));
+                if (buf_check(&e)) conn_abort(c, "out of memory");
+                else trig_result_error(c, d, id, tt, fid, buf_cstr(&e));
+            }
+            buf_free(&e);
         }
         xfree(ids), xfree(tts), xfree(fids), xfree(ns), xfree(tn), xfree(cr), xfree(mr);
     } else if (json_streq(d, ty, "unregistertrigger")) {
@@ -6362,19 +6620,15 @@ static void ack_settle(struct inv *v, const struct jdoc *d, int errbody)
     inv_free(v);
 }
 
-/* Gives up waiting for providers that did not answer within 10 s: the call is accepted. */
+/* Gives up waiting for providers that did not answer within 10 s: the call is accepted. Walks
+ * only the waiting acks (S.acks), saving each next link as ack_settle frees the record. */
 static void ack_timeouts(int64_t now, int64_t *next)
 {
-    if (!S.n_acks) return;
-    size_t n = 0;
-    struct hnode **v = hm_list(&S.invs, &n);
-    for (size_t i = 0; v && i < n; i++) {
-        struct inv *x = (struct inv *)v[i];
-        if (x->kind != INV_ACK) continue;
+    for (struct inv *x = S.acks, *nx; x; x = nx) {
+        nx = x->anext;
         if (x->deadline <= now) ack_settle(x, NULL, -1);
         else if (x->deadline < *next) *next = x->deadline;
     }
-    xfree(v);
 }
 
 /* Disconnect cleanup (§7), exactly once per connection, in the spec's order. */
@@ -6405,30 +6659,16 @@ static void worker_teardown(struct conn *c)
     }
     /* calls it made: the targets may still answer; those results find no record and are ignored */
     while (c->calls_out) inv_free(c->calls_out);
-    /* 6: its bindings, parked intents and trigger types */
-    size_t n = 0;
-    struct hnode **v = hm_list(&S.trigs, &n);
-    for (size_t i = 0; v && i < n; i++) {
-        struct trig *t = (struct trig *)v[i];
+    /* 6: its bindings and parked intents; durable bindings it created stay, no longer counted
+     * against it; then the trigger types it provides (lists: nothing is allocated here) */
+    while (c->trigs) {
+        struct trig *t = c->trigs;
         if (t->owner == c) trig_remove(t);
+        else trig_unacct(t);
     }
-    xfree(v);
-    v = hm_list(&S.ttypes, &n);
-    for (size_t i = 0; v && i < n; i++) {
-        struct ttype *tt = (struct ttype *)v[i];
-        if (tt->provider == c) tt_remove(tt);
-    }
-    xfree(v);
+    while (c->ttypes) tt_remove(c->ttypes);
     /* 8: the name lease */
-    if (c->leased && c->name && c->ns) {
-        struct lease *l =
-            (struct lease *)reg_find(&S.leases, c->ns, strlen(c->ns), c->name, strlen(c->name));
-        if (l && l->owner == c) {
-            hm_del(&S.leases, &l->h);
-            xfree(l->key);
-            xfree(l);
-        }
-    }
+    lease_drop(c);
     /* 9-10: out of the registry; never-applied registrations are discarded */
     hm_del(&S.workers, &c->h);
     buf_free(&c->pendq);
@@ -6453,9 +6693,16 @@ static void worker_teardown(struct conn *c)
 static int bi_str(const struct jdoc *d, int in, const char *key, char **out)
 {
     int t = json_get(d, in, key);
+    size_t n = 0;
     *out = NULL;
     if (JABSENT(d, t)) return 0;
-    if (JTYPE(d, t) != J_STRING || !(*out = json_strdup(d, t, NULL))) return -1;
+    if (JTYPE(d, t) != J_STRING || !(*out = json_strdup(d, t, &n))) return -1;
+    /* a \u0000 inside would make the C string say less than the JSON did: refused */
+    if (strlen(*out) != n) {
+        xfree(*out);
+        *out = NULL;
+        return -1;
+    }
     return 1;
 }
 
@@ -6628,14 +6875,11 @@ static void fn_detail(struct buf *b, const struct func *f)
     if (f->meta_raw) buf_puts(b, ",\"metadata\":"), buf_puts(b, f->meta_raw);
     /* the live bindings that target this function in its namespace, sorted by id */
     buf_puts(b, ",\"registered_triggers\":[");
-    size_t n = 0, k = 0;
-    struct hnode **v = hm_list(&S.trigs, &n);
+    struct tgroup *g = tg_find(&S.fgroups, f->key, f->klen);
+    size_t n = g ? g->n : 0, k = 0;
     struct ranked *r = xmalloc((n ? n : 1) * sizeof *r);
-    for (size_t i = 0; v && r && i < n; i++) {
-        struct trig *t = (struct trig *)v[i];
-        if (t->live && !strcmp(t->ns, f->ns) && !strcmp(t->fid, f->id))
-            r[k].rank = 0, r[k].a = t->id, r[k].b = NULL, r[k++].p = t;
-    }
+    for (struct trig *t = g ? g->head : NULL; r && t; t = t->fn_next)
+        if (t->live) r[k].rank = 0, r[k].a = t->id, r[k].b = NULL, r[k++].p = t;
     if (r) qsort(r, k, sizeof *r, ranked_cmp);
     for (size_t i = 0; i < k; i++) {
         struct trig *t = r[i].p;
@@ -6648,7 +6892,7 @@ static void fn_detail(struct buf *b, const struct func *f)
         buf_puts(b, t->config_raw);
         buf_putc(b, '}');
     }
-    xfree(v), xfree(r);
+    xfree(r);
     buf_puts(b, "]}");
 }
 
@@ -6868,22 +7112,21 @@ out:
 }
 
 /* The worker_name of a trigger type (§5.3): the provider's reported name, the module that
- * provides the well-known ids in the reference engine, else the id's first "::" segment.
- * May return a static buffer: valid until the next call. */
-static const char *tt_worker_name(const struct ttype *tt)
+ * provides the well-known ids in the reference engine, else the id's first "::" segment,
+ * written into the caller's seg[128] (no static buffer: the caller owns the result). */
+static const char *tt_worker_name(const struct ttype *tt, char seg[128])
 {
     /* the reference engine's module names for the well-known types, so listings look the same */
     static const char *const known[][2] = {
         {"http", "iii-http"},     {"cron", "iii-cron"},        {"state", "iii-state"},
         {"stream", "iii-stream"}, {"subscribe", "iii-pubsub"}, {"durable:subscriber", "queue"}};
-    static char seg[128];
     if (tt->provider && tt->provider->name) return tt->provider->name;
     if (!tt->provider) return "iii-engine-functions";
     for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
         if (!strcmp(tt->id, known[i][0])) return known[i][1];
     const char *sep = strstr(tt->id, "::");
     size_t n = sep ? (size_t)(sep - tt->id) : strlen(tt->id);
-    if (n >= sizeof seg) n = sizeof seg - 1;
+    if (n >= 128) n = 127;
     memcpy(seg, tt->id, n);
     seg[n] = 0;
     return seg;
@@ -6897,7 +7140,8 @@ static void tt_row(struct buf *b, const struct ttype *tt)
     buf_puts(b, ",\"namespace\":");
     json_put_cstr(b, tt->ns);
     buf_puts(b, ",\"worker_name\":");
-    json_put_cstr(b, tt_worker_name(tt));
+    char seg[128];
+    json_put_cstr(b, tt_worker_name(tt, seg));
     buf_puts(b, ",\"description\":");
     buf_puts(b, tt->desc_raw ? tt->desc_raw : "null");
     buf_putc(b, '}');
@@ -6963,24 +7207,6 @@ static int trig_row(struct buf *b, const struct trig *t)
     buf_puts(b, ",\"config_summary\":");
     config_summary(b, t->config_raw);
     return buf_putc(b, '}');
-}
-
-/* Sorted live bindings matching a filter; fills r, returns the count. */
-static size_t trig_collect(struct ranked *r, struct hnode **v, size_t n,
-                           const struct conn *target_owner, const char *target_ns)
-{
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++) {
-        struct trig *t = (struct trig *)v[i];
-        if (!t->live) continue;
-        if (target_owner) {
-            struct func *f = func_find_c(t->ns, t->fid);
-            if (!f || f->owner != target_owner || strcmp(t->ns, target_ns)) continue;
-        }
-        r[k].rank = 0, r[k].a = t->id, r[k].b = NULL, r[k++].p = t;
-    }
-    qsort(r, k, sizeof *r, ranked_cmp);
-    return k;
 }
 
 /* Resolves a worker name for workers::info (§5.8). NULL with err set when not found. */
@@ -7060,12 +7286,20 @@ static void bi_workers_info(BI_ARGS)
     buf_puts(res, "{\"worker\":");
     worker_row(res, c, 1);
     buf_puts(res, ",\"functions\":[");
-    size_t n = 0, k = 0;
-    for (struct func *f = c->funcs; f; f = f->cnext) n++;
-    struct hnode **tv = NULL;
-    size_t tn = 0;
-    struct ranked *r = xmalloc((n + S.ttypes.n + S.trigs.n + 1) * sizeof *r);
-    if (!r) goto out;
+    /* rows: its functions, the trigger types it provides, and the live bindings that target
+     * its functions (from each function's group): the cost is this worker's share only */
+    size_t n = c->n_funcs, k = 0;
+    for (struct ttype *tt = c->ttypes; tt; tt = tt->pnext) n++;
+    for (struct func *f = c->funcs; f; f = f->cnext) {
+        struct tgroup *g = tg_find(&S.fgroups, f->key, f->klen);
+        n += g ? g->n : 0;
+    }
+    struct ranked *r = xmalloc((n + 1) * sizeof *r);
+    if (!r) {
+        buf_reset(res);
+        rt_err(err, "invocation_error", "out of memory");
+        goto out;
+    }
     for (struct func *f = c->funcs; f; f = f->cnext)
         r[k].rank = 0, r[k].a = f->id, r[k].b = NULL, r[k++].p = f;
     qsort(r, k, sizeof *r, ranked_cmp);
@@ -7075,25 +7309,25 @@ static void bi_workers_info(BI_ARGS)
     }
     buf_puts(res, "],\"trigger_types\":[");
     k = 0;
-    tv = hm_list(&S.ttypes, &tn);
-    for (size_t j = 0; tv && j < tn; j++) {
-        struct ttype *tt = (struct ttype *)tv[j];
-        if (tt->provider == c) r[k].rank = 0, r[k].a = tt->id, r[k].b = tt->ns, r[k++].p = tt;
-    }
-    xfree(tv);
+    for (struct ttype *tt = c->ttypes; tt; tt = tt->pnext)
+        r[k].rank = 0, r[k].a = tt->id, r[k].b = tt->ns, r[k++].p = tt;
     qsort(r, k, sizeof *r, ranked_cmp);
     for (size_t j = 0; j < k; j++) {
         if (j) buf_putc(res, ',');
         tt_row(res, r[j].p);
     }
     buf_puts(res, "],\"registered_triggers\":[");
-    tv = hm_list(&S.trigs, &tn);
-    k = tv ? trig_collect(r, tv, tn, c, c->ns ? c->ns : NS_DEFAULT) : 0;
+    k = 0;
+    for (struct func *f = c->funcs; f; f = f->cnext) {
+        struct tgroup *g = tg_find(&S.fgroups, f->key, f->klen);
+        for (struct trig *t = g ? g->head : NULL; t; t = t->fn_next)
+            if (t->live) r[k].rank = 0, r[k].a = t->id, r[k].b = NULL, r[k++].p = t;
+    }
+    qsort(r, k, sizeof *r, ranked_cmp);
     for (size_t j = 0; j < k; j++) {
         if (j) buf_putc(res, ',');
         trig_row(res, r[j].p);
     }
-    xfree(tv);
     buf_puts(res, "]}");
     xfree(r);
 out:
@@ -7101,36 +7335,40 @@ out:
 }
 
 /* Sanitises a worker name/description (§5.9 step 3): control, bidi and line-separator
- * characters dropped, cut to III_MAX_NAME characters, trimmed; NULL when empty. */
-static char *sanitize(const char *s)
+ * characters dropped, cut to III_MAX_NAME characters, trimmed; NULL when empty. s[0..n) is
+ * decoded defensively: a sequence is taken only when its bytes are there and are continuation
+ * bytes (anything else is dropped one byte at a time), so nothing is ever read past n. */
+static char *sanitize(const char *s, size_t n)
 {
     struct buf b = {0};
-    size_t chars = 0;
+    size_t chars = 0, i = 0;
     const unsigned char *p = (const unsigned char *)s;
-    /* sequence length from the lead byte only: s is valid UTF-8 (it came through the parser) */
-    while (*p && chars < III_MAX_NAME) {
-        size_t l = *p < 0x80 ? 1 : *p < 0xE0 ? 2 : *p < 0xF0 ? 3 : 4;
-        uint32_t cp = *p;
-        if (l == 2) cp = (uint32_t)(p[0] & 0x1F) << 6 | (p[1] & 0x3F);
+    while (i < n && chars < III_MAX_NAME) {
+        unsigned c = p[i];
+        size_t l = c < 0x80 ? 1 : c >= 0xC2 && c < 0xE0 ? 2 : c >= 0xE0 && c < 0xF0 ? 3
+                                                          : c >= 0xF0 && c < 0xF5 ? 4
+                                                                                   : 0;
+        if (!l || l > n - i || !utf8_valid(p + i, l)) {
+            i++; /* not a whole valid sequence: dropped */
+            continue;
+        }
+        uint32_t cp = c;
+        if (l == 2) cp = (uint32_t)(c & 0x1F) << 6 | (p[i + 1] & 0x3F);
         else if (l == 3)
-            cp = (uint32_t)(p[0] & 0x0F) << 12 | (uint32_t)(p[1] & 0x3F) << 6 | (p[2] & 0x3F);
+            cp = (uint32_t)(c & 0x0F) << 12 | (uint32_t)(p[i + 1] & 0x3F) << 6 | (p[i + 2] & 0x3F);
         /* C0/C1 controls, ALM, LRM/RLM, LS/PS and the bidi embedding/override/isolate controls:
          * they could make one worker's name display as another's in logs and listings */
         int drop = cp < 0x20 || cp == 0x7F || (cp >= 0x80 && cp < 0xA0) || cp == 0x061C ||
                    cp == 0x200E || cp == 0x200F || (cp >= 0x2028 && cp <= 0x202E) ||
                    (cp >= 0x2066 && cp <= 0x2069);
-        if (!drop) buf_append(&b, p, l), chars++;
-        p += l;
+        if (!drop) buf_append(&b, p + i, l), chars++;
+        i += l;
     }
-    char *out = buf_cstr(&b);
-    if (!out) {
-        buf_free(&b);
-        return NULL;
-    }
-    size_t st = 0, n = strlen(out);
-    while (st < n && isspace((unsigned char)out[st])) st++;
-    while (n > st && isspace((unsigned char)out[n - 1])) n--;
-    char *r = n > st ? xstrndup(out + st, n - st) : NULL;
+    const char *out = (const char *)buf_data(&b);
+    size_t st = 0, e = buf_used(&b);
+    while (st < e && isspace((unsigned char)out[st])) st++;
+    while (e > st && isspace((unsigned char)out[e - 1])) e--;
+    char *r = e > st && !buf_check(&b) ? xstrndup(out + st, e - st) : NULL;
     buf_free(&b);
     return r;
 }
@@ -7150,8 +7388,9 @@ static void bi_workers_register(BI_ARGS)
         return;
     }
     int nsi = json_get(d, in, "namespace"), nm = json_get(d, in, "name");
-    if (!JABSENT(d, nm) && JTYPE(d, nm) == J_STRING && (raw = json_strdup(d, nm, NULL)))
-        name = sanitize(raw);
+    size_t rawlen = 0;
+    if (!JABSENT(d, nm) && JTYPE(d, nm) == J_STRING && (raw = json_strdup(d, nm, &rawlen)))
+        name = sanitize(raw, rawlen);
     xfree(raw);
     if (!JABSENT(d, nsi)) {
         if (JTYPE(d, nsi) != J_STRING || !(ns = json_strdup(d, nsi, NULL))) {
@@ -7175,23 +7414,20 @@ static void bi_workers_register(BI_ARGS)
             "worker %s: late engine::workers::register for namespace '%s' honoured in fixed "
             "namespace '%s'",
             c->wid, ns, eff);
-    /* §5.9: a (namespace, name) lease: one live worker per name in a namespace */
+    /* §5.9: a (namespace, name) lease: one live worker per name in a namespace. Whatever
+     * happens, c->lease is the lease c holds now and l->owner->lease == l for every lease */
     if (name) {
         struct lease *l = (struct lease *)reg_find(&S.leases, eff, strlen(eff), name, strlen(name));
         if (l && l->owner != c && conn_live(l->owner)) {
-            worker_rejected(c, "WORKER_NAMESPACE_CONFLICT", eff, name, NULL, l->owner->wid);
+            worker_rejected(c, "WORKER_NAMESPACE_CONFLICT", eff, name, NULL, 0, l->owner->wid,
+                            NULL);
             conn_close(c, 1008, "WORKER_NAMESPACE_CONFLICT");
             buf_puts(res, "{\"success\":false}");
             goto out;
         }
-        /* a re-register under another name gives the old lease up */
-        if (c->leased && c->name && (strcmp(c->name, name) || strcmp(c->ns ? c->ns : "", eff))) {
-            struct lease *o =
-                (struct lease *)reg_find(&S.leases, c->ns ? c->ns : eff,
-                                         strlen(c->ns ? c->ns : eff), c->name, strlen(c->name));
-            if (o && o->owner == c) hm_del(&S.leases, &o->h), xfree(o->key), xfree(o);
-            c->leased = 0;
-        }
+        /* a re-register under another name (or namespace) gives the old lease up */
+        if (c->lease && c->lease != l) lease_drop(c);
+        if (l && l->owner != c) l->owner->lease = NULL; /* its holder is going away: taken over */
         if (!l) {
             size_t kl;
             l = xcalloc(sizeof *l);
@@ -7202,16 +7438,20 @@ static void bi_workers_register(BI_ARGS)
                 rt_err(err, "invocation_error", "out of memory");
                 goto out;
             }
+            l->klen = kl;
         }
         l->owner = c;
-        c->leased = 1;
+        c->lease = l;
+    } else {
+        lease_drop(c); /* announced without a (usable) name: it holds none */
     }
     xfree(c->name);
     c->name = name;
     name = NULL;
     char *s;
     int t;
-    if (bi_str(d, in, "description", &s) > 0) xfree(c->desc), c->desc = sanitize(s), xfree(s);
+    if (bi_str(d, in, "description", &s) > 0)
+        xfree(c->desc), c->desc = sanitize(s, strlen(s)), xfree(s);
     if (bi_str(d, in, "runtime", &s) > 0) xfree(c->runtime), c->runtime = s;
     else if (!c->runtime) c->runtime = xstrdup("unknown");
     if (bi_str(d, in, "version", &s) > 0) xfree(c->version), c->version = s;
@@ -7246,7 +7486,8 @@ static void bi_triggers_list(BI_ARGS)
         struct ttype *tt = (struct ttype *)v[i];
         if (!incl && str_prefix(tt->id, "engine::")) continue;
         if (prefix && !str_prefix(tt->id, prefix)) continue;
-        if (worker && strcmp(worker, tt_worker_name(tt))) continue;
+        char seg[128];
+        if (worker && strcmp(worker, tt_worker_name(tt, seg))) continue;
         if (search && *search) {
             char *ds = raw_str(tt->desc_raw);
             int m = str_icontains(tt->id, search) || (ds && str_icontains(ds, search));
@@ -7269,15 +7510,14 @@ static void bi_triggers_list(BI_ARGS)
 static void tt_detail(struct buf *b, const struct ttype *tt)
 {
     size_t cnt = 0;
-    for (size_t i = 0; i < S.trigs.nb; i++)
-        for (struct hnode *e = S.trigs.b[i]; e; e = e->next)
-            cnt += ((struct trig *)e)->live && !strcmp(((struct trig *)e)->type, tt->id);
+    for (struct trig *t = tg_first(tt->id); t; t = t->type_next) cnt += t->live;
     buf_puts(b, "{\"id\":");
     json_put_cstr(b, tt->id);
     buf_puts(b, ",\"namespace\":");
     json_put_cstr(b, tt->ns);
     buf_puts(b, ",\"worker_name\":");
-    json_put_cstr(b, tt_worker_name(tt));
+    char seg[128];
+    json_put_cstr(b, tt_worker_name(tt, seg));
     buf_puts(b, ",\"description\":");
     buf_puts(b, tt->desc_raw ? tt->desc_raw : "null");
     if (tt->treq_raw) buf_puts(b, ",\"configuration_schema\":"), buf_puts(b, tt->treq_raw);
@@ -7401,11 +7641,16 @@ static void bi_register_trigger(BI_ARGS)
     char *cr = ct >= 0 ? jraw_dup(d, ct) : NULL, *mr = jraw_dup(d, mt);
     char id[37];
     uuid_new(id);
-    struct trig *t =
-        trig_register(NULL, id, type, fid, cr ? cr : "null", mr, NS_DEFAULT, tns, NS_DEFAULT);
-    if (!t) {
-        rt_err(err, "trigger_registration_failed", "out of memory");
-    } else {
+    char why[200];
+    size_t tl = strlen(type), fl = strlen(fid);
+    struct trig *t = NULL;
+    if (!id_ok(type, tl) || !id_ok(fid, fl) || (tns && !id_ok(tns, strlen(tns))))
+        rt_err(err, "trigger_registration_failed",
+               "ids and namespaces are 1 to %d bytes with no control characters", III_MAX_ID);
+    else if (!(t = trig_register(NULL, caller, id, type, fid, cr ? cr : "null", mr, NS_DEFAULT,
+                                 tns, NS_DEFAULT, why, sizeof why)))
+        rt_err(err, "trigger_registration_failed", "%s", why);
+    else {
         buf_printf(res, "{\"id\":\"%s\"}", id);
         /* res is the res member of the caller's struct bi_res (rt_run_builtin): reach the rest */
         ((struct bi_res *)(void *)((char *)res - offsetof(struct bi_res, res)))->defer = t;
@@ -7593,26 +7838,29 @@ static void chan_teardown(struct conn *c)
     if (!ch->w && !ch->r && ch->w_taken && ch->r_taken) chan_free(ch);
 }
 
-/* Sweeps channels not fully connected within III_CHANNEL_TTL_MS (run every 60 s, §5.13). */
+/* Sweeps channels not fully connected within III_CHANNEL_TTL_MS (§5.13), once a minute. When
+ * memory is short (over half of max_memory_bytes) unclaimed channels, whose buffered frames
+ * may be what fills it, go after III_CHANNEL_TTL_SHORT_MS instead, checked every second. The
+ * walk is over the map's buckets (saving each next link): it allocates nothing. */
 static void chan_sweep(int64_t now, int64_t *next)
 {
-    static int64_t at;
-    /* once a minute is enough for a TTL of minutes, and keeps the sweep off the hot path */
-    if (!at) at = now + 60000;
-    if (now >= at) {
-        at = now + 60000;
-        size_t n = 0;
-        struct hnode **v = hm_list(&S.chans, &n);
-        for (size_t i = 0; v && i < n; i++) {
-            struct chan *ch = (struct chan *)v[i];
-            if ((ch->w_taken && ch->r_taken) || now - ch->created < III_CHANNEL_TTL_MS) continue;
-            if (ch->w) ch->w->chan = NULL, conn_close(ch->w, 1001, "channel expired");
-            if (ch->r) ch->r->chan = NULL, conn_close(ch->r, 1001, "channel expired");
-            chan_free(ch);
-        }
-        xfree(v);
+    int short_ttl = S.set.max_memory_bytes && mem_live_bytes > S.set.max_memory_bytes / 2;
+    int64_t ttl = short_ttl ? III_CHANNEL_TTL_SHORT_MS : III_CHANNEL_TTL_MS;
+    if (!S.chan_sweep_at) S.chan_sweep_at = now + 60000;
+    if (short_ttl && S.chan_sweep_at > now + 1000) S.chan_sweep_at = now + 1000;
+    if (now >= S.chan_sweep_at) {
+        S.chan_sweep_at = now + (short_ttl ? 1000 : 60000);
+        for (size_t i = 0; i < S.chans.nb; i++)
+            for (struct hnode *e = S.chans.b[i], *nx; e; e = nx) {
+                struct chan *ch = (struct chan *)e;
+                nx = e->next;
+                if ((ch->w_taken && ch->r_taken) || now - ch->created < ttl) continue;
+                if (ch->w) ch->w->chan = NULL, conn_close(ch->w, 1001, "channel expired");
+                if (ch->r) ch->r->chan = NULL, conn_close(ch->r, 1001, "channel expired");
+                chan_free(ch);
+            }
     }
-    if (at < *next) *next = at;
+    if (S.chan_sweep_at < *next) *next = S.chan_sweep_at;
 }
 
 /* ==== Health and metrics ====================================================================
@@ -7994,6 +8242,7 @@ static void engine_free_all(void)
         xfree(v);
         hm_free(maps[m]);
     }
+    hm_free(&S.tgroups), hm_free(&S.fgroups); /* emptied with the last binding of each */
     while (S.inv_free) {
         struct inv *v = S.inv_free;
         S.inv_free = v->free_next;
@@ -8101,7 +8350,7 @@ static void loop_run(void)
         if (S.sig_chld) S.sig_chld = 0, sup_reap_children();
         if (S.sig_hup) S.sig_hup = 0, cfg_reload("SIGHUP");
         if (S.sig_term) S.stop = 1;
-        ev_functions_tick();
+        ev_functions_tick(now_ms(), &S.timer_at);
     }
     xfree(pf);
     xfree(pc);

@@ -8,6 +8,8 @@
 
 #define III_VERSION "0.23.0-c.1"
 #define III_PROTOCOL_VERSION "0.23" /* the reference engine's wire protocol we speak */
+#define III_XSTR(x)          #x
+#define III_STR(x)           III_XSTR(x) /* a limit's value as a string literal, for messages */
 
 /* ---- listener defaults (DECISIONS.md item 7) ---------------------------------------------- */
 #ifndef III_DEFAULT_HOST
@@ -90,6 +92,12 @@
 #ifndef III_READ_CHUNK
 #define III_READ_CHUNK 65536 /* bytes asked of one read(): many frames per call */
 #endif
+#ifndef III_MAX_ID
+#define III_MAX_ID 1024 /* bytes of an id or namespace: routing keys, not documents */
+#endif
+#ifndef III_MAX_SEARCH
+#define III_MAX_SEARCH 1024 /* bytes of a listing's search needle (longer matches no id) */
+#endif
 #ifndef III_MAX_NAME
 #define III_MAX_NAME 280 /* worker name/description cap, as the reference engine sanitises */
 #endif
@@ -99,6 +107,9 @@
 #ifndef III_CHANNEL_TTL_MS
 #define III_CHANNEL_TTL_MS 300000 /* a channel not fully connected after 5 min is swept */
 #endif
+#ifndef III_CHANNEL_TTL_SHORT_MS
+#define III_CHANNEL_TTL_SHORT_MS 10000 /* ... or after 10 s when memory is short */
+#endif
 #ifndef III_WORKER_LINE_MAX
 #define III_WORKER_LINE_MAX 8192 /* a captured worker output line longer than this is split */
 #endif
@@ -107,6 +118,9 @@
 #endif
 #ifndef III_LOG_WINDOW_MS
 #define III_LOG_WINDOW_MS 10000 /* ... of this long; the rest are counted, not written */
+#endif
+#ifndef III_DISCOVERY_BYTES_PER_S
+#define III_DISCOVERY_BYTES_PER_S (16u << 20) /* functions_changed pacing: a 1 MB snapshot per 62 ms */
 #endif
 #ifndef III_BACKOFF_MIN_MS
 #define III_BACKOFF_MIN_MS 1000 /* restart backoff: 1 s doubling ... */

@@ -124,7 +124,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         break;
     }
     buf_free(&b);
-    ev_functions_tick();
+    {
+        int64_t nx = INT64_MAX;
+        ev_functions_tick(now_ms(), &nx);
+    }
     /* every connection goes away: teardown paths run, then nothing may be left */
     for (struct conn *x = S.conns; x; x = x->next) x->dead = 1, reap_push(x);
     S.dirty = NULL;

@@ -430,12 +430,12 @@ static void t_json_api(void)
     char *x = malloc(deep);
     memset(x, '[', deep);
     CHECK(json_parse(&d, (unsigned char *)x, deep, 2, 1) < 0, "deep nesting accepted");
-    memset(x, '[', 64);
-    memset(x + 64, ']', 64);
-    CHECK(json_parse(&d, (unsigned char *)x, 128, 2, 1) == 0, "depth 64 rejected");
-    memset(x, '[', 65);
-    memset(x + 65, ']', 65);
-    CHECK(json_parse(&d, (unsigned char *)x, 130, 2, 1) < 0, "depth 65 accepted");
+    memset(x, '[', 128);
+    memset(x + 128, ']', 128);
+    CHECK(json_parse(&d, (unsigned char *)x, 256, 2, 1) == 0, "depth 128 rejected");
+    memset(x, '[', 129);
+    memset(x + 129, ']', 129);
+    CHECK(json_parse(&d, (unsigned char *)x, 258, 2, 1) < 0, "depth 129 accepted");
     free(x);
     xfree(d.t);
     PASS();
