@@ -249,11 +249,12 @@ def serve():
                     if msg.get("code") == "WORKER_NAMESPACE_CONFLICT":
                         ws.close()
                         return 1
-        except Closed as e:
+        except (Closed, ConnectionError, ValueError) as e:  # ValueError: a frame that is not JSON
             ws.close()
             if time.monotonic() - connected_at > 60:
                 backoff = 1.0
-            why = "engine restarting" if e.code == 1012 else f"close code {e.code}" if e.code else "connection lost"
+            code = getattr(e, "code", None)
+            why = "engine restarting" if code == 1012 else f"close code {code}" if code else f"connection lost: {e}"
             log(f"disconnected ({why}); reconnecting in {backoff:.0f}s")
             time.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, 30.0)
