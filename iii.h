@@ -107,6 +107,12 @@
 #ifndef III_CHANNEL_TTL_MS
 #define III_CHANNEL_TTL_MS 300000 /* a channel not fully connected after 5 min is swept */
 #endif
+#ifndef III_DRAIN_FRAMES
+#define III_DRAIN_FRAMES 256 /* queued frames applied per connection per loop turn ... */
+#endif
+#ifndef III_DRAIN_BYTES
+#define III_DRAIN_BYTES (1u << 20) /* ... or this many bytes: no turn does unbounded work */
+#endif
 #ifndef III_CHANNEL_TTL_SHORT_MS
 #define III_CHANNEL_TTL_SHORT_MS 10000 /* ... or after 10 s when memory is short */
 #endif

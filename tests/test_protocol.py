@@ -1142,11 +1142,19 @@ def ns_registration_buffered_until_announce():
         obs = Conn(e, name="obs")
         c = Conn(e, name="ordw", announce=False)
         c.regfn("ord::f", description="orders fn")
-        check(isinstance(c.ok("engine::functions::list", {}).get("functions"), list),
-              "invokes from a pending connection must be processed immediately")
+        # DECISIONS.md item 10: a call behind the connection's own buffered registrations waits
+        # in that queue and runs after them, in the namespace the announce settles
+        lid = new_id()
+        c.send({"type": "invokefunction", "invocation_id": lid,
+                "function_id": "engine::functions::list", "data": {}})
         check(frow(obs, "ord::f", "orders") is None and frow(obs, "ord::f") is None,
               "a registration before engine::workers::register must be buffered")
+        c.quiet(0.3, " (a call behind buffered registrations must wait for the announce)")
         c.announce(ns="orders")
+        mine = c.recv(is_result(lid), what="the queued call's result").get("result") or {}
+        check(any(f.get("function_id") == "ord::f" and f.get("namespace") == "orders"
+                  for f in mine.get("functions", [])),
+              "the queued call must see its own registration (read-your-own-writes)")
         row = wait_until(lambda: frow(obs, "ord::f", "orders"), what="ord::f in orders",
                          show=lambda: flist(obs))
         eq(row.get("worker_name"), "ordw", "worker_name of the buffered function")
