@@ -143,6 +143,11 @@ if have clang && clang -g -O1 -fsanitize=fuzzer,address,undefined -Wno-unused-fu
 else
     skip "fuzz: clang with libFuzzer not available"
 fi
+# the stateful protocol fuzzer (registry invariants and routing oracles after every step) and
+# the allocation-failure sweep over a scripted worker session
+if [ -f tests/run_fuzz_state.sh ]; then
+    if [ "$LONG" = 1 ]; then run_suite fuzz_state sh tests/run_fuzz_state.sh --long; else run_suite fuzz_state sh tests/run_fuzz_state.sh; fi
+fi
 if [ -f bench/run.sh ]; then
     run_suite bench_smoke sh bench/run.sh --smoke
 fi

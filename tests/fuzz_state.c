@@ -184,7 +184,8 @@ static void fz_check_invariants(void)
         FZ_CHECK("reap", fz_in_conns(c) && c->reapq, "S.reap holds a freed or unflagged conn");
     for (struct conn *c = S.dirty; c; c = c->dnext)
         FZ_CHECK("dirty", fz_in_conns(c), "S.dirty holds a freed connection");
-    FZ_CHECK("defer", !S.defer, "S.defer left set between messages");
+    for (struct conn *c = S.drain; c; c = c->drnext)
+        FZ_CHECK("drain", fz_in_conns(c) && c->draining, "S.drain holds a freed or unflagged conn");
 
     /* worker map */
     for (size_t i = 0; i < S.workers.nb; i++)
@@ -203,7 +204,7 @@ static void fz_check_invariants(void)
             FZ_CHECK("inv-list", v->caller == c, "calls_out of %s holds a call of another caller",
                      c->wid);
             FZ_CHECK("inv-list", v->cnext == NULL || v->cnext->cprev == v, "calls_out links");
-            FZ_CHECK("inv-list", hm_get(&S.invs, v->id, 36) == &v->h,
+            FZ_CHECK("inv-list", inv_find(v->id) == v,
                      "calls_out of %s holds %s, not in S.invs", c->wid, v->id);
             FZ_CHECK("inv-list", ++out < 1000000, "calls_out cycle");
         }
@@ -211,12 +212,28 @@ static void fz_check_invariants(void)
             FZ_CHECK("inv-list", v->target == c, "calls_in of %s holds a call for another target",
                      c->wid);
             FZ_CHECK("inv-list", v->tnext == NULL || v->tnext->tprev == v, "calls_in links");
-            FZ_CHECK("inv-list", hm_get(&S.invs, v->id, 36) == &v->h,
+            FZ_CHECK("inv-list", inv_find(v->id) == v,
                      "calls_in of %s holds %s, not in S.invs", c->wid, v->id);
             FZ_CHECK("inv-list", ++in < 1000000, "calls_in cycle");
         }
-        FZ_CHECK("n_calls", c->n_calls == in + out, "%s: n_calls %zu but %zu in + %zu out lists",
-                 c->wid, c->n_calls, in, out);
+        FZ_CHECK("n_calls", c->n_in == in && c->n_out == out,
+                 "%s: n_in/n_out %zu/%zu but %zu in + %zu out lists", c->wid, c->n_in, c->n_out,
+                 in, out);
+        size_t ntr = 0;
+        for (struct trig *t = c->trigs; t; t = t->acct_next) {
+            FZ_CHECK("trig-acct", t->acct == c && (!t->acct_next || t->acct_next->acct_prev == t),
+                     "acct list of %s broken", c->wid);
+            FZ_CHECK("trig-acct", hm_get(&S.trigs, t->id, strlen(t->id)) == &t->h,
+                     "acct list of %s holds an unmapped binding", c->wid);
+            FZ_CHECK("trig-acct", ++ntr < 1000000, "acct list cycle");
+        }
+        FZ_CHECK("trig-acct", ntr == c->n_trigs, "%s: n_trigs %zu but %zu listed", c->wid,
+                 c->n_trigs, ntr);
+        for (struct ttype *tt = c->ttypes; tt; tt = tt->pnext)
+            FZ_CHECK("tt-prov", tt->provider == c, "ttypes list of %s holds another's type", c->wid);
+        if (c->lease)
+            FZ_CHECK("lease-owner", c->lease->owner == c, "%s points at a lease it does not own",
+                     c->wid);
         size_t nf = 0;
         for (struct func *f = c->funcs; f; f = f->cnext) {
             FZ_CHECK("func-list", f->owner == c && hm_get(&S.funcs, f->key, f->klen) == &f->h,
@@ -224,7 +241,8 @@ static void fz_check_invariants(void)
             FZ_CHECK("func-list", ++nf < 1000000, "funcs list cycle");
         }
         if (c->torn)
-            FZ_CHECK("torn-owns", !c->funcs && !c->calls_in && !c->calls_out && !c->n_calls &&
+            FZ_CHECK("torn-owns", !c->funcs && !c->calls_in && !c->calls_out && !c->n_in && !c->n_out &&
+                                      !c->trigs && !c->ttypes && !c->lease && !c->draining &&
                                       hm_get(&S.workers, c->wid, 36) != &c->h,
                      "torn connection %s still owns functions/calls or is mapped", c->wid);
         if (c->kind == CK_WORKER && !c->torn && !c->dead && c->ws)
@@ -244,16 +262,16 @@ static void fz_check_invariants(void)
         if (c->ns_state == NS_RESOLVED) {
             FZ_CHECK("ns", c->ns && !str_blank(c->ns, strlen(c->ns)),
                      "%s resolved to a NULL or blank namespace", c->wid);
-            FZ_CHECK("pendq", !buf_used(&c->pendq),
-                     "%s is resolved but still holds %zu bytes of buffered registrations", c->wid,
+            FZ_CHECK("pendq", !buf_used(&c->pendq) || c->draining || !conn_open(c),
+                     "%s is resolved, holds %zu queued bytes and is not draining", c->wid,
                      buf_used(&c->pendq));
         }
         /* a connection that claims a lease holds exactly that one (ns, name) */
-        if (c->leased && c->name && c->ns && conn_live(c)) {
+        if (c->lease && c->name && c->ns && conn_live(c)) {
             struct lease *l = (struct lease *)reg_find(&S.leases, c->ns, strlen(c->ns), c->name,
                                                        strlen(c->name));
-            FZ_CHECK("lease-missing", l && l->owner == c,
-                     "%s has leased=1 name '%s' ns '%s' but holds no such lease", c->wid, c->name,
+            FZ_CHECK("lease-missing", l == c->lease,
+                     "%s holds a lease but not the one for name '%s' ns '%s'", c->wid, c->name,
                      c->ns);
         }
     }
@@ -306,6 +324,12 @@ static void fz_check_invariants(void)
             fz_check_str("binding config", t->config_raw, strlen(t->config_raw), 0);
             fz_check_str("binding metadata", t->meta_raw, t->meta_raw ? strlen(t->meta_raw) : 0, 0);
             fz_check_ref("owner", t->owner, 1, t->id);
+            FZ_CHECK("trig-group", t->tg && !strcmp(t->tg->key, t->type) &&
+                                       tg_find(&S.tgroups, t->type, strlen(t->type)) == t->tg,
+                     "binding %s is not in the group of its type", t->id);
+            FZ_CHECK("trig-group", t->fg && t->fg->n && t->tg->n, "binding %s group count", t->id);
+            if (t->owner) FZ_CHECK("trig-acct", t->acct == t->owner, "live binding %s counted "
+                                   "against another connection", t->id);
             if (t->live)
                 FZ_CHECK("trig-live", t->provider_ns && trig_provider(t),
                          "binding %s is live but its provider type (%s in %s) is gone", t->id,
@@ -324,14 +348,19 @@ static void fz_check_invariants(void)
             FZ_CHECK("lease-owner", fz_in_conns(l->owner),
                      "lease (%s, %s) owned by a freed connection", ns, name);
             if (!fz_in_conns(l->owner)) continue;
+            FZ_CHECK("lease-owner", l->owner->lease == l, "lease (%s, %s) not held by its owner",
+                     ns, name);
+            /* an owner on its way out (closing, dead) keeps the lease until teardown frees it
+             * through c->lease; its name and namespace may be half-set (an OOM mid-announce) */
+            if (!conn_live(l->owner)) continue;
             /* the owner still goes by that name in that namespace (else the lease is stale and
              * teardown, which looks the lease up by the current name, will not release it) */
             FZ_CHECK("lease-name",
-                     l->owner->leased && l->owner->name && !strcmp(l->owner->name, name) &&
+                     l->owner->lease == l && l->owner->name && !strcmp(l->owner->name, name) &&
                          l->owner->ns && !strcmp(l->owner->ns, ns),
                      "lease (%s, %s) owned by %s which is now named '%s' in '%s' (leased=%d)", ns,
                      name, l->owner->wid, l->owner->name ? l->owner->name : "(null)",
-                     l->owner->ns ? l->owner->ns : "(null)", l->owner->leased);
+                     l->owner->ns ? l->owner->ns : "(null)", l->owner->lease == l);
         }
 
     /* calls in flight */
@@ -341,7 +370,7 @@ static void fz_check_invariants(void)
             struct inv *v = (struct inv *)e;
             ninv++;
             nack += v->kind == INV_ACK;
-            FZ_CHECK("inv-key", e->key == v->id && e->klen == 36 && strlen(v->id) == 36,
+            FZ_CHECK("inv-key", e->key == v->key && e->klen == 36 && strlen(v->id) == 36,
                      "call record keyed wrong");
             fz_check_ref("target", v->target, 0, v->id);
             fz_check_ref("caller", v->caller, !(v->kind == INV_CALL || v->kind == INV_ACK), v->id);
@@ -997,7 +1026,11 @@ static void fz_timers(void)
 
 static void fz_reap(void)
 {
-    ev_functions_tick();
+    {
+        int64_t nx = INT64_MAX;
+        drain_tick();
+        ev_functions_tick(now_ms(), &nx);
+    }
     fz_drain_out();
     for (int i = 0; i < FZ_SLOTS; i++)
         if (fz_s[i].c && fz_s[i].c->dead) fz_slot_clear(i); /* freed by the pass below */

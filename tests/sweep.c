@@ -26,7 +26,11 @@ static int sw_verbose;
 /* One step of the script: slot i sends the frame in fz_msg (if i is open), then a loop turn. */
 static void sw_turn(void)
 {
-    ev_functions_tick();
+    {
+        int64_t nx = INT64_MAX;
+        drain_tick();
+        ev_functions_tick(now_ms(), &nx);
+    }
     fz_reap();
     fz_drain_out();
     fz_check_invariants();
