@@ -69,7 +69,7 @@
 /* ==== Utilities =============================================================================
  * Logging through one macro that checks the level before formatting; die() only before the
  * loop starts; allocation wrappers that count live bytes and can be told to fail (tests);
- * clocks in int64 milliseconds; random ids from /dev/urandom with a xorshift fallback.
+ * clocks in int64 milliseconds; SipHash; random ids from /dev/urandom (opened once).
  */
 /* Levels in increasing verbosity: LOG(l) prints when l <= log_level. The default (info) logs
  * connection and worker lifecycle events only, never one line per message. */
@@ -91,7 +91,12 @@ static void log_write(int level, const char *fmt, ...) III_PRINTF(2, 3);
         if ((level) <= log_level) log_write((level), __VA_ARGS__);                                 \
     } while (0)
 
-/* Writes one "iii: level: text" line to stderr in a single write() (lines do not interleave). */
+/* Where log lines go once the loop runs (out_log: a queue drained when stderr is writable, so a
+ * stderr nobody reads never blocks the loop); NULL before that and in the CLI: write(2). */
+static void (*log_sink)(const char *line, size_t n);
+
+/* Writes one "iii: level: text" line to stderr in a single write() (lines do not interleave),
+ * or hands it to log_sink. */
 static void log_write(int level, const char *fmt, ...)
 {
     /* one stack line: a longer message is cut, never split across two writes */
@@ -105,6 +110,10 @@ static void log_write(int level, const char *fmt, ...)
     size_t len = (size_t)n + (size_t)m;
     if (len > sizeof line - 2) len = sizeof line - 2;
     line[len++] = '\n';
+    if (log_sink) {
+        log_sink(line, len);
+        return;
+    }
     ssize_t w = write(2, line, len);
     (void)w;
 }
@@ -206,36 +215,105 @@ static int64_t wall_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Random bytes: a ChaCha-free design is enough here, ids need uniqueness and unguessability
- * (reattach tokens, channel keys), so the pool is refilled from /dev/urandom; when that is
- * unavailable a xorshift seeded from time and pid keeps the engine working (logged once). */
+/* SipHash-1-3 (Aumasson and Bernstein; the variant Rust and Python use for their hash tables):
+ * a keyed 64-bit PRF. With a per-process random key, an attacker cannot precompute keys that
+ * collide in the engine's hash maps, nor predict the fallback random stream below. Words are
+ * assembled little-endian with shifts, so the value is the same on any host. */
+#define SIP_ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIP_ROUND(v0, v1, v2, v3)                                                                  \
+    do {                                                                                           \
+        v0 += v1, v1 = SIP_ROTL(v1, 13), v1 ^= v0, v0 = SIP_ROTL(v0, 32);                          \
+        v2 += v3, v3 = SIP_ROTL(v3, 16), v3 ^= v2;                                                 \
+        v0 += v3, v3 = SIP_ROTL(v3, 21), v3 ^= v0;                                                 \
+        v2 += v1, v1 = SIP_ROTL(v1, 17), v1 ^= v2, v2 = SIP_ROTL(v2, 32);                          \
+    } while (0)
+
+/* SipHash-c-d of data[0..n) under key (k0, k1): c rounds per word, d to finish. The engine
+ * uses 1-3; the unit tests check 2-4 against the paper's test vector. */
+static uint64_t siphash(uint64_t k0, uint64_t k1, const void *data, size_t n, int c, int d)
+{
+    const unsigned char *m = data;
+    uint64_t v0 = k0 ^ UINT64_C(0x736f6d6570736575), v1 = k1 ^ UINT64_C(0x646f72616e646f6d);
+    uint64_t v2 = k0 ^ UINT64_C(0x6c7967656e657261), v3 = k1 ^ UINT64_C(0x7465646279746573);
+    uint64_t b = (uint64_t)n << 56, w;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        w = 0;
+        for (int k = 7; k >= 0; k--) w = w << 8 | m[i + (size_t)k];
+        v3 ^= w;
+        for (int r = 0; r < c; r++) SIP_ROUND(v0, v1, v2, v3);
+        v0 ^= w;
+    }
+    for (size_t k = 0; i + k < n; k++) b |= (uint64_t)m[i + k] << (8 * k);
+    v3 ^= b;
+    for (int r = 0; r < c; r++) SIP_ROUND(v0, v1, v2, v3);
+    v0 ^= b;
+    v2 ^= 0xff;
+    for (int r = 0; r < d; r++) SIP_ROUND(v0, v1, v2, v3);
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+static uint64_t siphash13(uint64_t k0, uint64_t k1, const void *data, size_t n)
+{
+    return siphash(k0, k1, data, n, 1, 3);
+}
+
+/* Random bytes for ids and tokens (worker ids, reattach tokens, channel keys: they must be
+ * unguessable). /dev/urandom is opened once at start-up (rnd_init, close-on-exec) and read 512
+ * bytes at a time through that descriptor, so running out of descriptors later cannot take it
+ * away. Should a read ever fail, the pool is refilled from SipHash in counter mode under a key
+ * that itself came from /dev/urandom. With no strong source at all the engine refuses to start
+ * unless III_ALLOW_WEAK_RANDOM=1, and then says so loudly. hm_k0/hm_k1 key the hash maps. */
 static unsigned char rnd_pool[512];
 static size_t rnd_left;
-static uint64_t rnd_state;
+static uint64_t rnd_state;        /* counter of the SipHash fallback stream */
+static uint64_t rnd_k0, rnd_k1;   /* its key */
+static uint64_t hm_k0, hm_k1;     /* the hash maps' key */
+static int rnd_fd = -1;           /* /dev/urandom, kept open */
 
-/* Fills out[0..n) from the pool, refilling it 512 bytes at a time (one open/read/close per
- * refill keeps no fd around across fork/exec). Never fails. */
+/* Fills out[0..n) from the pool, refilling it 512 bytes at a time. Never fails. */
 static void rnd_bytes(unsigned char *out, size_t n)
 {
     while (n) {
         if (!rnd_left) {
-            int fd = open("/dev/urandom", O_RDONLY);
-            ssize_t r = fd >= 0 ? read(fd, rnd_pool, sizeof rnd_pool) : -1;
-            if (fd >= 0) close(fd);
-            if (r != (ssize_t)sizeof rnd_pool) {
-                if (!rnd_state)
-                    rnd_state = (uint64_t)now_ms() * 0x9E3779B97F4A7C15u ^ (uint64_t)getpid();
-                for (size_t i = 0; i < sizeof rnd_pool; i++) {
-                    rnd_state ^= rnd_state << 13, rnd_state ^= rnd_state >> 7,
-                        rnd_state ^= rnd_state << 17;
-                    rnd_pool[i] = (unsigned char)(rnd_state >> 32);
+            ssize_t r = rnd_fd >= 0 ? read(rnd_fd, rnd_pool, sizeof rnd_pool) : -1;
+            if (r != (ssize_t)sizeof rnd_pool)
+                for (size_t i = 0; i < sizeof rnd_pool; i += 8) {
+                    uint64_t ctr = rnd_state++, v = siphash13(rnd_k0, rnd_k1, &ctr, sizeof ctr);
+                    for (int k = 0; k < 8; k++) rnd_pool[i + (size_t)k] = (unsigned char)(v >> (8 * k));
                 }
-            }
             rnd_left = sizeof rnd_pool;
         }
         *out++ = rnd_pool[--rnd_left];
         n--;
     }
+}
+
+/* Start-up: opens the random source and draws the keys. 0 ok; -1 when no strong source exists
+ * (the caller refuses to start unless weak randomness was allowed, and then the keys come
+ * from the clock, the pid and an address: unique, not secret). */
+static int rnd_init(void)
+{
+    unsigned char k[32];
+    size_t got = 0;
+    rnd_fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    while (rnd_fd >= 0 && got < sizeof k) {
+        ssize_t r = read(rnd_fd, k + got, sizeof k - got);
+        if (r <= 0 && !(r < 0 && errno == EINTR)) break;
+        if (r > 0) got += (size_t)r;
+    }
+    if (got < sizeof k) {
+        uint64_t t = (uint64_t)now_ms() ^ (uint64_t)wall_ms() << 20 ^ (uint64_t)getpid() << 40 ^
+                     (uint64_t)(uintptr_t)&got;
+        rnd_k0 = hm_k0 = siphash13(t, ~t, "iii-weak", 8);
+        rnd_k1 = hm_k1 = siphash13(~t, t, "iii-weak", 8);
+        return -1;
+    }
+    for (int i = 0; i < 8; i++) {
+        hm_k0 = hm_k0 << 8 | k[i], hm_k1 = hm_k1 << 8 | k[8 + i];
+        rnd_k0 = rnd_k0 << 8 | k[16 + i], rnd_k1 = rnd_k1 << 8 | k[24 + i];
+    }
+    return 0;
 }
 
 /* Writes a lowercase hyphenated UUIDv4 (36 chars + NUL) into out. */
@@ -841,8 +919,8 @@ static int json_key_is_cwid(const unsigned char *s, size_t n)
 /* Parses s[0..n) as one JSON text into d (tokens reused between calls; the caller owns d and
  * frees d->t). Containers nested deeper than tokdepth (1 = only the top value) are validated
  * but kept as one opaque token. check_utf8: 0 when the input was already validated.
- * Returns 0, or -1 on a syntax error, a depth over III_JSON_MAX_DEPTH, more than d->max tokens,
- * or OOM. */
+ * Returns 0; -2 when nesting goes deeper than III_JSON_MAX_DEPTH (the text before that point
+ * was valid); -1 on a syntax error, more than d->max tokens, or OOM. */
 static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokdepth,
                       int check_utf8)
 {
@@ -864,7 +942,7 @@ static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokd
         unsigned char c = s[i];
         if (expect_key && c != '"') return -1;
         if (c == '{' || c == '[') {
-            if (depth >= III_JSON_MAX_DEPTH) return -1;
+            if (depth >= III_JSON_MAX_DEPTH) return -2;
             if (tokenize) {
                 if ((ti = json_push(d, c == '{' ? J_OBJECT : J_ARRAY, i)) < 0) return -1;
                 /* its children sit at tokdepth: validated, not tokenized */
@@ -3578,8 +3656,9 @@ fail:
 
 /* ==== Hash map ==============================================================================
  * Intrusive chained hash map keyed by byte strings: the node lives inside the object, so an
- * insert allocates nothing but the (rarely grown) bucket array. FNV-1a hashing; the table
- * doubles at load factor 1. Every keyed object starts with a struct hnode.
+ * insert allocates nothing but the (rarely grown) bucket array. Keyed SipHash-1-3 hashing, so
+ * no client can choose colliding keys; the table doubles at load factor 1. Every keyed object
+ * starts with a struct hnode.
  */
 struct hnode {
     struct hnode *next; /* bucket chain */
@@ -3593,14 +3672,9 @@ struct hmap {
     size_t nb, n;     /* buckets / nodes in the map */
 };
 
-/* 32-bit FNV-1a over the key bytes: simple and fast on short ids. It is not keyed, so it is
- * not resistant to deliberately colliding keys. */
-static uint32_t hm_hash(const char *k, size_t n)
-{
-    uint32_t h = 2166136261u;
-    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)k[i]) * 16777619u;
-    return h;
-}
+/* SipHash-1-3 of the key under the per-process random key (rnd_init): colliding keys cannot be
+ * computed in advance (65,536 ids with one FNV-1a hash made every lookup a list walk). */
+static uint32_t hm_hash(const char *k, size_t n) { return (uint32_t)siphash13(hm_k0, hm_k1, k, n); }
 
 /* Looks up key k[0..n); returns the node (embedded in its object) or NULL. */
 static struct hnode *hm_get(const struct hmap *m, const char *k, size_t n)
@@ -3905,6 +3979,7 @@ static struct {
     int ep;             /* epoll descriptor, -1 when every connection is polled each turn */
     int reap_now;       /* a dead connection waits on S.reap: do not sleep before reaping it */
     uint64_t n_busy;    /* calls refused with BUSY (a bound or the memory budget) */
+    int spare_fd;       /* a descriptor held in reserve for accept() at EMFILE, or -1 */
 } S;
 
 static const char NS_DEFAULT[] = "default";
@@ -4759,13 +4834,9 @@ static void ws_on_data(struct conn *c)
  * The set of function ids is summarised by an order-independent fingerprint (sum of 64-bit
  * hashes plus a count) so the loop can tell in O(1) whether functions-available must fire.
  */
-/* 64-bit FNV-1a with a final fold: one term of the function-set fingerprint. */
-static uint64_t fnv64(const char *k, size_t n)
-{
-    uint64_t h = UINT64_C(14695981039346656037);
-    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)k[i]) * UINT64_C(1099511628211);
-    return h ^ (h >> 29);
-}
+/* One term of the function-set fingerprint: a keyed 64-bit hash, so no client can pick ids
+ * whose terms cancel and hide a change from functions-available subscribers. */
+static uint64_t reg_fp_hash(const char *k, size_t n) { return siphash13(hm_k1, hm_k0, k, n); }
 
 /* Builds "ns\0id\0" in stackbuf when it fits, else in a new allocation (caller frees when the
  * result differs from stackbuf). NULL on OOM. */
@@ -4837,7 +4908,7 @@ static struct func *func_add(struct conn *owner, const char *ns, size_t nl, cons
         if (owner->funcs) owner->funcs->cprev = f;
         owner->funcs = f, owner->n_funcs++;
     }
-    S.fn_fp += fnv64(f->key, kl);
+    S.fn_fp += reg_fp_hash(f->key, kl);
     S.fn_n++;
     return f;
 }
@@ -4866,7 +4937,7 @@ static void func_remove(struct func *f)
     else g->head = f->inext;
     if (f->inext) f->inext->iprev = f->iprev;
     if (!--g->n) hm_del(&S.fids, &g->h), xfree(g->key), xfree(g);
-    S.fn_fp -= fnv64(f->key, f->klen);
+    S.fn_fp -= reg_fp_hash(f->key, f->klen);
     S.fn_n--;
     func_clear_meta(f);
     xfree(f->key);
@@ -5562,7 +5633,7 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
                                JLEN(d, fidt), NULL, 0, buf_data(&e), buf_used(&e), "", 0);
                 buf_free(&e);
             } else {
-                LOG(LOG_WARN, "worker %s: invoke of %.*s with a blank namespace dropped", c->wid,
+                LOG_LIMITED(c, LOG_WARN, "worker %s: invoke of %.*s with a blank namespace dropped", c->wid,
                     (int)fl, fid);
             }
             goto done;
@@ -5611,7 +5682,7 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
     xfree(ctxh);
     goto done;
 drop:
-    LOG(LOG_WARN, "worker %s: json decode error: invalid invokefunction dropped", c->wid);
+    LOG_LIMITED(c, LOG_WARN, "worker %s: json decode error: invalid invokefunction dropped", c->wid);
 done:
     buf_free(&s1), buf_free(&s2), buf_free(&s3);
 }
@@ -5947,10 +6018,11 @@ static struct trig *trig_register(struct conn *owner, struct conn *acct, const c
     if (acct) trig_acct(t, acct);
     /* no provider yet: the binding stays parked (§4.4) until one registers the type */
     if (tt) trig_deliver(t, tt);
-    else
-        LOG(LOG_WARN,
-            "trigger %s: no provider for trigger type '%s' yet; parked until a worker registers it",
-            id, type);
+    else if (acct)
+        LOG_LIMITED(acct, LOG_WARN,
+                    "trigger %s: no provider for trigger type '%s' yet; parked until a worker "
+                    "registers it",
+                    id, type);
     return t;
 }
 
@@ -6150,7 +6222,7 @@ static void reg_function(struct conn *c, const struct jdoc *d)
     /* §2.1 step 6: an HTTP-invoked function needs the http_functions module, which this engine
      * does not have: logged, no reply */
     if (!JABSENT(d, json_get(d, 0, "invocation"))) {
-        LOG(LOG_ERROR,
+        LOG_LIMITED(c, LOG_ERROR,
             "worker %s: function %.*s is HTTP-invoked; this engine has no http_functions module",
             c->wid, (int)il, id);
         goto done;
@@ -6478,7 +6550,7 @@ static void worker_reattach(struct conn *c, const struct jdoc *d)
     /* §1.7 step 2: worker ids are public, so the token is the proof of identity */
     if (!old || old->torn) return;
     if (JTYPE(d, tk) != J_STRING || JLEN(d, tk) != 38 || memcmp(JRAW(d, tk) + 1, old->token, 36)) {
-        LOG(LOG_WARN, "worker %s: reattach to %s refused: missing or wrong reattach_token", c->wid,
+        LOG_LIMITED(c, LOG_WARN, "worker %s: reattach to %s refused: missing or wrong reattach_token", c->wid,
             old->wid);
         return;
     }
@@ -6580,6 +6652,48 @@ static int msg_valid(const struct jdoc *d, const char *t, size_t tl)
     return 1;
 }
 
+/* A frame nested deeper than III_JSON_MAX_DEPTH is not parsed, but a call in it is still
+ * answered rather than left to hang: the top-level members are found by skipping values (a
+ * bracket counter, no stack, bounded by n), and an invokefunction with a well-formed
+ * invocation_id and function_id gets deserialization_error. Anything else is logged. */
+static void worker_too_deep(struct conn *c, const unsigned char *p, size_t n)
+{
+    size_t i = 0, ids = 0, fs = 0, fl = 0;
+    int esc, invoke = 0, idok = 0;
+    while (i < n && JSON_WS(p[i])) i++;
+    if (i < n && p[i] == '{') i++;
+    else i = n;
+    while (i < n) {
+        while (i < n && (JSON_WS(p[i]) || p[i] == ',')) i++;
+        size_t ks = i, ke = i, vs;
+        if (i >= n || p[i] != '"' || json_scan_str(p, n, &ke, 1, &esc) < 0) break;
+        for (i = ke; i < n && JSON_WS(p[i]); i++) continue;
+        if (i >= n || p[i] != ':') break;
+        for (i++; i < n && JSON_WS(p[i]); i++) continue;
+        if (i >= n) break;
+        vs = i;
+        int str = p[i] == '"', vesc = 0;
+        if (str && json_scan_str(p, n, &i, 1, &vesc) < 0) break;
+        if (!str) i = json_skip(p, n, i);
+#define KEY_IS(k) (!esc && ke - ks == sizeof(k) + 1 && !memcmp(p + ks + 1, k, sizeof(k) - 1))
+        if (KEY_IS("type") && str && i - vs == 16 && !memcmp(p + vs, "\"invokefunction\"", 16))
+            invoke = 1;
+        else if (KEY_IS("invocation_id") && str && !vesc && i - vs == 38)
+            ids = vs + 1, idok = uuid_valid((const char *)p + ids, 36);
+        else if (KEY_IS("function_id") && str)
+            fs = vs, fl = i - vs;
+#undef KEY_IS
+    }
+    LOG_LIMITED(c, LOG_WARN, "worker %s: frame nested deeper than %d levels dropped%s", c->wid,
+                III_JSON_MAX_DEPTH, invoke && idok && fl ? " (the call is answered with an error)" : "");
+    if (!invoke || !idok || !fl) return;
+    static const char e[] = "{\"code\":\"deserialization_error\",\"message\":\"Failed to "
+                            "deserialize invokefunction: nested deeper than " III_STR(
+                                III_JSON_MAX_DEPTH) " levels\"}";
+    rt_send_result(c, (const char *)p + ids, 36, (const char *)p + fs, fl, NULL, 0,
+                   (const unsigned char *)e, sizeof e - 1, "", 0);
+}
+
 /* Every frame from a worker connection. Malformed or unknown frames are dropped without a
  * reply and without closing (§1.5). Text frames arrive UTF-8-validated; binary ones are
  * checked by the parser (check_utf8). */
@@ -6591,13 +6705,18 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
     /* an envelope has a handful of members; 4096 tokens bounds the work per frame (payloads are
      * not tokenized: tokdepth 2 keeps `data` one opaque token) */
     d->max = 4096;
-    if (json_parse(d, p, n, 2, check_utf8) < 0 || d->t[0].type != J_OBJECT) {
-        LOG(LOG_WARN, "worker %s: json decode error: frame dropped", c->wid);
+    int rc = json_parse(d, p, n, 2, check_utf8);
+    if (rc == -2) {
+        worker_too_deep(c, p, n);
+        return;
+    }
+    if (rc < 0 || d->t[0].type != J_OBJECT) {
+        LOG_LIMITED(c, LOG_WARN, "worker %s: json decode error: frame dropped", c->wid);
         return;
     }
     int ty = json_get(d, 0, "type");
     if (JTYPE(d, ty) != J_STRING) {
-        LOG(LOG_WARN, "worker %s: json decode error: frame without type dropped", c->wid);
+        LOG_LIMITED(c, LOG_WARN, "worker %s: json decode error: frame without type dropped", c->wid);
         return;
     }
     const char *t = (const char *)JRAW(d, ty) + 1;
@@ -6606,7 +6725,7 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
 #define TYPE_IS(x) (tl == sizeof(x) - 1 && !memcmp(t, x, tl))
     /* the reference engine's serde rules: a wrong field type drops the frame (§1.5) */
     if (!msg_valid(d, t, tl)) {
-        LOG(LOG_WARN, "worker %s: json decode error: invalid %.*s frame dropped", c->wid, (int)tl,
+        LOG_LIMITED(c, LOG_WARN, "worker %s: json decode error: invalid %.*s frame dropped", c->wid, (int)tl,
             t);
         return;
     }
@@ -6650,7 +6769,7 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
             if (tr && pt && pt->provider == c && !JABSENT(d, err)) {
                 /* §4.3: a provider's error parks the binding and is forwarded to its owner */
                 tr->live = 0;
-                LOG(LOG_WARN, "trigger %s: provider refused it; parked", tr->id);
+                LOG_LIMITED(c, LOG_WARN, "trigger %s: provider refused it; parked", tr->id);
                 if (tr->owner && conn_open(tr->owner)) {
                     struct buf b = {0};
                     buf_puts(&b, "{\"type\":\"triggerregistrationresult\",\"id\":");
@@ -6666,7 +6785,7 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
                     buf_free(&b);
                 }
             } else if (tr && pt && pt->provider != c) {
-                LOG(LOG_WARN,
+                LOG_LIMITED(c, LOG_WARN,
                     "worker %s: triggerregistrationresult for %s from a non-provider ignored",
                     c->wid, tr->id);
             }
@@ -7593,7 +7712,7 @@ static void bi_workers_register(BI_ARGS)
     /* the first resolution wins (§1.4): a late register with another namespace changes nothing */
     const char *eff = c->ns_state != NS_PENDING && c->ns ? c->ns : ns ? ns : NS_DEFAULT;
     if (c->ns_state != NS_PENDING && ns && strcmp(ns, eff))
-        LOG(LOG_WARN,
+        LOG_LIMITED(c, LOG_WARN,
             "worker %s: late engine::workers::register for namespace '%s' honoured in fixed "
             "namespace '%s'",
             c->wid, ns, eff);
@@ -8143,8 +8262,34 @@ static void loop_signals_init(void)
     sigaction(SIGCHLD, &sa, NULL);
 }
 
+/* Descriptors (start-up): the soft RLIMIT_NOFILE is raised to the hard limit, and connections
+ * are capped (fd_conn_cap) to what fits below it with III_FD_RESERVE kept back for the
+ * listener, the config file on a reload, worker pipes and the sentinel, plus one spare
+ * descriptor held open (S.spare_fd) that accept() can borrow to turn a peer away cleanly when
+ * the process is out of them anyway. So idle sockets cannot make a reload or a spawn fail. */
+static size_t fd_conn_cap = SIZE_MAX;
+
+static void fd_limits(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0) return;
+    if (rl.rlim_cur != RLIM_INFINITY && (rl.rlim_max == RLIM_INFINITY || rl.rlim_cur < rl.rlim_max)) {
+        struct rlimit up = rl;
+        /* "unlimited" is not a number the kernel takes for open files: aim at 1M */
+        up.rlim_cur = rl.rlim_max == RLIM_INFINITY ? (rlim_t)1 << 20 : rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &up) == 0) rl.rlim_cur = up.rlim_cur;
+    }
+    if (rl.rlim_cur == RLIM_INFINITY) return;
+    fd_conn_cap = rl.rlim_cur > 2 * III_FD_RESERVE ? (size_t)rl.rlim_cur - III_FD_RESERVE
+                                                   : (size_t)rl.rlim_cur / 2;
+    S.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+}
+
 /* Accepts up to 64 connections per turn (fairness to established ones) while under
- * max_connections; each gets TCP_NODELAY (small latency-bound frames) and a CK_HTTP conn. */
+ * max_connections; each gets TCP_NODELAY (small latency-bound frames) and a CK_HTTP conn.
+ * Out of descriptors, the spare one is freed to accept the peer and close it at once (it sees
+ * a clean close instead of hanging in the backlog), and accepting pauses for 100 ms. Over the
+ * memory budget a new peer gets HTTP 503 and is closed: new work is refused, not queued. */
 static void loop_accept(void)
 {
     for (int i = 0; i < 64 && S.nconns < S.set.max_connections; i++) {
@@ -8156,8 +8301,23 @@ static void loop_accept(void)
                 /* out of descriptors: stop accepting for a moment instead of spinning */
                 LOG(LOG_WARN, "accept: %s; pausing accepts for 100 ms", strerror(errno));
                 S.accept_pause_until = now_ms() + 100;
+                if (S.spare_fd >= 0) {
+                    close(S.spare_fd);
+                    int x = accept(S.lfd, NULL, NULL);
+                    if (x >= 0) close(x);
+                    S.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+                }
             }
             return;
+        }
+        if (mem_over_budget()) {
+            static const char busy[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                       "Connection: close\r\n\r\n";
+            ssize_t w = write(fd, busy, sizeof busy - 1); /* best effort: a fresh socket takes it */
+            (void)w;
+            close(fd);
+            S.n_busy++;
+            continue;
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -8352,9 +8512,12 @@ static int sup_running(void);
 static int64_t sup_max_stop(void);
 static size_t sup_slots(void);
 static void sup_kill_all(void);
+static void out_log(const char *line, size_t n);
 
 /* Graceful shutdown (SIGINT/SIGTERM): stop accepting, end every worker's calls with
- * invocation_stopped, close every connection with 1001, stop supervised workers, flush. */
+ * invocation_stopped, close every connection with 1012 (Service Restart, DECISIONS.md item 11:
+ * clients that treat 1000/1001 as final, Python's websockets among them, reconnect on it),
+ * stop supervised workers, flush. */
 static void loop_shutdown(void)
 {
     LOG(LOG_INFO, "shutting down");
@@ -8362,7 +8525,7 @@ static void loop_shutdown(void)
     for (struct conn *c = S.conns; c; c = c->next)
         if (c->kind == CK_WORKER) worker_teardown(c);
     for (struct conn *c = S.conns; c; c = c->next) {
-        if (c->ws) conn_close(c, 1001, "engine shutting down");
+        if (c->ws) conn_close(c, 1012, "engine restarting");
         else conn_abort(c, "shutdown");
     }
     /* SIGTERM to every worker group now; SIGKILL follows per stop_timeout_ms in sup_tick below */
@@ -8447,6 +8610,7 @@ static void loop_run(void)
     struct pollfd *pf = NULL;
     struct conn **pc = NULL;
     size_t cap = 0;
+    log_sink = out_log; /* from now on a log line never waits for stderr (out_write drains it) */
     while (!S.stop) {
         loop_flush();
         loop_reap();
@@ -8650,22 +8814,63 @@ static void sentinel_start(void)
     fcntl(sentinel_fd, F_SETFD, FD_CLOEXEC);
 }
 
-/* Appends "[name] text\n" for output stream k (0 stdout, 1 stderr); bounded so a chatty worker
- * cannot grow the engine without limit (lines beyond 1 MiB of backlog are dropped, counted). */
+/* Appends "[name] text\n" for output stream k (0 stdout, 1 stderr). Nothing is dropped: the
+ * queue is bounded by backpressure instead (DECISIONS.md item 12): past III_OUTQ_HIGH bytes
+ * sup_pollfds stops reading that stream's worker pipes, so a worker writing faster than the
+ * engine's output drains blocks on its own write, as on a slow terminal. */
 static void sup_emit(int k, const char *name, const unsigned char *p, size_t n)
 {
-    static unsigned long dropped;
-    if (buf_used(&out_q[k]) > (1u << 20)) {
-        dropped++;
-        return;
-    }
-    if (dropped)
-        buf_printf(&out_q[k], "iii: warn: %lu worker output lines dropped (output not draining)\n",
-                   dropped),
-            dropped = 0;
-    buf_printf(&out_q[k], "[%s] ", name);
+    size_t at = out_q[k].len;
+    buf_putc(&out_q[k], '[');
+    buf_puts(&out_q[k], name);
+    buf_puts(&out_q[k], "] ");
     buf_append(&out_q[k], p, n);
     buf_putc(&out_q[k], '\n');
+    if (buf_check(&out_q[k])) out_q[k].len = at; /* out of memory: this line only is lost */
+}
+
+/* log_sink of the running engine: its own log lines join the stderr queue, whole. They cannot
+ * be held back like a worker's, so past III_OUTQ_MAX they are counted instead, and the count
+ * is written once output drains again. */
+static unsigned long out_lost;
+static void out_log(const char *line, size_t n)
+{
+    struct buf *q = &out_q[1];
+    if (buf_used(q) + n > III_OUTQ_MAX) {
+        out_lost++;
+        return;
+    }
+    if (out_lost) {
+        buf_printf(q, "iii: warn: %lu log lines lost: stderr is not being read\n", out_lost);
+        out_lost = 0;
+    }
+    size_t at = q->len;
+    buf_append(q, line, n);
+    if (buf_check(q)) q->len = at;
+}
+
+/* Writes the next chunk of output stream k to fd 1 + k: at most PIPE_BUF bytes (a write that
+ * size after POLLOUT does not block, POSIX), cut after the last newline in it, so every write
+ * carries whole lines and the two streams, often one file (> log 2>&1), never interleave
+ * mid-line. A line longer than that goes out in pieces, and its stream keeps the turn
+ * (out_partial) until the line is complete. A write error discards the stream's queue: nobody
+ * reads it, and the engine must neither block nor grow. */
+static int out_partial; /* 1 + the stream that is in the middle of a line, or 0 */
+static void out_write(int k)
+{
+    struct buf *q = &out_q[k];
+    const unsigned char *d = buf_data(q);
+    size_t len = buf_used(q) < PIPE_BUF ? buf_used(q) : PIPE_BUF, cut = len;
+    while (cut && d[cut - 1] != '\n') cut--;
+    if (cut) len = cut;
+    ssize_t w = write(1 + k, d, len);
+    if (w > 0) {
+        out_partial = d[w - 1] == '\n' ? 0 : 1 + k;
+        buf_consume(q, (size_t)w);
+    } else if (w < 0 && errno != EAGAIN && errno != EINTR) {
+        buf_consume(q, buf_used(q));
+        if (out_partial == 1 + k) out_partial = 0;
+    }
 }
 
 /* Splits what arrived on a worker's pipe into lines; a line longer than III_WORKER_LINE_MAX
@@ -8944,34 +9149,48 @@ static void sup_tick(int64_t now, int64_t *next)
     }
 }
 
-/* Poll entries: each running worker's two pipes, then stdout/stderr when output is queued. */
+/* At exit: what is still queued for stdout/stderr gets up to a second to go out, then the rest
+ * is dropped (an exit must not hang on an output nobody reads). Logging is direct again. */
+static void out_flush_exit(void)
+{
+    log_sink = NULL;
+    int64_t until = now_ms() + 1000;
+    while ((buf_used(&out_q[0]) || buf_used(&out_q[1])) && now_ms() < until) {
+        struct pollfd p[2];
+        int n = 0;
+        for (int k = 0; k < 2; k++)
+            if (buf_used(&out_q[k]) && (!out_partial || out_partial == 1 + k))
+                p[n].fd = 1 + k, p[n].events = POLLOUT, p[n].revents = 0, n++;
+        if (poll(p, (nfds_t)n, 50) > 0)
+            for (int j = 0; j < n; j++)
+                if (p[j].revents) out_write(p[j].fd - 1);
+    }
+}
+
+/* Poll entries: each running worker's two pipes (a stream whose queue is over III_OUTQ_HIGH
+ * is not read: backpressure), then stdout/stderr when output is queued (only the stream that
+ * is mid-line, while one is). */
 static int sup_pollfds(struct pollfd *p, size_t cap)
 {
     size_t n = 0;
     for (size_t i = 0; i < nprocs; i++)
         for (int k = 0; k < 2; k++)
-            if (procs[i]->fd[k] >= 0 && n + 2 < cap)
+            if (procs[i]->fd[k] >= 0 && n + 2 < cap && buf_used(&out_q[k]) < III_OUTQ_HIGH)
                 p[n].fd = procs[i]->fd[k], p[n].events = POLLIN, n++;
     for (int k = 0; k < 2; k++)
-        if (buf_used(&out_q[k]) && n < cap) p[n].fd = 1 + k, p[n].events = POLLOUT, n++;
+        if (buf_used(&out_q[k]) && n < cap && (!out_partial || out_partial == 1 + k))
+            p[n].fd = 1 + k, p[n].events = POLLOUT, n++;
     return (int)n;
 }
 
-/* Handles the poll results of sup_pollfds' entries: drains captured output to the engine's
- * stdout/stderr, reads worker pipes into line buffers. A stdout write error discards the queue
- * (nobody is reading; the engine must not block or grow). */
+/* Handles the poll results of sup_pollfds' entries: drains queued output to the engine's
+ * stdout/stderr (out_write), reads worker pipes into line buffers. */
 static void sup_on_poll(struct pollfd *p, size_t n)
 {
     for (size_t j = 0; j < n; j++) {
         if (!p[j].revents) continue;
         if (p[j].fd == 1 || p[j].fd == 2) {
-            /* at most PIPE_BUF bytes per POLLOUT: such a write never blocks (POSIX) */
-            int k = p[j].fd - 1;
-            size_t len = buf_used(&out_q[k]) < PIPE_BUF ? buf_used(&out_q[k]) : PIPE_BUF;
-            ssize_t w = write(p[j].fd, buf_data(&out_q[k]), len);
-            if (w > 0) buf_consume(&out_q[k], (size_t)w);
-            else if (w < 0 && errno != EAGAIN && errno != EINTR)
-                buf_consume(&out_q[k], buf_used(&out_q[k]));
+            out_write(p[j].fd - 1);
             continue;
         }
         for (size_t i = 0; i < nprocs; i++)
@@ -9025,6 +9244,11 @@ static void settings_from_cfg(void)
     S.set.max_frame_bytes = l->max_frame_bytes;
     S.set.max_header_bytes = l->max_header_bytes;
     S.set.max_connections = l->max_connections;
+    if (S.set.max_connections > fd_conn_cap) {
+        S.set.max_connections = fd_conn_cap;
+        LOG(LOG_INFO, "max_connections capped to %zu by the descriptor limit (RLIMIT_NOFILE, %d kept "
+                      "in reserve)", fd_conn_cap, III_FD_RESERVE);
+    }
     S.set.max_outbound_bytes = l->max_outbound_bytes;
     S.set.max_pending_bytes = l->max_pending_bytes;
     S.set.max_pending_frames = l->max_pending_frames;
@@ -9610,13 +9834,16 @@ int main(int argc, char **argv)
     long port = -1;
     S.cfg_path = "config.yaml";
     S.lfd = -1;
+    S.spare_fd = -1;
     const char *lv = getenv("III_LOG");
     /* III_LOG=error|warn|info|debug|trace; any other value keeps the default (info) */
     for (int i = 0; lv && i <= LOG_TRACE; i++)
         if (!strcmp(lv, log_names[i])) log_level = i;
-    /* the client commands need no config, listener or signals: dispatch before any set-up */
+    /* the client commands need no config, listener or signals: dispatch before any set-up
+     * (their invocation ids need uniqueness, not secrecy: a weak source is fine there) */
     if (argc > 1 && (!strcmp(argv[1], "trigger") || !strcmp(argv[1], "list"))) {
         signal(SIGPIPE, SIG_IGN);
+        rnd_init();
         return cli_main(argc - 1, argv + 1);
     }
     for (int i = 1; i < argc; i++) {
@@ -9642,6 +9869,17 @@ int main(int argc, char **argv)
     }
     S.start_ms = now_ms();
     S.start_wall = wall_ms();
+    fd_limits();
+    /* before anything is hashed or any id minted (bi_init, the first connection) */
+    if (rnd_init() < 0) {
+        const char *weak = getenv("III_ALLOW_WEAK_RANDOM");
+        if (!weak || strcmp(weak, "1"))
+            die("no strong random source (/dev/urandom cannot be read): worker ids and reattach "
+                "tokens would be guessable. Refusing to start; set III_ALLOW_WEAK_RANDOM=1 to "
+                "run anyway on a trusted network");
+        LOG(LOG_ERROR, "no strong random source (/dev/urandom): running with PREDICTABLE worker "
+                       "ids and reattach tokens because III_ALLOW_WEAK_RANDOM=1");
+    }
     cli_host = host;
     cli_port = port;
     char err[1024];
@@ -9681,6 +9919,7 @@ int main(int argc, char **argv)
                 strerror(errno));
     }
     loop_run();
+    out_flush_exit();
     engine_free_all();
     while (nprocs) sup_free(0);
     xfree(procs);

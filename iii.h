@@ -107,6 +107,9 @@
 #ifndef III_CHANNEL_TTL_MS
 #define III_CHANNEL_TTL_MS 300000 /* a channel not fully connected after 5 min is swept */
 #endif
+#ifndef III_FD_RESERVE
+#define III_FD_RESERVE 64 /* descriptors not given to connections: reload, pipes, sentinel */
+#endif
 #ifndef III_DRAIN_FRAMES
 #define III_DRAIN_FRAMES 256 /* queued frames applied per connection per loop turn ... */
 #endif
@@ -127,6 +130,12 @@
 #endif
 #ifndef III_DISCOVERY_BYTES_PER_S
 #define III_DISCOVERY_BYTES_PER_S (16u << 20) /* functions_changed pacing: a 1 MB snapshot per 62 ms */
+#endif
+#ifndef III_OUTQ_HIGH
+#define III_OUTQ_HIGH (1u << 20) /* queued output past which workers' pipes are not read */
+#endif
+#ifndef III_OUTQ_MAX
+#define III_OUTQ_MAX (4u << 20) /* ... and past which the engine's own log lines are counted */
 #endif
 #ifndef III_BACKOFF_MIN_MS
 #define III_BACKOFF_MIN_MS 1000 /* restart backoff: 1 s doubling ... */

@@ -23,7 +23,7 @@
  * WebSocket bytes, answer a call the slot received, drop/close a connection, advance the
  * virtual clock (timers: grace period, ack timeouts, idle, close flush), run the reap pass.
  * Determinism: the monotonic and wall clocks are virtual (clock_gettime is redirected), and
- * random ids come from the engine's xorshift fallback with a fixed seed (open() of
+ * random ids come from the engine's SipHash fallback stream from a fixed counter (open() of
  * /dev/urandom is redirected to fail). No sockets: every connection has fd -1.
  * After the last step every connection is dropped and reaped, the whole registry freed, and
  * the engine's live-byte count must be back at its baseline.
@@ -284,7 +284,7 @@ static void fz_check_invariants(void)
             struct func *f = (struct func *)e;
             nfun++;
             fz_check_key("function", f->key, f->klen, f->ns, f->id);
-            fp += fnv64(f->key, f->klen);
+            fp += reg_fp_hash(f->key, f->klen);
             FZ_CHECK("func-bi", f->owner || f->bi, "ownerless function %s without a builtin", f->id);
             fz_check_ref("owner", f->owner, 1, f->id);
             if (f->owner && fz_in_conns(f->owner)) {

@@ -1734,7 +1734,7 @@ def robust_peer_vanishes_mid_echo(e):
 # =========================================================================== 12. shutdown
 
 @suite.test
-def shutdown_sigterm_closes_1001_exit_0():
+def shutdown_sigterm_closes_1012_exit_0():
     with Engine(None, args=["--echo"]) as e:
         w = open_worker(e.port)
         x = open_ws(e.port, "/echo")
@@ -1746,8 +1746,8 @@ def shutdown_sigterm_closes_1001_exit_0():
             for name, c in (("/", w), ("/echo", x), ("/otel", o)):
                 try:
                     code = expect_server_close(c, max(0.2, t0 + 2.0 - time.time()))
-                    if code != 1001:
-                        problems.append("%s got close code %r, want 1001" % (name, code))
+                    if code != 1012:
+                        problems.append("%s got close code %r, want 1012" % (name, code))
                 except AssertionError as ex:
                     problems.append("%s: %s" % (name, ex))
                 c.close()
@@ -1766,7 +1766,7 @@ def shutdown_sigterm_closes_1001_exit_0():
 @suite.test
 def shutdown_sigint_unresponsive_client_bounded():
     """SIGINT with a client that never answers the Close: exit 0 within 3.5 s (the close
-    flush may wait for the peer a little), and the client still got a Close 1001."""
+    flush may wait for the peer a little), and the client still got a Close 1012."""
     with Engine(None) as e:
         w = open_worker(e.port)
         try:
@@ -1781,7 +1781,7 @@ def shutdown_sigint_unresponsive_client_bounded():
                 code = w.expect_close(1.0)
             except (Closed, TimeoutError) as ex:
                 raise AssertionError("no Close frame before the engine exited (%s)" % ex)
-            assert code == 1001, "close code %r, want 1001" % code
+            assert code == 1012, "close code %r, want 1012" % code
         finally:
             w.close()
 
