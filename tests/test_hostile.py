@@ -967,8 +967,16 @@ def f15_deep_nesting():
 @test
 def f16a_huge_search_needle():
     e = engine()
-    ids = ["long::%05d::%s" % (i, "a" * 1000) for i in range(2000)]
-    conns = register_bulk(e, ids, per_conn=1000, prefix="long")
+    conns = []
+    for k in range(2):                 # 2000 functions: ids of ~1 KB, descriptions of 5 KB
+        c = Conn(e, name="long-%d" % k)
+        c.ws.send_raw(fast_frames([jdump({"type": "registerfunction",
+                                          "id": "long::%05d::%s" % (i, "a" * 1000),
+                                          "description": "a" * 5000})
+                                   for i in range(k * 1000, k * 1000 + 1000)]))
+        conns.append(c)
+    for c in conns:
+        c.sync(timeout=30)
     c = conns[0]
     iid = str(uuid.uuid4())
     t0 = time.time()
@@ -982,6 +990,31 @@ def f16a_huge_search_needle():
     t1 = time.time()
     c.ok("engine::functions::list", {"search": "long::00001"})
     check(time.time() - t1 < 1.0, "an ordinary search took %.1fs" % (time.time() - t1))
+
+
+@test
+def f16c_search_needle_within_cap():
+    """Beyond the stated design: a needle that fits the cap (256 bytes) over ~10 MB of
+    descriptions. A naive O(hay x needle) case-insensitive search costs ~1.5 s (plain build) /
+    ~20 s (ASan) here; the answer must still come within 1 s (linear-time search, or a bound on
+    the bytes one search may scan)."""
+    e = engine()
+    conns = []
+    for k in range(2):
+        c = Conn(e, name="desc-%d" % k)
+        c.ws.send_raw(fast_frames([jdump({"type": "registerfunction", "id": "d::%05d" % i,
+                                          "description": "a" * 5000})
+                                   for i in range(k * 1000, k * 1000 + 1000)]))
+        conns.append(c)
+    for c in conns:
+        c.sync(timeout=30)
+    iid = str(uuid.uuid4())
+    t0 = time.time()
+    c.send({"type": "invokefunction", "invocation_id": iid, "function_id": "engine::functions::list",
+            "data": {"search": "a" * 255 + "b"}})
+    c.recv(is_result(iid), timeout=5, what="answer to a 256-byte adversarial search")
+    dt = time.time() - t0
+    check(dt < 1.0, "a 256-byte search over 2000 x 5 KB descriptions took %.1fs" % dt)
 
 
 @test
