@@ -4270,8 +4270,8 @@ static int log_allow(struct conn *c)
     int64_t now = now_ms();
     if (now - c->log_win >= III_LOG_WINDOW_MS) {
         if (c->log_dropped)
-            log_write(LOG_WARN, "connection %s: %u more log lines about it were suppressed",
-                      c->kind == CK_WORKER ? c->wid : c->ip, c->log_dropped);
+            LOG(LOG_WARN, "connection %s: %u more log lines about it were suppressed",
+                c->kind == CK_WORKER ? c->wid : c->ip, c->log_dropped);
         c->log_win = now, c->log_n = 0, c->log_dropped = 0;
     }
     if (c->log_n < III_LOG_BURST) {
@@ -4397,6 +4397,9 @@ static struct conn *conn_new(int fd, const char *ip)
  * pass calls this, after the role's teardown: never from inside one of c's handlers. */
 static void conn_free(struct conn *c)
 {
+    if (c->log_dropped)
+        LOG(LOG_WARN, "connection %s: %u more log lines about it were suppressed",
+            c->kind == CK_WORKER ? c->wid : c->ip, c->log_dropped);
     if (c->prev) c->prev->next = c->next;
     else S.conns = c->next;
     if (c->next) c->next->prev = c->prev;
@@ -4631,6 +4634,14 @@ static void http_on_data(struct conn *c)
     if (!http_origin_ok(origin)) {
         LOG(LOG_WARN, "refused upgrade from %s: origin '%s' not in allowed_origins", c->ip, origin);
         http_error(c, 403, "Forbidden", NULL);
+        return;
+    }
+    /* over the memory budget no new session starts (503); /health and /metrics still answer */
+    if (mem_over_budget()) {
+        S.n_busy++;
+        LOG_LIMITED(c, LOG_WARN, "refused upgrade from %s: memory budget reached (max_memory_bytes)",
+                    c->ip);
+        http_error(c, 503, "Service Unavailable", NULL);
         return;
     }
     int kind, dir = 0, status = 0;
@@ -8288,8 +8299,7 @@ static void fd_limits(void)
 /* Accepts up to 64 connections per turn (fairness to established ones) while under
  * max_connections; each gets TCP_NODELAY (small latency-bound frames) and a CK_HTTP conn.
  * Out of descriptors, the spare one is freed to accept the peer and close it at once (it sees
- * a clean close instead of hanging in the backlog), and accepting pauses for 100 ms. Over the
- * memory budget a new peer gets HTTP 503 and is closed: new work is refused, not queued. */
+ * a clean close instead of hanging in the backlog), and accepting pauses for 100 ms. */
 static void loop_accept(void)
 {
     for (int i = 0; i < 64 && S.nconns < S.set.max_connections; i++) {
@@ -8309,15 +8319,6 @@ static void loop_accept(void)
                 }
             }
             return;
-        }
-        if (mem_over_budget()) {
-            static const char busy[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                                       "Connection: close\r\n\r\n";
-            ssize_t w = write(fd, busy, sizeof busy - 1); /* best effort: a fresh socket takes it */
-            (void)w;
-            close(fd);
-            S.n_busy++;
-            continue;
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);

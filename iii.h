@@ -129,7 +129,7 @@
 #define III_LOG_WINDOW_MS 10000 /* ... of this long; the rest are counted, not written */
 #endif
 #ifndef III_DISCOVERY_BYTES_PER_S
-#define III_DISCOVERY_BYTES_PER_S (16u << 20) /* functions_changed pacing: a 1 MB snapshot per 62 ms */
+#define III_DISCOVERY_BYTES_PER_S (4u << 20) /* functions_changed pacing: a 1 MB snapshot per 250 ms */
 #endif
 #ifndef III_OUTQ_HIGH
 #define III_OUTQ_HIGH (1u << 20) /* queued output past which workers' pipes are not read */
