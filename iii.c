@@ -3443,7 +3443,7 @@ static int cfg_entry(struct cfg_ctx *x, struct cfg *c, struct yaml_node *list, s
     /* Unknown entry keys are ignored, as in the reference engine (PROTOCOL.md §11.22); `image`
      * is the reference engine's OCI image, which this engine cannot run; `config` is kept as
      * JSON. A misspelt `command` still fails below ("`command` is required"). */
-    if ((v = cfg_opt(e, "image"))) {
+    if (cfg_opt(e, "image")) {
         cfg_pos(e, "image", &line, &col);
         return cfg_fail(
             x, who, line, col,
@@ -6861,11 +6861,12 @@ static void worker_teardown(struct conn *c)
     if (c->torn || c->kind != CK_WORKER) return;
     c->torn = 1;
     c->ns_state = NS_ABORTED;
-    /* 2-3: release the functions it still owns */
-    while (c->funcs) func_remove(c->funcs);
+    /* 2-3: release the functions it still owns (every walk below saves its next link first:
+     * each step frees the element it is on, and only that one) */
+    for (struct func *f = c->funcs, *nx; f; f = nx) nx = f->cnext, func_remove(f);
     /* 5: halt every call it was party to */
-    while (c->calls_in) {
-        struct inv *v = c->calls_in;
+    for (struct inv *v = c->calls_in, *nx; v; v = nx) {
+        nx = v->tnext;
         if (v->kind == INV_ACK) {
             ack_settle(v, NULL, -1); /* a closed provider channel is accepted (§5.11) */
             continue;
@@ -6882,15 +6883,15 @@ static void worker_teardown(struct conn *c)
         inv_free(v);
     }
     /* calls it made: the targets may still answer; those results find no record and are ignored */
-    while (c->calls_out) inv_free(c->calls_out);
+    for (struct inv *v = c->calls_out, *nx; v; v = nx) nx = v->cnext, inv_free(v);
     /* 6: its bindings and parked intents; durable bindings it created stay, no longer counted
      * against it; then the trigger types it provides (lists: nothing is allocated here) */
-    while (c->trigs) {
-        struct trig *t = c->trigs;
+    for (struct trig *t = c->trigs, *nx; t; t = nx) {
+        nx = t->acct_next;
         if (t->owner == c) trig_remove(t);
         else trig_unacct(t);
     }
-    while (c->ttypes) tt_remove(c->ttypes);
+    for (struct ttype *tt = c->ttypes, *nx; tt; tt = nx) nx = tt->pnext, tt_remove(tt);
     /* 8: the name lease */
     lease_drop(c);
     /* 9-10: out of the registry; never-applied registrations (and calls queued behind them)
@@ -8624,6 +8625,11 @@ static void loop_run(void)
             struct conn **nc = np ? xrealloc(pc, need * sizeof *pc) : NULL;
             if (np) pf = np;
             if (nc) pc = nc, cap = need;
+        }
+        if (!cap) { /* not even a first poll set: nothing to wait with; retry in a moment */
+            struct timespec ts = {0, 10000000};
+            nanosleep(&ts, NULL);
+            continue;
         }
         size_t n = 0;
         pf[n].fd = S.sigpipe[0], pf[n].events = POLLIN, pc[n++] = NULL;

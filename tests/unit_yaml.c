@@ -771,7 +771,11 @@ static void test_cfg(void)
        "workers:\n  - name: iii-worker-manager\n    config:\n      prot: 1\n",
        "config.yaml:4:7: worker 'iii-worker-manager': unknown key `prot` in config (expected host, "
        "port, handshake_timeout_ms, ping_interval_ms, idle_timeout_ms, max_message_bytes, "
-       "max_frame_bytes, max_header_bytes, max_connections, max_outbound_bytes, allowed_origins)");
+       "max_frame_bytes, max_header_bytes, max_connections, max_outbound_bytes, "
+       "max_pending_registration_bytes, max_pending_registration_frames, "
+       "max_inflight_per_connection, max_inflight_total, max_functions_per_connection, "
+       "max_triggers_per_connection, max_triggers_per_function, max_triggers, max_memory_bytes, "
+       "allowed_origins)");
     ce("reference-only listener key",
        "workers:\n- name: iii-worker-manager\n  config:\n    rbac: {}\n",
        "config.yaml:4:5: worker 'iii-worker-manager': `rbac` in config is not supported by this "
