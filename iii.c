@@ -32,9 +32,16 @@
  *   and discovery, Worker protocol, Engine functions, Channels, Health and metrics, Event loop,
  *   Supervisor, Configuration and hot reload, CLI client, main.
  */
-#define _POSIX_C_SOURCE   200809L
+/* Feature macros: each only if the includer (tests/unit.c, a -D flag) has not set it already */
+#ifndef _POSIX_C_SOURCE
+#define _POSIX_C_SOURCE 200809L
+#endif
+#ifndef _FILE_OFFSET_BITS
 #define _FILE_OFFSET_BITS 64 /* 32-bit glibc: stat() of 64-bit inode numbers and sizes */
-#define _TIME_BITS        64 /* 32-bit glibc >= 2.34: time_t past 2038 (needs the line above) */
+#endif
+#ifndef _TIME_BITS
+#define _TIME_BITS 64 /* 32-bit glibc >= 2.34: time_t past 2038 (needs the line above) */
+#endif
 #include "iii.h"
 
 #include <ctype.h>
