@@ -68,9 +68,14 @@
 #include <sys/types.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
-#if defined(__linux__) && !defined(III_USE_POLL)
+/* Connections in an epoll set on Linux; -DIII_USE_POLL keeps plain poll(). Not with a non-GNU
+ * compiler on x86_64: there the kernel's struct epoll_event is packed (12 bytes, data at offset
+ * 4), but glibc's sys/cdefs.h drops __attribute__ for compilers without __GNUC__ (tcc), which
+ * then lay it out in 16 bytes and read data.ptr from the wrong place. Those get plain poll(). */
+#if defined(__linux__) && !defined(III_USE_POLL) && \
+    !(defined(__x86_64__) && !defined(__GNUC__) && !defined(__clang__))
 #include <sys/epoll.h>
-#define III_EPOLL 1 /* connections in an epoll set; -DIII_USE_POLL keeps plain poll() */
+#define III_EPOLL 1
 #endif
 
 /* ==== Utilities =============================================================================
