@@ -8909,8 +8909,16 @@ int main(int argc, char **argv)
     loop_signals_init();
     S.ep = -1;
 #ifdef III_EPOLL
-    S.ep = epoll_create1(EPOLL_CLOEXEC);
-    if (S.ep < 0)
+    /* on x86_64 the kernel writes a packed 12-byte struct epoll_event: a compiler that lays it
+     * out otherwise (see the include at the top) would read data.ptr from the wrong place */
+#ifdef __x86_64__
+    int ep_layout_ok = sizeof(struct epoll_event) == 12 && offsetof(struct epoll_event, data) == 4;
+#else
+    int ep_layout_ok = 1;
+#endif
+    if (!ep_layout_ok)
+        LOG(LOG_WARN, "struct epoll_event is not the kernel's layout; polling every connection");
+    else if ((S.ep = epoll_create1(EPOLL_CLOEXEC)) < 0)
         LOG(LOG_WARN, "epoll_create1: %s; polling every connection instead", strerror(errno));
 #endif
     if (bi_init() < 0) die("out of memory");
