@@ -8885,6 +8885,29 @@ int main(int argc, char **argv)
             die("unknown argument '%s'", a);
         }
     }
+    {
+        /* descriptors inherited from whoever started the engine (a shell's `exec 7>log`, a
+         * parent's pipe) must not reach the workers it execs: every open one from 3 up, up to
+         * the descriptor limit, becomes close-on-exec. poll() says which are open, 256 at a
+         * time (POLLNVAL: not open), rather than one fcntl() per possible descriptor. */
+        struct rlimit rl;
+        long top = 1L << 20;
+        if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+            rl.rlim_cur < (rlim_t)top)
+            top = (long)rl.rlim_cur;
+        struct pollfd fdp[256];
+        for (long base = 3; base < top; base += 256) {
+            nfds_t k = (nfds_t)(top - base < 256 ? top - base : 256);
+            for (nfds_t j = 0; j < k; j++)
+                fdp[j].fd = (int)(base + (long)j), fdp[j].events = 0, fdp[j].revents = 0;
+            if (poll(fdp, k, 0) < 0) break;
+            for (nfds_t j = 0; j < k; j++) {
+                if (fdp[j].revents & POLLNVAL) continue;
+                int fl = fcntl(fdp[j].fd, F_GETFD);
+                if (fl >= 0 && !(fl & FD_CLOEXEC)) fcntl(fdp[j].fd, F_SETFD, fl | FD_CLOEXEC);
+            }
+        }
+    }
     S.start_ms = now_ms();
     S.start_wall = wall_ms();
     cli_host = host;
