@@ -39,6 +39,7 @@ fi
 D=$(mktemp -d "${TMPDIR:-/tmp}/iii-cloexec.XXXXXX") || exit 2
 ENG=""
 WPID=""
+# shellcheck disable=SC2317 # called by the EXIT trap
 cleanup() {
     [ -n "$ENG" ] && kill -KILL "$ENG" 2>/dev/null
     [ -n "$WPID" ] && kill -KILL "$WPID" 2>/dev/null
@@ -49,6 +50,7 @@ trap 'exit 130' INT TERM
 
 # the high descriptor: 1500, below the soft limit
 HI=1500
+# shellcheck disable=SC3045 # ulimit -n: dash, bash and busybox have it; without it, 1500
 LIM=$(ulimit -n 2>/dev/null)
 case $LIM in
 '' | *[!0-9]*) ;;
@@ -140,5 +142,7 @@ else
 fi
 if [ -n "$WPID" ] && kill -0 "$WPID" 2>/dev/null; then
     notok "worker pid $WPID still running after the engine stopped"
+else
+    WPID="" # gone: nothing for the EXIT trap to stop
 fi
 exit $FAIL
