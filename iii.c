@@ -32,9 +32,16 @@
  *   and discovery, Worker protocol, Engine functions, Channels, Health and metrics, Event loop,
  *   Supervisor, Configuration and hot reload, CLI client, main.
  */
-#define _POSIX_C_SOURCE   200809L
+/* Feature macros: each only if the includer (tests/unit.c, a -D flag) has not set it already */
+#ifndef _POSIX_C_SOURCE
+#define _POSIX_C_SOURCE 200809L
+#endif
+#ifndef _FILE_OFFSET_BITS
 #define _FILE_OFFSET_BITS 64 /* 32-bit glibc: stat() of 64-bit inode numbers and sizes */
-#define _TIME_BITS        64 /* 32-bit glibc >= 2.34: time_t past 2038 (needs the line above) */
+#endif
+#ifndef _TIME_BITS
+#define _TIME_BITS 64 /* 32-bit glibc >= 2.34: time_t past 2038 (needs the line above) */
+#endif
 #include "iii.h"
 
 #include <ctype.h>
@@ -61,9 +68,14 @@
 #include <sys/types.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
-#if defined(__linux__) && !defined(III_USE_POLL)
+/* Connections in an epoll set on Linux; -DIII_USE_POLL keeps plain poll(). Not with a non-GNU
+ * compiler on x86_64: there the kernel's struct epoll_event is packed (12 bytes, data at offset
+ * 4), but glibc's sys/cdefs.h drops __attribute__ for compilers without __GNUC__ (tcc), which
+ * then lay it out in 16 bytes and read data.ptr from the wrong place. Those get plain poll(). */
+#if defined(__linux__) && !defined(III_USE_POLL) && \
+    !(defined(__x86_64__) && !defined(__GNUC__) && !defined(__clang__))
 #include <sys/epoll.h>
-#define III_EPOLL 1 /* connections in an epoll set; -DIII_USE_POLL keeps plain poll() */
+#define III_EPOLL 1
 #endif
 
 /* ==== Utilities =============================================================================
@@ -9874,6 +9886,29 @@ int main(int argc, char **argv)
             die("unknown argument '%s'", a);
         }
     }
+    {
+        /* descriptors inherited from whoever started the engine (a shell's `exec 7>log`, a
+         * parent's pipe) must not reach the workers it execs: every open one from 3 up, up to
+         * the descriptor limit, becomes close-on-exec. poll() says which are open, 256 at a
+         * time (POLLNVAL: not open), rather than one fcntl() per possible descriptor. */
+        struct rlimit rl;
+        long top = 1L << 20;
+        if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+            rl.rlim_cur < (rlim_t)top)
+            top = (long)rl.rlim_cur;
+        struct pollfd fdp[256];
+        for (long base = 3; base < top; base += 256) {
+            nfds_t k = (nfds_t)(top - base < 256 ? top - base : 256);
+            for (nfds_t j = 0; j < k; j++)
+                fdp[j].fd = (int)(base + (long)j), fdp[j].events = 0, fdp[j].revents = 0;
+            if (poll(fdp, k, 0) < 0) break;
+            for (nfds_t j = 0; j < k; j++) {
+                if (fdp[j].revents & POLLNVAL) continue;
+                int fl = fcntl(fdp[j].fd, F_GETFD);
+                if (fl >= 0 && !(fl & FD_CLOEXEC)) fcntl(fdp[j].fd, F_SETFD, fl | FD_CLOEXEC);
+            }
+        }
+    }
     S.start_ms = now_ms();
     S.start_wall = wall_ms();
     fd_limits();
@@ -9909,8 +9944,16 @@ int main(int argc, char **argv)
     loop_signals_init();
     S.ep = -1;
 #ifdef III_EPOLL
-    S.ep = epoll_create1(EPOLL_CLOEXEC);
-    if (S.ep < 0)
+    /* on x86_64 the kernel writes a packed 12-byte struct epoll_event: a compiler that lays it
+     * out otherwise (see the include at the top) would read data.ptr from the wrong place */
+#ifdef __x86_64__
+    int ep_layout_ok = sizeof(struct epoll_event) == 12 && offsetof(struct epoll_event, data) == 4;
+#else
+    int ep_layout_ok = 1;
+#endif
+    if (!ep_layout_ok)
+        LOG(LOG_WARN, "struct epoll_event is not the kernel's layout; polling every connection");
+    else if ((S.ep = epoll_create1(EPOLL_CLOEXEC)) < 0)
         LOG(LOG_WARN, "epoll_create1: %s; polling every connection instead", strerror(errno));
 #endif
     if (bi_init() < 0) die("out of memory");

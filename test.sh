@@ -58,6 +58,13 @@ for c in gcc clang; do
         skip "build: $c not installed"
     fi
 done
+# an includer's (or -D) feature macros win: iii.c must not redefine them (a warning here)
+if $CC -std=c99 -D_POSIX_C_SOURCE=202405L -D_FILE_OFFSET_BITS=64 -Wall -Werror -c iii.c -o build/fm.o 2>build/fm.log; then
+    ok "build: -D_POSIX_C_SOURCE=202405L kept (no redefinition)"
+else
+    notok "build: -D_POSIX_C_SOURCE=202405L: iii.c redefines it (build/fm.log)"
+    head -n 5 build/fm.log
+fi
 if $CC -std=c99 -O2 -funsigned-char -Wall -c iii.c -o build/uc.o 2>build/uc.log; then ok "build: -funsigned-char"; else notok "build: -funsigned-char"; fi
 
 SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
