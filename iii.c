@@ -3816,6 +3816,7 @@ struct conn {
     size_t n_trigs;                   /* length of trigs */
     struct ttype *ttypes;             /* trigger types it provides (tt->pnext list) */
     struct lease *lease;              /* its (namespace, name) lease, or NULL */
+    char *refusal;                    /* its last registrationrejected, as JSON (workers::info) */
     struct inv *calls_out, *calls_in; /* calls it made / calls dispatched to it */
     size_t n_out, n_in;               /* lengths of calls_out / calls_in (bounded by limits) */
     struct chan *chan;                /* channel side */
@@ -3963,6 +3964,7 @@ static struct {
     int bound_port;       /* actual port (differs from set.port when that is 0) */
     struct cfg cfg;       /* the configuration in force */
     char listen_url[80];  /* ws://host:port, for the listening line and logs */
+    char worker_url[80];  /* the URL declared workers are given (III_URL): see listener_url */
     int echo;             /* --echo: serve /echo for conformance suites */
     int sigpipe[2];       /* self-pipe: the signal handler writes, the loop polls */
     volatile sig_atomic_t sig_term, sig_hup, sig_chld; /* set by the handler only */
@@ -4274,6 +4276,16 @@ static void conn_abort(struct conn *c, const char *why)
     reap_push(c);
 }
 
+/* Drops c after an allocation failed on its behalf, logged at warn (an embedded engine near
+ * its memory limit must be able to see why peers go away). */
+static void conn_oom(struct conn *c)
+{
+    if (c->dead) return;
+    LOG(LOG_WARN, "connection %s: out of memory; closing it",
+        c->kind == CK_WORKER ? c->wid : c->ip);
+    conn_abort(c, "out of memory");
+}
+
 /* Per-connection log rate limit (LOG_LIMITED): at most III_LOG_BURST lines per
  * III_LOG_WINDOW_MS about one connection, so a peer cannot turn its bytes into more bytes of
  * log; what was held back is counted in one line when the next window opens. */
@@ -4315,7 +4327,7 @@ static void conn_fail(struct conn *c, int rc)
             c->kind == CK_WORKER ? c->wid : c->ip, c->out.lim);
         conn_abort(c, "slow reader");
     } else {
-        conn_abort(c, "out of memory");
+        conn_oom(c);
     }
 }
 
@@ -4424,7 +4436,7 @@ static void conn_free(struct conn *c)
     if (c->fd >= 0) close(c->fd);
     buf_free(&c->in), buf_free(&c->out), buf_free(&c->msg), buf_free(&c->pendq);
     xfree(c->name), xfree(c->desc), xfree(c->runtime), xfree(c->version), xfree(c->os);
-    xfree(c->isolation), xfree(c->telemetry), xfree(c->ns);
+    xfree(c->isolation), xfree(c->telemetry), xfree(c->ns), xfree(c->refusal);
     xfree(c);
 }
 
@@ -4780,7 +4792,7 @@ static void ws_on_data(struct conn *c)
              * must not make the engine commit the declared size), in steps of at most 1 MiB */
             size_t want = (size_t)hl + plen - avail;
             if (want > III_BUF_SHRINK) want = III_BUF_SHRINK;
-            if (!c->in_borrowed && buf_reserve(&c->in, want) < 0) conn_abort(c, "out of memory");
+            if (!c->in_borrowed && buf_reserve(&c->in, want) < 0) conn_oom(c);
             return;
         }
         unsigned char *pl = p + hl;
@@ -4833,7 +4845,7 @@ static void ws_on_data(struct conn *c)
                 return;
             }
             if (buf_append(&c->msg, pl, plen) < 0) {
-                conn_abort(c, "out of memory");
+                conn_oom(c);
                 return;
             }
             if (fin) {
@@ -5343,7 +5355,7 @@ static void rt_call_internal(const char *ns, const char *fid, const unsigned cha
     inv_link(v, NULL, f->owner);
     struct buf q = {0};
     json_put_cstr(&q, fid);
-    if (buf_check(&q)) conn_abort(f->owner, "out of memory");
+    if (buf_check(&q)) conn_oom(f->owner);
     else
         rt_send_invoke(f->owner, v->id, (char *)buf_data(&q), buf_used(&q), data, dl, NULL, 0, "",
                        0, (const unsigned char *)meta, meta ? strlen(meta) : 0);
@@ -5436,7 +5448,7 @@ static void rt_enqueue(struct conn *c, const struct jdoc *d, int iid, int fidt, 
     if (strcmp(ns, NS_DEFAULT)) buf_puts(&in, ",\"namespace\":"), json_put_cstr(&in, ns);
     buf_putc(&in, '}');
     static const char qf[] = "\"engine::queue::enqueue\"";
-    if (buf_check(&in)) conn_abort(c, "out of memory");
+    if (buf_check(&in)) conn_oom(c);
     else
         rt_send_invoke(f->owner, v->id, qf, sizeof qf - 1, buf_data(&in), buf_used(&in), NULL, 0,
                        "", 0, NULL, 0);
@@ -5480,7 +5492,7 @@ static void rt_reply_err(struct conn *c, const struct jdoc *d, int fidt, const c
     va_end(ap);
     struct buf e = {0};
     rt_err(&e, code, "%s", msg);
-    if (buf_check(&e)) conn_abort(c, "out of memory");
+    if (buf_check(&e)) conn_oom(c);
     else
         rt_send_result(c, cid, 36, (const char *)JRAW(d, fidt), JLEN(d, fidt), NULL, 0,
                        buf_data(&e), buf_used(&e), ctx, cl);
@@ -5583,7 +5595,7 @@ static void rt_invoke_worker(struct conn *c, struct conn *t, const struct jdoc *
     }
     struct inv *v = inv_new(cid ? cid : mint, cid ? INV_CALL : INV_VOID);
     if (!v) {
-        conn_abort(c, "out of memory");
+        conn_oom(c);
         return;
     }
     if (cid) {
@@ -5593,7 +5605,7 @@ static void rt_invoke_worker(struct conn *c, struct conn *t, const struct jdoc *
         v->ctx_len = cl;
         if (!v->fid || !v->ctx) {
             inv_free(v);
-            conn_abort(c, "out of memory");
+            conn_oom(c);
             return;
         }
     }
@@ -5675,7 +5687,7 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
     char ctxs[256], *ctxh = NULL, *ctx = ctxs;
     size_t cl = rt_ctx_len(d, tp, bg);
     if (cl > sizeof ctxs && !(ctx = ctxh = xmalloc(cl))) {
-        conn_abort(c, "out of memory");
+        conn_oom(c);
         goto done;
     }
     cl = rt_ctx_write(ctx, d, tp, bg);
@@ -6198,6 +6210,9 @@ static void worker_send(struct conn *c, const struct buf *b)
     conn_frame(c, WS_TEXT, buf_data(b), buf_used(b));
 }
 
+static void sup_refusal_set(uint32_t pid, const char *json);
+static const char *sup_refusal_get(uint32_t pid);
+
 /* Sends registrationrejected (§5.10) to c; name and fid are omitted when NULL, and so is
  * why (a "message" member this engine adds: unknown fields are ignored by SDKs). The
  * connection stays open: a rejection refuses one registration, never the worker. Each refusal
@@ -6217,8 +6232,28 @@ static void worker_rejected(struct conn *c, const char *code, const char *ns, co
     json_put_cstr(&b, owner);
     if (why) buf_puts(&b, ",\"message\":"), json_put_cstr(&b, why);
     buf_putc(&b, '}');
-    if (buf_check(&b)) conn_abort(c, "out of memory");
+    if (buf_check(&b)) conn_oom(c);
     else worker_send(c, &b);
+    /* kept for engine::workers::info: the frame's members and when (the SDKs ignore the frame,
+     * so this is where an operator sees why a worker has fewer functions than it should) */
+    if (!b.err && buf_used(&b) > 30) {
+        buf_reset(&b);
+        buf_puts(&b, "{\"code\":");
+        json_put_cstr(&b, code);
+        buf_puts(&b, ",\"namespace\":");
+        json_put_cstr(&b, ns);
+        if (name) buf_puts(&b, ",\"worker_name\":"), json_put_cstr(&b, name);
+        if (fid) buf_puts(&b, ",\"function_id\":"), json_put_str(&b, fid, fidlen);
+        buf_puts(&b, ",\"owner_worker_id\":");
+        json_put_cstr(&b, owner);
+        if (why) buf_puts(&b, ",\"message\":"), json_put_cstr(&b, why);
+        buf_printf(&b, ",\"at_ms\":%lld}", (long long)wall_ms());
+        char *j = buf_check(&b) ? NULL : xstrndup((char *)buf_data(&b), buf_used(&b));
+        if (j) {
+            xfree(c->refusal), c->refusal = j;
+            if (c->has_pid) sup_refusal_set(c->pid, j);
+        }
+    }
     buf_free(&b);
     LOG_LIMITED(c, LOG_WARN,
                 "worker %s (name %s, pid %lu): registration refused: %s in namespace '%s'%s%.*s%s%s%s%s",
@@ -6286,7 +6321,7 @@ static void reg_function(struct conn *c, const struct jdoc *d)
         goto done;
     }
     if (!f && !(f = func_add(c, c->ns, strlen(c->ns), id, il))) {
-        conn_abort(c, "out of memory");
+        conn_oom(c);
         goto done;
     }
     /* a re-register by the owner is an idempotent overwrite (§2.1 step 4) */
@@ -6415,7 +6450,7 @@ static void reg_apply(struct conn *c, const struct jdoc *d)
             if (buf_used(&e)) {
                 LOG_LIMITED(c, LOG_WARN, "worker %s: registertrigger %s refused: %.*s", c->wid,
                             ids, (int)buf_used(&e), (char *)buf_data(&e));
-                if (buf_check(&e)) conn_abort(c, "out of memory");
+                if (buf_check(&e)) conn_oom(c);
                 else trig_result_error(c, d, id, tt, fid, buf_cstr(&e));
             }
             buf_free(&e);
@@ -6458,7 +6493,7 @@ static void worker_queue(struct conn *c, const unsigned char *p, size_t n)
             c->pendq.lim);
         conn_close(c, 1008, "registration buffer full");
     } else if (e) {
-        conn_abort(c, "out of memory");
+        conn_oom(c);
     } else {
         c->pend_frames++;
     }
@@ -6523,7 +6558,7 @@ static void worker_resolve(struct conn *c, const char *ns)
     if (c->ns_state != NS_PENDING) return;
     char *n = xstrdup(ns);
     if (!n) {
-        conn_abort(c, "out of memory");
+        conn_oom(c);
         return;
     }
     xfree(c->ns);
@@ -6546,7 +6581,7 @@ static void worker_on_open(struct conn *c)
     timer_touch(c->grace_at);
     /* §1.2 step 3: discoverable from now on (engine::workers::list shows it once it has a pid) */
     if (hm_put(&S.workers, &c->h, c->wid, 36) < 0) {
-        conn_abort(c, "out of memory");
+        conn_oom(c);
         return;
     }
     char m[160];
@@ -7360,6 +7395,10 @@ static void worker_row(struct buf *b, const struct conn *c, int extra)
     if (extra) {
         if (c->has_pid) buf_printf(b, ",\"pid\":%lu", (unsigned long)c->pid);
         buf_puts(b, ",\"internal\":false");
+        /* this engine adds the last registration refusal (of this connection, or of the
+         * declared worker process it belongs to, which outlives reconnects) */
+        const char *rf = c->refusal ? c->refusal : c->has_pid ? sup_refusal_get(c->pid) : NULL;
+        if (rf) buf_puts(b, ",\"last_refusal\":"), buf_puts(b, rf);
     }
     buf_putc(b, '}');
 }
@@ -8366,7 +8405,7 @@ static void loop_read(struct conn *c)
     int borrow = !buf_used(&c->in);
     if (borrow) buf_free(&c->in);
     else if (buf_reserve(&c->in, III_READ_CHUNK) < 0) {
-        conn_abort(c, "out of memory");
+        conn_oom(c);
         return;
     }
     ssize_t r = borrow ? read(c->fd, shared, sizeof shared)
@@ -8393,7 +8432,7 @@ static void loop_read(struct conn *c)
     unsigned char *lp = buf_data(&c->in);
     memset(&c->in, 0, sizeof c->in);
     if (left && !c->dead && !c->closing && buf_append(&c->in, lp, left) < 0)
-        conn_abort(c, "out of memory");
+        conn_oom(c);
 }
 
 /* Per-connection deadlines; returns the earliest future deadline (or INT64_MAX). */
@@ -8755,11 +8794,35 @@ struct proc {
     int remove;                      /* free once stopped */
     struct cfg_worker *restart_with; /* changed by a reload: start this once stopped */
     int dead_restart;                /* policy says: start at next_start */
+    char *refusal;                   /* last registrationrejected of its process (JSON) */
 };
 
 /* Every supervised process, in no particular order (sup_free swaps the last one in). */
 static struct proc **procs;
 static size_t nprocs;        /* entries in procs */
+
+/* The supervised process running as pid, or NULL. */
+static struct proc *sup_by_pid(uint32_t pid)
+{
+    for (size_t i = 0; i < nprocs; i++)
+        if (procs[i]->pid > 0 && (uint32_t)procs[i]->pid == pid) return procs[i];
+    return NULL;
+}
+
+/* Records a refusal against the declared worker running as pid (if any): it outlives the
+ * connection, so a worker that reconnects and is refused again stays explained. */
+static void sup_refusal_set(uint32_t pid, const char *json)
+{
+    struct proc *pr = sup_by_pid(pid);
+    char *j = pr ? xstrdup(json) : NULL;
+    if (j) xfree(pr->refusal), pr->refusal = j;
+}
+
+static const char *sup_refusal_get(uint32_t pid)
+{
+    struct proc *pr = sup_by_pid(pid);
+    return pr ? pr->refusal : NULL;
+}
 static int sentinel_fd = -1; /* write end of the lifeline pipe (-1: no sentinel) */
 static struct buf out_q[2];  /* worker output waiting for the engine's stdout / stderr */
 
@@ -8942,10 +9005,9 @@ static int sup_start(struct proc *pr)
         return -1;
     }
     char url[96], pidv[32];
-    int port = S.bound_port;
     if (sentinel_fd < 0) sentinel_start();
-    /* children dial loopback on the bound port whatever host the listener binds (DECISIONS.md 3) */
-    snprintf(url, sizeof url, "ws://127.0.0.1:%d", port);
+    /* children dial the address actually bound (a wildcard: loopback of its family) */
+    snprintf(url, sizeof url, "%s", S.worker_url);
     snprintf(pidv, sizeof pidv, "%ld", (long)getpid());
     pid_t pid = fork();
     if (pid < 0) {
@@ -9043,7 +9105,7 @@ static void sup_free(size_t i)
 {
     struct proc *pr = procs[i];
     sup_close_fd(pr, 0), sup_close_fd(pr, 1);
-    xfree(pr->name);
+    xfree(pr->name), xfree(pr->refusal);
     xfree(pr);
     procs[i] = procs[--nprocs];
 }
@@ -9335,6 +9397,32 @@ static struct cfg_worker *cfg_find(struct cfg *c, const char *name)
 static int cfg_is_process(const struct cfg_worker *w) { return !w->builtin && w->argv; }
 
 /* Opens the listener for S.set; prints the listening line. 0 ok, -1 with err. */
+/* The URL a local process dials to reach listening socket fd, from the address actually bound
+ * (getsockname), not from the configured text: a wildcard bind gives the loopback address of
+ * the same family (0.0.0.0 -> 127.0.0.1, :: -> [::1]); any other address is used as it is, an
+ * IPv6 one in brackets. Falls back to 127.0.0.1. */
+static void listener_url(int fd, int port, char *out, size_t cap)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    char a[INET6_ADDRSTRLEN] = "127.0.0.1";
+    int v6 = 0;
+    memset(&ss, 0, sizeof ss);
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0) {
+        if (ss.ss_family == AF_INET) {
+            struct sockaddr_in *s4 = (struct sockaddr_in *)(void *)&ss;
+            if (s4->sin_addr.s_addr != htonl(INADDR_ANY))
+                inet_ntop(AF_INET, &s4->sin_addr, a, sizeof a);
+        } else if (ss.ss_family == AF_INET6) {
+            struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)(void *)&ss;
+            v6 = 1;
+            if (!memcmp(&s6->sin6_addr, &in6addr_any, sizeof in6addr_any)) strcpy(a, "::1");
+            else inet_ntop(AF_INET6, &s6->sin6_addr, a, sizeof a);
+        }
+    }
+    snprintf(out, cap, v6 ? "ws://[%s]:%d" : "ws://%s:%d", a, port);
+}
+
 static int listener_open(char *err, size_t errlen)
 {
     int bound;
@@ -9345,6 +9433,7 @@ static int listener_open(char *err, size_t errlen)
     S.bound_port = bound;
     snprintf(S.listen_url, sizeof S.listen_url,
              strchr(S.set.host, ':') ? "ws://[%s]:%d" : "ws://%s:%d", S.set.host, bound);
+    listener_url(fd, bound, S.worker_url, sizeof S.worker_url);
     char line[128];
     int n = snprintf(line, sizeof line, "iii: listening on %s\n", S.listen_url);
     /* on stdout in one write: whoever started the engine can wait for it and learn the port */

@@ -11,6 +11,48 @@
 #define III_XSTR(x)          #x
 #define III_STR(x)           III_XSTR(x) /* a limit's value as a string literal, for messages */
 
+/* ---- the embedded profile --------------------------------------------------------------------
+ * cc -Os -DIII_SMALL (make small): the same engine with desktop-sized limits scaled down for a
+ * router with tens of megabytes of RAM. Every value can still be overridden (-D, or config). */
+#ifdef III_SMALL
+#ifndef III_DEFAULT_MAX_MESSAGE_BYTES
+#define III_DEFAULT_MAX_MESSAGE_BYTES (4u << 20)
+#endif
+#ifndef III_DEFAULT_MAX_FRAME_BYTES
+#define III_DEFAULT_MAX_FRAME_BYTES (4u << 20)
+#endif
+#ifndef III_DEFAULT_MAX_CONNECTIONS
+#define III_DEFAULT_MAX_CONNECTIONS 1000
+#endif
+#ifndef III_DEFAULT_MAX_OUTBOUND_BYTES
+#define III_DEFAULT_MAX_OUTBOUND_BYTES (8u << 20)
+#endif
+#ifndef III_DEFAULT_MAX_PENDING_BYTES
+#define III_DEFAULT_MAX_PENDING_BYTES (1u << 20)
+#endif
+#ifndef III_DEFAULT_MAX_INFLIGHT_PER_CONN
+#define III_DEFAULT_MAX_INFLIGHT_PER_CONN 1024
+#endif
+#ifndef III_DEFAULT_MAX_INFLIGHT_TOTAL
+#define III_DEFAULT_MAX_INFLIGHT_TOTAL 16384
+#endif
+#ifndef III_DEFAULT_MAX_FUNCTIONS_PER_CONN
+#define III_DEFAULT_MAX_FUNCTIONS_PER_CONN 1000
+#endif
+#ifndef III_DEFAULT_MAX_TRIGGERS
+#define III_DEFAULT_MAX_TRIGGERS 10000
+#endif
+#ifndef III_DEFAULT_MAX_MEMORY_BYTES
+#define III_DEFAULT_MAX_MEMORY_BYTES (48u << 20)
+#endif
+#ifndef III_READ_CHUNK
+#define III_READ_CHUNK 16384
+#endif
+#ifndef III_BUF_SHRINK
+#define III_BUF_SHRINK (256u << 10)
+#endif
+#endif
+
 /* ---- listener defaults (DECISIONS.md item 7) ---------------------------------------------- */
 #ifndef III_DEFAULT_HOST
 #define III_DEFAULT_HOST "127.0.0.1" /* loopback unless the config says otherwise */
