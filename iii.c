@@ -107,20 +107,42 @@ static void log_write(int level, const char *fmt, ...) III_PRINTF(2, 3);
  * stderr nobody reads never blocks the loop); NULL before that and in the CLI: write(2). */
 static void (*log_sink)(const char *line, size_t n);
 
-/* Writes one "iii: level: text" line to stderr in a single write() (lines do not interleave),
- * or hands it to log_sink. */
+/* III_LOG_FORMAT=json: one JSON object per line instead of text (set in main). */
+static int log_json;
+
+/* Writes one log line in a single write() (lines do not interleave), or hands it to log_sink:
+ * "2026-12-06T23:59:59.123Z iii: level: text" (RFC 3339, UTC, milliseconds), or with
+ * III_LOG_FORMAT=json {"ts":"...","level":"...","msg":"..."}. A longer message is cut at
+ * 1 KiB, never split across two writes. */
 static void log_write(int level, const char *fmt, ...)
 {
-    /* one stack line: a longer message is cut, never split across two writes */
-    char line[1024];
-    int n = snprintf(line, sizeof line, "iii: %s: ", log_names[level]);
+    char msg[1024], line[1200], ts[32];
+    struct timespec now;
+    struct tm tm;
+    clock_gettime(CLOCK_REALTIME, &now);
+    time_t secs = now.tv_sec;
+    gmtime_r(&secs, &tm);
+    size_t tl = strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(ts + tl, sizeof ts - tl, ".%03ldZ", (long)(now.tv_nsec / 1000000));
     va_list ap;
     va_start(ap, fmt);
-    int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
+    int m = vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    if (m < 0) m = 0;
-    size_t len = (size_t)n + (size_t)m;
-    if (len > sizeof line - 2) len = sizeof line - 2;
+    if (m < 0) msg[0] = 0;
+    size_t len;
+    if (!log_json) {
+        int n = snprintf(line, sizeof line - 1, "%s iii: %s: %s", ts, log_names[level], msg);
+        len = n < 0 ? 0 : (size_t)n < sizeof line - 1 ? (size_t)n : sizeof line - 2;
+    } else {
+        /* the message as a JSON string: quote, backslash and control characters escaped */
+        len = (size_t)snprintf(line, sizeof line, "{\"ts\":\"%s\",\"level\":\"%s\",\"msg\":\"", ts,
+                               log_names[level]);
+        for (const unsigned char *p = (const unsigned char *)msg; *p && len < sizeof line - 10; p++)
+            if (*p == '"' || *p == '\\') line[len++] = '\\', line[len++] = (char)*p;
+            else if (*p < 0x20) len += (size_t)snprintf(line + len, 7, "\\u%04x", *p);
+            else line[len++] = (char)*p;
+        line[len++] = '"', line[len++] = '}';
+    }
     line[len++] = '\n';
     if (log_sink) {
         log_sink(line, len);
@@ -217,6 +239,14 @@ static int64_t now_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Microseconds from CLOCK_MONOTONIC (call durations for /metrics). */
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
 /* Wall-clock milliseconds since the epoch, for connected_at_ms. */
@@ -376,6 +406,26 @@ static int id_ok(const char *s, size_t n)
     for (size_t i = 0; i < n; i++)
         if ((unsigned char)s[i] < 0x20 || s[i] == 0x7F) return 0;
     return 1;
+}
+
+/* Levenshtein distance of a and b (ASCII, for near-miss suggestions), capped at 99. */
+static int str_distance(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b);
+    if (la > 200 || lb > 200) return 99;
+    int row[201];
+    for (size_t j = 0; j <= lb; j++) row[j] = (int)j;
+    for (size_t i = 1; i <= la; i++) {
+        int diag = row[0];
+        row[0] = (int)i;
+        for (size_t j = 1; j <= lb; j++) {
+            int up = row[j], best = diag + (a[i - 1] != b[j - 1]);
+            if (up + 1 < best) best = up + 1;
+            if (row[j - 1] + 1 < best) best = row[j - 1] + 1;
+            diag = up, row[j] = best;
+        }
+    }
+    return row[lb] > 99 ? 99 : row[lb];
 }
 
 /* 1 if s[0..n) is empty or only ASCII white space (a "blank" namespace). */
@@ -2812,6 +2862,8 @@ struct cfg {
     struct cfg_worker *w;    /* the entries, workers then modules, in file order */
     size_t nw;               /* entries in w */
     struct cfg_listener lis; /* from the iii-worker-manager entry, defaults otherwise */
+    int keep_on_invalid;     /* on_invalid_reload: keep (default exit, as the seed requires) */
+    struct buf warnings;     /* accepted but suspicious (unknown entry keys): one per line */
 };
 
 /* Static defaults: cfg_defaults cannot fail, so it points at these instead of allocating. An
@@ -2909,6 +2961,7 @@ static void cfg_free(struct cfg *c)
         yaml_free(w->entry);
     }
     xfree(c->w);
+    buf_free(&c->warnings);
     if (c->lis.host != cfg_default_host) xfree(c->lis.host);
     if (c->lis.allowed_origins != cfg_default_origins) {
         for (i = 0; i < c->lis.n_origins; i++) xfree(c->lis.allowed_origins[i]);
@@ -3452,9 +3505,22 @@ static int cfg_entry(struct cfg_ctx *x, struct cfg *c, struct yaml_node *list, s
     w->restart = CFG_RESTART_ALWAYS;
     w->stop_timeout_ms = III_DEFAULT_STOP_TIMEOUT_MS;
 
-    /* Unknown entry keys are ignored, as in the reference engine (PROTOCOL.md §11.22); `image`
+    /* Unknown entry keys are ignored, as in the reference engine (PROTOCOL.md §11.22), but
+     * each one is reported as a warning with the nearest known key (`evn` -> `env`); `image`
      * is the reference engine's OCI image, which this engine cannot run; `config` is kept as
      * JSON. A misspelt `command` still fails below ("`command` is required"). */
+    for (i = 0; i < e->n; i++) {
+        if (cfg_in(e->keys[i], cfg_entry_keys)) continue;
+        const char *near = NULL;
+        int best = 3;
+        for (size_t q = 0; cfg_entry_keys[q]; q++) {
+            int dd = str_distance(e->keys[i], cfg_entry_keys[q]);
+            if (dd < best) best = dd, near = cfg_entry_keys[q];
+        }
+        buf_printf(&c->warnings, "%s:%d:%d: worker '%s': unknown key `%s` is ignored%s%s%s\n",
+                   x->file, e->key_lines[i], e->key_cols[i], who, e->keys[i],
+                   near ? " (did you mean `" : "", near ? near : "", near ? "`?)" : "");
+    }
     if (cfg_opt(e, "image")) {
         cfg_pos(e, "image", &line, &col);
         return cfg_fail(
@@ -3516,7 +3582,15 @@ static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
         const char *key = root->keys[i];
         struct yaml_node *v = root->items[i];
         int line = root->key_lines[i], col = root->key_cols[i];
-        if (!strcmp(key, "registration_namespace_grace_ms")) {
+        if (!strcmp(key, "on_invalid_reload")) {
+            /* exit (the default: the seed says an invalid config ends the engine) or keep */
+            const char *s = v->kind == YAML_STR ? cfg_text(v) : NULL;
+            if (!s || (strcmp(s, "exit") && strcmp(s, "keep")))
+                return cfg_fail(x, NULL, line, col,
+                                "`on_invalid_reload` must be exit or keep (got %s)",
+                                cfg_got(v, t, sizeof t));
+            c->keep_on_invalid = !strcmp(s, "keep");
+        } else if (!strcmp(key, "registration_namespace_grace_ms")) {
             if (v->kind == YAML_NULL) continue;
             if (cfg_int(x, NULL, "`registration_namespace_grace_ms`", v, line, col, 0, CFG_MS_MAX,
                         &c->grace_ms) < 0)
@@ -3532,7 +3606,8 @@ static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
         } else {
             return cfg_fail(x, NULL, line, col,
                             "unknown top-level key `%s` (expected "
-                            "registration_namespace_grace_ms, workers, modules)",
+                            "registration_namespace_grace_ms, on_invalid_reload, workers, "
+                            "modules)",
                             key);
         }
     }
@@ -3817,6 +3892,7 @@ struct conn {
     struct ttype *ttypes;             /* trigger types it provides (tt->pnext list) */
     struct lease *lease;              /* its (namespace, name) lease, or NULL */
     char *refusal;                    /* its last registrationrejected, as JSON (workers::info) */
+    const char *why;                  /* why it closes (static text), for the disconnect log */
     struct inv *calls_out, *calls_in; /* calls it made / calls dispatched to it */
     size_t n_out, n_in;               /* lengths of calls_out / calls_in (bounded by limits) */
     struct chan *chan;                /* channel side */
@@ -3831,6 +3907,7 @@ struct func {
     struct conn *owner;  /* NULL: in-process builtin */
     struct func *cnext, *cprev; /* owner's list */
     struct idgroup *ig;         /* the functions with the same id in any namespace */
+    struct fstat *fst;          /* its /metrics entry (see struct fstat) */
     struct func *inext, *iprev; /* links in ig */
     /* builtin handler (see BI_ARGS); NULL for worker-owned functions */
     void (*bi)(struct conn *caller, const struct jdoc *d, int data, struct buf *res,
@@ -3871,6 +3948,8 @@ struct inv {
     char receipt[37];      /* enqueue: the engine's messageReceiptId; ack: the binding id */
     int64_t deadline;      /* ack: when the wait is given up (and the call accepted) */
     struct inv *aprev, *anext; /* ack: S.acks list, so the timeout scan walks only acks */
+    struct fstat *fst;         /* the target function's /metrics entry (NULL: not counted) */
+    int64_t t0_us;             /* when it was dispatched (monotonic us) */
     char fid_small[96];    /* inline storage: no allocation for ordinary ids */
     char ctx_small[160];   /* inline storage for ctx (typical traceparent + baggage) */
     struct inv *free_next; /* S.inv_free list link while recycled */
@@ -3884,6 +3963,25 @@ struct ttype {
     struct conn *provider;                /* NULL: in-process (the discovery events) */
     struct ttype *pnext;                  /* provider's list (c->ttypes) */
     char *desc_raw, *treq_raw, *creq_raw; /* raw JSON */
+};
+
+/* Per-function call statistics for /metrics, keyed "ns\0id" in S.fstats. An entry outlives
+ * its function (a counter must not reset because a worker reconnected) and is never freed
+ * before exit; there are at most III_METRIC_FUNCTIONS of them, calls of any further function
+ * count under S.fstat_other (function="_other"), so a client registering ids cannot grow the
+ * metrics without bound. A function points at its entry from registration on, so a call
+ * costs no lookup and no allocation. */
+#define FSTAT_BUCKETS 10
+static const int64_t FSTAT_LE_US[FSTAT_BUCKETS - 1] = {1000,   5000,   10000,   50000,  100000,
+                                                       500000, 1000000, 5000000, 10000000};
+struct fstat {
+    struct hnode h;
+    char *key;                         /* "ns\0id", owned */
+    size_t klen;
+    uint64_t calls, errors;            /* calls dispatched; those that ended in an error */
+    size_t inflight;                   /* calls now in flight */
+    uint64_t bucket[FSTAT_BUCKETS];    /* durations: count per bucket (the last is +Inf) */
+    uint64_t sum_us;                   /* total duration */
 };
 
 /* The functions that share one id across namespaces (S.fids, keyed by the id): what the
@@ -3973,7 +4071,8 @@ static struct {
     struct conn *conns;                                /* every connection, doubly linked */
     size_t nconns;      /* length of conns, checked against max_connections */
     struct conn *dirty; /* connections with output to write this turn */
-    struct hmap workers, funcs, invs, ttypes, trigs, leases, chans, tgroups, fgroups, fids;
+    struct hmap workers, funcs, invs, ttypes, trigs, leases, chans, tgroups, fgroups, fids, fstats;
+    struct fstat fstat_other; /* calls of functions beyond III_METRIC_FUNCTIONS */
     struct inv *inv_free;         /* recycled call records (capped at 4096) */
     size_t inv_free_n;            /* length of inv_free */
     int64_t start_ms, start_wall; /* monotonic / epoch ms at start, for uptime */
@@ -4272,6 +4371,7 @@ static void conn_abort(struct conn *c, const char *why)
 {
     if (c->dead) return;
     if (c->kind == CK_WORKER) LOG(LOG_DEBUG, "worker %s: closing: %s", c->wid, why);
+    if (!c->why) c->why = why;
     c->dead = 1;
     reap_push(c);
 }
@@ -4336,6 +4436,7 @@ static void conn_fail(struct conn *c, int rc)
 static void conn_close(struct conn *c, unsigned code, const char *reason)
 {
     if (c->closing || c->dead) return;
+    if (!c->why) c->why = reason && *reason ? reason : "closed by the engine";
     if (c->ws) {
         unsigned char p[125];
         size_t n = 0;
@@ -4822,6 +4923,7 @@ static void ws_on_data(struct conn *c)
                     return;
                 }
             }
+            if (!c->why) c->why = "closed by the peer";
             conn_close(c, cc ? cc : 1000, NULL);
             return;
         } else if (op == WS_PONG) {
@@ -4912,6 +5014,38 @@ static struct func *func_find_c(const char *ns, const char *id)
     return func_find(ns, strlen(ns), id, strlen(id));
 }
 
+/* The /metrics entry of function key k[0..kl) ("ns\0id"), created on first use; beyond
+ * III_METRIC_FUNCTIONS entries (or out of memory) the shared "_other" entry. Never NULL. */
+static struct fstat *fstat_get(const char *k, size_t kl)
+{
+    struct fstat *s = (struct fstat *)hm_get(&S.fstats, k, kl);
+    if (s || S.fstats.n >= III_METRIC_FUNCTIONS) return s ? s : &S.fstat_other;
+    if (!(s = xcalloc(sizeof *s))) return &S.fstat_other;
+    if (!(s->key = xmalloc(kl)) || (memcpy(s->key, k, kl), hm_put(&S.fstats, &s->h, s->key, kl) < 0)) {
+        xfree(s->key), xfree(s);
+        return &S.fstat_other;
+    }
+    s->klen = kl;
+    return s;
+}
+
+/* A call to s's function started (now, returned for fstat_end). */
+static int64_t fstat_begin(struct fstat *s)
+{
+    s->calls++, s->inflight++;
+    return now_us();
+}
+
+/* The call that fstat_begin returned t0 for ended (err: with an error). */
+static void fstat_end(struct fstat *s, int64_t t0, int err)
+{
+    int64_t us = now_us() - t0;
+    int b = 0;
+    while (b < FSTAT_BUCKETS - 1 && us > FSTAT_LE_US[b]) b++;
+    s->bucket[b]++, s->sum_us += (uint64_t)(us > 0 ? us : 0), s->errors += err != 0;
+    s->inflight--;
+}
+
 /* Creates function (ns, id) owned by owner (NULL = builtin). Strings are copied. */
 static struct func *func_add(struct conn *owner, const char *ns, size_t nl, const char *id,
                              size_t il)
@@ -4935,6 +5069,7 @@ static struct func *func_add(struct conn *owner, const char *ns, size_t nl, cons
     f->ns = f->key;
     f->id = f->key + nl + 1;
     f->owner = owner;
+    f->fst = fstat_get(f->key, kl);
     f->ig = g, f->inext = g->head;
     if (g->head) g->head->iprev = f;
     g->head = f, g->n++;
@@ -5103,6 +5238,7 @@ static void inv_unlink(struct inv *v)
  * capped at 4096 so a burst does not pin memory forever). */
 static void inv_free(struct inv *v)
 {
+    if (v->fst) fstat_end(v->fst, v->t0_us, 1); /* ended without a result: stopped */
     if (v->kind == INV_ACK) {
         S.n_acks--;
         if (v->aprev) v->aprev->anext = v->anext;
@@ -5353,6 +5489,7 @@ static void rt_call_internal(const char *ns, const char *fid, const unsigned cha
     struct inv *v = inv_new(id, INV_FIRE);
     if (!v) return;
     inv_link(v, NULL, f->owner);
+    v->fst = f->fst, v->t0_us = fstat_begin(f->fst);
     struct buf q = {0};
     json_put_cstr(&q, fid);
     if (buf_check(&q)) conn_oom(f->owner);
@@ -5558,7 +5695,9 @@ static void rt_invoke_builtin(struct conn *c, struct func *f, const struct jdoc 
 {
     struct bi_res r;
     memset(&r, 0, sizeof r);
+    int64_t t0 = fstat_begin(f->fst);
     rt_run_builtin(f, c, JRAW(d, data), JLEN(d, data), &r);
+    fstat_end(f->fst, t0, buf_used(&r.err) > 0);
     if (buf_check(&r.res) | buf_check(&r.err)) { /* a half-built answer is never sent */
         buf_free(&r.res), buf_free(&r.err);
         rt_err(&r.err, "invocation_error", "out of memory");
@@ -5575,9 +5714,10 @@ static void rt_invoke_builtin(struct conn *c, struct func *f, const struct jdoc 
 /* Dispatches c's call to worker t: a call record joins both in-flight sets (§3.2 steps 5-6)
  * and one invokefunction frame is queued to t. cid NULL: a void call, whose target still gets
  * an invocation_id, one the engine mints (§3.3). */
-static void rt_invoke_worker(struct conn *c, struct conn *t, const struct jdoc *d, int fidt,
+static void rt_invoke_worker(struct conn *c, struct func *f, const struct jdoc *d, int fidt,
                              int data, int meta, const char *cid, const char *ctx, size_t cl)
 {
+    struct conn *t = f->owner;
     char mint[37];
     if (!cid) uuid_new(mint);
     /* a caller's id is the key of the call record (§3.2 step 6), so it must be unique in flight */
@@ -5610,6 +5750,7 @@ static void rt_invoke_worker(struct conn *c, struct conn *t, const struct jdoc *
         }
     }
     inv_link(v, cid ? c : NULL, t);
+    v->fst = f->fst, v->t0_us = fstat_begin(f->fst);
     /* metadata goes to the target only: the reply echoes trace context, nothing else (§2.7) */
     rt_send_invoke(t, v->id, (const char *)JRAW(d, fidt), JLEN(d, fidt), JRAW(d, data),
                    JLEN(d, data), c->wid, d->cwid_key, ctx, cl,
@@ -5712,7 +5853,7 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
     } else if (!f->owner) {
         rt_invoke_builtin(c, f, d, fidt, data, cid, ctx, cl);
     } else {
-        rt_invoke_worker(c, f->owner, d, fidt, data, meta, cid, ctx, cl);
+        rt_invoke_worker(c, f, d, fidt, data, meta, cid, ctx, cl);
     }
     xfree(ctxh);
     goto done;
@@ -5738,6 +5879,7 @@ static void rt_result(struct conn *c, const struct jdoc *d)
     }
     int has_err = !JABSENT(d, err), has_res = !JABSENT(d, res);
     if (has_err) S.n_inv_errors++;
+    if (v->fst) fstat_end(v->fst, v->t0_us, has_err), v->fst = NULL;
     /* an error wins over a result; a null or absent result is omitted from the reply (§2.7) */
     if (v->kind == INV_CALL && v->caller) {
         rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len,
@@ -6590,7 +6732,7 @@ static void worker_on_open(struct conn *c)
                  "{\"type\":\"workerregistered\",\"worker_id\":\"%s\",\"reattach_token\":\"%s\"}",
                  c->wid, c->token);
     conn_frame(c, WS_TEXT, m, (size_t)n);
-    LOG(LOG_DEBUG, "worker %s connected from %s", c->wid, c->ip);
+    LOG(LOG_INFO, "worker %s connected from %s", c->wid, c->ip);
     ev_worker("worker_connected", c->wid);
 }
 
@@ -6908,6 +7050,7 @@ static void worker_teardown(struct conn *c)
     if (c->torn || c->kind != CK_WORKER) return;
     c->torn = 1;
     c->ns_state = NS_ABORTED;
+    size_t nf = c->n_funcs;
     /* 2-3: release the functions it still owns (every walk below saves its next link first:
      * each step frees the element it is on, and only that one) */
     for (struct func *f = c->funcs, *nx; f; f = nx) nx = f->cnext, func_remove(f);
@@ -6947,7 +7090,9 @@ static void worker_teardown(struct conn *c)
     buf_free(&c->pendq);
     c->pend_frames = 0;
     drain_unlink(c);
-    LOG(LOG_DEBUG, "worker %s disconnected", c->wid);
+    LOG(LOG_INFO, "worker %s disconnected (name %s, runtime %s, namespace %s, %zu functions): %s",
+        c->wid, c->name ? c->name : "-", c->runtime ? c->runtime : "-", c->ns ? c->ns : "-", nf,
+        c->why ? c->why : "engine shutting down");
     /* 11 */
     ev_worker("worker_disconnected", c->wid);
 }
@@ -7829,6 +7974,11 @@ static void bi_workers_register(BI_ARGS)
     if (json_int(d, json_get(d, in, "pid"), &pid) == 0 && pid >= 0 && pid <= UINT32_MAX)
         c->pid = (uint32_t)pid, c->has_pid = 1;
     worker_resolve(c, eff);
+    char pidb[24] = "-";
+    if (c->has_pid) snprintf(pidb, sizeof pidb, "%lu", (unsigned long)c->pid);
+    LOG(LOG_INFO, "worker %s announced: name %s, runtime %s, namespace %s, pid %s, %zu functions",
+        c->wid, c->name ? c->name : "-", c->runtime ? c->runtime : "-", c->ns ? c->ns : eff, pidb,
+        c->n_funcs);
     ev_worker("worker_metadata_updated", c->wid);
     buf_puts(res, "{\"success\":true}");
 out:
@@ -8261,6 +8411,73 @@ static void http_health(struct buf *b)
 
 /* GET /metrics: Prometheus text exposition format 0.0.4 (hence the content type's version);
  * the counter names are the ones DECISIONS.md item 8 promises. */
+/* Appends s[0..n) as a Prometheus label value (backslash, quote and newline escaped). */
+static void prom_label(struct buf *b, const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '\\' || s[i] == '"') buf_putc(b, '\\');
+        if (s[i] == '\n') buf_puts(b, "\\n");
+        else buf_putc(b, s[i]);
+    }
+}
+
+/* One family of per-function series: for every struct fstat (and _other when it counted
+ * anything), NAME{function,namespace[,le]} VALUE, in the order kind picks. */
+static void http_fstat_family(struct buf *b, const char *name, int kind)
+{
+    for (size_t i = 0; i <= S.fstats.nb; i++)
+        for (struct hnode *e = i < S.fstats.nb ? S.fstats.b[i] : &S.fstat_other.h; e;
+             e = i < S.fstats.nb ? e->next : NULL) {
+            struct fstat *s = (struct fstat *)e;
+            const char *ns = s->key ? s->key : "", *id = s->key ? s->key + strlen(s->key) + 1 : "_other";
+            if (!s->key && !s->calls) continue;
+            uint64_t cum = 0;
+            for (int k = 0; k < (kind == 3 ? FSTAT_BUCKETS : 1); k++) {
+                buf_puts(b, name);
+                buf_puts(b, "{function=\"");
+                prom_label(b, id, s->key ? s->klen - strlen(ns) - 1 : 6);
+                buf_puts(b, "\",namespace=\"");
+                prom_label(b, ns, strlen(ns));
+                if (kind == 3) {
+                    cum += s->bucket[k];
+                    if (k < FSTAT_BUCKETS - 1)
+                        buf_printf(b, "\",le=\"%g\"} %llu\n", (double)FSTAT_LE_US[k] / 1e6,
+                                   (unsigned long long)cum);
+                    else buf_printf(b, "\",le=\"+Inf\"} %llu\n", (unsigned long long)cum);
+                } else {
+                    uint64_t v = kind == 0 ? s->calls : kind == 1 ? s->errors
+                                : kind == 2 ? s->inflight : 0;
+                    if (kind == 4) {
+                        buf_printf(b, "\"} %.6f\n", (double)s->sum_us / 1e6);
+                        continue;
+                    }
+                    if (kind == 5) v = s->calls - s->inflight;
+                    buf_printf(b, "\"} %llu\n", (unsigned long long)v);
+                }
+            }
+        }
+}
+
+/* The per-function series (struct fstat): calls, errors, in flight and a duration histogram,
+ * labelled function and namespace; at most III_METRIC_FUNCTIONS functions, then _other. */
+static void http_metrics_functions(struct buf *b)
+{
+    buf_puts(b, "# HELP iii_function_calls_total Calls routed to a function.\n"
+                "# TYPE iii_function_calls_total counter\n");
+    http_fstat_family(b, "iii_function_calls_total", 0);
+    buf_puts(b, "# HELP iii_function_errors_total Calls of a function that ended in an error.\n"
+                "# TYPE iii_function_errors_total counter\n");
+    http_fstat_family(b, "iii_function_errors_total", 1);
+    buf_puts(b, "# HELP iii_function_inflight Calls of a function awaiting their result.\n"
+                "# TYPE iii_function_inflight gauge\n");
+    http_fstat_family(b, "iii_function_inflight", 2);
+    buf_puts(b, "# HELP iii_function_duration_seconds Time from dispatch to result.\n"
+                "# TYPE iii_function_duration_seconds histogram\n");
+    http_fstat_family(b, "iii_function_duration_seconds_bucket", 3);
+    http_fstat_family(b, "iii_function_duration_seconds_sum", 4);
+    http_fstat_family(b, "iii_function_duration_seconds_count", 5);
+}
+
 static void http_metrics(struct buf *b)
 {
     buf_printf(
@@ -8292,6 +8509,10 @@ static void http_metrics(struct buf *b)
         (unsigned long long)S.n_invocations, (unsigned long long)S.n_inv_errors, count_workers(),
         (unsigned long long)S.n_spawns, (unsigned long long)S.n_deaths, S.nconns, S.funcs.n,
         S.invs.n, mem_live_bytes, mem_allocs_total);
+    buf_printf(b, "# HELP iii_busy_total Calls and upgrades refused by a limit (BUSY, 503).\n"
+                  "# TYPE iii_busy_total counter\niii_busy_total %llu\n",
+               (unsigned long long)S.n_busy);
+    http_metrics_functions(b);
 }
 
 /* ==== Event loop ============================================================================
@@ -8421,7 +8642,7 @@ static void loop_read(struct conn *c)
     ssize_t r = borrow ? read(c->fd, shared, sizeof shared)
                        : read(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len);
     if (r == 0) {
-        conn_abort(c, "eof");
+        conn_abort(c, "connection lost (EOF)");
         return;
     }
     if (r < 0) {
@@ -8656,6 +8877,12 @@ static void engine_free_all(void)
     }
     hm_free(&S.tgroups), hm_free(&S.fgroups); /* emptied with the last binding of each */
     hm_free(&S.fids);                         /* ... and with the last function of each id */
+    for (size_t i = 0; i < S.fstats.nb; i++)
+        for (struct hnode *e = S.fstats.b[i], *nx; e; e = nx) {
+            nx = e->next;
+            xfree(((struct fstat *)e)->key), xfree(e);
+        }
+    hm_free(&S.fstats);
     while (S.inv_free) {
         struct inv *v = S.inv_free;
         S.inv_free = v->free_next;
@@ -9511,7 +9738,42 @@ static int listener_open(char *err, size_t errlen)
     return 0;
 }
 
-/* A fatal reload: the reason on stderr ("iii: reload: ..."), workers stopped, exit 1. */
+/* Logs each warning the config produced (unknown entry keys), one line each. */
+static void cfg_log_warnings(const struct cfg *c)
+{
+    const char *s = (const char *)buf_data(&c->warnings), *e;
+    size_t left = buf_used(&c->warnings);
+    while (s && left && (e = memchr(s, '\n', left))) {
+        LOG(LOG_WARN, "%.*s", (int)(e - s), s);
+        left -= (size_t)(e - s) + 1, s = e + 1;
+    }
+}
+
+/* iii --check: the config is valid (cfg_load already said otherwise and exited 1); prints what
+ * would run: the listener and each declared worker with its command. Returns 0. */
+static int cfg_check_print(int missing)
+{
+    const struct cfg_listener *l = &S.cfg.lis;
+    printf("%s: %s\n", S.cfg_path, missing ? "absent: built-in defaults" : "valid");
+    printf("listener: %s%s%s:%d\n", strchr(l->host, ':') ? "[" : "", l->host,
+           strchr(l->host, ':') ? "]" : "", cli_port >= 0 ? (int)cli_port : l->port);
+    size_t n = 0;
+    for (size_t i = 0; i < S.cfg.nw; i++) {
+        const struct cfg_worker *w = &S.cfg.w[i];
+        if (!cfg_is_process(w)) continue;
+        printf("worker %s:", w->name);
+        for (char **a = w->argv; a && *a; a++) printf(" %s", *a);
+        printf("  (restart %s)\n", w->restart == CFG_RESTART_ALWAYS       ? "always"
+                                   : w->restart == CFG_RESTART_ON_FAILURE ? "on-failure"
+                                                                          : "never");
+        n++;
+    }
+    printf("%zu worker%s to start\n", n, n == 1 ? "" : "s");
+    return 0;
+}
+
+/* A failed reload: the reason on stderr ("iii: ...: reload: ..."), then workers stopped and
+ * exit 1 (the default), or, with on_invalid_reload: keep, the running config kept. */
 static void reload_fail(const char *fmt, ...) III_PRINTF(1, 2);
 static void reload_fail(const char *fmt, ...)
 {
@@ -9520,10 +9782,13 @@ static void reload_fail(const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(m, sizeof m, fmt, ap);
     va_end(ap);
-    char line[1100];
-    int n = snprintf(line, sizeof line, "iii: reload: %s\n", m);
-    ssize_t w = write(2, line, (size_t)(n < (int)sizeof line ? n : (int)sizeof line - 1));
-    (void)w;
+    /* on_invalid_reload: keep: the running configuration stays, the reason is logged */
+    if (S.cfg.keep_on_invalid) {
+        LOG(LOG_ERROR, "reload of %s failed, keeping the running configuration: %s", S.cfg_path,
+            m);
+        return;
+    }
+    LOG(LOG_ERROR, "reload: %s", m);
     S.exit_code = 1;
     /* no exit() here: the loop ends, so workers are stopped and output flushed on the way out */
     S.stop = 1;
@@ -9539,7 +9804,7 @@ static void cfg_reload(const char *why)
     struct cfg nc;
     int missing = 0;
     char err[1024];
-    LOG(LOG_INFO, "reloading configuration (%s)", why);
+    LOG(LOG_INFO, "reloading %s (%s)", S.cfg_path, why);
     if (cfg_load(S.cfg_path, &nc, &missing, err, sizeof err) < 0) {
         reload_fail("parse failed: %s", err);
         return;
@@ -9549,7 +9814,9 @@ static void cfg_reload(const char *why)
         reload_fail("parse failed: %s: the config file is gone", S.cfg_path);
         return;
     }
+    cfg_log_warnings(&nc);
     /* the listener first: if it cannot be rebound, nothing else has been touched */
+    int rebound = 0;
     struct cfg old = S.cfg;
     S.cfg = nc;
     char *oh = xstrdup(S.set.host);
@@ -9566,6 +9833,7 @@ static void cfg_reload(const char *why)
             return;
         }
         LOG(LOG_INFO, "listener rebound to %s", S.listen_url);
+        rebound = 1;
     }
     xfree(oh);
     /* diff by instance name */
@@ -9619,7 +9887,8 @@ static void cfg_reload(const char *why)
     }
     /* only now: every proc points into the new config (or has w == NULL) */
     cfg_free(&old);
-    LOG(LOG_INFO, "reload applied: %zu added, %zu removed, %zu changed", added, removed, changed);
+    LOG(LOG_INFO, "reload of %s applied: %zu added, %zu removed, %zu changed, listener %s", S.cfg_path,
+        added, removed, changed, rebound ? "rebound" : "unchanged");
 }
 /* The command-line synopsis (engine mode and the two CLI client commands). */
 /* ==== CLI client ============================================================================
@@ -10520,26 +10789,6 @@ static int cli_payload(const char *arg, struct buf *out)
     return 0;
 }
 
-/* Levenshtein distance of a and b (ASCII, for near-miss suggestions), capped at 99. */
-static int cli_distance(const char *a, const char *b)
-{
-    size_t la = strlen(a), lb = strlen(b);
-    if (la > 200 || lb > 200) return 99;
-    int row[201];
-    for (size_t j = 0; j <= lb; j++) row[j] = (int)j;
-    for (size_t i = 1; i <= la; i++) {
-        int diag = row[0];
-        row[0] = (int)i;
-        for (size_t j = 1; j <= lb; j++) {
-            int up = row[j], best = diag + (a[i - 1] != b[j - 1]);
-            if (up + 1 < best) best = up + 1;
-            if (row[j - 1] + 1 < best) best = row[j - 1] + 1;
-            diag = up, row[j] = best;
-        }
-    }
-    return row[lb] > 99 ? 99 : row[lb];
-}
-
 /* After function_not_found: the registered ids closest to fid, on stderr ("did you mean"). */
 static void cli_suggest(const char *url, const char *fid, int64_t timeout)
 {
@@ -10556,7 +10805,7 @@ static void cli_suggest(const char *url, const char *fid, int64_t timeout)
                                                         i < d.t[arr].n && shown < 3;
                  i++, e = d.t[e].next) {
                 char *id = json_strdup(&d, json_get(&d, (int)e, "function_id"), NULL);
-                if (id && cli_distance(fid, id) == dist)
+                if (id && str_distance(fid, id) == dist)
                     fprintf(stderr, "iii: did you mean %s?\n", id), shown++;
                 xfree(id);
             }
@@ -10807,6 +11056,7 @@ int main(int argc, char **argv)
 {
     const char *host = NULL;
     long port = -1;
+    int cfg_explicit = 0, check_only = 0;
     S.cfg_path = "config.yaml";
     S.lfd = -1;
     S.spare_fd = -1;
@@ -10814,6 +11064,8 @@ int main(int argc, char **argv)
     /* III_LOG=error|warn|info|debug|trace; any other value keeps the default (info) */
     for (int i = 0; lv && i <= LOG_TRACE; i++)
         if (!strcmp(lv, log_names[i])) log_level = i;
+    const char *lf = getenv("III_LOG_FORMAT");
+    log_json = lf && !strcmp(lf, "json");
     /* the client commands need no config, listener or signals: dispatch before any set-up
      * (their invocation ids need uniqueness, not secrecy: a weak source is fine there) */
     if (argc > 1 && cli_cmd(argv[1])) {
@@ -10823,7 +11075,9 @@ int main(int argc, char **argv)
     }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if ((!strcmp(a, "-c") || !strcmp(a, "--config")) && i + 1 < argc) S.cfg_path = argv[++i];
+        if ((!strcmp(a, "-c") || !strcmp(a, "--config")) && i + 1 < argc)
+            S.cfg_path = argv[++i], cfg_explicit = 1;
+        else if (!strcmp(a, "--check")) check_only = 1;
         else if (!strcmp(a, "--host") && i + 1 < argc) host = argv[++i];
         else if (!strcmp(a, "--port") && i + 1 < argc) {
             char *e;
@@ -10883,9 +11137,13 @@ int main(int argc, char **argv)
     char err[1024];
     int missing = 0;
     if (cfg_load(S.cfg_path, &S.cfg, &missing, err, sizeof err) < 0) die("%s", err);
+    /* only the default path may be absent: a file named on the command line must exist */
+    if (missing && cfg_explicit) die("%s: no such config file", S.cfg_path);
     if (missing)
         LOG(LOG_INFO, "no config file at %s: running on built-in defaults (no workers)",
             S.cfg_path);
+    cfg_log_warnings(&S.cfg);
+    if (check_only) return cfg_check_print(missing);
     settings_from_cfg();
     /* the grace period is read at start-up only (§1.4); a reload does not change it */
     S.grace_ms = S.cfg.grace_ms;
