@@ -641,6 +641,7 @@ def refusals_of_a_reconnecting_client_are_each_logged():
     wids = []
     for i in range(100):
         w = WS(e.port)
+        w.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle delay per retry
         try:
             wid = worker_hello(w, name="retrier")
             w.send_json({"type": "registerfunction", "id": "dup::fn"})
