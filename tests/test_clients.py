@@ -570,6 +570,13 @@ def iii_url_from_bound_address_ipv6_loopback():
 
 
 @test
+def iii_url_from_bound_address_ipv6_any_is_ipv6_loopback():
+    if not have_v6_loopback():
+        return "skip IPv6 loopback (::1) unavailable"
+    url_case("::", "[::1]", "::1")
+
+
+@test
 def iii_url_from_bound_address_127_0_0_2():
     if not have_addr("127.0.0.2"):
         return "skip 127.0.0.2 cannot be bound here"
