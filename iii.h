@@ -105,6 +105,9 @@
 #ifndef III_DEFAULT_MAX_MEMORY_BYTES
 #define III_DEFAULT_MAX_MEMORY_BYTES (1024u << 20) /* every buffer and record together */
 #endif
+#ifndef III_DEFAULT_DRAIN_TIMEOUT_MS
+#define III_DEFAULT_DRAIN_TIMEOUT_MS 5000 /* SIGTERM: in-flight calls get this long to finish */
+#endif
 #ifndef III_DEFAULT_PING_INTERVAL_MS
 #define III_DEFAULT_PING_INTERVAL_MS 20000 /* matches the SDK's own ping cadence */
 #endif

@@ -775,8 +775,8 @@ static void test_cfg(void)
        "max_pending_registration_bytes, max_pending_registration_frames, "
        "max_inflight_per_connection, max_inflight_total, max_functions_per_connection, "
        "max_triggers_per_connection, max_triggers_per_function, max_triggers, max_memory_bytes, "
-       "allowed_origins, auth_tokens, rbac, middleware_function_id, allow_unauthenticated, "
-       "metrics_public, allowed_hosts, worker_token)");
+       "drain_timeout_ms, allowed_origins, auth_tokens, rbac, middleware_function_id, "
+       "allow_unauthenticated, metrics_public, allowed_hosts, worker_token)");
     ce("rbac with an unknown key",
        "workers:\n- name: iii-worker-manager\n  config:\n    rbac: {auth_fn: x}\n",
        "config.yaml:4:5: worker 'iii-worker-manager': `rbac` in config: unknown key \"auth_fn\" "
