@@ -143,7 +143,7 @@ class engine:
         return False
 
 
-def run_engine_expect_exit(config, args=(), timeout=8.0, env=None):
+def run_engine_expect_exit(config, args=(), timeout=5.0, env=None):
     """Runs the engine on a config that must not start. Returns (rc or None, stdout, stderr)."""
     d = tempfile.mkdtemp(prefix="iii-auth-")
     path = os.path.join(d, "config.yaml")
@@ -591,7 +591,7 @@ REFUSE_WORDS = ("auth_tokens", "allow_unauthenticated")
 
 def _refuses(config, args=(), what=""):
     rc, out, err = run_engine_expect_exit(config, args)
-    check(rc is not None, "%s: the engine still ran after 8 s; stderr: %s" % (what, tail(err)))
+    check(rc is not None, "%s: the engine still ran after 5 s; stderr: %s" % (what, tail(err)))
     eq(rc, 1, "%s: exit status (stderr: %s)" % (what, tail(err, 300)))
     check("listening on" not in out, "%s: it printed a listening line: %r" % (what, out))
     for w in REFUSE_WORDS:
