@@ -1214,7 +1214,7 @@ def _sh(cmd):
 def declared_serve_worker_and_trigger_token():
     t = tok("cli")
     extra = ("  - name: greeter\n    command: %s\n"
-             % y([wslib.BIN, "serve", "auth::greet", "--", "sh", "-c", "echo '{\"greet\":\"hi\"}'"]))
+             % y([os.path.abspath(wslib.BIN), "serve", "auth::greet", "--", "sh", "-c", "echo '{\"greet\":\"hi\"}'"]))
     with engine(cfg("auth_tokens: [%s]" % y(t), extra=extra)) as e:
         url = "ws://127.0.0.1:%d" % e.port
         obs = Conn(e.port, token=t)
