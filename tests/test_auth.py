@@ -774,9 +774,14 @@ def session_decision_order():
     # a denied call never reaches the worker
     srv.quiet(is_invoke("other::fn"), what="invoke of a denied function at its worker")
     srv.quiet(is_invoke("pub::secret"), what="invoke of a forbidden function at its worker")
-    # a bare token object (no grants) may call nothing but the infrastructure list
+
+
+@test
+def session_without_grants_denies():
+    """A token object with no grants: the decision order ends in deny (brief: "else deny")."""
+    fx = session_fixture()
     bare = Conn(fx["e"].port, token=fx["T"]["bare"], name="bare")
-    err_is(bare.call("pub::a"), forbidden("pub::a"), "pub::a from a session with no grants")
+    err_is(bare.call("pub::a", timeout=1.5), forbidden("pub::a"), "pub::a from a session with no grants")
     err_is(bare.call("engine::functions::list"), forbidden("engine::functions::list"),
            "engine::functions::list from a session with no grants (not infrastructure)")
 
