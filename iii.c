@@ -2894,6 +2894,7 @@ struct cfg_worker {
     char *cwd;               /* absolute; relative paths are resolved against the config's dir */
     int restart;             /* CFG_RESTART_* */
     int64_t stop_timeout_ms; /* SIGTERM, then SIGKILL after this long */
+    int instances;           /* processes of this entry (1: named as the entry, else name.k) */
     struct yaml_node *entry; /* the whole entry (owned), for yaml_equal in the reload diff */
 };
 
@@ -2943,8 +2944,9 @@ static const char *const cfg_reference_only[] = {
 
 /* The keys an entry may have. From index 3 on they are the process keys, which a built-in
  * entry may not use (cfg_entry relies on this order). */
-static const char *const cfg_entry_keys[] = {"name", "config",  "image",           "command", "env",
-                                             "cwd",  "restart", "stop_timeout_ms", NULL};
+static const char *const cfg_entry_keys[] = {
+    "name", "config", "image", "command", "env", "cwd", "restart", "stop_timeout_ms", "instances",
+    NULL};
 
 /* Validation context: where messages go and what they are relative to. */
 struct cfg_ctx {
@@ -3602,6 +3604,12 @@ static int cfg_process(struct cfg_ctx *x, struct cfg_worker *w, const struct yam
     if (v &&
         cfg_int(x, who, "`stop_timeout_ms`", v, line, col, 0, CFG_MS_MAX, &w->stop_timeout_ms) < 0)
         return -1;
+    /* instances: N processes of this entry (name.1 ... name.N; README "Routing") */
+    v = cfg_opt(e, "instances");
+    cfg_pos(e, "instances", &line, &col);
+    int64_t ni = 1;
+    if (v && cfg_int(x, who, "`instances`", v, line, col, 1, III_MAX_INSTANCES, &ni) < 0) return -1;
+    w->instances = (int)ni;
     return 0;
 oom:
     return cfg_fail(x, NULL, 0, 0, "out of memory");
@@ -9512,7 +9520,8 @@ static void bi_workers_register(BI_ARGS)
      * happens, c->lease is the lease c holds now and l->owner->lease == l for every lease */
     if (name) {
         struct lease *l = (struct lease *)reg_find(&S.leases, eff, strlen(eff), name, strlen(name));
-        if (l && l->owner != c && conn_live(l->owner)) {
+        /* a retiring holder (a rolling reload replaces it) yields its name to the newcomer */
+        if (l && l->owner != c && conn_live(l->owner) && !l->owner->retiring) {
             worker_rejected(c, "WORKER_NAMESPACE_CONFLICT", eff, name, NULL, 0, l->owner->wid,
                             NULL);
             conn_close(c, 1008, "WORKER_NAMESPACE_CONFLICT");
@@ -10681,6 +10690,11 @@ struct proc {
     struct cfg_worker *restart_with; /* changed by a reload: start this once stopped */
     int dead_restart;                /* policy says: start at next_start */
     char *refusal;                   /* last registrationrejected of its process (JSON) */
+    int inst;                        /* instance number (1..N), 0 when the entry has one */
+    struct cfg_worker *roll_with;    /* rolling reload: to be replaced by a process of this entry */
+    struct proc *roll_new;           /* ... the replacement, once started */
+    int roll_phase;                  /* 0 none, 1 waiting for the new one's functions, 2 draining */
+    int64_t roll_until;              /* the current phase's deadline */
     unsigned restarts;               /* restarts by its policy since the engine started it */
     int has_exit, exit_code, exit_signal; /* how it last ended (exit_signal 0: exited) */
     int64_t exit_at;                 /* ... and when (epoch ms) */
@@ -10935,7 +10949,11 @@ static void sup_close_fd(struct proc *pr, int k)
 static int sup_start(struct proc *pr)
 {
     int po[2], pe[2];
-    char *nm = xstrdup(pr->w->name);
+    char *nm = xmalloc(strlen(pr->w->name) + 24);
+    if (nm) {
+        if (pr->inst) sprintf(nm, "%s.%d", pr->w->name, pr->inst);
+        else strcpy(nm, pr->w->name);
+    }
     if (!nm) return -1;
     xfree(pr->name);
     pr->name = nm;
@@ -10977,7 +10995,12 @@ static int sup_start(struct proc *pr)
             if (fds[k] > 2) close(fds[k]);
         setenv("III_URL", url, 1);
         setenv("III_ENGINE_URL", url, 1);
-        setenv("III_WORKER_NAME", pr->w->name, 1);
+        setenv("III_WORKER_NAME", pr->name, 1);
+        if (pr->inst) {
+            char ib[16];
+            snprintf(ib, sizeof ib, "%d", pr->inst);
+            setenv("III_INSTANCE", ib, 1);
+        }
         setenv("III_ENGINE_PID", pidv, 1);
         /* the engine's own workers pass its authentication: a full-access token per start */
         setenv("III_TOKEN", worker_token, 1);
@@ -11014,7 +11037,18 @@ static int sup_start(struct proc *pr)
 
 /* Adds a supervised process for entry w (borrowed: it belongs to S.cfg) and starts it; a failed
  * start is retried after the backoff. NULL on OOM. */
-static struct proc *sup_add(struct cfg_worker *w)
+static struct proc *sup_add_inst(struct cfg_worker *w, int inst);
+
+/* Adds and starts every process of entry w (instances). 0 ok, -1 OOM. */
+static int sup_add(struct cfg_worker *w)
+{
+    for (int k = 1; k <= w->instances; k++)
+        if (!sup_add_inst(w, w->instances > 1 ? k : 0)) return -1;
+    return 0;
+}
+
+/* Adds a supervised process for instance inst of entry w and starts it. NULL on OOM. */
+static struct proc *sup_add_inst(struct cfg_worker *w, int inst)
 {
     struct proc **np = xrealloc(procs, (nprocs + 1) * sizeof *np);
     struct proc *pr = xcalloc(sizeof *pr);
@@ -11025,6 +11059,7 @@ static struct proc *sup_add(struct cfg_worker *w)
     }
     procs = np;
     pr->w = w;
+    pr->inst = inst;
     pr->fd[0] = pr->fd[1] = -1;
     pr->backoff = III_BACKOFF_MIN_MS;
     procs[nprocs++] = pr;
@@ -11153,10 +11188,93 @@ static void sup_reap_children(void)
     }
 }
 
+/* The totals over the worker connections of process pid: functions and calls in flight.
+ * Returns how many connections there are. */
+static size_t sup_conns_of(pid_t pid, size_t *nfuncs, size_t *inflight)
+{
+    size_t n = 0;
+    *nfuncs = *inflight = 0;
+    for (struct conn *c = S.conns; c; c = c->next)
+        if (c->kind == CK_WORKER && c->has_pid && (pid_t)c->pid == pid && !c->torn)
+            n++, *nfuncs += c->n_funcs, *inflight += c->n_in;
+    return n;
+}
+
+/* 1 if processes a and b are instances of one entry (their names without ".k" agree). */
+static int sup_same_entry(const struct proc *a, const struct proc *b)
+{
+    size_t la = strlen(a->name), lb = strlen(b->name);
+    if (a->inst) la = (size_t)(strrchr(a->name, '.') - a->name);
+    if (b->inst) lb = (size_t)(strrchr(b->name, '.') - b->name);
+    return la == lb && !memcmp(a->name, b->name, la);
+}
+
+/* 1 when pr's process can be replaced without a gap (rolling reload): it is connected and
+ * every function it provides may have several providers (routing: providers: many). */
+static int sup_can_roll(const struct proc *pr)
+{
+    int any = 0;
+    for (struct conn *c = S.conns; c; c = c->next) {
+        if (c->kind != CK_WORKER || !c->has_pid || (pid_t)c->pid != pr->pid || c->torn) continue;
+        any = 1;
+        for (const struct func *f = c->funcs; f; f = f->cnext)
+            if (!route_many(f->ns, strlen(f->ns), f->id, strlen(f->id))) return 0;
+    }
+    return any;
+}
+
+/* Rolling reload, one instance of an entry at a time: the replacement starts (phase 1) while
+ * the old process stops taking calls (its connections are retiring: the router skips them and
+ * the new one may take over the name lease); once the new one has registered as many
+ * functions (or 10 s passed) the old one drains its calls in flight (phase 2, up to its stop
+ * timeout) and is stopped. So calls keep going to the other instances and none fails. */
+static void sup_roll_tick(int64_t now, int64_t *next)
+{
+    for (size_t i = 0; i < nprocs; i++) {
+        struct proc *pr = procs[i];
+        size_t of, oi, nf = 0, ni;
+        if (pr->roll_with && !pr->roll_phase) {
+            int busy = 0; /* one instance of an entry at a time */
+            for (size_t k = 0; k < nprocs; k++)
+                busy |= procs[k]->roll_phase > 0 && procs[k]->roll_phase < 3 &&
+                        sup_same_entry(procs[k], pr);
+            if (busy) continue;
+            struct cfg_worker *nw = pr->roll_with;
+            pr->roll_with = NULL, pr->roll_phase = 1, pr->roll_until = now + 10000;
+            for (struct conn *c = S.conns; c; c = c->next)
+                if (c->kind == CK_WORKER && c->has_pid && (pid_t)c->pid == pr->pid) c->retiring = 1;
+            LOG(LOG_INFO, "worker %s: rolling reload: starting its replacement", pr->name);
+            pr->roll_new = sup_add_inst(nw, pr->inst);
+            pr->w = NULL; /* no restart of the old one, whatever its policy */
+            pr = procs[i];
+        }
+        if (pr->roll_phase == 1) {
+            sup_conns_of(pr->pid, &of, &oi);
+            int found = 0;
+            for (size_t k = 0; k < nprocs; k++) found |= procs[k] == pr->roll_new;
+            if (found && pr->roll_new->pid) sup_conns_of(pr->roll_new->pid, &nf, &ni);
+            if (!found || nf >= of || now >= pr->roll_until)
+                pr->roll_phase = 2, pr->roll_until = now + pr->stop_ms;
+        }
+        if (pr->roll_phase == 2) {
+            sup_conns_of(pr->pid, &of, &oi);
+            if (!oi || now >= pr->roll_until) {
+                pr->roll_phase = 3, pr->remove = 1;
+                LOG(LOG_INFO, "worker %s: rolling reload: replacement ready, stopping the old one",
+                    pr->name);
+                sup_stop(pr);
+            }
+        }
+        if (pr->roll_phase == 1 || pr->roll_phase == 2 || pr->roll_with)
+            if (now + 50 < *next) *next = now + 50; /* look again soon while a roll goes on */
+    }
+}
+
 /* Timers of the supervisor: SIGKILL for processes past their stop timeout (repeated every
  * second until they are reaped), and due restarts. Lowers *next to the earliest deadline. */
 static void sup_tick(int64_t now, int64_t *next)
 {
+    sup_roll_tick(now, next);
     for (size_t i = 0; i < nprocs; i++) {
         struct proc *pr = procs[i];
         if (pr->pid && pr->stopping) {
@@ -11407,6 +11525,30 @@ static void cfg_log_warnings(const struct cfg *c)
     }
 }
 
+/* 1 if process pr's instance number exists in entry w: the single process of a one-instance
+ * entry, or one of 1..N. */
+static int sup_inst_fits(const struct proc *pr, const struct cfg_worker *w)
+{
+    return w->instances > 1 ? pr->inst >= 1 && pr->inst <= w->instances : pr->inst == 0;
+}
+
+/* 1 if two worker entries are the same but for `instances` (that key alone starts or stops
+ * the difference, and restarts nothing). */
+static int cfg_entry_same(const struct yaml_node *a, const struct yaml_node *b)
+{
+    if (!a || !b || a->kind != YAML_MAP || b->kind != YAML_MAP) return yaml_equal(a, b);
+    size_t na = 0, nb = 0;
+    for (size_t i = 0; i < a->n; i++) {
+        if (!strcmp(a->keys[i], "instances")) continue;
+        na++;
+        size_t j = 0;
+        while (j < b->n && strcmp(b->keys[j], a->keys[i])) j++;
+        if (j == b->n || !yaml_equal(a->items[i], b->items[j])) return 0;
+    }
+    for (size_t j = 0; j < b->n; j++) nb += strcmp(b->keys[j], "instances") != 0;
+    return na == nb;
+}
+
 /* iii --check: the config is valid (cfg_load already said otherwise and exited 1); prints what
  * would run: the listener and each declared worker with its command. Returns 0. */
 static int cfg_check_print(int missing)
@@ -11494,14 +11636,17 @@ static void cfg_reload(const char *why)
         rebound = 1;
     }
     xfree(oh);
-    /* diff by instance name */
+    /* diff by entry and instance: a process outside the new entry's instances goes, a changed
+     * entry restarts its processes (one at a time, when they can roll: sup_can_roll), a new
+     * instance starts; `instances` alone changes nothing for the others */
     size_t added = 0, removed = 0, changed = 0;
     for (size_t i = 0; i < nprocs; i++) {
         struct proc *pr = procs[i];
+        struct cfg_worker *nw = pr->w ? cfg_find(&S.cfg, pr->w->name) : NULL;
         if (pr->restart_with) {
             /* still stopping from an earlier reload: restart from this config's entry, if any */
-            struct cfg_worker *nw = cfg_find(&S.cfg, pr->name);
-            pr->restart_with = nw && cfg_is_process(nw) ? nw : NULL;
+            nw = cfg_find(&S.cfg, pr->restart_with->name);
+            pr->restart_with = nw && cfg_is_process(nw) && sup_inst_fits(pr, nw) ? nw : NULL;
             if (!pr->restart_with) pr->remove = 1;
             continue;
         }
@@ -11509,18 +11654,21 @@ static void cfg_reload(const char *why)
             pr->w = NULL;
             continue;
         }
-        struct cfg_worker *nw = cfg_find(&S.cfg, pr->name);
-        if (!nw || !cfg_is_process(nw)) {
+        if (!nw || !cfg_is_process(nw) || !sup_inst_fits(pr, nw)) {
             pr->remove = 1;
             pr->restart_with = NULL;
             pr->w = NULL;
+            pr->roll_with = NULL;
             if (pr->pid) sup_stop(pr);
             else pr->dead_restart = 0;
             removed++;
-        } else if (!yaml_equal(pr->w->entry, nw->entry) ||
+        } else if (!cfg_entry_same(pr->w->entry, nw->entry) ||
                    (!pr->pid && !pr->dead_restart && !pr->stopping)) {
             changed++;
-            if (pr->pid) {
+            if (pr->pid && nw->instances > 1 && sup_can_roll(pr)) {
+                pr->roll_with = nw; /* replaced by sup_roll_tick, one instance at a time */
+                pr->w = nw;
+            } else if (pr->pid) {
                 sup_stop(pr);
                 pr->restart_with = nw; /* started from the new entry once the old one is gone */
                 pr->w = NULL;
@@ -11538,10 +11686,15 @@ static void cfg_reload(const char *why)
     for (size_t i = 0; i < S.cfg.nw; i++) {
         struct cfg_worker *w = &S.cfg.w[i];
         if (!cfg_is_process(w)) continue;
-        int found = 0;
-        for (size_t k = 0; k < nprocs; k++)
-            found |= !procs[k]->remove && !strcmp(procs[k]->name ? procs[k]->name : "", w->name);
-        if (!found) sup_add(w), added++;
+        for (int k = 1; k <= w->instances; k++) {
+            int inst = w->instances > 1 ? k : 0, found = 0;
+            for (size_t q = 0; q < nprocs && !found; q++) {
+                struct proc *pr = procs[q];
+                struct cfg_worker *pw = pr->w ? pr->w : pr->restart_with;
+                found = !pr->remove && pw && !strcmp(pw->name, w->name) && pr->inst == inst;
+            }
+            if (!found) sup_add_inst(w, inst), added++;
+        }
     }
     /* only now: every proc points into the new config (or has w == NULL) */
     cfg_free(&old);
@@ -12379,7 +12532,7 @@ static const struct cli_cmd {
      "  a non-zero exit is an invocation_failed error carrying its stderr. The command sees\n"
      "  III_FUNCTION_ID and III_INVOCATION_ID. Reconnects if the engine restarts.\n"
      "  --namespace NS   register in namespace NS\n"
-     "  --name NAME      worker name (default serve:FUNCTION_ID)\n"
+     "  --name NAME      worker name (default $III_WORKER_NAME, else serve:FUNCTION_ID)\n"
      "  --description T  the function's description\n"
      "  --concurrency N  at most N commands at once (default 4; up to 1000 calls wait, then BUSY)\n"
      "  --timeout MS     kill a command after MS ms: invocation_timeout (default 30000, 0 = none)\n"
@@ -12588,8 +12741,12 @@ static int cli_main(int argc, char **argv)
                     cmd->usage);
             return 2;
         }
+        /* a declared worker is named by the engine (III_WORKER_NAME: name, or name.k for one
+         * of several instances), so instances do not contend for one name */
         char nm[300];
-        snprintf(nm, sizeof nm, "serve:%s", pos[0]);
+        const char *en = getenv("III_WORKER_NAME");
+        if (en && *en) snprintf(nm, sizeof nm, "%s", en);
+        else snprintf(nm, sizeof nm, "serve:%s", pos[0]);
         struct srv s;
         memset(&s, 0, sizeof s);
         s.fid = pos[0], s.ns = ns, s.name = name ? name : nm, s.desc = desc, s.argv = command;
@@ -12835,7 +12992,7 @@ int main(int argc, char **argv)
     if (bi_init() < 0) die("out of memory");
     if (listener_open(err, sizeof err) < 0) die("%s", err);
     for (size_t i = 0; i < S.cfg.nw; i++)
-        if (cfg_is_process(&S.cfg.w[i]) && !sup_add(&S.cfg.w[i])) die("out of memory");
+        if (cfg_is_process(&S.cfg.w[i]) && sup_add(&S.cfg.w[i]) < 0) die("out of memory");
     /* watch the file only if it existed at start-up (DECISIONS.md item 6: no file, no reload) */
     if (!missing) {
         if (watch_stat(&watch.st) == 0)
