@@ -4,7 +4,9 @@
  * Workers written in any language connect over WebSocket, register functions, trigger types
  * and triggers; the engine keeps the live registry and routes every invocation to the worker
  * that provides the target function, then routes the result back. It speaks the wire protocol
- * of the reference iii engine (../shared/spec/PROTOCOL.md) so the official SDKs work unchanged.
+ * of the reference iii engine (docs/PROTOCOL.md) so the official SDKs work unchanged. Marks
+ * like "§3.2" cite the reference protocol's section numbers; docs/PROTOCOL.md, appendix A, says
+ * where each is described in this repository.
  *
  * PROCESS MODEL
  * One thread, one poll() loop. Sockets are non-blocking; signals arrive through a self-pipe;
@@ -2838,14 +2840,14 @@ static int yaml_equal(const struct yaml_node *a, const struct yaml_node *b)
 /* ==== Config ================================================================================
  * config.yaml → struct cfg, in three steps that each fail with a message naming the file (and
  * line:column where there is one): cfg_expand splices ${VAR} / ${VAR:default} into the raw
- * text (PROTOCOL.md §8.3), yaml_parse reads it, and the checks below validate the schema.
+ * text (§8.3), yaml_parse reads it, and the checks below validate the schema.
  * Top level: registration_namespace_grace_ms, workers, modules (entries appended after
  * workers); anything else is refused. Each entry has a `name`; duplicates get instance ids
  * name#1, name#2 in order. A built-in name (cfg_builtins) runs inside the engine and takes only
  * `config`; `iii-worker-manager`'s config holds the listener settings (tests/CONTRACT.md), each
  * type-checked, unknown ones refused. Every other entry is a process the engine supervises and
- * must say how to start it with `command` (DECISIONS.md item 3). As in the reference engine
- * (PROTOCOL.md §11.22), unknown keys in an entry are ignored; a misspelt `command` still fails
+ * must say how to start it with `command` (docs/§10 item 3). As in the reference engine
+ * (§11.22), unknown keys in an entry are ignored; a misspelt `command` still fails
  * because `command` is then missing.
  * Strings in struct cfg are owned by it (cfg_free), except that lis.host and
  * lis.allowed_origins may point to static defaults, which cfg_free recognizes.
@@ -2855,7 +2857,7 @@ static int yaml_equal(const struct yaml_node *a, const struct yaml_node *b)
 #endif
 #define CFG_MS_MAX 2147483647 /* timeouts end up as poll() ints */
 
-/* The `restart` policies of a process worker (DECISIONS.md item 3). */
+/* The `restart` policies of a process worker (docs/§10 item 3). */
 enum { CFG_RESTART_ALWAYS, CFG_RESTART_ON_FAILURE, CFG_RESTART_NEVER };
 
 struct cfg_listener {
@@ -2921,7 +2923,7 @@ struct cfg {
 };
 
 /* Static defaults: cfg_defaults cannot fail, so it points at these instead of allocating. An
- * origin without a port matches that scheme and host on any port (DECISIONS.md item 7). */
+ * origin without a port matches that scheme and host on any port (docs/§10 item 7). */
 static char cfg_default_host[] = III_DEFAULT_HOST;
 static char cfg_origin_localhost[] = "http://localhost";
 static char cfg_origin_loopback[] = "http://127.0.0.1";
@@ -3181,8 +3183,8 @@ static int cfg_dir(struct cfg_ctx *x, const char *path)
     return x->dir ? 0 : cfg_fail(x, NULL, 0, 0, "out of memory");
 }
 
-/* Expands ${VAR} and ${VAR:default} in text[0..len), appending the result to out (PROTOCOL.md
- * §8.3): one pass, expanded values are not rescanned, a set-but-empty variable gives "", the
+/* Expands ${VAR} and ${VAR:default} in text[0..len), appending the result to out
+ * (§8.3): one pass, expanded values are not rescanned, a set-but-empty variable gives "", the
  * default may hold ':' but not '}', `__III_ENGINE_VERSION__` as a default gives the version,
  * `$VAR` and an unclosed `${X` stay as they are. An unset variable without a default is an
  * error "LINE:COL: environment variable ..." (cfg_parse adds the file name). 0 ok, -1 error (out
@@ -3669,7 +3671,7 @@ static int cfg_entry(struct cfg_ctx *x, struct cfg *c, struct yaml_node *list, s
     w->restart = CFG_RESTART_ALWAYS;
     w->stop_timeout_ms = III_DEFAULT_STOP_TIMEOUT_MS;
 
-    /* Unknown entry keys are ignored, as in the reference engine (PROTOCOL.md §11.22), but
+    /* Unknown entry keys are ignored, as in the reference engine (§11.22), but
      * each one is reported as a warning with the nearest known key (`evn` -> `env`); `image`
      * is the reference engine's OCI image, which this engine cannot run; `config` is kept as
      * JSON. A misspelt `command` still fails below ("`command` is required"). */
@@ -3811,7 +3813,7 @@ static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
                         "the top level must be a mapping with the "
                         "keys registration_namespace_grace_ms, workers, modules (got %s)",
                         cfg_got(root, t, sizeof t));
-    /* Top-level keys, deny-unknown-fields as in the reference engine (PROTOCOL.md §8.2). */
+    /* Top-level keys, deny-unknown-fields as in the reference engine (§8.2). */
     for (i = 0; i < root->n; i++) {
         const char *key = root->keys[i];
         struct yaml_node *v = root->items[i];
@@ -3918,7 +3920,7 @@ static int cfg_parse(const char *text, size_t len, const char *path, struct cfg 
     return rc;
 }
 
-/* Reads and parses the config file at path. A missing file is not an error (DECISIONS.md
+/* Reads and parses the config file at path. A missing file is not an error (docs/§10
  * item 6): *missing = 1, *out = defaults, 0 is returned. Any other failure: -1 and err. */
 static int cfg_load(const char *path, struct cfg *out, int *missing, char *err, size_t errlen)
 {
@@ -4080,7 +4082,7 @@ enum conn_kind {
     CK_CHAN_R, /* "/ws/channels/<id>?dir=read" */
     CK_PLAIN   /* plain HTTP answer being flushed, then closed */
 };
-/* Namespace resolution of a worker connection (PROTOCOL.md §1.4): registrations are buffered
+/* Namespace resolution of a worker connection (§1.4): registrations are buffered
  * while PENDING, applied directly once RESOLVED, swallowed once ABORTED (teardown started). */
 enum ns_state { NS_PENDING, NS_RESOLVED, NS_ABORTED };
 
@@ -4139,7 +4141,7 @@ struct conn {
     struct inv *calls_out, *calls_in; /* calls it made / calls dispatched to it */
     size_t n_out, n_in;               /* lengths of calls_out / calls_in (bounded by limits) */
     struct chan *chan;                /* channel side */
-    uint64_t otel_frames;             /* /otel frames received and dropped (DECISIONS.md) */
+    uint64_t otel_frames;             /* /otel frames received and dropped (docs/§10) */
 };
 
 struct func {
@@ -4320,7 +4322,7 @@ struct settings {
     size_t max_functions_per_connection;                /* functions one connection may own */
     size_t max_triggers_per_connection, max_triggers_per_function, max_triggers; /* bindings */
     size_t max_memory_bytes; /* all the engine's allocations together; 0 = no budget */
-    char **origins;   /* allowed Origin values; "*" allows any (DECISIONS.md 7) */
+    char **origins;   /* allowed Origin values; "*" allows any (docs/§10 item 7) */
     size_t n_origins; /* entries in origins */
 };
 
@@ -4355,7 +4357,7 @@ static char worker_token[65]; /* III_TOKEN given to declared workers (full acces
 
 static struct {
     struct settings set;  /* listener settings in force */
-    int64_t grace_ms;     /* namespace grace period (PROTOCOL.md §1.4) */
+    int64_t grace_ms;     /* namespace grace period (§1.4) */
     const char *cfg_path; /* config file (--config), or NULL for built-in defaults */
     int lfd;              /* listening socket */
     int bound_port;       /* actual port (differs from set.port when that is 0) */
@@ -4921,7 +4923,7 @@ static int http_has_token(const char *v, const char *tok)
     return 0;
 }
 
-/* Origin policy (DECISIONS.md item 7): no Origin = not a browser, allowed. Otherwise the origin
+/* Origin policy (docs/§10 item 7): no Origin = not a browser, allowed. Otherwise the origin
  * must equal an allowed entry, or be that entry plus ":port". "*" allows every origin. */
 static int http_origin_ok(const char *o)
 {
@@ -5256,7 +5258,7 @@ static void http_on_data(struct conn *c)
         }
     }
     /* RFC 6455 §4.2.2: 101 with Sec-WebSocket-Accept; no subprotocol or extension is negotiated
-     * (PROTOCOL.md §1.1), so neither header is sent */
+     * (§1.1), so neither header is sent */
     char acc[29];
     ws_accept_key(key, strlen(key), acc);
     buf_printf(&c->out,
@@ -5710,7 +5712,7 @@ static void lease_drop(struct conn *c)
  * loopback listener without auth config gives everyone, as before. With `auth_tokens` or
  * `rbac.auth_function_id` an upgrade must present a token (Authorization: Bearer T, or ?token=T)
  * or be admitted by the auth function; its session is then the token's entry or the function's
- * result, in the reference's shape (PROTOCOL.md §3.9): namespaces with grants, allowed and
+ * result, in the reference's shape (§3.9): namespaces with grants, allowed and
  * forbidden functions, registration switches, a registration prefix and a context. A session
  * is kept as its JSON text with the tokens of that text (grants are read from them directly),
  * reference-counted: a token's session is shared by its connections and outlives a reload.
@@ -6478,7 +6480,7 @@ static void auth_answer(struct inv *v, const struct jdoc *d, int res, int err);
 static void auth_refuse(struct conn *c, const char *msg);
 static int rt_busy(const struct conn *c, const struct conn *t, int reply, char *msg, size_t cap);
 
-/* The error a caller gets when the target disconnects mid-call (§7; exact text, DECISIONS.md). */
+/* The error a caller gets when the target disconnects mid-call (§7; exact text, docs/§10). */
 static const char ERR_STOPPED[] =
     "{\"code\":\"invocation_stopped\",\"message\":\"Invocation stopped\"}";
 
@@ -7651,7 +7653,7 @@ static int trig_listened(const char *type)
     return 0;
 }
 
-/* Called once per loop turn: fires functions_changed when the id set changed (DECISIONS.md
+/* Called once per loop turn: fires functions_changed when the id set changed (docs/§10
  * item 1: immediate, coalesced to one event per turn; keyed on the id set only). A snapshot is
  * the whole function list, so the next one waits until the last one's size has been paced
  * out at III_DISCOVERY_BYTES_PER_S: a small registry still gets every change at once, while a
@@ -8090,7 +8092,7 @@ static void reg_apply(struct conn *c, const struct jdoc *d)
 
 static void rt_invoke(struct conn *c, const struct jdoc *d);
 
-/* Buffers frame p[0..n) at the tail of c's queue (§1.4 and DECISIONS.md item 10): registration
+/* Buffers frame p[0..n) at the tail of c's queue (§1.4 and docs/§10 item 10): registration
  * frames while the namespace is pending, and, while anything is queued, later registrations
  * and calls too, so they keep their arrival order. The queue is bounded in bytes (its buffer's
  * cap, max_pending_registration_bytes) and frames (max_pending_registration_frames): a client
@@ -8134,7 +8136,7 @@ static void drain_unlink(struct conn *c)
 }
 
 /* Applies c's queued frames in arrival order (§1.4): registrations, and the calls that waited
- * behind them (DECISIONS.md item 10). At most III_DRAIN_FRAMES frames or III_DRAIN_BYTES bytes
+ * behind them (docs/§10 item 10). At most III_DRAIN_FRAMES frames or III_DRAIN_BYTES bytes
  * per call, so no turn of the loop does unbounded work: a connection with more left stays on
  * S.drain and the loop comes back to it next turn. Stops if c goes away. */
 static void worker_drain(struct conn *c)
@@ -8409,7 +8411,7 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
         return;
     }
     if (TYPE_IS("invokefunction")) {
-        /* DECISIONS.md item 10: a call behind this connection's own queued registrations waits
+        /* docs/§10 item 10: a call behind this connection's own queued registrations waits
          * in that queue (read-your-own-writes); the announce itself never waits, as it is what
          * settles the namespace and drains the queue */
         if (buf_used(&c->pendq) && c->ns_state != NS_ABORTED &&
@@ -9792,7 +9794,7 @@ static void bi_unregister_trigger(BI_ARGS)
     xfree(id);
 }
 
-/* engine::log::* (DECISIONS.md): writes message and data to the engine's log at `level`; data
+/* engine::log::* (docs/§10): writes message and data to the engine's log at `level`; data
  * is cut to 600 bytes so one call cannot flood the log. No result. */
 static void bi_log(struct conn *caller, const struct jdoc *d, int in, int level)
 {
@@ -9990,7 +9992,7 @@ static void chan_sweep(int64_t now, int64_t *next)
 }
 
 /* ==== Health and metrics ====================================================================
- * Plain HTTP on the worker port (DECISIONS.md item 8).
+ * Plain HTTP on the worker port (docs/§10 item 8).
  */
 /* Worker connections not yet torn down (the iii_workers_active gauge and /health). */
 static size_t count_workers(void)
@@ -10000,7 +10002,7 @@ static size_t count_workers(void)
     return n;
 }
 
-/* GET /health body (DECISIONS.md item 8). */
+/* GET /health body (docs/§10 item 8). */
 static void http_health(struct buf *b)
 {
     buf_printf(b, "{\"status\":\"ok\",\"workers\":%zu,\"functions\":%zu,\"uptime_ms\":%lld}",
@@ -10008,7 +10010,7 @@ static void http_health(struct buf *b)
 }
 
 /* GET /metrics: Prometheus text exposition format 0.0.4 (hence the content type's version);
- * the counter names are the ones DECISIONS.md item 8 promises. */
+ * the counter names are the ones docs/§10 item 8 promises. */
 /* Appends s[0..n) as a Prometheus label value (backslash, quote and newline escaped). */
 static void prom_label(struct buf *b, const char *s, size_t n)
 {
@@ -10329,7 +10331,7 @@ static int64_t loop_timers(struct conn *c, int64_t now)
             c->wid, (long long)S.grace_ms);
         worker_resolve(c, NS_DEFAULT);
     }
-    /* DECISIONS.md item 2: silence past idle_timeout_ms is a dead peer; 1001 "going away" */
+    /* docs/§10 item 2: silence past idle_timeout_ms is a dead peer; 1001 "going away" */
     if (S.set.idle_timeout_ms > 0 && DUE(c->t_rx + S.set.idle_timeout_ms)) {
         conn_close(c, 1001, "idle timeout");
         return next;
@@ -10454,7 +10456,7 @@ static void drain_begin(void)
 }
 
 /* Graceful shutdown (SIGINT/SIGTERM): stop accepting, end every worker's calls with
- * invocation_stopped, close every connection with 1012 (Service Restart, DECISIONS.md item 11:
+ * invocation_stopped, close every connection with 1012 (Service Restart, docs/§10 item 11:
  * clients that treat 1000/1001 as final, Python's websockets among them, reconnect on it),
  * stop supervised workers, flush. */
 static void loop_shutdown(void)
@@ -10852,7 +10854,7 @@ static void sentinel_start(void)
 }
 
 /* Appends "[name] text\n" for output stream k (0 stdout, 1 stderr). Nothing is dropped: the
- * queue is bounded by backpressure instead (DECISIONS.md item 12): past III_OUTQ_HIGH bytes
+ * queue is bounded by backpressure instead (docs/§10 item 12): past III_OUTQ_HIGH bytes
  * sup_pollfds stops reading that stream's worker pipes, so a worker writing faster than the
  * engine's output drains blocks on its own write, as on a slow terminal. */
 static void sup_emit(int k, const char *name, const unsigned char *p, size_t n)
@@ -11138,7 +11140,7 @@ static void sup_retire_conns(pid_t pid)
 
 /* Reaps every exited child (WNOHANG, after SIGCHLD) and applies the restart policy: removed
  * entries are freed, reloaded ones restart at once with the new entry, others per `restart`
- * with exponential backoff (DECISIONS.md item 3). Only called from the loop. */
+ * with exponential backoff (docs/§10 item 3). Only called from the loop. */
 static void sup_reap_children(void)
 {
     int st;
@@ -11594,7 +11596,7 @@ static void reload_fail(const char *fmt, ...)
     S.stop = 1;
 }
 
-/* Hot reload (PROTOCOL.md §8.5, DECISIONS.md item 4), from the config watch or SIGHUP. Loads and
+/* Hot reload (§8.5, docs/§10 item 4), from the config watch or SIGHUP. Loads and
  * validates the whole file first; any failure is fatal via reload_fail. Then rebinds the
  * listener if host/port changed, and diffs process entries by instance name: removed ones are
  * stopped, changed ones stopped and restarted from the new entry, added ones started. The old
@@ -11703,7 +11705,7 @@ static void cfg_reload(const char *why)
 }
 /* The command-line synopsis (engine mode and the two CLI client commands). */
 /* ==== CLI client ============================================================================
- * `iii trigger` and `iii list` (DECISIONS.md item 9): a blocking client in the same binary that
+ * `iii trigger` and `iii list` (docs/§10 item 9): a blocking client in the same binary that
  * connects as an ordinary worker (no engine::workers::register, so it never shows in the
  * registry), sends one invokefunction and waits for its result. Same framing code as the
  * engine; client frames are masked (RFC 6455 §5.3; a zero key is legal).
@@ -12865,7 +12867,7 @@ out:
 #ifndef III_NO_MAIN
 /* Engine mode: parse arguments, load config.yaml (missing = built-in defaults; invalid = exit
  * 1), apply --host/--port and III_NAMESPACE_GRACE_MS, install signals, register builtins,
- * bind the listener (fatal on failure, DECISIONS.md item 5), start declared workers, run the
+ * bind the listener (fatal on failure, docs/§10 item 5), start declared workers, run the
  * loop, then free everything so leak checkers see only real leaks. III_LOG sets the level. */
 int main(int argc, char **argv)
 {
@@ -12993,7 +12995,7 @@ int main(int argc, char **argv)
     if (listener_open(err, sizeof err) < 0) die("%s", err);
     for (size_t i = 0; i < S.cfg.nw; i++)
         if (cfg_is_process(&S.cfg.w[i]) && sup_add(&S.cfg.w[i]) < 0) die("out of memory");
-    /* watch the file only if it existed at start-up (DECISIONS.md item 6: no file, no reload) */
+    /* watch the file only if it existed at start-up (docs/§10 item 6: no file, no reload) */
     if (!missing) {
         if (watch_stat(&watch.st) == 0)
             watch.have = 1, watch.next_check = now_ms() + III_WATCH_INTERVAL_MS;
