@@ -25,14 +25,24 @@
  *
  * MEMORY AND LIMITS
  * All allocation goes through xmalloc/xrealloc/xfree (counted, fail-injectable in tests). Every
- * buffer append checks a cap; an allocation failure closes one connection, never the engine.
- * Limits live in iii.h and in the `iii-worker-manager` config block.
+ * buffer has a cap enforced when bytes are appended and a sticky error checked once per frame;
+ * an allocation failure closes one connection, never the engine, and teardown allocates
+ * nothing. Calls in flight, queued registrations, bindings, functions and all memory together
+ * are bounded; a bound that is hit is answered (BUSY, 1008, 503), never queued without limit.
+ * No scratch buffer is global across anything that can re-enter the router. Limits live in
+ * iii.h and in the `iii-worker-manager` config block; README "Limits" explains each.
+ *
+ * TRUST
+ * Every connection has a session (NULL: full access, the loopback default); with auth_tokens
+ * or rbac a client presents a token or is admitted by an auth function, and sees and calls only
+ * what its session allows (README "Security").
  *
  * CONTENTS (grep -n '^/\* ====' iii.c)
  *   Utilities, Buffer, SHA-1 and base64, UTF-8, JSON, YAML subset, Config, Hash map, Types and
- *   the global state, Sockets, WebSocket frames, Connections, HTTP, Registry, Router, Triggers
- *   and discovery, Worker protocol, Engine functions, Channels, Health and metrics, Event loop,
- *   Supervisor, Configuration and hot reload, CLI client, main.
+ *   the global state, Sockets, WebSocket frames, Connections, HTTP, Registry, Sessions and
+ *   authorization, Router, Triggers and discovery, Worker protocol, Engine functions, Channels,
+ *   Health and metrics, Event loop, Supervisor, Configuration and hot reload, CLI client, CLI
+ *   worker (iii serve and iii watch), main.
  */
 /* Feature macros: each only if the includer (tests/unit.c, a -D flag) has not set it already */
 #ifndef _POSIX_C_SOURCE
