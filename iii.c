@@ -6147,6 +6147,12 @@ oom:
  * call on both connections and append one invokefunction frame to the target. A call record
  * (struct inv) comes from a free list and keeps the caller's id, the requested function_id and
  * the caller's trace context in inline storage, so a routed call allocates nothing once warm.
+ * Before routing: the caller's session decides (FORBIDDEN), the middleware may take the call,
+ * and the bounds (BUSY). A `routing:` rule may give a function several providers (picked by
+ * its balance), a per-provider bound with a queue, a deadline and retries; without rules the
+ * one owner gets every call. Invariants: a call record is on its caller's and target's
+ * lists and, when it has a deadline, in the deadline heap; a queued call is on its function's
+ * queue and its caller's list; a result settles only the call of the connection it was sent to.
  */
 /* Folds a 36-character UUID to lowercase into out (37 bytes): invocation ids are compared
  * case-insensitively, as UUIDs are (RFC 4122 §3), so "A1..." answered as "a1..." still matches. */
@@ -10680,6 +10686,10 @@ static void loop_run(void)
  * with a "[name] " prefix. SIGCHLD arrives through the self-pipe; exits are reaped with
  * waitpid(WNOHANG) and restarted per policy with exponential backoff (1 s doubling to 30 s,
  * reset after 60 s of uptime). Stop = SIGTERM to the group, SIGKILL after stop_timeout_ms.
+ * An entry with `instances: N` is N processes (name.1 .. name.N); a changed entry whose
+ * functions may have several providers is replaced one instance at a time (sup_roll_tick).
+ * Output goes through two queues (stdout, stderr) written in whole lines when the engine's own
+ * descriptors can take them; a full queue stops the reading of worker pipes (backpressure).
  *
  * Dying with the engine: at start-up the engine forks a sentinel, a tiny process in its own
  * session that holds the read end of a lifeline pipe. The engine writes "+pgid" / "-pgid"
