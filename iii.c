@@ -10556,6 +10556,7 @@ static void engine_free_all(void)
             xfree(((struct fstat *)e)->key), xfree(e);
         }
     hm_free(&S.fstats);
+    xfree(S.timed), S.timed = NULL, S.ntimed = S.timed_cap = 0; /* emptied with the last call */
     while (S.inv_free) {
         struct inv *v = S.inv_free;
         S.inv_free = v->free_next;
