@@ -107,20 +107,42 @@ static void log_write(int level, const char *fmt, ...) III_PRINTF(2, 3);
  * stderr nobody reads never blocks the loop); NULL before that and in the CLI: write(2). */
 static void (*log_sink)(const char *line, size_t n);
 
-/* Writes one "iii: level: text" line to stderr in a single write() (lines do not interleave),
- * or hands it to log_sink. */
+/* III_LOG_FORMAT=json: one JSON object per line instead of text (set in main). */
+static int log_json;
+
+/* Writes one log line in a single write() (lines do not interleave), or hands it to log_sink:
+ * "2026-12-06T23:59:59.123Z iii: level: text" (RFC 3339, UTC, milliseconds), or with
+ * III_LOG_FORMAT=json {"ts":"...","level":"...","msg":"..."}. A longer message is cut at
+ * 1 KiB, never split across two writes. */
 static void log_write(int level, const char *fmt, ...)
 {
-    /* one stack line: a longer message is cut, never split across two writes */
-    char line[1024];
-    int n = snprintf(line, sizeof line, "iii: %s: ", log_names[level]);
+    char msg[1024], line[1200], ts[32];
+    struct timespec now;
+    struct tm tm;
+    clock_gettime(CLOCK_REALTIME, &now);
+    time_t secs = now.tv_sec;
+    gmtime_r(&secs, &tm);
+    size_t tl = strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(ts + tl, sizeof ts - tl, ".%03ldZ", (long)(now.tv_nsec / 1000000));
     va_list ap;
     va_start(ap, fmt);
-    int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);
+    int m = vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    if (m < 0) m = 0;
-    size_t len = (size_t)n + (size_t)m;
-    if (len > sizeof line - 2) len = sizeof line - 2;
+    if (m < 0) msg[0] = 0;
+    size_t len;
+    if (!log_json) {
+        int n = snprintf(line, sizeof line - 1, "%s iii: %s: %s", ts, log_names[level], msg);
+        len = n < 0 ? 0 : (size_t)n < sizeof line - 1 ? (size_t)n : sizeof line - 2;
+    } else {
+        /* the message as a JSON string: quote, backslash and control characters escaped */
+        len = (size_t)snprintf(line, sizeof line, "{\"ts\":\"%s\",\"level\":\"%s\",\"msg\":\"", ts,
+                               log_names[level]);
+        for (const unsigned char *p = (const unsigned char *)msg; *p && len < sizeof line - 10; p++)
+            if (*p == '"' || *p == '\\') line[len++] = '\\', line[len++] = (char)*p;
+            else if (*p < 0x20) len += (size_t)snprintf(line + len, 7, "\\u%04x", *p);
+            else line[len++] = (char)*p;
+        line[len++] = '"', line[len++] = '}';
+    }
     line[len++] = '\n';
     if (log_sink) {
         log_sink(line, len);
@@ -217,6 +239,14 @@ static int64_t now_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Microseconds from CLOCK_MONOTONIC (call durations for /metrics). */
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
 /* Wall-clock milliseconds since the epoch, for connected_at_ms. */
@@ -376,6 +406,26 @@ static int id_ok(const char *s, size_t n)
     for (size_t i = 0; i < n; i++)
         if ((unsigned char)s[i] < 0x20 || s[i] == 0x7F) return 0;
     return 1;
+}
+
+/* Levenshtein distance of a and b (ASCII, for near-miss suggestions), capped at 99. */
+static int str_distance(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b);
+    if (la > 200 || lb > 200) return 99;
+    int row[201];
+    for (size_t j = 0; j <= lb; j++) row[j] = (int)j;
+    for (size_t i = 1; i <= la; i++) {
+        int diag = row[0];
+        row[0] = (int)i;
+        for (size_t j = 1; j <= lb; j++) {
+            int up = row[j], best = diag + (a[i - 1] != b[j - 1]);
+            if (up + 1 < best) best = up + 1;
+            if (row[j - 1] + 1 < best) best = row[j - 1] + 1;
+            diag = up, row[j] = best;
+        }
+    }
+    return row[lb] > 99 ? 99 : row[lb];
 }
 
 /* 1 if s[0..n) is empty or only ASCII white space (a "blank" namespace). */
@@ -2812,6 +2862,8 @@ struct cfg {
     struct cfg_worker *w;    /* the entries, workers then modules, in file order */
     size_t nw;               /* entries in w */
     struct cfg_listener lis; /* from the iii-worker-manager entry, defaults otherwise */
+    int keep_on_invalid;     /* on_invalid_reload: keep (default exit, as the seed requires) */
+    struct buf warnings;     /* accepted but suspicious (unknown entry keys): one per line */
 };
 
 /* Static defaults: cfg_defaults cannot fail, so it points at these instead of allocating. An
@@ -2909,6 +2961,7 @@ static void cfg_free(struct cfg *c)
         yaml_free(w->entry);
     }
     xfree(c->w);
+    buf_free(&c->warnings);
     if (c->lis.host != cfg_default_host) xfree(c->lis.host);
     if (c->lis.allowed_origins != cfg_default_origins) {
         for (i = 0; i < c->lis.n_origins; i++) xfree(c->lis.allowed_origins[i]);
@@ -3452,9 +3505,22 @@ static int cfg_entry(struct cfg_ctx *x, struct cfg *c, struct yaml_node *list, s
     w->restart = CFG_RESTART_ALWAYS;
     w->stop_timeout_ms = III_DEFAULT_STOP_TIMEOUT_MS;
 
-    /* Unknown entry keys are ignored, as in the reference engine (PROTOCOL.md §11.22); `image`
+    /* Unknown entry keys are ignored, as in the reference engine (PROTOCOL.md §11.22), but
+     * each one is reported as a warning with the nearest known key (`evn` -> `env`); `image`
      * is the reference engine's OCI image, which this engine cannot run; `config` is kept as
      * JSON. A misspelt `command` still fails below ("`command` is required"). */
+    for (i = 0; i < e->n; i++) {
+        if (cfg_in(e->keys[i], cfg_entry_keys)) continue;
+        const char *near = NULL;
+        int best = 3;
+        for (size_t q = 0; cfg_entry_keys[q]; q++) {
+            int dd = str_distance(e->keys[i], cfg_entry_keys[q]);
+            if (dd < best) best = dd, near = cfg_entry_keys[q];
+        }
+        buf_printf(&c->warnings, "%s:%d:%d: worker '%s': unknown key `%s` is ignored%s%s%s\n",
+                   x->file, e->key_lines[i], e->key_cols[i], who, e->keys[i],
+                   near ? " (did you mean `" : "", near ? near : "", near ? "`?)" : "");
+    }
     if (cfg_opt(e, "image")) {
         cfg_pos(e, "image", &line, &col);
         return cfg_fail(
@@ -3516,7 +3582,15 @@ static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
         const char *key = root->keys[i];
         struct yaml_node *v = root->items[i];
         int line = root->key_lines[i], col = root->key_cols[i];
-        if (!strcmp(key, "registration_namespace_grace_ms")) {
+        if (!strcmp(key, "on_invalid_reload")) {
+            /* exit (the default: the seed says an invalid config ends the engine) or keep */
+            const char *s = v->kind == YAML_STR ? cfg_text(v) : NULL;
+            if (!s || (strcmp(s, "exit") && strcmp(s, "keep")))
+                return cfg_fail(x, NULL, line, col,
+                                "`on_invalid_reload` must be exit or keep (got %s)",
+                                cfg_got(v, t, sizeof t));
+            c->keep_on_invalid = !strcmp(s, "keep");
+        } else if (!strcmp(key, "registration_namespace_grace_ms")) {
             if (v->kind == YAML_NULL) continue;
             if (cfg_int(x, NULL, "`registration_namespace_grace_ms`", v, line, col, 0, CFG_MS_MAX,
                         &c->grace_ms) < 0)
@@ -3532,7 +3606,8 @@ static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
         } else {
             return cfg_fail(x, NULL, line, col,
                             "unknown top-level key `%s` (expected "
-                            "registration_namespace_grace_ms, workers, modules)",
+                            "registration_namespace_grace_ms, on_invalid_reload, workers, "
+                            "modules)",
                             key);
         }
     }
@@ -3817,6 +3892,7 @@ struct conn {
     struct ttype *ttypes;             /* trigger types it provides (tt->pnext list) */
     struct lease *lease;              /* its (namespace, name) lease, or NULL */
     char *refusal;                    /* its last registrationrejected, as JSON (workers::info) */
+    const char *why;                  /* why it closes (static text), for the disconnect log */
     struct inv *calls_out, *calls_in; /* calls it made / calls dispatched to it */
     size_t n_out, n_in;               /* lengths of calls_out / calls_in (bounded by limits) */
     struct chan *chan;                /* channel side */
@@ -3831,6 +3907,7 @@ struct func {
     struct conn *owner;  /* NULL: in-process builtin */
     struct func *cnext, *cprev; /* owner's list */
     struct idgroup *ig;         /* the functions with the same id in any namespace */
+    struct fstat *fst;          /* its /metrics entry (see struct fstat) */
     struct func *inext, *iprev; /* links in ig */
     /* builtin handler (see BI_ARGS); NULL for worker-owned functions */
     void (*bi)(struct conn *caller, const struct jdoc *d, int data, struct buf *res,
@@ -3871,6 +3948,8 @@ struct inv {
     char receipt[37];      /* enqueue: the engine's messageReceiptId; ack: the binding id */
     int64_t deadline;      /* ack: when the wait is given up (and the call accepted) */
     struct inv *aprev, *anext; /* ack: S.acks list, so the timeout scan walks only acks */
+    struct fstat *fst;         /* the target function's /metrics entry (NULL: not counted) */
+    int64_t t0_us;             /* when it was dispatched (monotonic us) */
     char fid_small[96];    /* inline storage: no allocation for ordinary ids */
     char ctx_small[160];   /* inline storage for ctx (typical traceparent + baggage) */
     struct inv *free_next; /* S.inv_free list link while recycled */
@@ -3884,6 +3963,25 @@ struct ttype {
     struct conn *provider;                /* NULL: in-process (the discovery events) */
     struct ttype *pnext;                  /* provider's list (c->ttypes) */
     char *desc_raw, *treq_raw, *creq_raw; /* raw JSON */
+};
+
+/* Per-function call statistics for /metrics, keyed "ns\0id" in S.fstats. An entry outlives
+ * its function (a counter must not reset because a worker reconnected) and is never freed
+ * before exit; there are at most III_METRIC_FUNCTIONS of them, calls of any further function
+ * count under S.fstat_other (function="_other"), so a client registering ids cannot grow the
+ * metrics without bound. A function points at its entry from registration on, so a call
+ * costs no lookup and no allocation. */
+#define FSTAT_BUCKETS 10
+static const int64_t FSTAT_LE_US[FSTAT_BUCKETS - 1] = {1000,   5000,   10000,   50000,  100000,
+                                                       500000, 1000000, 5000000, 10000000};
+struct fstat {
+    struct hnode h;
+    char *key;                         /* "ns\0id", owned */
+    size_t klen;
+    uint64_t calls, errors;            /* calls dispatched; those that ended in an error */
+    size_t inflight;                   /* calls now in flight */
+    uint64_t bucket[FSTAT_BUCKETS];    /* durations: count per bucket (the last is +Inf) */
+    uint64_t sum_us;                   /* total duration */
 };
 
 /* The functions that share one id across namespaces (S.fids, keyed by the id): what the
@@ -3973,7 +4071,8 @@ static struct {
     struct conn *conns;                                /* every connection, doubly linked */
     size_t nconns;      /* length of conns, checked against max_connections */
     struct conn *dirty; /* connections with output to write this turn */
-    struct hmap workers, funcs, invs, ttypes, trigs, leases, chans, tgroups, fgroups, fids;
+    struct hmap workers, funcs, invs, ttypes, trigs, leases, chans, tgroups, fgroups, fids, fstats;
+    struct fstat fstat_other; /* calls of functions beyond III_METRIC_FUNCTIONS */
     struct inv *inv_free;         /* recycled call records (capped at 4096) */
     size_t inv_free_n;            /* length of inv_free */
     int64_t start_ms, start_wall; /* monotonic / epoch ms at start, for uptime */
@@ -4272,6 +4371,7 @@ static void conn_abort(struct conn *c, const char *why)
 {
     if (c->dead) return;
     if (c->kind == CK_WORKER) LOG(LOG_DEBUG, "worker %s: closing: %s", c->wid, why);
+    if (!c->why) c->why = why;
     c->dead = 1;
     reap_push(c);
 }
@@ -4336,6 +4436,7 @@ static void conn_fail(struct conn *c, int rc)
 static void conn_close(struct conn *c, unsigned code, const char *reason)
 {
     if (c->closing || c->dead) return;
+    if (!c->why) c->why = reason && *reason ? reason : "closed by the engine";
     if (c->ws) {
         unsigned char p[125];
         size_t n = 0;
@@ -4822,6 +4923,7 @@ static void ws_on_data(struct conn *c)
                     return;
                 }
             }
+            if (!c->why) c->why = "closed by the peer";
             conn_close(c, cc ? cc : 1000, NULL);
             return;
         } else if (op == WS_PONG) {
@@ -4912,6 +5014,38 @@ static struct func *func_find_c(const char *ns, const char *id)
     return func_find(ns, strlen(ns), id, strlen(id));
 }
 
+/* The /metrics entry of function key k[0..kl) ("ns\0id"), created on first use; beyond
+ * III_METRIC_FUNCTIONS entries (or out of memory) the shared "_other" entry. Never NULL. */
+static struct fstat *fstat_get(const char *k, size_t kl)
+{
+    struct fstat *s = (struct fstat *)hm_get(&S.fstats, k, kl);
+    if (s || S.fstats.n >= III_METRIC_FUNCTIONS) return s ? s : &S.fstat_other;
+    if (!(s = xcalloc(sizeof *s))) return &S.fstat_other;
+    if (!(s->key = xmalloc(kl)) || (memcpy(s->key, k, kl), hm_put(&S.fstats, &s->h, s->key, kl) < 0)) {
+        xfree(s->key), xfree(s);
+        return &S.fstat_other;
+    }
+    s->klen = kl;
+    return s;
+}
+
+/* A call to s's function started (now, returned for fstat_end). */
+static int64_t fstat_begin(struct fstat *s)
+{
+    s->calls++, s->inflight++;
+    return now_us();
+}
+
+/* The call that fstat_begin returned t0 for ended (err: with an error). */
+static void fstat_end(struct fstat *s, int64_t t0, int err)
+{
+    int64_t us = now_us() - t0;
+    int b = 0;
+    while (b < FSTAT_BUCKETS - 1 && us > FSTAT_LE_US[b]) b++;
+    s->bucket[b]++, s->sum_us += (uint64_t)(us > 0 ? us : 0), s->errors += err != 0;
+    s->inflight--;
+}
+
 /* Creates function (ns, id) owned by owner (NULL = builtin). Strings are copied. */
 static struct func *func_add(struct conn *owner, const char *ns, size_t nl, const char *id,
                              size_t il)
@@ -4935,6 +5069,7 @@ static struct func *func_add(struct conn *owner, const char *ns, size_t nl, cons
     f->ns = f->key;
     f->id = f->key + nl + 1;
     f->owner = owner;
+    f->fst = fstat_get(f->key, kl);
     f->ig = g, f->inext = g->head;
     if (g->head) g->head->iprev = f;
     g->head = f, g->n++;
@@ -5103,6 +5238,7 @@ static void inv_unlink(struct inv *v)
  * capped at 4096 so a burst does not pin memory forever). */
 static void inv_free(struct inv *v)
 {
+    if (v->fst) fstat_end(v->fst, v->t0_us, 1); /* ended without a result: stopped */
     if (v->kind == INV_ACK) {
         S.n_acks--;
         if (v->aprev) v->aprev->anext = v->anext;
@@ -5353,6 +5489,7 @@ static void rt_call_internal(const char *ns, const char *fid, const unsigned cha
     struct inv *v = inv_new(id, INV_FIRE);
     if (!v) return;
     inv_link(v, NULL, f->owner);
+    v->fst = f->fst, v->t0_us = fstat_begin(f->fst);
     struct buf q = {0};
     json_put_cstr(&q, fid);
     if (buf_check(&q)) conn_oom(f->owner);
@@ -5558,7 +5695,9 @@ static void rt_invoke_builtin(struct conn *c, struct func *f, const struct jdoc 
 {
     struct bi_res r;
     memset(&r, 0, sizeof r);
+    int64_t t0 = fstat_begin(f->fst);
     rt_run_builtin(f, c, JRAW(d, data), JLEN(d, data), &r);
+    fstat_end(f->fst, t0, buf_used(&r.err) > 0);
     if (buf_check(&r.res) | buf_check(&r.err)) { /* a half-built answer is never sent */
         buf_free(&r.res), buf_free(&r.err);
         rt_err(&r.err, "invocation_error", "out of memory");
@@ -5575,9 +5714,10 @@ static void rt_invoke_builtin(struct conn *c, struct func *f, const struct jdoc 
 /* Dispatches c's call to worker t: a call record joins both in-flight sets (§3.2 steps 5-6)
  * and one invokefunction frame is queued to t. cid NULL: a void call, whose target still gets
  * an invocation_id, one the engine mints (§3.3). */
-static void rt_invoke_worker(struct conn *c, struct conn *t, const struct jdoc *d, int fidt,
+static void rt_invoke_worker(struct conn *c, struct func *f, const struct jdoc *d, int fidt,
                              int data, int meta, const char *cid, const char *ctx, size_t cl)
 {
+    struct conn *t = f->owner;
     char mint[37];
     if (!cid) uuid_new(mint);
     /* a caller's id is the key of the call record (§3.2 step 6), so it must be unique in flight */
@@ -5610,6 +5750,7 @@ static void rt_invoke_worker(struct conn *c, struct conn *t, const struct jdoc *
         }
     }
     inv_link(v, cid ? c : NULL, t);
+    v->fst = f->fst, v->t0_us = fstat_begin(f->fst);
     /* metadata goes to the target only: the reply echoes trace context, nothing else (§2.7) */
     rt_send_invoke(t, v->id, (const char *)JRAW(d, fidt), JLEN(d, fidt), JRAW(d, data),
                    JLEN(d, data), c->wid, d->cwid_key, ctx, cl,
@@ -5712,7 +5853,7 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
     } else if (!f->owner) {
         rt_invoke_builtin(c, f, d, fidt, data, cid, ctx, cl);
     } else {
-        rt_invoke_worker(c, f->owner, d, fidt, data, meta, cid, ctx, cl);
+        rt_invoke_worker(c, f, d, fidt, data, meta, cid, ctx, cl);
     }
     xfree(ctxh);
     goto done;
@@ -5738,6 +5879,7 @@ static void rt_result(struct conn *c, const struct jdoc *d)
     }
     int has_err = !JABSENT(d, err), has_res = !JABSENT(d, res);
     if (has_err) S.n_inv_errors++;
+    if (v->fst) fstat_end(v->fst, v->t0_us, has_err), v->fst = NULL;
     /* an error wins over a result; a null or absent result is omitted from the reply (§2.7) */
     if (v->kind == INV_CALL && v->caller) {
         rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len,
@@ -6590,7 +6732,7 @@ static void worker_on_open(struct conn *c)
                  "{\"type\":\"workerregistered\",\"worker_id\":\"%s\",\"reattach_token\":\"%s\"}",
                  c->wid, c->token);
     conn_frame(c, WS_TEXT, m, (size_t)n);
-    LOG(LOG_DEBUG, "worker %s connected from %s", c->wid, c->ip);
+    LOG(LOG_INFO, "worker %s connected from %s", c->wid, c->ip);
     ev_worker("worker_connected", c->wid);
 }
 
@@ -6908,6 +7050,7 @@ static void worker_teardown(struct conn *c)
     if (c->torn || c->kind != CK_WORKER) return;
     c->torn = 1;
     c->ns_state = NS_ABORTED;
+    size_t nf = c->n_funcs;
     /* 2-3: release the functions it still owns (every walk below saves its next link first:
      * each step frees the element it is on, and only that one) */
     for (struct func *f = c->funcs, *nx; f; f = nx) nx = f->cnext, func_remove(f);
@@ -6947,7 +7090,9 @@ static void worker_teardown(struct conn *c)
     buf_free(&c->pendq);
     c->pend_frames = 0;
     drain_unlink(c);
-    LOG(LOG_DEBUG, "worker %s disconnected", c->wid);
+    LOG(LOG_INFO, "worker %s disconnected (name %s, runtime %s, namespace %s, %zu functions): %s",
+        c->wid, c->name ? c->name : "-", c->runtime ? c->runtime : "-", c->ns ? c->ns : "-", nf,
+        c->why ? c->why : "engine shutting down");
     /* 11 */
     ev_worker("worker_disconnected", c->wid);
 }
@@ -7829,6 +7974,11 @@ static void bi_workers_register(BI_ARGS)
     if (json_int(d, json_get(d, in, "pid"), &pid) == 0 && pid >= 0 && pid <= UINT32_MAX)
         c->pid = (uint32_t)pid, c->has_pid = 1;
     worker_resolve(c, eff);
+    char pidb[24] = "-";
+    if (c->has_pid) snprintf(pidb, sizeof pidb, "%lu", (unsigned long)c->pid);
+    LOG(LOG_INFO, "worker %s announced: name %s, runtime %s, namespace %s, pid %s, %zu functions",
+        c->wid, c->name ? c->name : "-", c->runtime ? c->runtime : "-", c->ns ? c->ns : eff, pidb,
+        c->n_funcs);
     ev_worker("worker_metadata_updated", c->wid);
     buf_puts(res, "{\"success\":true}");
 out:
@@ -8067,6 +8217,15 @@ static void bi_log_debug(BI_ARGS) { (void)res, (void)err, bi_log(caller, d, in, 
 static void bi_log_trace(BI_ARGS) { (void)res, (void)err, bi_log(caller, d, in, LOG_TRACE); }
 
 static void bi_channels_create(BI_ARGS);
+static void sup_list(struct buf *res);
+
+/* engine::processes::list (this engine's): the declared workers and their supervision state,
+ * for `iii ps`. */
+static void bi_processes_list(BI_ARGS)
+{
+    (void)caller, (void)d, (void)in, (void)err;
+    sup_list(res);
+}
 
 /* The builtin table: id -> handler, registered ownerless in default by bi_init. */
 static const struct {
@@ -8085,6 +8244,7 @@ static const struct {
     {"engine::register_trigger", bi_register_trigger},
     {"engine::unregister_trigger", bi_unregister_trigger},
     {"engine::channels::create", bi_channels_create},
+    {"engine::processes::list", bi_processes_list},
     {"engine::log::info", bi_log_info},
     {"engine::log::warn", bi_log_warn},
     {"engine::log::error", bi_log_error},
@@ -8251,6 +8411,73 @@ static void http_health(struct buf *b)
 
 /* GET /metrics: Prometheus text exposition format 0.0.4 (hence the content type's version);
  * the counter names are the ones DECISIONS.md item 8 promises. */
+/* Appends s[0..n) as a Prometheus label value (backslash, quote and newline escaped). */
+static void prom_label(struct buf *b, const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '\\' || s[i] == '"') buf_putc(b, '\\');
+        if (s[i] == '\n') buf_puts(b, "\\n");
+        else buf_putc(b, s[i]);
+    }
+}
+
+/* One family of per-function series: for every struct fstat (and _other when it counted
+ * anything), NAME{function,namespace[,le]} VALUE, in the order kind picks. */
+static void http_fstat_family(struct buf *b, const char *name, int kind)
+{
+    for (size_t i = 0; i <= S.fstats.nb; i++)
+        for (struct hnode *e = i < S.fstats.nb ? S.fstats.b[i] : &S.fstat_other.h; e;
+             e = i < S.fstats.nb ? e->next : NULL) {
+            struct fstat *s = (struct fstat *)e;
+            const char *ns = s->key ? s->key : "", *id = s->key ? s->key + strlen(s->key) + 1 : "_other";
+            if (!s->key && !s->calls) continue;
+            uint64_t cum = 0;
+            for (int k = 0; k < (kind == 3 ? FSTAT_BUCKETS : 1); k++) {
+                buf_puts(b, name);
+                buf_puts(b, "{function=\"");
+                prom_label(b, id, s->key ? s->klen - strlen(ns) - 1 : 6);
+                buf_puts(b, "\",namespace=\"");
+                prom_label(b, ns, strlen(ns));
+                if (kind == 3) {
+                    cum += s->bucket[k];
+                    if (k < FSTAT_BUCKETS - 1)
+                        buf_printf(b, "\",le=\"%g\"} %llu\n", (double)FSTAT_LE_US[k] / 1e6,
+                                   (unsigned long long)cum);
+                    else buf_printf(b, "\",le=\"+Inf\"} %llu\n", (unsigned long long)cum);
+                } else {
+                    uint64_t v = kind == 0 ? s->calls : kind == 1 ? s->errors
+                                : kind == 2 ? s->inflight : 0;
+                    if (kind == 4) {
+                        buf_printf(b, "\"} %.6f\n", (double)s->sum_us / 1e6);
+                        continue;
+                    }
+                    if (kind == 5) v = s->calls - s->inflight;
+                    buf_printf(b, "\"} %llu\n", (unsigned long long)v);
+                }
+            }
+        }
+}
+
+/* The per-function series (struct fstat): calls, errors, in flight and a duration histogram,
+ * labelled function and namespace; at most III_METRIC_FUNCTIONS functions, then _other. */
+static void http_metrics_functions(struct buf *b)
+{
+    buf_puts(b, "# HELP iii_function_calls_total Calls routed to a function.\n"
+                "# TYPE iii_function_calls_total counter\n");
+    http_fstat_family(b, "iii_function_calls_total", 0);
+    buf_puts(b, "# HELP iii_function_errors_total Calls of a function that ended in an error.\n"
+                "# TYPE iii_function_errors_total counter\n");
+    http_fstat_family(b, "iii_function_errors_total", 1);
+    buf_puts(b, "# HELP iii_function_inflight Calls of a function awaiting their result.\n"
+                "# TYPE iii_function_inflight gauge\n");
+    http_fstat_family(b, "iii_function_inflight", 2);
+    buf_puts(b, "# HELP iii_function_duration_seconds Time from dispatch to result.\n"
+                "# TYPE iii_function_duration_seconds histogram\n");
+    http_fstat_family(b, "iii_function_duration_seconds_bucket", 3);
+    http_fstat_family(b, "iii_function_duration_seconds_sum", 4);
+    http_fstat_family(b, "iii_function_duration_seconds_count", 5);
+}
+
 static void http_metrics(struct buf *b)
 {
     buf_printf(
@@ -8282,6 +8509,10 @@ static void http_metrics(struct buf *b)
         (unsigned long long)S.n_invocations, (unsigned long long)S.n_inv_errors, count_workers(),
         (unsigned long long)S.n_spawns, (unsigned long long)S.n_deaths, S.nconns, S.funcs.n,
         S.invs.n, mem_live_bytes, mem_allocs_total);
+    buf_printf(b, "# HELP iii_busy_total Calls and upgrades refused by a limit (BUSY, 503).\n"
+                  "# TYPE iii_busy_total counter\niii_busy_total %llu\n",
+               (unsigned long long)S.n_busy);
+    http_metrics_functions(b);
 }
 
 /* ==== Event loop ============================================================================
@@ -8411,7 +8642,7 @@ static void loop_read(struct conn *c)
     ssize_t r = borrow ? read(c->fd, shared, sizeof shared)
                        : read(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len);
     if (r == 0) {
-        conn_abort(c, "eof");
+        conn_abort(c, "connection lost (EOF)");
         return;
     }
     if (r < 0) {
@@ -8646,6 +8877,12 @@ static void engine_free_all(void)
     }
     hm_free(&S.tgroups), hm_free(&S.fgroups); /* emptied with the last binding of each */
     hm_free(&S.fids);                         /* ... and with the last function of each id */
+    for (size_t i = 0; i < S.fstats.nb; i++)
+        for (struct hnode *e = S.fstats.b[i], *nx; e; e = nx) {
+            nx = e->next;
+            xfree(((struct fstat *)e)->key), xfree(e);
+        }
+    hm_free(&S.fstats);
     while (S.inv_free) {
         struct inv *v = S.inv_free;
         S.inv_free = v->free_next;
@@ -8795,6 +9032,9 @@ struct proc {
     struct cfg_worker *restart_with; /* changed by a reload: start this once stopped */
     int dead_restart;                /* policy says: start at next_start */
     char *refusal;                   /* last registrationrejected of its process (JSON) */
+    unsigned restarts;               /* restarts by its policy since the engine started it */
+    int has_exit, exit_code, exit_signal; /* how it last ended (exit_signal 0: exited) */
+    int64_t exit_at;                 /* ... and when (epoch ms) */
 };
 
 /* Every supervised process, in no particular order (sup_free swaps the last one in). */
@@ -8825,6 +9065,58 @@ static const char *sup_refusal_get(uint32_t pid)
 }
 static int sentinel_fd = -1; /* write end of the lifeline pipe (-1: no sentinel) */
 static struct buf out_q[2];  /* worker output waiting for the engine's stdout / stderr */
+
+/* engine::processes::list: the declared workers, each with its state (running, backoff: a
+ * restart is due, failed: ended with an error and stays down, stopped), pid, restarts, uptime,
+ * last exit and command. Sorted by name. */
+static int sup_cmp(const void *a, const void *b)
+{
+    return strcmp((*(struct proc *const *)a)->name, (*(struct proc *const *)b)->name);
+}
+
+static void sup_list(struct buf *res)
+{
+    struct proc **v = xmalloc((nprocs + 1) * sizeof *v);
+    if (!v) {
+        res->err = BUF_ENOMEM;
+        return;
+    }
+    memcpy(v, procs, nprocs * sizeof *v);
+    qsort(v, nprocs, sizeof *v, sup_cmp);
+    int64_t now = now_ms();
+    buf_puts(res, "{\"processes\":[");
+    for (size_t i = 0; i < nprocs; i++) {
+        struct proc *pr = v[i];
+        const char *st = pr->pid ? "running"
+                         : pr->dead_restart ? "backoff"
+                         : pr->has_exit && (pr->exit_code || pr->exit_signal) && !pr->stopping
+                             ? "failed"
+                             : "stopped";
+        if (i) buf_putc(res, ',');
+        buf_puts(res, "{\"name\":");
+        json_put_cstr(res, pr->name);
+        if (pr->pid) buf_printf(res, ",\"pid\":%ld", (long)pr->pid);
+        else buf_puts(res, ",\"pid\":null");
+        buf_printf(res, ",\"state\":\"%s\",\"restarts\":%u", st, pr->restarts);
+        if (pr->pid) buf_printf(res, ",\"uptime_ms\":%lld", (long long)(now - pr->started));
+        else buf_puts(res, ",\"uptime_ms\":null");
+        if (!pr->has_exit) buf_puts(res, ",\"last_exit\":null");
+        else if (pr->exit_signal)
+            buf_printf(res, ",\"last_exit\":{\"signal\":%d,\"at_ms\":%lld}", pr->exit_signal,
+                       (long long)pr->exit_at);
+        else
+            buf_printf(res, ",\"last_exit\":{\"code\":%d,\"at_ms\":%lld}", pr->exit_code,
+                       (long long)pr->exit_at);
+        buf_puts(res, ",\"command\":[");
+        for (char **a = pr->w ? pr->w->argv : NULL; a && *a; a++) {
+            if (a != pr->w->argv) buf_putc(res, ',');
+            json_put_cstr(res, *a);
+        }
+        buf_puts(res, "]}");
+    }
+    buf_puts(res, "]}");
+    xfree(v);
+}
 
 /* Tells the sentinel that process group pgid appeared ('+') or is gone ('-'). Best effort:
  * without a sentinel the engine still stops its workers on a normal shutdown. */
@@ -9174,6 +9466,9 @@ static void sup_reap_children(void)
             sentinel_cmd('-', pid);
             sup_retire_conns(pid);
             pr->pid = 0;
+            pr->has_exit = 1, pr->exit_at = wall_ms();
+            pr->exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : 0;
+            pr->exit_signal = WIFSIGNALED(st) ? WTERMSIG(st) : 0;
             /* on-failure restarts after a non-zero status or a death by signal */
             int failed = !WIFEXITED(st) || WEXITSTATUS(st) != 0;
             if (WIFEXITED(st))
@@ -9222,6 +9517,7 @@ static void sup_tick(int64_t now, int64_t *next)
         } else if (!pr->pid && pr->dead_restart && pr->w) {
             if (now >= pr->next_start) {
                 sup_close_fd(pr, 0), sup_close_fd(pr, 1);
+                pr->restarts++;
                 if (sup_start(pr) < 0) pr->next_start = now + pr->backoff;
             } else if (pr->next_start < *next) {
                 *next = pr->next_start;
@@ -9442,7 +9738,42 @@ static int listener_open(char *err, size_t errlen)
     return 0;
 }
 
-/* A fatal reload: the reason on stderr ("iii: reload: ..."), workers stopped, exit 1. */
+/* Logs each warning the config produced (unknown entry keys), one line each. */
+static void cfg_log_warnings(const struct cfg *c)
+{
+    const char *s = (const char *)buf_data(&c->warnings), *e;
+    size_t left = buf_used(&c->warnings);
+    while (s && left && (e = memchr(s, '\n', left))) {
+        LOG(LOG_WARN, "%.*s", (int)(e - s), s);
+        left -= (size_t)(e - s) + 1, s = e + 1;
+    }
+}
+
+/* iii --check: the config is valid (cfg_load already said otherwise and exited 1); prints what
+ * would run: the listener and each declared worker with its command. Returns 0. */
+static int cfg_check_print(int missing)
+{
+    const struct cfg_listener *l = &S.cfg.lis;
+    printf("%s: %s\n", S.cfg_path, missing ? "absent: built-in defaults" : "valid");
+    printf("listener: %s%s%s:%d\n", strchr(l->host, ':') ? "[" : "", l->host,
+           strchr(l->host, ':') ? "]" : "", cli_port >= 0 ? (int)cli_port : l->port);
+    size_t n = 0;
+    for (size_t i = 0; i < S.cfg.nw; i++) {
+        const struct cfg_worker *w = &S.cfg.w[i];
+        if (!cfg_is_process(w)) continue;
+        printf("worker %s:", w->name);
+        for (char **a = w->argv; a && *a; a++) printf(" %s", *a);
+        printf("  (restart %s)\n", w->restart == CFG_RESTART_ALWAYS       ? "always"
+                                   : w->restart == CFG_RESTART_ON_FAILURE ? "on-failure"
+                                                                          : "never");
+        n++;
+    }
+    printf("%zu worker%s to start\n", n, n == 1 ? "" : "s");
+    return 0;
+}
+
+/* A failed reload: the reason on stderr ("iii: ...: reload: ..."), then workers stopped and
+ * exit 1 (the default), or, with on_invalid_reload: keep, the running config kept. */
 static void reload_fail(const char *fmt, ...) III_PRINTF(1, 2);
 static void reload_fail(const char *fmt, ...)
 {
@@ -9451,10 +9782,13 @@ static void reload_fail(const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(m, sizeof m, fmt, ap);
     va_end(ap);
-    char line[1100];
-    int n = snprintf(line, sizeof line, "iii: reload: %s\n", m);
-    ssize_t w = write(2, line, (size_t)(n < (int)sizeof line ? n : (int)sizeof line - 1));
-    (void)w;
+    /* on_invalid_reload: keep: the running configuration stays, the reason is logged */
+    if (S.cfg.keep_on_invalid) {
+        LOG(LOG_ERROR, "reload of %s failed, keeping the running configuration: %s", S.cfg_path,
+            m);
+        return;
+    }
+    LOG(LOG_ERROR, "reload: %s", m);
     S.exit_code = 1;
     /* no exit() here: the loop ends, so workers are stopped and output flushed on the way out */
     S.stop = 1;
@@ -9470,7 +9804,7 @@ static void cfg_reload(const char *why)
     struct cfg nc;
     int missing = 0;
     char err[1024];
-    LOG(LOG_INFO, "reloading configuration (%s)", why);
+    LOG(LOG_INFO, "reloading %s (%s)", S.cfg_path, why);
     if (cfg_load(S.cfg_path, &nc, &missing, err, sizeof err) < 0) {
         reload_fail("parse failed: %s", err);
         return;
@@ -9480,7 +9814,9 @@ static void cfg_reload(const char *why)
         reload_fail("parse failed: %s: the config file is gone", S.cfg_path);
         return;
     }
+    cfg_log_warnings(&nc);
     /* the listener first: if it cannot be rebound, nothing else has been touched */
+    int rebound = 0;
     struct cfg old = S.cfg;
     S.cfg = nc;
     char *oh = xstrdup(S.set.host);
@@ -9497,6 +9833,7 @@ static void cfg_reload(const char *why)
             return;
         }
         LOG(LOG_INFO, "listener rebound to %s", S.listen_url);
+        rebound = 1;
     }
     xfree(oh);
     /* diff by instance name */
@@ -9550,19 +9887,10 @@ static void cfg_reload(const char *why)
     }
     /* only now: every proc points into the new config (or has w == NULL) */
     cfg_free(&old);
-    LOG(LOG_INFO, "reload applied: %zu added, %zu removed, %zu changed", added, removed, changed);
+    LOG(LOG_INFO, "reload of %s applied: %zu added, %zu removed, %zu changed, listener %s", S.cfg_path,
+        added, removed, changed, rebound ? "rebound" : "unchanged");
 }
 /* The command-line synopsis (engine mode and the two CLI client commands). */
-static void usage(FILE *f)
-{
-    fputs(
-        "usage: iii [-c|--config FILE] [--host H] [--port N] [--echo] [-v|--version] [-h|--help]\n"
-        "       iii trigger FUNCTION_ID [JSON] [--url URL] [--timeout MS] [--namespace NS] "
-        "[--json]\n"
-        "       iii list functions|workers|triggers|registered-triggers [--url URL] [--json]\n",
-        f);
-}
-
 /* ==== CLI client ============================================================================
  * `iii trigger` and `iii list` (DECISIONS.md item 9): a blocking client in the same binary that
  * connects as an ordinary worker (no engine::workers::register, so it never shows in the
@@ -9819,89 +10147,865 @@ static void cli_cell(const struct jdoc *d, int obj, const char *key, int last)
     putchar(last ? '\n' : '\t');
 }
 
-/* What cli_table prints: the result member holding the array and the columns (NULL-ended). */
-static const char *cli_list_key, *const *cli_list_cols;
+/* ==== CLI worker: iii serve and iii watch ===================================================
+ * Long-lived clients in the same binary. `iii serve` is a worker with zero dependencies: it
+ * registers one function and runs a command per call, the payload on stdin and the result on
+ * stdout (like `nats reply --command`). `iii watch` prints the discovery events. Both run a
+ * small poll loop of their own (the socket, and for serve each running command's three pipes),
+ * reconnect with backoff when the engine goes away, and stop on SIGINT/SIGTERM.
+ * Invariants: at most `concurrency` commands run at once, each in its own process group (a
+ * timeout kills the group); at most SRV_MAX_WAITING calls wait; a command's stdout is capped at
+ * the engine's message size and its stderr at SRV_MAX_STDERR, so no command can grow the
+ * client without bound; every result is valid UTF-8 JSON.
+ */
+#define SRV_MAX_WAITING 1000      /* calls waiting for a free slot; then BUSY */
+#define SRV_MAX_STDOUT  (64u << 20) /* a result larger than the engine takes is pointless */
+#define SRV_MAX_STDERR  65536     /* error messages are for people */
+
+static volatile sig_atomic_t cli_stop; /* SIGINT/SIGTERM seen */
+static void cli_on_signal(int sig)
+{
+    (void)sig;
+    cli_stop = 1;
+}
+
+/* The next complete text/binary message already in c->in, without reading: 1 with *p and *n set,
+ * 0 when more bytes are needed, -1 when the engine closed or broke the protocol. Pings are
+ * answered. */
+static int cli_next(struct cli *c, unsigned char **p, size_t *n)
+{
+    for (;;) {
+        int op, fin, code;
+        size_t plen;
+        unsigned char mask[4];
+        int hl = ws_parse_hdr(buf_data(&c->in), buf_used(&c->in), 0, (size_t)1 << 30, &op, &fin,
+                              &plen, mask, &code);
+        if (hl < 0) return -1;
+        if (hl == 0 || buf_used(&c->in) - (size_t)hl < plen) return 0;
+        unsigned char *pl = buf_data(&c->in) + hl;
+        buf_consume(&c->in, (size_t)hl + plen); /* the bytes stay until the next read */
+        if (op == WS_PING) {
+            ws_frame(&c->out, WS_PONG, pl, plen, 1);
+        } else if (op == WS_CLOSE) {
+            return -1;
+        } else if (op == WS_TEXT || op == WS_BIN) {
+            *p = pl, *n = plen;
+            return 1;
+        }
+    }
+}
+
+/* Reads what the socket has (one read). 0 ok, -1 EOF or error. */
+static int cli_read(struct cli *c)
+{
+    if (buf_reserve(&c->in, 65536) < 0) return -1;
+    ssize_t r = read(c->fd, c->in.p + c->in.len, c->in.cap - c->in.len);
+    if (r < 0 && errno == EINTR) return 0;
+    if (r <= 0) return -1;
+    c->in.len += (size_t)r;
+    return 0;
+}
+
+/* Queues one masked text frame with the JSON in m. */
+static void cli_send(struct cli *c, const struct buf *m)
+{
+    ws_frame(&c->out, WS_TEXT, buf_data(m), buf_used(m), 1);
+}
+
+/* Announces the client (engine::workers::register) with name and runtime; with_pid makes it
+ * visible in engine::workers::list (§5.7). */
+static void cli_announce(struct cli *c, const char *name, const char *runtime, const char *ns,
+                         int with_pid)
+{
+    struct buf m = {0};
+    char id[37];
+    uuid_new(id);
+    buf_printf(&m, "{\"type\":\"invokefunction\",\"invocation_id\":\"%s\",\"function_id\":"
+                   "\"engine::workers::register\",\"data\":{\"name\":", id);
+    json_put_cstr(&m, name);
+    buf_puts(&m, ",\"runtime\":");
+    json_put_cstr(&m, runtime);
+    buf_puts(&m, ",\"version\":\"" III_VERSION "\"");
+    if (with_pid) buf_printf(&m, ",\"pid\":%ld", (long)getpid());
+    if (ns) buf_puts(&m, ",\"namespace\":"), json_put_cstr(&m, ns);
+    buf_puts(&m, "}}");
+    cli_send(c, &m);
+    buf_free(&m);
+}
+
+/* Appends s[0..n) as a JSON string, invalid UTF-8 replaced by U+FFFD (a command may print
+ * anything; a frame must be valid UTF-8). */
+static void json_put_lossy(struct buf *b, const unsigned char *s, size_t n)
+{
+    struct buf t = {0};
+    for (size_t i = 0; i < n;) {
+        size_t l = s[i] < 0x80 ? 1 : s[i] >= 0xC2 && s[i] < 0xE0 ? 2 : s[i] >= 0xE0 && s[i] < 0xF0 ? 3
+                                  : s[i] >= 0xF0 && s[i] < 0xF5 ? 4 : 0;
+        if (l && l <= n - i && utf8_valid(s + i, l)) buf_append(&t, s + i, l), i += l;
+        else buf_puts(&t, "\xEF\xBF\xBD"), i++;
+    }
+    json_put_str(b, t.p ? (const char *)buf_data(&t) : "", buf_used(&t));
+    buf_free(&t);
+}
+
+/* One call being served: its command's process and pipes, or (pid 0) a call still waiting. */
+struct srv_job {
+    char id[37];           /* invocation_id, "" for a void call (no reply) */
+    pid_t pid;             /* 0 while waiting; -1 once reaped */
+    int fd[3];             /* command's stdin (write end), stdout, stderr (read ends); -1 closed */
+    struct buf in, out, err; /* payload still to write; what it printed */
+    int status;            /* waitpid status once reaped */
+    int timed_out;         /* killed at the deadline */
+    int64_t deadline;      /* monotonic ms; 0 = none */
+    struct srv_job *next;
+};
+
+/* What `iii serve` was asked to do. */
+struct srv {
+    const char *fid, *ns, *name, *desc;
+    char **argv;        /* the command */
+    int concurrency;
+    int64_t timeout_ms; /* 0 = none */
+    struct srv_job *jobs; /* running and waiting, oldest first */
+    size_t running, waiting;
+};
+
+/* Starts job j's command: its own process group, payload on stdin, env III_FUNCTION_ID and
+ * III_INVOCATION_ID. -1 when a pipe or fork fails (the call then fails). */
+static int srv_spawn(struct srv *s, struct srv_job *j)
+{
+    int pi[2] = {-1, -1}, po[2] = {-1, -1}, pe[2] = {-1, -1};
+    if (pipe(pi) < 0 || pipe(po) < 0 || pipe(pe) < 0) goto fail;
+    pid_t pid = fork();
+    if (pid < 0) goto fail;
+    if (pid == 0) {
+        setpgid(0, 0);
+        signal(SIGPIPE, SIG_DFL), signal(SIGINT, SIG_DFL), signal(SIGTERM, SIG_DFL);
+        dup2(pi[0], 0), dup2(po[1], 1), dup2(pe[1], 2);
+        int fds[] = {pi[0], pi[1], po[0], po[1], pe[0], pe[1]};
+        for (size_t k = 0; k < 6; k++)
+            if (fds[k] > 2) close(fds[k]);
+        setenv("III_FUNCTION_ID", s->fid, 1);
+        setenv("III_INVOCATION_ID", j->id, 1);
+        execvp(s->argv[0], s->argv);
+        dprintf(2, "cannot run %s: %s\n", s->argv[0], strerror(errno));
+        _exit(127);
+    }
+    setpgid(pid, pid);
+    close(pi[0]), close(po[1]), close(pe[1]);
+    j->fd[0] = pi[1], j->fd[1] = po[0], j->fd[2] = pe[0];
+    for (int k = 0; k < 3; k++) net_flags(j->fd[k]);
+    j->pid = pid;
+    j->deadline = s->timeout_ms ? now_ms() + s->timeout_ms : 0;
+    s->running++, s->waiting--;
+    if (!buf_used(&j->in)) close(j->fd[0]), j->fd[0] = -1;
+    return 0;
+fail:
+    for (int k = 0; k < 2; k++) {
+        if (pi[k] >= 0) close(pi[k]);
+        if (po[k] >= 0) close(po[k]);
+        if (pe[k] >= 0) close(pe[k]);
+    }
+    return -1;
+}
+
+/* The invocationresult for job j: stdout as JSON (or a JSON string), or the error. */
+static void srv_result(struct cli *c, struct srv *s, struct srv_job *j, const char *code,
+                       const char *msg)
+{
+    if (!j->id[0]) return; /* a void call: nobody waits */
+    struct buf m = {0};
+    buf_printf(&m, "{\"type\":\"invocationresult\",\"invocation_id\":\"%s\",\"function_id\":", j->id);
+    json_put_cstr(&m, s->fid);
+    if (code) {
+        buf_puts(&m, ",\"error\":{\"code\":");
+        json_put_cstr(&m, code);
+        buf_puts(&m, ",\"message\":");
+        json_put_cstr(&m, msg);
+        buf_putc(&m, '}');
+    } else if (j->timed_out) {
+        buf_printf(&m, ",\"error\":{\"code\":\"invocation_timeout\",\"message\":\"Invocation timed "
+                       "out after %lld ms\"}", (long long)s->timeout_ms);
+    } else if (!WIFEXITED(j->status) || WEXITSTATUS(j->status)) {
+        const unsigned char *e = buf_data(&j->err);
+        size_t n = buf_used(&j->err);
+        while (n && isspace(e[n - 1])) n--;
+        buf_puts(&m, ",\"error\":{\"code\":\"invocation_failed\",\"message\":");
+        if (n) json_put_lossy(&m, e, n);
+        else if (WIFEXITED(j->status)) buf_printf(&m, "\"exited with status %d\"", WEXITSTATUS(j->status));
+        else buf_printf(&m, "\"killed by signal %d\"", WIFSIGNALED(j->status) ? WTERMSIG(j->status) : 0);
+        buf_putc(&m, '}');
+    } else {
+        const unsigned char *o = buf_data(&j->out);
+        size_t n = buf_used(&j->out);
+        while (n && isspace(o[n - 1])) n--;
+        struct jdoc d = {0};
+        d.max = UINT32_MAX;
+        buf_puts(&m, ",\"result\":");
+        if (n && json_parse(&d, o, n, 1, 1) == 0) buf_append(&m, o, n); /* JSON: as it is */
+        else json_put_lossy(&m, o, n);                                   /* text: a string */
+        xfree(d.t);
+    }
+    buf_putc(&m, '}');
+    if (!buf_check(&m)) cli_send(c, &m);
+    buf_free(&m);
+}
+
+/* Frees job j (its pipes closed) and takes it off s's list. */
+static void srv_drop(struct srv *s, struct srv_job *j)
+{
+    for (struct srv_job **pp = &s->jobs; *pp; pp = &(*pp)->next)
+        if (*pp == j) {
+            *pp = j->next;
+            break;
+        }
+    for (int k = 0; k < 3; k++)
+        if (j->fd[k] >= 0) close(j->fd[k]);
+    if (j->pid) s->running--;
+    else s->waiting--;
+    buf_free(&j->in), buf_free(&j->out), buf_free(&j->err);
+    xfree(j);
+}
+
+/* An invokefunction for the served function: a job that starts now or waits for a slot. */
+static void srv_call(struct cli *c, struct srv *s, const struct jdoc *d)
+{
+    int iid = json_get(d, 0, "invocation_id"), data = json_get(d, 0, "data");
+    struct srv_job *j = xcalloc(sizeof *j);
+    if (!j) return;
+    j->fd[0] = j->fd[1] = j->fd[2] = -1;
+    if (JTYPE(d, iid) == J_STRING && JLEN(d, iid) == 38) memcpy(j->id, JRAW(d, iid) + 1, 36);
+    if (data >= 0) buf_append(&j->in, JRAW(d, data), JLEN(d, data)), buf_putc(&j->in, '\n');
+    struct srv_job **pp = &s->jobs; /* oldest first: appended at the tail */
+    while (*pp) pp = &(*pp)->next;
+    *pp = j;
+    s->waiting++;
+    if (s->waiting > SRV_MAX_WAITING) {
+        srv_result(c, s, j, "BUSY", "too many calls waiting for a free slot (--concurrency)");
+        srv_drop(s, j);
+    }
+}
+
+/* Starts waiting jobs while slots are free; finishes jobs whose command is done. */
+static void srv_tick(struct cli *c, struct srv *s)
+{
+    int status;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0)
+        for (struct srv_job *j = s->jobs; j; j = j->next)
+            if (j->pid == pid) j->status = status, j->pid = -1;
+    int64_t now = now_ms();
+    for (struct srv_job *j = s->jobs, *nx; j; j = nx) {
+        nx = j->next;
+        if (j->pid > 0 && j->deadline && now >= j->deadline && !j->timed_out)
+            j->timed_out = 1, kill(-j->pid, SIGKILL);
+        if (j->pid == -1 && j->fd[1] < 0 && j->fd[2] < 0) {
+            srv_result(c, s, j, NULL, NULL);
+            srv_drop(s, j);
+        }
+    }
+    for (struct srv_job *j = s->jobs; j && s->running < (size_t)s->concurrency; j = j->next)
+        if (!j->pid && srv_spawn(s, j) < 0) {
+            srv_result(c, s, j, "invocation_failed", "cannot start the command (pipe or fork failed)");
+            srv_drop(s, j);
+            break; /* the list changed: the next tick goes on */
+        }
+}
+
+/* Kills every running command and forgets every call (the connection is gone). */
+static void srv_reset(struct srv *s)
+{
+    for (struct srv_job *j = s->jobs; j; j = j->next)
+        if (j->pid > 0) kill(-j->pid, SIGKILL), waitpid(j->pid, NULL, 0), j->pid = -1;
+    while (s->jobs) srv_drop(s, s->jobs);
+}
+
+/* Handles one message from the engine for `iii serve`. */
+static void srv_message(struct cli *c, struct srv *s, const unsigned char *p, size_t n)
+{
+    struct jdoc d = {0};
+    d.max = 4096;
+    if (json_parse(&d, p, n, 2, 1) == 0 && d.t[0].type == J_OBJECT) {
+        int ty = json_get(&d, 0, "type");
+        if (json_streq(&d, ty, "invokefunction") &&
+            json_streq(&d, json_get(&d, 0, "function_id"), s->fid))
+            srv_call(c, s, &d);
+        else if (json_streq(&d, ty, "registrationrejected"))
+            fprintf(stderr, "iii: serve: the engine refused the registration: %.*s\n", (int)n, p);
+    }
+    xfree(d.t);
+}
+
+/* One connected session of `iii serve`: register, announce, then serve until the connection
+ * ends or a signal arrives. 0 = stop, -1 = reconnect. */
+static int srv_session(struct cli *c, struct srv *s)
+{
+    struct buf m = {0};
+    buf_puts(&m, "{\"type\":\"registerfunction\",\"id\":");
+    json_put_cstr(&m, s->fid);
+    if (s->desc) buf_puts(&m, ",\"description\":"), json_put_cstr(&m, s->desc);
+    buf_putc(&m, '}');
+    cli_send(c, &m);
+    buf_free(&m);
+    cli_announce(c, s->name, "iii-serve", s->ns, 1);
+    for (;;) {
+        if (cli_stop) return 0;
+        srv_tick(c, s);
+        if (cli_flush(c) < 0) return -1;
+        struct pollfd pf[1 + 3 * 64];
+        struct srv_job *pj[1 + 3 * 64];
+        int pk[1 + 3 * 64];
+        size_t np = 0;
+        pf[np].fd = c->fd, pf[np].events = POLLIN, pj[np] = NULL, pk[np++] = -1;
+        for (struct srv_job *j = s->jobs; j && np + 3 <= sizeof pf / sizeof pf[0]; j = j->next)
+            for (int k = 0; k < 3; k++)
+                if (j->pid && j->fd[k] >= 0)
+                    pf[np].fd = j->fd[k], pf[np].events = k ? POLLIN : POLLOUT, pj[np] = j,
+                    pk[np++] = k;
+        /* children exit without a descriptor event of their own: look again every 20 ms */
+        poll(pf, (nfds_t)np, s->running ? 20 : 200);
+        for (size_t i = 1; i < np; i++) {
+            struct srv_job *j = pj[i];
+            int k = pk[i];
+            if (!pf[i].revents) continue;
+            if (k == 0) {
+                ssize_t w = write(j->fd[0], buf_data(&j->in), buf_used(&j->in));
+                if (w > 0) buf_consume(&j->in, (size_t)w);
+                if ((w < 0 && errno != EAGAIN && errno != EINTR) || !buf_used(&j->in))
+                    close(j->fd[0]), j->fd[0] = -1;
+            } else {
+                struct buf *b = k == 1 ? &j->out : &j->err;
+                size_t cap = k == 1 ? SRV_MAX_STDOUT : SRV_MAX_STDERR;
+                unsigned char tmp[16384];
+                ssize_t r = read(j->fd[k], tmp, sizeof tmp);
+                if (r > 0 && buf_used(b) < cap)
+                    buf_append(b, tmp, (size_t)r > cap - buf_used(b) ? cap - buf_used(b) : (size_t)r);
+                else if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR))
+                    close(j->fd[k]), j->fd[k] = -1;
+            }
+        }
+        if (pf[0].revents) {
+            if (cli_read(c) < 0) return -1;
+            unsigned char *p;
+            size_t n;
+            int r;
+            while ((r = cli_next(c, &p, &n)) > 0) srv_message(c, s, p, n);
+            if (r < 0) return -1;
+        }
+    }
+}
+
+/* Reconnects with backoff (0.5 s doubling to 5 s) until a signal ends it; each session gets a
+ * fresh connection. session() returns 0 to stop, -1 to reconnect. */
+static int cli_persist(const char *url, const char *what, int (*session)(struct cli *, void *),
+                       void *arg)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = cli_on_signal;
+    sigaction(SIGINT, &sa, NULL), sigaction(SIGTERM, &sa, NULL);
+    int64_t backoff = 500;
+    while (!cli_stop) {
+        struct cli c;
+        const char *why = NULL;
+        memset(&c, 0, sizeof c);
+        c.deadline = now_ms() + 10000;
+        if (cli_connect(&c, url, &why) == 0) {
+            fprintf(stderr, "iii: %s: connected to %s\n", what, url);
+            backoff = 500;
+            if (session(&c, arg) == 0) {
+                ws_frame(&c.out, WS_CLOSE, "\x03\xe8", 2, 1);
+                cli_flush(&c);
+                close(c.fd);
+                buf_free(&c.in), buf_free(&c.out);
+                break;
+            }
+            fprintf(stderr, "iii: %s: connection lost; reconnecting\n", what);
+        } else {
+            fprintf(stderr, "iii: %s: %s (%s); retrying in %lld ms\n", what, why, url,
+                    (long long)backoff);
+        }
+        if (c.fd > 0) close(c.fd);
+        buf_free(&c.in), buf_free(&c.out);
+        struct timespec ts = {(time_t)(backoff / 1000), (long)(backoff % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+        backoff = backoff * 2 > 5000 ? 5000 : backoff * 2;
+    }
+    return 0;
+}
+
+static int srv_session_cb(struct cli *c, void *arg)
+{
+    struct srv *s = arg;
+    int r = srv_session(c, s);
+    srv_reset(s);
+    return r;
+}
+
+/* `iii watch`: the function the engine calls with each discovery event, and the last function
+ * set seen (sorted "id@ns" strings) for the +/- diff. */
+struct watch_state {
+    char fid[64];
+    int json;
+    char **set;
+    size_t n;
+};
+
+static int watch_cmp(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* The function set of a functions_changed payload (token arr: its "functions" array), sorted;
+ * the watcher's own function is left out. */
+static char **watch_set(const struct jdoc *d, int arr, const char *self, size_t *n)
+{
+    *n = 0;
+    if (JTYPE(d, arr) != J_ARRAY) return NULL;
+    char **v = xmalloc((d->t[arr].n + 1) * sizeof *v);
+    if (!v) return NULL;
+    for (uint32_t i = 0, e = (uint32_t)arr + 1; i < d->t[arr].n; i++, e = d->t[e].next) {
+        char *id = json_strdup(d, json_get(d, (int)e, "function_id"), NULL);
+        char *ns = json_strdup(d, json_get(d, (int)e, "namespace"), NULL);
+        if (id && strcmp(id, self)) {
+            struct buf b = {0};
+            buf_puts(&b, id);
+            if (ns && strcmp(ns, NS_DEFAULT)) buf_putc(&b, '@'), buf_puts(&b, ns);
+            if (buf_cstr(&b)) v[(*n)++] = (char *)b.p;
+        }
+        xfree(id), xfree(ns);
+    }
+    qsort(v, *n, sizeof *v, watch_cmp);
+    return v;
+}
+
+static void watch_free_set(char **v, size_t n)
+{
+    for (size_t i = 0; i < n; i++) xfree(v[i]);
+    xfree(v);
+}
+
+/* Prints one event: --json as it came, else one readable line. */
+static void watch_event(struct watch_state *w, const struct jdoc *d, int data)
+{
+    if (w->json) {
+        printf("%.*s\n", (int)JLEN(d, data), JRAW(d, data));
+        return;
+    }
+    char *ev = json_strdup(d, json_get(d, data, "event"), NULL);
+    char *wid = json_strdup(d, json_get(d, data, "worker_id"), NULL);
+    if (ev && !strcmp(ev, "functions_changed")) {
+        size_t n = 0;
+        char **v = watch_set(d, json_get(d, data, "functions"), w->fid, &n);
+        printf("functions_changed");
+        size_t i = 0, j = 0;
+        /* merge walk of two sorted sets: + only in the new one, - only in the old one */
+        while (v && (i < n || j < w->n)) {
+            int c = i == n ? 1 : j == w->n ? -1 : strcmp(v[i], w->set[j]);
+            if (c < 0) printf(" +%s", v[i++]);
+            else if (c > 0) printf(" -%s", w->set[j++]);
+            else i++, j++;
+        }
+        printf(" (%zu functions)\n", n);
+        if (v) watch_free_set(w->set, w->n), w->set = v, w->n = n;
+    } else if (ev) {
+        printf("%s %s\n", ev, wid ? wid : "-");
+    }
+    xfree(ev), xfree(wid);
+}
+
+static void watch_message(struct cli *c, struct watch_state *w, const unsigned char *p, size_t n)
+{
+    struct jdoc d = {0};
+    d.max = UINT32_MAX;
+    if (json_parse(&d, p, n, 64, 1) == 0 && d.t[0].type == J_OBJECT) {
+        int ty = json_get(&d, 0, "type"), iid = json_get(&d, 0, "invocation_id");
+        if (json_streq(&d, ty, "invokefunction") &&
+            json_streq(&d, json_get(&d, 0, "function_id"), w->fid)) {
+            int data = json_get(&d, 0, "data");
+            if (data >= 0) watch_event(w, &d, data);
+            if (JTYPE(&d, iid) == J_STRING) { /* an answer, so no call is left pending */
+                struct buf m = {0};
+                buf_puts(&m, "{\"type\":\"invocationresult\",\"invocation_id\":");
+                json_put_raw(&m, &d, iid);
+                buf_puts(&m, ",\"function_id\":");
+                json_put_cstr(&m, w->fid);
+                buf_putc(&m, '}');
+                cli_send(c, &m);
+                buf_free(&m);
+            }
+        }
+    }
+    xfree(d.t);
+}
+
+/* One session of `iii watch`: an internal function bound to both discovery events. */
+static int watch_session(struct cli *c, void *arg)
+{
+    struct watch_state *w = arg;
+    struct buf m = {0};
+    buf_puts(&m, "{\"type\":\"registerfunction\",\"id\":");
+    json_put_cstr(&m, w->fid);
+    buf_puts(&m, ",\"description\":\"iii watch\",\"metadata\":{\"internal\":true}}");
+    cli_send(c, &m);
+    static const char *const types[] = {"engine::workers-available", "engine::functions-available"};
+    for (int i = 0; i < 2; i++) {
+        char id[37];
+        uuid_new(id);
+        buf_reset(&m);
+        buf_printf(&m, "{\"type\":\"registertrigger\",\"id\":\"%s\",\"trigger_type\":\"%s\","
+                       "\"function_id\":", id, types[i]);
+        json_put_cstr(&m, w->fid);
+        buf_puts(&m, ",\"config\":{}}");
+        cli_send(c, &m);
+    }
+    buf_free(&m);
+    cli_announce(c, "iii-watch", "iii-cli", NULL, 0); /* no pid: not listed as a worker */
+    for (;;) {
+        if (cli_stop) return 0;
+        if (cli_flush(c) < 0) return -1;
+        fflush(stdout);
+        struct pollfd pf = {c->fd, POLLIN, 0};
+        if (poll(&pf, 1, 200) <= 0) continue;
+        if (cli_read(c) < 0) return -1;
+        unsigned char *p;
+        size_t n;
+        int r;
+        while ((r = cli_next(c, &p, &n)) > 0) watch_message(c, w, p, n);
+        if (r < 0) return -1;
+    }
+}
+
+/* ---- command line of the client commands ---- */
+/* Each client command: its usage line and the lines that explain its flags. Every flag listed
+ * here is accepted by that command (cli_flags checks against the same table). */
+static const struct cli_cmd {
+    const char *name, *usage, *help, *flags;
+} CLI_CMDS[] = {
+    {"trigger", "iii trigger FUNCTION_ID [JSON|-|@FILE] [--namespace NS] [--url URL] "
+                "[--timeout MS] [--json]",
+     "  Calls a function and prints its result as JSON. The payload is JSON text, - (read from\n"
+     "  stdin) or @FILE (read from FILE); default {}. A function_not_found suggests near names.\n"
+     "  --namespace NS   call it in namespace NS (default: default)\n"
+     "  --url URL        engine address (default $III_URL, else ws://127.0.0.1:49134)\n"
+     "  --timeout MS     give up after MS milliseconds (default 30000)\n"
+     "  --json           on an error, also print {\"error\":...} on stdout\n",
+     " --namespace --url --timeout --json "},
+    {"list", "iii list functions|workers|triggers|registered-triggers [--search S] "
+             "[--namespace NS] [--internal] [--url URL] [--timeout MS] [--json]",
+     "  Prints the registry as a table (or the engine's JSON with --json).\n"
+     "  --search S       only entries matching S (case-insensitive substring)\n"
+     "  --namespace NS   only entries in namespace NS\n"
+     "  --internal       include engine::* and internal entries\n"
+     "  --url URL, --timeout MS, --json   as for trigger\n",
+     " --search --namespace --internal --url --timeout --json "},
+    {"info", "iii info function ID | worker NAME [--namespace NS] [--url URL] [--timeout MS] "
+             "[--json]",
+     "  Prints one function or worker in detail (engine::functions::info / workers::info).\n"
+     "  --namespace NS   look in namespace NS only\n"
+     "  --json           one line of raw JSON instead of the indented form\n"
+     "  --url URL, --timeout MS   as for trigger\n",
+     " --namespace --url --timeout --json "},
+    {"ps", "iii ps [--url URL] [--timeout MS] [--json]",
+     "  Lists the workers declared in the engine's config: pid, state (running, backoff,\n"
+     "  stopped, failed), restarts, uptime and last exit.\n"
+     "  --url URL, --timeout MS, --json   as for trigger\n",
+     " --url --timeout --json "},
+    {"watch", "iii watch [--url URL] [--json]",
+     "  Prints registry changes as they happen, one line each: worker_connected,\n"
+     "  worker_metadata_updated, worker_disconnected, and functions_changed with the ids added\n"
+     "  (+) and removed (-). Runs until interrupted; reconnects if the engine restarts.\n"
+     "  --json           each event's JSON payload instead\n"
+     "  --url URL        as for trigger\n",
+     " --url --json "},
+    {"serve", "iii serve FUNCTION_ID [--namespace NS] [--name NAME] [--description TEXT] "
+              "[--concurrency N] [--timeout MS] [--url URL] -- COMMAND [ARGS...]",
+     "  A worker with no dependencies: registers FUNCTION_ID and, for each call, runs COMMAND\n"
+     "  with the payload JSON on stdin. Its stdout is the result (JSON, or else a JSON string);\n"
+     "  a non-zero exit is an invocation_failed error carrying its stderr. The command sees\n"
+     "  III_FUNCTION_ID and III_INVOCATION_ID. Reconnects if the engine restarts.\n"
+     "  --namespace NS   register in namespace NS\n"
+     "  --name NAME      worker name (default serve:FUNCTION_ID)\n"
+     "  --description T  the function's description\n"
+     "  --concurrency N  at most N commands at once (default 4; up to 1000 calls wait, then BUSY)\n"
+     "  --timeout MS     kill a command after MS ms: invocation_timeout (default 30000, 0 = none)\n"
+     "  --url URL        as for trigger\n",
+     " --namespace --name --description --concurrency --timeout --url "},
+};
+
+static const struct cli_cmd *cli_cmd(const char *name)
+{
+    for (size_t i = 0; i < sizeof CLI_CMDS / sizeof CLI_CMDS[0]; i++)
+        if (!strcmp(CLI_CMDS[i].name, name)) return &CLI_CMDS[i];
+    return NULL;
+}
+
+/* `iii --help`: the commands, the environment and the exit codes. */
+static void usage(FILE *f)
+{
+    fputs("usage: iii [-c|--config FILE] [--host H] [--port N] [--echo] [-v|--version] "
+          "[-h|--help]\n"
+          "       iii --check [-c|--config FILE]\n",
+          f);
+    for (size_t i = 0; i < sizeof CLI_CMDS / sizeof CLI_CMDS[0]; i++)
+        fprintf(f, "       %s\n", CLI_CMDS[i].usage);
+    fputs("\n"
+          "Without a command, runs the engine: loads the config (./config.yaml by default; a\n"
+          "missing default file means built-in defaults), starts the declared workers and\n"
+          "serves WebSocket connections. --check validates the config and prints what would\n"
+          "run. `iii COMMAND --help` explains a command.\n"
+          "\n"
+          "Environment:\n"
+          "  III_URL                 engine address for the client commands\n"
+          "  III_LOG                 log level: error, warn, info (default), debug, trace\n"
+          "  III_LOG_FORMAT          text (default) or json: one JSON object per log line\n"
+          "  III_NAMESPACE_GRACE_MS  registration grace period (default 5000)\n"
+          "  III_ALLOW_WEAK_RANDOM   1: start even without /dev/urandom (predictable ids)\n"
+          "\n"
+          "Exit status: 0 ok; 1 the function returned an error, or the config is invalid;\n"
+          "2 usage error; 3 the engine could not be reached or did not answer in time.\n",
+          f);
+}
+
+/* Reads a payload argument: JSON text as given, "-" = all of stdin, "@FILE" = that file's
+ * contents, into out. -1 with a message on stderr when it cannot be read. */
+static int cli_payload(const char *arg, struct buf *out)
+{
+    if (strcmp(arg, "-") && arg[0] != '@') return buf_puts(out, arg);
+    FILE *f = !strcmp(arg, "-") ? stdin : fopen(arg + 1, "rb");
+    if (!f) {
+        fprintf(stderr, "iii: cannot read %s: %s\n", arg + 1, strerror(errno));
+        return -1;
+    }
+    char tmp[65536];
+    size_t n;
+    while ((n = fread(tmp, 1, sizeof tmp, f)) > 0) buf_append(out, tmp, n);
+    int bad = ferror(f);
+    if (f != stdin) fclose(f);
+    if (bad || buf_check(out)) {
+        fprintf(stderr, "iii: cannot read %s\n", !strcmp(arg, "-") ? "stdin" : arg + 1);
+        return -1;
+    }
+    return 0;
+}
+
+/* After function_not_found: the registered ids closest to fid, on stderr ("did you mean"). */
+static void cli_suggest(const char *url, const char *fid, int64_t timeout)
+{
+    struct buf frame = {0};
+    const char *why;
+    if (cli_call(url, "engine::functions::list", "{}", NULL, timeout, &frame, &why) < 0) goto out;
+    struct jdoc d = {0};
+    d.max = UINT32_MAX;
+    if (json_parse(&d, buf_data(&frame), buf_used(&frame), 64, 0) == 0) {
+        int arr = json_get(&d, json_get(&d, 0, "result"), "functions");
+        int lim = (int)strlen(fid) / 3 > 2 ? (int)strlen(fid) / 3 : 2, shown = 0;
+        for (int dist = 1; dist <= lim && shown < 3; dist++)
+            for (uint32_t i = 0, e = (uint32_t)arr + 1; JTYPE(&d, arr) == J_ARRAY &&
+                                                        i < d.t[arr].n && shown < 3;
+                 i++, e = d.t[e].next) {
+                char *id = json_strdup(&d, json_get(&d, (int)e, "function_id"), NULL);
+                if (id && str_distance(fid, id) == dist)
+                    fprintf(stderr, "iii: did you mean %s?\n", id), shown++;
+                xfree(id);
+            }
+    }
+    xfree(d.t);
+out:
+    buf_free(&frame);
+}
+
+/* Writes value ti of d indented by `ind` spaces per level (iii info without --json). */
+static void cli_pretty(const struct jdoc *d, int ti, int ind)
+{
+    int ty = JTYPE(d, ti);
+    if ((ty != J_OBJECT && ty != J_ARRAY) || !d->t[ti].n || d->t[ti].opaque) {
+        printf("%.*s", (int)JLEN(d, ti), JRAW(d, ti));
+        return;
+    }
+    printf(ty == J_OBJECT ? "{\n" : "[\n");
+    uint32_t e = (uint32_t)ti + 1;
+    for (uint32_t i = 0; i < d->t[ti].n; i++) {
+        printf("%*s", ind + 2, "");
+        if (ty == J_OBJECT) printf("%.*s: ", (int)JLEN(d, (int)e), JRAW(d, (int)e)), e++;
+        cli_pretty(d, (int)e, ind + 2);
+        printf(i + 1 < d->t[ti].n ? ",\n" : "\n");
+        e = d->t[e].next;
+    }
+    printf("%*s%c", ind, "", ty == J_OBJECT ? '}' : ']');
+}
+
+/* What the table printers show: the result member holding the array, the columns, and an
+ * optional namespace filter (rows whose "namespace" differs are skipped). */
+static const char *cli_list_key, *const *cli_list_cols, *cli_list_ns;
+static int cli_pretty_mode;
 
 /* Prints the header row in upper case, then one row per element of the result's array. */
 static void cli_table(const struct jdoc *d, int res)
 {
+    if (cli_pretty_mode) {
+        cli_pretty(d, res, 0);
+        putchar('\n');
+        return;
+    }
     int arr = json_get(d, res, cli_list_key);
     for (const char *const *c = cli_list_cols; *c; c++) {
         for (const char *p = *c; *p; p++) putchar(toupper((unsigned char)*p));
         putchar(c[1] ? '\t' : '\n');
     }
     if (JTYPE(d, arr) != J_ARRAY) return;
-    for (uint32_t i = 0, e = (uint32_t)arr + 1; i < d->t[arr].n; i++, e = d->t[e].next)
+    for (uint32_t i = 0, e = (uint32_t)arr + 1; i < d->t[arr].n; i++, e = d->t[e].next) {
+        int nst = json_get(d, (int)e, "namespace");
+        if (cli_list_ns && JTYPE(d, nst) == J_STRING && !json_streq(d, nst, cli_list_ns)) continue;
         for (const char *const *c = cli_list_cols; *c; c++) cli_cell(d, (int)e, *c, !c[1]);
+    }
 }
 
-/* `iii trigger` / `iii list` (argv[0] is the subcommand). Exit status: 0 ok, 1 the function
- * returned an error, 2 usage error, 3 could not reach the engine or no answer in time. The
- * default timeout is 30 s; --url defaults to $III_URL, then the SDK's default address. */
+/* The client commands (argv[0] is the command). Exit status: 0 ok, 1 the function returned an
+ * error, 2 usage error, 3 could not reach the engine or no answer in time. The default timeout
+ * is 30 s; --url defaults to $III_URL, then the SDK's default address. */
 static int cli_main(int argc, char **argv)
 {
-    const char *url = getenv("III_URL"), *ns = NULL;
-    /* 30 s: long enough for a slow function, short enough that a script does not hang forever */
-    int64_t timeout = 30000;
-    int as_json = 0;
+    const struct cli_cmd *cmd = cli_cmd(argv[0]);
+    const char *url = getenv("III_URL"), *ns = NULL, *search = NULL, *name = NULL, *desc = NULL;
+    int64_t timeout = 30000, conc = 4;
+    int as_json = 0, internal = 0, timeout_set = 0;
     const char *pos[3] = {NULL, NULL, NULL};
+    char **command = NULL;
     int np = 0;
     if (!url || !*url) url = "ws://127.0.0.1:49134";
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--url") && i + 1 < argc) url = argv[++i];
-        else if (!strcmp(argv[i], "--namespace") && i + 1 < argc) ns = argv[++i];
-        else if (!strcmp(argv[i], "--json")) as_json = 1;
-        else if (!strcmp(argv[i], "--timeout") && i + 1 < argc) {
-            char *e;
-            timeout = strtoll(argv[++i], &e, 10);
-            if (*e || timeout <= 0) {
-                fprintf(stderr, "iii: --timeout: '%s' is not a number of milliseconds\n", argv[i]);
+        const char *a = argv[i];
+        char flag[40];
+        snprintf(flag, sizeof flag, " %s ", a);
+        int takes = !strcmp(a, "--url") || !strcmp(a, "--namespace") || !strcmp(a, "--search") ||
+                    !strcmp(a, "--timeout") || !strcmp(a, "--name") ||
+                    !strcmp(a, "--description") || !strcmp(a, "--concurrency");
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            printf("usage: %s\n%s", cmd->usage, cmd->help);
+            return 0;
+        }
+        if (!strcmp(a, "--") && !strcmp(cmd->name, "serve")) {
+            command = argv + i + 1;
+            break;
+        }
+        if (a[0] == '-' && a[1] && !isdigit((unsigned char)a[1])) {
+            if (!strstr(cmd->flags, flag) || (takes && i + 1 >= argc)) {
+                fprintf(stderr, "iii %s: unknown or incomplete option %s\nusage: %s\n", cmd->name,
+                        a, cmd->usage);
                 return 2;
             }
-        } else if (np < 3 &&
-                   (argv[i][0] != '-' || !argv[i][1] || isdigit((unsigned char)argv[i][1])))
-            pos[np++] = argv[i];
-        else {
-            usage(stderr);
+            const char *v = takes ? argv[++i] : NULL;
+            if (!strcmp(a, "--url")) url = v;
+            else if (!strcmp(a, "--namespace")) ns = v;
+            else if (!strcmp(a, "--search")) search = v;
+            else if (!strcmp(a, "--name")) name = v;
+            else if (!strcmp(a, "--description")) desc = v;
+            else if (!strcmp(a, "--json")) as_json = 1;
+            else if (!strcmp(a, "--internal")) internal = 1;
+            else if (!strcmp(a, "--timeout") || !strcmp(a, "--concurrency")) {
+                char *e;
+                long long n = strtoll(v, &e, 10);
+                int conc_flag = !strcmp(a, "--concurrency");
+                if (*e || n < (conc_flag ? 1 : 0) || (!conc_flag && !n && strcmp(cmd->name, "serve"))) {
+                    fprintf(stderr, "iii %s: %s: '%s' is not a valid number\n", cmd->name, a, v);
+                    return 2;
+                }
+                if (conc_flag) conc = n;
+                else timeout = n, timeout_set = 1;
+            }
+        } else if (np < 3) {
+            pos[np++] = a;
+        } else {
+            fprintf(stderr, "iii %s: too many arguments\nusage: %s\n", cmd->name, cmd->usage);
             return 2;
         }
     }
-    struct buf frame = {0};
+    struct buf frame = {0}, data = {0};
     const char *why = NULL;
-    int rc;
-    if (!strcmp(argv[0], "trigger")) {
-        if (np < 1 || np > 2) {
-            usage(stderr);
+    int rc = 2;
+    if (!strcmp(cmd->name, "serve")) {
+        if (np != 1 || !command || !command[0]) {
+            fprintf(stderr, "iii serve: a FUNCTION_ID and a command after -- are needed\nusage: %s\n",
+                    cmd->usage);
             return 2;
         }
-        const char *data = np == 2 ? pos[1] : "{}";
+        char nm[300];
+        snprintf(nm, sizeof nm, "serve:%s", pos[0]);
+        struct srv s;
+        memset(&s, 0, sizeof s);
+        s.fid = pos[0], s.ns = ns, s.name = name ? name : nm, s.desc = desc, s.argv = command;
+        s.concurrency = (int)(conc > 1000 ? 1000 : conc);
+        s.timeout_ms = timeout_set ? timeout : 30000;
+        return cli_persist(url, "serve", srv_session_cb, &s);
+    }
+    if (!strcmp(cmd->name, "watch")) {
+        if (np) {
+            fprintf(stderr, "usage: %s\n", cmd->usage);
+            return 2;
+        }
+        struct watch_state w;
+        memset(&w, 0, sizeof w);
+        char id[37];
+        uuid_new(id);
+        snprintf(w.fid, sizeof w.fid, "iii::watch::%.8s", id);
+        w.json = as_json;
+        setvbuf(stdout, NULL, _IOLBF, 0);
+        cli_persist(url, "watch", watch_session, &w);
+        watch_free_set(w.set, w.n);
+        return 0;
+    }
+    if (!strcmp(cmd->name, "trigger")) {
+        if (np < 1 || np > 2) goto usage;
+        if (cli_payload(np == 2 ? pos[1] : "{}", &data) < 0) return 2;
         struct jdoc d = {0};
         d.max = UINT32_MAX;
-        int bad = json_parse(&d, (const unsigned char *)data, strlen(data), 1, 1) < 0;
+        int bad = json_parse(&d, buf_data(&data), buf_used(&data), 1, 1) < 0;
         xfree(d.t);
         if (bad) {
-            fprintf(stderr, "iii: error: the payload is not valid JSON: %s\n", data);
-            return 2;
+            fprintf(stderr, "iii: error: the payload is not valid JSON: %.*s\n",
+                    (int)(buf_used(&data) > 200 ? 200 : buf_used(&data)), (char *)buf_data(&data));
+            rc = 2;
+            goto out;
         }
-        if (cli_call(url, pos[0], data, ns, timeout, &frame, &why) < 0) {
-            fprintf(stderr, "iii: error: %s (%s)\n", why, url);
-            buf_free(&frame);
-            return 3;
+        if (!buf_cstr(&data) || cli_call(url, pos[0], (char *)buf_data(&data), ns, timeout, &frame,
+                                         &why) < 0) {
+            fprintf(stderr, "iii: error: %s (%s)\n", why ? why : "out of memory", url);
+            rc = 3;
+            goto out;
         }
         rc = cli_report(&frame, 1, NULL);
+        if (rc == 1 && strstr((char *)buf_cstr(&frame), "\"function_not_found\""))
+            cli_suggest(url, pos[0], timeout);
+        goto out;
+    }
+    const char *fid;
+    static const char *const fcols[] = {"function_id", "namespace", "worker_name", "description",
+                                        NULL};
+    static const char *const wcols[] = {"name",           "id",     "namespace", "runtime",
+                                        "function_count", "status", NULL};
+    static const char *const tcols[] = {"id", "namespace", "worker_name", "description", NULL};
+    static const char *const rcols[] = {"id",          "trigger_type",   "function_id",
+                                        "worker_name", "config_summary", NULL};
+    static const char *const pcols[] = {"name",      "pid",       "state", "restarts",
+                                        "uptime_ms", "last_exit", NULL};
+    if (!strcmp(cmd->name, "ps")) {
+        if (np) goto usage;
+        fid = "engine::processes::list", cli_list_key = "processes", cli_list_cols = pcols;
+        buf_puts(&data, "{}");
+    } else if (!strcmp(cmd->name, "info")) {
+        if (np != 2) goto usage;
+        int fn = !strcmp(pos[0], "function");
+        if (!fn && strcmp(pos[0], "worker")) goto usage;
+        fid = fn ? "engine::functions::info" : "engine::workers::info";
+        buf_puts(&data, fn ? "{\"function_id\":" : "{\"name\":");
+        json_put_cstr(&data, pos[1]);
+        if (ns) buf_puts(&data, ",\"namespace\":"), json_put_cstr(&data, ns);
+        buf_putc(&data, '}');
+        ns = NULL;
+        cli_pretty_mode = 1;
     } else {
-        static const char *const fcols[] = {"function_id", "namespace", "worker_name",
-                                            "description", NULL};
-        static const char *const wcols[] = {"name",           "id",     "namespace", "runtime",
-                                            "function_count", "status", NULL};
-        static const char *const tcols[] = {"id", "namespace", "worker_name", "description", NULL};
-        static const char *const rcols[] = {"id",          "trigger_type",   "function_id",
-                                            "worker_name", "config_summary", NULL};
-        const char *fid;
-        if (np != 1) {
-            usage(stderr);
-            return 2;
-        }
+        if (np != 1) goto usage;
         if (!strcmp(pos[0], "functions"))
             fid = "engine::functions::list", cli_list_key = "functions", cli_list_cols = fcols;
         else if (!strcmp(pos[0], "workers"))
@@ -9918,14 +11022,26 @@ static int cli_main(int argc, char **argv)
                     pos[0]);
             return 2;
         }
-        if (cli_call(url, fid, "{}", NULL, timeout, &frame, &why) < 0) {
-            fprintf(stderr, "iii: error: %s (%s)\n", why, url);
-            buf_free(&frame);
-            return 3;
-        }
-        rc = cli_report(&frame, as_json, cli_table);
+        buf_puts(&data, "{\"include_internal\":");
+        buf_puts(&data, internal ? "true" : "false");
+        if (search) buf_puts(&data, ",\"search\":"), json_put_cstr(&data, search);
+        buf_putc(&data, '}');
+        cli_list_ns = ns;
+        ns = NULL;
     }
-    buf_free(&frame);
+    if (!buf_cstr(&data) ||
+        cli_call(url, fid, (char *)buf_data(&data), NULL, timeout, &frame, &why) < 0) {
+        fprintf(stderr, "iii: error: %s (%s)\n", why ? why : "out of memory", url);
+        rc = 3;
+        goto out;
+    }
+    rc = cli_report(&frame, as_json, cli_table);
+    goto out;
+usage:
+    fprintf(stderr, "usage: %s\n", cmd->usage);
+    rc = 2;
+out:
+    buf_free(&frame), buf_free(&data);
     return rc;
 }
 
@@ -9940,6 +11056,7 @@ int main(int argc, char **argv)
 {
     const char *host = NULL;
     long port = -1;
+    int cfg_explicit = 0, check_only = 0;
     S.cfg_path = "config.yaml";
     S.lfd = -1;
     S.spare_fd = -1;
@@ -9947,16 +11064,20 @@ int main(int argc, char **argv)
     /* III_LOG=error|warn|info|debug|trace; any other value keeps the default (info) */
     for (int i = 0; lv && i <= LOG_TRACE; i++)
         if (!strcmp(lv, log_names[i])) log_level = i;
+    const char *lf = getenv("III_LOG_FORMAT");
+    log_json = lf && !strcmp(lf, "json");
     /* the client commands need no config, listener or signals: dispatch before any set-up
      * (their invocation ids need uniqueness, not secrecy: a weak source is fine there) */
-    if (argc > 1 && (!strcmp(argv[1], "trigger") || !strcmp(argv[1], "list"))) {
+    if (argc > 1 && cli_cmd(argv[1])) {
         signal(SIGPIPE, SIG_IGN);
         rnd_init();
         return cli_main(argc - 1, argv + 1);
     }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if ((!strcmp(a, "-c") || !strcmp(a, "--config")) && i + 1 < argc) S.cfg_path = argv[++i];
+        if ((!strcmp(a, "-c") || !strcmp(a, "--config")) && i + 1 < argc)
+            S.cfg_path = argv[++i], cfg_explicit = 1;
+        else if (!strcmp(a, "--check")) check_only = 1;
         else if (!strcmp(a, "--host") && i + 1 < argc) host = argv[++i];
         else if (!strcmp(a, "--port") && i + 1 < argc) {
             char *e;
@@ -10016,9 +11137,13 @@ int main(int argc, char **argv)
     char err[1024];
     int missing = 0;
     if (cfg_load(S.cfg_path, &S.cfg, &missing, err, sizeof err) < 0) die("%s", err);
+    /* only the default path may be absent: a file named on the command line must exist */
+    if (missing && cfg_explicit) die("%s: no such config file", S.cfg_path);
     if (missing)
         LOG(LOG_INFO, "no config file at %s: running on built-in defaults (no workers)",
             S.cfg_path);
+    cfg_log_warnings(&S.cfg);
+    if (check_only) return cfg_check_print(missing);
     settings_from_cfg();
     /* the grace period is read at start-up only (§1.4); a reload does not change it */
     S.grace_ms = S.cfg.grace_ms;

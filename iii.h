@@ -179,6 +179,9 @@
 #ifndef III_OUTQ_MAX
 #define III_OUTQ_MAX (4u << 20) /* ... and past which the engine's own log lines are counted */
 #endif
+#ifndef III_METRIC_FUNCTIONS
+#define III_METRIC_FUNCTIONS 1000 /* functions with their own /metrics series; the rest: _other */
+#endif
 #ifndef III_BACKOFF_MIN_MS
 #define III_BACKOFF_MIN_MS 1000 /* restart backoff: 1 s doubling ... */
 #endif

@@ -970,8 +970,8 @@ def _invalid_reload(mutate, want_in_msg=None):
     check(rc != 0, "invalid reload: exit status 0, want non-zero")
     check(took <= 3.0, "the engine took %.2f s to exit (want <= ~3 s)" % took)
     err = e.stderr()
-    lines = [l for l in err.splitlines() if l.startswith("iii: reload: ")]
-    check(lines, "no stderr line starting 'iii: reload: '; stderr tail: %r" % err[-400:])
+    lines = [l for l in err.splitlines() if " iii: error: reload: " in l]
+    check(lines, "no stderr line with 'iii: error: reload: '; stderr tail: %r" % err[-400:])
     if want_in_msg:
         check(any(want_in_msg in l for l in lines), "reload message %r lacks %r" % (lines, want_in_msg))
     check(read_file(os.path.join(d, "t.term")), "worker t did not get SIGTERM")
