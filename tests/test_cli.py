@@ -858,40 +858,63 @@ def start_watch(e, args=()):
 FC = re.compile(r"^functions_changed((?: [+-]\S+)+) \((\d+) functions\)$")
 
 
-@test
-def watch_text_lines():
+def watch_scenario():
+    """iii watch (text) while worker wa (default, wx::a) and wb (nsq, wx::b) connect, then wa
+    disconnects. Returns (watch process, LineReader, wa's id, wb's id) once the last expected line
+    came (or 5 s passed)."""
     e = Eng(listener())
     p, rd = start_watch(e)
     w1 = PyWorker(e.port, "wa", ["wx::a"])
-    check(rd.wait_line(lambda l: l == "worker_connected " + w1.worker_id, 5),
-          "no `worker_connected %s` line: %r" % (w1.worker_id, rd.lines()))
-    check(rd.wait_line(lambda l: l == "worker_metadata_updated %s wa" % w1.worker_id, 5),
-          "no `worker_metadata_updated %s wa` line: %r" % (w1.worker_id, rd.lines()))
-    la = rd.wait_line(lambda l: FC.match(l) and "+wx::a" in l.split(), 5)
-    check(la, "no `functions_changed +wx::a (N functions)` line: %r" % rd.lines())
-    ma = FC.match(la)
-    check(ma.group(1).split() == ["+wx::a"], "diff for wx::a: %r" % la)
+    rd.wait_line(lambda l: FC.match(l) and "+wx::a" in l.split(), 5)
     w2 = PyWorker(e.port, "wb", ["wx::b"], namespace="nsq")
-    lb = rd.wait_line(lambda l: FC.match(l) and "+wx::b@nsq" in l.split(), 5)
-    check(lb, "no `functions_changed +wx::b@nsq (N functions)` line: %r" % rd.lines())
-    mb = FC.match(lb)
-    check(mb.group(1).split() == ["+wx::b@nsq"], "diff for wx::b: %r" % lb)
-    check(int(mb.group(2)) == int(ma.group(2)) + 1, "function counts %r then %r" % (la, lb))
+    rd.wait_line(lambda l: FC.match(l) and "+wx::b@nsq" in l.split(), 5)
     w1.close()
     _workers.remove(w1)
-    check(rd.wait_line(lambda l: l == "worker_disconnected " + w1.worker_id, 5),
-          "no `worker_disconnected %s` line: %r" % (w1.worker_id, rd.lines()))
-    lc = rd.wait_line(lambda l: FC.match(l) and "-wx::a" in l.split(), 5)
-    check(lc, "no `functions_changed -wx::a (N functions)` line: %r" % rd.lines())
-    mc = FC.match(lc)
-    check(mc.group(1).split() == ["-wx::a"] and int(mc.group(2)) == int(mb.group(2)) - 1,
-          "removal line %r after %r" % (lc, lb))
-    bad = [l for l in rd.lines() if not (re.match(r"^worker_(connected|disconnected) \S+$", l)
-                                         or re.match(r"^worker_metadata_updated \S+ .+$", l)
-                                         or FC.match(l))]
-    check(not bad, "lines in no documented format: %r" % bad)
+    rd.wait_line(lambda l: FC.match(l) and "-wx::a" in l.split(), 5)
+    rd.wait_line(lambda l: l.startswith("worker_disconnected " + w1.worker_id), 2)
+    return p, rd, w1.worker_id, w2.worker_id
+
+
+@test
+def watch_worker_event_lines():
+    p, rd, id1, id2 = watch_scenario()
+    ls = rd.lines()
+    for want in ("worker_connected " + id1, "worker_metadata_updated %s wa" % id1,
+                 "worker_connected " + id2, "worker_metadata_updated %s wb" % id2,
+                 "worker_disconnected " + id1):
+        check(want in ls, "no line %r in %r" % (want, [l[:100] for l in ls]))
+    check(ls.index("worker_connected " + id1) < ls.index("worker_metadata_updated %s wa" % id1)
+          < ls.index("worker_disconnected " + id1), "order: %r" % ls)
+    check("worker_disconnected " + id2 not in ls, "wb reported as disconnected")
+    bad = [l for l in ls if not (re.match(r"^worker_(connected|disconnected) \S+$", l)
+                                 or re.match(r"^worker_metadata_updated \S+ \S.*$", l)
+                                 or FC.match(l))]
+    check(not bad, "lines in no documented format: %r" % [l[:100] for l in bad])
     check(p.poll() is None, "iii watch exited (rc %r)" % p.poll())
-    del w2
+
+
+@test
+def watch_functions_changed_diff():
+    p, rd, id1, id2 = watch_scenario()
+    ls = rd.lines()
+    la = next((l for l in ls if FC.match(l) and "+wx::a" in l.split()), None)
+    lb = next((l for l in ls if FC.match(l) and "+wx::b@nsq" in l.split()), None)
+    lc = next((l for l in ls if FC.match(l) and "-wx::a" in l.split()), None)
+    check(la and lb and lc, "want lines with +wx::a, +wx::b@nsq and -wx::a: %r" % [l[:100] for l in ls])
+    ma, mb, mc = FC.match(la), FC.match(lb), FC.match(lc)
+    check(ma.group(1).split() == ["+wx::a"], "the line for wx::a is not exactly its diff: %r" % la[:200])
+    check(mb.group(1).split() == ["+wx::b@nsq"], "the line for wx::b is not exactly its diff: %r" % lb[:200])
+    check(mc.group(1).split() == ["-wx::a"], "the removal line is not exactly its diff: %r" % lc[:200])
+    na, nb, nc = int(ma.group(2)), int(mb.group(2)), int(mc.group(2))
+    check(nb == na + 1 and nc == nb - 1, "function counts %d, %d, %d" % (na, nb, nc))
+
+
+@test
+def watch_functions_baseline():
+    p, rd, id1, id2 = watch_scenario()
+    stale = [l for l in rd.lines() if FC.match(l) and "+engine::functions::list" in l.split()]
+    check(not stale, "a functions_changed line lists functions that existed before the watcher "
+          "started (no baseline to diff against): %r" % [l[:160] for l in stale])
 
 
 @test
@@ -1034,18 +1057,26 @@ def list_search():
 @test
 def list_namespace():
     e = listing_engine()
-    rows = list_json(e, "functions", "--namespace", "ns1")
-    check([(f["function_id"], f["namespace"]) for f in rows] == [("nsf::a", "ns1")],
-          "functions --namespace ns1: %r" % rows)
-    rows = list_json(e, "functions", "--namespace", "default")
-    check(rows and all(f["namespace"] == "default" for f in rows)
-          and "srch::alpha" in [f["function_id"] for f in rows], "--namespace default: %r" % rows)
-    ws = list_json(e, "workers", "--namespace", "ns1")
-    check([w.get("name") for w in ws] == ["lister-two"], "workers --namespace ns1: %r" % ws)
+    problems = []
     rc, out, err, _ = iii("list", "functions", "--namespace", "ns1", "--url", e.url)
     rows = [l.split("\t") for l in out.splitlines()]
-    check(rc == 0 and rows[1:] and all(r[1] == "ns1" for r in rows[1:]) and len(rows) == 2,
-          "table with --namespace ns1: %r" % out)
+    if not (rc == 0 and len(rows) == 2 and rows[1][:2] == ["nsf::a", "ns1"]):
+        problems.append("table with --namespace ns1: rc %r %r" % (rc, out))
+    rows = list_json(e, "functions", "--namespace", "ns1")
+    if [(f["function_id"], f["namespace"]) for f in rows] != [("nsf::a", "ns1")]:
+        problems.append("functions --namespace ns1 --json: %r" % [(f["function_id"], f["namespace"]) for f in rows])
+    rows = list_json(e, "functions", "--namespace", "default")
+    if not (rows and all(f["namespace"] == "default" for f in rows)
+            and "srch::alpha" in [f["function_id"] for f in rows]):
+        problems.append("functions --namespace default --json: %r" % [(f["function_id"], f["namespace"]) for f in rows])
+    ws = list_json(e, "workers", "--namespace", "ns1")
+    if [w.get("name") for w in ws] != ["lister-two"]:
+        problems.append("workers --namespace ns1 --json: %r" % [w.get("name") for w in ws])
+    rc, out, err, _ = iii("list", "workers", "--namespace", "ns1", "--url", e.url)
+    rows = [l.split("\t") for l in out.splitlines()]
+    if not (rc == 0 and len(rows) == 2 and rows[1][0] == "lister-two"):
+        problems.append("workers table with --namespace ns1: rc %r %r" % (rc, out))
+    check(not problems, "; ".join(problems))
 
 
 @test
@@ -1233,6 +1264,7 @@ def help_flags_accepted():
              "watch": ["watch"], "ps": ["ps"]}
     tails = {"serve": ["--", "true"]}
     problems = []
+    running = []
     tried = 0
     for s in SUBCOMMANDS:
         rc, out, err, _ = iii(s, "--help", timeout=5)
@@ -1257,10 +1289,27 @@ def help_flags_accepted():
                 argv += ["--url", url] if s != "ps" else []
             argv += tails.get(s, [])
             tried += 1
-            # serve / watch retry against a missing engine: still running after 1.5 s is fine
-            rc, o, er, _ = iii(*argv, timeout=1.5, env={"III_URL": url})
-            if rc == 2:
-                problems.append("`iii %s` -> usage error: %s" % (" ".join(argv), er.strip()[:120]))
+            running.append((argv, subprocess.Popen([BIN] + argv, stdout=subprocess.DEVNULL,
+                                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                                   env=clean_env({"III_URL": url}),
+                                                   start_new_session=True)))
+    # serve / watch retry against a missing engine: still running after 1.5 s is not a usage error
+    deadline = time.time() + 1.5
+    for argv, p in running:
+        try:
+            p.wait(max(0.01, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            pass
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait(5)
+        er = p.stderr.read().decode("utf-8", "replace")
+        p.stderr.close()
+        if p.returncode == 2:
+            problems.append("`iii %s` -> usage error: %s" % (" ".join(argv), er.strip()[:120]))
     check(tried >= 10, "only %d flags found in the help texts" % tried)
     check(not problems, "; ".join(problems))
 
@@ -1352,7 +1401,7 @@ def reload_log_names_path_and_rebind():
     mark = len(e.stderr())
     e.write_config(listener(p1, "  - name: added\n    command: [\"sleep\", \"30\"]\n"))
     os.kill(e.proc.pid, signal.SIGHUP)
-    check(wait_until(lambda: "reload applied" in e.stderr()[mark:] or not e.alive(), 5.0),
+    check(wait_until(lambda: APPLIED.search(e.stderr()[mark:]) or not e.alive(), 5.0),
           "no reload within 5 s: %r" % e.stderr()[mark:])
     new = e.stderr()[mark:]
     rl = [l for l in new.splitlines() if "reload" in l]
@@ -1362,7 +1411,7 @@ def reload_log_names_path_and_rebind():
     mark = len(e.stderr())
     e.write_config(listener(p2, "  - name: added\n    command: [\"sleep\", \"30\"]\n"))
     os.kill(e.proc.pid, signal.SIGHUP)
-    check(wait_until(lambda: "reload applied" in e.stderr()[mark:] or not e.alive(), 5.0),
+    check(wait_until(lambda: APPLIED.search(e.stderr()[mark:]) or not e.alive(), 5.0),
           "no second reload within 5 s: %r" % e.stderr()[mark:])
     new = e.stderr()[mark:]
     check(any(re.search(r"rebound|rebind", l) and str(p2) in l for l in new.splitlines()),
@@ -1393,7 +1442,7 @@ def reload_invalid_keep():
     mark = len(e.stderr())
     e.write_config(good + "# edited\n")
     os.kill(e.proc.pid, signal.SIGHUP)
-    check(wait_until(lambda: "reload applied" in e.stderr()[mark:], 5.0),
+    check(wait_until(lambda: APPLIED.search(e.stderr()[mark:]), 5.0),
           "a valid config after the failed reload was not applied: %r" % e.stderr()[mark:])
 
 
@@ -1409,6 +1458,7 @@ def reload_invalid_default_exits_1():
 # =============================================================================================
 # 13. logs
 
+APPLIED = re.compile(r"reload\b.*\bapplied")
 TS_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) iii: (error|warn|info|debug|trace): \S")
 
 
