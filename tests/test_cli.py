@@ -52,11 +52,26 @@ def check(cond, msg):
         raise Fail(msg)
 
 
+SAN = re.compile(r"AddressSanitizer|LeakSanitizer|runtime error:")
+
+
 def test(fn):
     @functools.wraps(fn)
     def run():
         try:
-            return fn()
+            r = fn()
+            # the sanitizer build (test.sh): a report from any engine or client this test ran fails it
+            logs = [(x.logpath, "engine") for x in _engines] + \
+                   [(getattr(x, "errpath", None), "iii %s" % " ".join(map(str, x.args[1:3])))
+                    for x in _procs]
+            for x in list(_engines):
+                x.stop()
+            for x in list(_procs):
+                stop_proc(x)
+            for path, what in logs:
+                rep = [l for l in readf(path).splitlines() if SAN.search(l)] if path else []
+                check(not rep, "%s sanitizer report: %s" % (what, rep[0] if rep else ""))
+            return r
         finally:
             _cleanup()
     return suite.test(run)
@@ -627,7 +642,7 @@ def serve_busy_after_1000_waiting():
             ws.send_json({"type": "invokefunction", "invocation_id": iid, "function_id": "t::slow",
                           "data": {}})
         busy, other = [], []
-        deadline = time.time() + 3.0
+        deadline = time.time() + 2.0
         while time.time() < deadline:
             try:
                 r = ws.recv_json(max(0.01, deadline - time.time()))
