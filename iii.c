@@ -1206,6 +1206,23 @@ static char *json_strdup(const struct jdoc *d, int ti, size_t *len)
     return (char *)tmp.p;
 }
 
+/* Points *s and *n at string token ti's decoded text: the raw bytes when there is no escape, else
+ * a decoded copy in scratch (caller frees scratch). -1 if not a string or OOM. */
+static int jstr(const struct jdoc *d, int ti, struct buf *scratch, const char **s, size_t *n)
+{
+    if (JTYPE(d, ti) != J_STRING) return -1;
+    if (!d->t[ti].esc) {
+        *s = (const char *)JRAW(d, ti) + 1;
+        *n = JLEN(d, ti) - 2;
+        return 0;
+    }
+    buf_reset(scratch);
+    if (json_unescape(d, ti, scratch) < 0 || !buf_cstr(scratch)) return -1;
+    *s = (const char *)buf_data(scratch);
+    *n = buf_used(scratch);
+    return 0;
+}
+
 /* Reads an integer token (no fraction or exponent) into *v. 0 ok, -1 otherwise. */
 static int json_int(const struct jdoc *d, int ti, int64_t *v)
 {
@@ -1251,6 +1268,21 @@ static int json_put_str(struct buf *b, const char *s, size_t n)
     }
     if (buf_append(b, s + st, n - st) < 0) return -1;
     return buf_putc(b, '"');
+}
+
+/* Appends s[0..n) as a JSON string, invalid UTF-8 replaced by U+FFFD (a command may print
+ * anything; a frame must be valid UTF-8). */
+static void json_put_lossy(struct buf *b, const unsigned char *s, size_t n)
+{
+    struct buf t = {0};
+    for (size_t i = 0; i < n;) {
+        size_t l = s[i] < 0x80 ? 1 : s[i] >= 0xC2 && s[i] < 0xE0 ? 2 : s[i] >= 0xE0 && s[i] < 0xF0 ? 3
+                                  : s[i] >= 0xF0 && s[i] < 0xF5 ? 4 : 0;
+        if (l && l <= n - i && utf8_valid(s + i, l)) buf_append(&t, s + i, l), i += l;
+        else buf_puts(&t, "\xEF\xBF\xBD"), i++;
+    }
+    json_put_str(b, t.p ? (const char *)buf_data(&t) : "", buf_used(&t));
+    buf_free(&t);
 }
 
 /* json_put_str for a C string; NULL becomes the literal null. */
@@ -2839,6 +2871,14 @@ struct cfg_listener {
     size_t max_functions_per_connection;                         /* >= 1 */
     size_t max_triggers_per_connection, max_triggers_per_function, max_triggers; /* >= 1 */
     size_t max_memory_bytes;                                     /* 0 = no budget */
+    /* authentication (README "Security"): tokens as JSON texts (a string, or a session object
+     * with its token), the rbac block as JSON, and the switches; NULL / 0 when absent */
+    char **auth_tokens;
+    size_t n_tokens;
+    char *rbac_json, *middleware, *worker_token;
+    int allow_unauth, metrics_public;
+    char **allowed_hosts;
+    size_t n_allowed_hosts;
     char **allowed_origins; /* browser origins; "*" = any; see cfg_default_origins */
     size_t n_origins;       /* entries in allowed_origins */
 };
@@ -2962,6 +3002,9 @@ static void cfg_free(struct cfg *c)
     }
     xfree(c->w);
     buf_free(&c->warnings);
+    cfg_free_list(c->lis.auth_tokens);
+    cfg_free_list(c->lis.allowed_hosts);
+    xfree(c->lis.rbac_json), xfree(c->lis.middleware), xfree(c->lis.worker_token);
     if (c->lis.host != cfg_default_host) xfree(c->lis.host);
     if (c->lis.allowed_origins != cfg_default_origins) {
         for (i = 0; i < c->lis.n_origins; i++) xfree(c->lis.allowed_origins[i]);
@@ -3209,6 +3252,29 @@ static char **cfg_list(size_t n)
 
 #define CFG_LOFF(f) offsetof(struct cfg_listener, f)
 
+static int sess_check_json(const char *json, int with_token, char *why, size_t cap);
+static int sess_check_rbac(const char *json, char *why, size_t cap);
+
+/* The refusal when a listener is open beyond loopback with no authentication configured. */
+#define LIS_OPEN_MSG                                                                               \
+    "the listener binds a non-loopback address with no authentication: add `auth_tokens` "       \
+    "(e.g. auth_tokens: [\"${III_TOKEN_SECRET}\"]) or `rbac` to the iii-worker-manager "          \
+    "config, or set `allow_unauthenticated: true` to serve the network without it"
+
+/* 1 if host names only this machine: localhost, 127.0.0.0/8 or ::1 (bracketed or not). A
+ * wildcard (0.0.0.0, ::) is not loopback: it serves every interface. */
+static int host_loopback(const char *h)
+{
+    size_t n = strlen(h);
+    if (n >= 2 && h[0] == '[' && h[n - 1] == ']') h++, n -= 2;
+    if ((n == 9 && str_ncaseeq(h, "localhost", 9)) || (n == 3 && !memcmp(h, "::1", 3))) return 1;
+    struct in_addr a;
+    char t[64];
+    if (n >= sizeof t) return 0;
+    memcpy(t, h, n), t[n] = 0;
+    return inet_pton(AF_INET, t, &a) == 1 && (ntohl(a.s_addr) >> 24) == 127;
+}
+
 /* The listener settings in the iii-worker-manager entry's `config` (a mapping or null), each
  * type- and range-checked into l. Keys of the reference engine that this one does not
  * implement (rbac, middleware_function_id) are refused by name: ignoring an access rule
@@ -3322,9 +3388,76 @@ static int cfg_listener(struct cfg_ctx *x, const char *who, const struct yaml_no
             }
             l->allowed_origins = o;
             l->n_origins = v->n;
-        } else if (!strcmp(key, "rbac") || !strcmp(key, "middleware_function_id")) {
-            return cfg_fail(x, who, line, col,
-                            "`%s` in config is not supported by this engine (remove it)", key);
+        } else if (!strcmp(key, "auth_tokens") || !strcmp(key, "allowed_hosts")) {
+            int tok = key[0] == 'a' && key[1] == 'u';
+            if (!v || v->kind != YAML_SEQ)
+                return cfg_fail(x, who, line, col, "%s must be a list (got %s)", what,
+                                cfg_got(v, t, sizeof t));
+            char **o = cfg_list(v->n);
+            if (!o) return cfg_fail(x, NULL, 0, 0, "out of memory");
+            for (k = 0; k < v->n; k++) {
+                const struct yaml_node *e = v->items[k];
+                struct buf j = {0};
+                char why[200];
+                const char *s = e && e->kind == YAML_STR ? cfg_text(e) : NULL;
+                if (!tok && (!s || !*s)) {
+                    cfg_free_list(o);
+                    return cfg_fail(x, who, e ? e->line : line, e ? e->col : col,
+                                    "each of `allowed_hosts` must be a host name (got %s)",
+                                    cfg_got(e, t, sizeof t));
+                }
+                if (tok && ((s && !*s) || (!s && (!e || e->kind != YAML_MAP)))) {
+                    cfg_free_list(o);
+                    return cfg_fail(x, who, e ? e->line : line, e ? e->col : col,
+                                    "each of `auth_tokens` must be a non-empty token string or "
+                                    "a mapping with `token` and the session's limits (got %s)",
+                                    cfg_got(e, t, sizeof t));
+                }
+                if (!tok) o[k] = xstrdup(s);
+                else if (yaml_to_json(e, &j) == 0 && buf_cstr(&j)) o[k] = (char *)j.p, j.p = NULL;
+                buf_free(&j);
+                if (!o[k]) {
+                    cfg_free_list(o);
+                    return cfg_fail(x, NULL, 0, 0, "out of memory");
+                }
+                if (tok && !s && sess_check_json(o[k], 1, why, sizeof why) < 0) {
+                    cfg_free_list(o);
+                    return cfg_fail(x, who, e->line, e->col, "`auth_tokens` entry %lu: %s",
+                                    (unsigned long)k + 1, why);
+                }
+            }
+            if (tok) cfg_free_list(l->auth_tokens), l->auth_tokens = o, l->n_tokens = v->n;
+            else cfg_free_list(l->allowed_hosts), l->allowed_hosts = o, l->n_allowed_hosts = v->n;
+        } else if (!strcmp(key, "rbac")) {
+            struct buf j = {0};
+            char why[200];
+            if (!v || v->kind != YAML_MAP)
+                return cfg_fail(x, who, line, col,
+                                "%s must be a mapping with auth_function_id, expose_functions "
+                                "and/or forbidden_functions (got %s)",
+                                what, cfg_got(v, t, sizeof t));
+            if (yaml_to_json(v, &j) < 0 || !buf_cstr(&j)) {
+                buf_free(&j);
+                return cfg_fail(x, NULL, 0, 0, "out of memory");
+            }
+            xfree(l->rbac_json), l->rbac_json = (char *)j.p;
+            if (sess_check_rbac(l->rbac_json, why, sizeof why) < 0)
+                return cfg_fail(x, who, line, col, "`rbac` in config: %s", why);
+        } else if (!strcmp(key, "middleware_function_id") || !strcmp(key, "worker_token")) {
+            const char *s = v && v->kind == YAML_STR ? cfg_text(v) : NULL;
+            if (!s || !*s || (key[0] == 'w' && strlen(s) > 64))
+                return cfg_fail(x, who, line, col, "%s must be a non-empty string%s (got %s)",
+                                what, key[0] == 'w' ? " of at most 64 bytes" : "",
+                                cfg_got(v, t, sizeof t));
+            char **dst = key[0] == 'm' ? &l->middleware : &l->worker_token;
+            xfree(*dst);
+            if (!(*dst = xstrdup(s))) return cfg_fail(x, NULL, 0, 0, "out of memory");
+        } else if (!strcmp(key, "allow_unauthenticated") || !strcmp(key, "metrics_public")) {
+            if (!v || v->kind != YAML_BOOL)
+                return cfg_fail(x, who, line, col, "%s must be true or false (got %s)", what,
+                                cfg_got(v, t, sizeof t));
+            if (key[0] == 'a') l->allow_unauth = v->b;
+            else l->metrics_public = v->b;
         } else {
             return cfg_fail(x, who, line, col,
                             "unknown key `%s` in config (expected host, port, "
@@ -3335,10 +3468,15 @@ static int cfg_listener(struct cfg_ctx *x, const char *who, const struct yaml_no
                             "max_inflight_per_connection, max_inflight_total, "
                             "max_functions_per_connection, max_triggers_per_connection, "
                             "max_triggers_per_function, max_triggers, max_memory_bytes, "
-                            "allowed_origins)",
+                            "allowed_origins, auth_tokens, rbac, middleware_function_id, "
+                            "allow_unauthenticated, metrics_public, allowed_hosts, worker_token)",
                             key);
         }
     }
+    /* protected by default: a listener beyond loopback needs authentication, or an explicit
+     * opt-out, or the engine does not start (and a reload does not apply) */
+    if (!host_loopback(l->host) && !l->n_tokens && !l->rbac_json && !l->allow_unauth)
+        return cfg_fail(x, who, conf->line, conf->col, "%s", LIS_OPEN_MSG);
     return 0;
 }
 
@@ -3851,6 +3989,7 @@ enum ns_state { NS_PENDING, NS_RESOLVED, NS_ABORTED };
 struct func;
 struct inv;
 struct chan;
+struct session;
 
 struct conn {
     struct hnode h;           /* in S.workers, keyed by wid (worker connections only) */
@@ -3893,6 +4032,10 @@ struct conn {
     struct lease *lease;              /* its (namespace, name) lease, or NULL */
     char *refusal;                    /* its last registrationrejected, as JSON (workers::info) */
     const char *why;                  /* why it closes (static text), for the disconnect log */
+    struct session *sess;             /* what it may do (NULL: everything); a reference */
+    int auth_wait;                    /* upgraded, waiting for the auth function: no frame is
+                                         processed, input is held (bounded) */
+    struct conn *rsnext;              /* S.resume list: its held input is processed next turn */
     struct inv *calls_out, *calls_in; /* calls it made / calls dispatched to it */
     size_t n_out, n_in;               /* lengths of calls_out / calls_in (bounded by limits) */
     struct chan *chan;                /* channel side */
@@ -3931,7 +4074,8 @@ enum inv_kind {
     INV_VOID,    /* §3.3: the target still answers; the result is discarded */
     INV_ENQUEUE, /* §3.4: a call to the queue worker on the caller's behalf */
     INV_FIRE,    /* engine-internal: trigger fires and discovery events */
-    INV_ACK      /* register_trigger awaiting its provider */
+    INV_ACK,     /* register_trigger awaiting its provider */
+    INV_AUTH     /* the auth function deciding on a new connection (the caller) */
 };
 
 struct inv {
@@ -4018,6 +4162,8 @@ struct trig {
     struct tgroup *tg, *fg;      /* its type group and its target-function group */
     struct trig *type_prev, *type_next, *fn_prev, *fn_next; /* links in those groups */
     struct trig *acct_prev, *acct_next;                     /* link in acct->trigs */
+    struct session *sess; /* the session it was made under (a reference; NULL: full access):
+                             discovery events to it are filtered by what that session sees */
 };
 
 /* A (namespace, worker name) lease (§5.9): one live worker per name in a namespace. The lease
@@ -4054,6 +4200,35 @@ struct settings {
     size_t n_origins; /* entries in origins */
 };
 
+/* Sessions and the listener's authentication (see the section Sessions and authorization). */
+struct session {
+    unsigned refs;
+    int full;       /* allows everything, never filtered (a plain token, or no auth) */
+    int restricted; /* names namespaces or allowed_functions: what is not granted is denied */
+    char *json;     /* the session object as JSON, owned */
+    struct jdoc d;  /* tokens of json (d.t owned) */
+    int ns, allowed, forbidden, prefix, ctx; /* members of d, -1 when absent */
+    int fn_reg, tt_reg;                      /* allow_function/trigger_type_registration */
+};
+
+/* The listener's authentication, built from the config at start and on every reload. */
+struct auth {
+    int on;                /* unauthenticated upgrades are refused (tokens or an auth function) */
+    char **tok;            /* the tokens (plain or from an entry), in config order */
+    size_t *tok_len, ntok;
+    struct session **tok_sess;
+    char *auth_fn;         /* rbac.auth_function_id, or NULL */
+    char *rbac_json;       /* the rbac block (owned), its tokens, and members of it */
+    struct jdoc rbac;
+    int expose, rforbid;   /* rbac.expose_functions / rbac.forbidden_functions, -1 absent */
+    char *middleware;      /* middleware_function_id, or NULL */
+    int metrics_public;
+    struct session *anon;  /* the session of a connection with no token when `on` is 0 but rbac
+                              is configured: nothing granted, rbac.expose_functions decides */
+};
+static struct auth *AUTH; /* NULL: no authentication configured */
+static char worker_token[65]; /* III_TOKEN given to declared workers (full access) */
+
 static struct {
     struct settings set;  /* listener settings in force */
     int64_t grace_ms;     /* namespace grace period (PROTOCOL.md §1.4) */
@@ -4088,6 +4263,7 @@ static struct {
     struct inv *acks;   /* register_trigger replies waiting for their provider's ack */
     struct conn *reap;  /* connections closing or dead: all the reap pass looks at */
     struct conn *drain; /* connections whose queue is being applied, a slice per turn */
+    struct conn *resume; /* admitted by the auth function: their held input goes next turn */
     int64_t timer_at;   /* earliest connection deadline: the timer scan waits for it */
     int ep;             /* epoll descriptor, -1 when every connection is polled each turn */
     int reap_now;       /* a dead connection waits on S.reap: do not sleep before reaping it */
@@ -4328,6 +4504,10 @@ static void ws_unmask(unsigned char *p, size_t n, const unsigned char k[4])
  * loop writes each dirty connection once per turn.
  */
 static void worker_on_open(struct conn *c);
+static void sess_unref(struct session *s);
+static struct session *sess_ref(struct session *s);
+static struct session *auth_token(const char *tok, size_t n);
+static void auth_begin(struct conn *c, const struct buf *hq);
 static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, int check_utf8);
 static void worker_teardown(struct conn *c);
 static void chan_on_message(struct conn *c, int op, const unsigned char *p, size_t n);
@@ -4522,6 +4702,11 @@ static struct conn *conn_new(int fd, const char *ip)
  * pass calls this, after the role's teardown: never from inside one of c's handlers. */
 static void conn_free(struct conn *c)
 {
+    for (struct conn **pp = &S.resume; *pp; pp = &(*pp)->rsnext)
+        if (*pp == c) {
+            *pp = c->rsnext;
+            break;
+        }
     if (c->log_dropped)
         LOG(LOG_WARN, "connection %s: %u more log lines about it were suppressed",
             c->kind == CK_WORKER ? c->wid : c->ip, c->log_dropped);
@@ -4538,6 +4723,7 @@ static void conn_free(struct conn *c)
     buf_free(&c->in), buf_free(&c->out), buf_free(&c->msg), buf_free(&c->pendq);
     xfree(c->name), xfree(c->desc), xfree(c->runtime), xfree(c->version), xfree(c->os);
     xfree(c->isolation), xfree(c->telemetry), xfree(c->ns), xfree(c->refusal);
+    sess_unref(c->sess);
     xfree(c);
 }
 
@@ -4628,6 +4814,124 @@ static int http_origin_ok(const char *o)
 
 static void ws_on_data(struct conn *c);
 
+/* Appends the percent-decoded s[0..n) ('+' is a space, as in forms) to out. */
+static void url_decode(const char *s, size_t n, struct buf *out)
+{
+    for (size_t i = 0; i < n; i++) {
+        unsigned a = i + 2 < n ? (unsigned char)s[i + 1] : 0, b = i + 2 < n ? (unsigned char)s[i + 2] : 0;
+        if (s[i] == '%' && isxdigit((int)a) && isxdigit((int)b)) {
+            unsigned hi = a <= '9' ? a - '0' : (a | 0x20) - 'a' + 10;
+            unsigned lo = b <= '9' ? b - '0' : (b | 0x20) - 'a' + 10;
+            buf_putc(out, (int)(hi << 4 | lo));
+            i += 2;
+        } else {
+            buf_putc(out, s[i] == '+' ? ' ' : s[i]);
+        }
+    }
+}
+
+/* The token a request presents: "Authorization: Bearer T", else "token=T" in the query
+ * (browsers cannot set headers on a WebSocket). Copied into out; returns its length, 0 none. */
+static size_t http_token(const char *authz, const char *query, char *out, size_t cap)
+{
+    size_t n = 0;
+    if (authz && str_ncaseeq(authz, "bearer ", 7)) {
+        const char *t = authz + 7;
+        while (*t == ' ') t++;
+        n = strlen(t);
+        if (n >= cap) return 0;
+        memcpy(out, t, n);
+        return n;
+    }
+    for (const char *q = query; q && *q;) {
+        const char *e = strchr(q, '&');
+        size_t l = e ? (size_t)(e - q) : strlen(q);
+        if (l > 6 && !memcmp(q, "token=", 6)) {
+            struct buf b = {0};
+            url_decode(q + 6, l - 6, &b);
+            n = buf_check(&b) || buf_used(&b) >= cap ? 0 : buf_used(&b);
+            if (n) memcpy(out, buf_data(&b), n);
+            buf_free(&b);
+            return n;
+        }
+        q = e ? e + 1 : NULL;
+    }
+    return 0;
+}
+
+/* 1 if tok[0..n) is one of the listener's tokens (for /metrics). */
+static int http_token_ok(const char *tok, size_t n)
+{
+    struct session *s = auth_token(tok, n);
+    sess_unref(s);
+    return s != NULL;
+}
+
+/* The query string as the auth function's query_params: {"key":["value",...],...}, decoded,
+ * repeated keys gathered in order. */
+static void http_query_json(struct buf *out, const char *query)
+{
+    const char *k[64], *v[64];
+    size_t kl[64], vl[64], n = 0;
+    for (const char *q = query; q && *q && n < 64;) {
+        const char *e = strchr(q, '&'), *eq;
+        size_t l = e ? (size_t)(e - q) : strlen(q);
+        if (l) {
+            eq = memchr(q, '=', l);
+            k[n] = q, kl[n] = eq ? (size_t)(eq - q) : l;
+            v[n] = eq ? eq + 1 : q + l, vl[n] = eq ? l - kl[n] - 1 : 0;
+            n++;
+        }
+        q = e ? e + 1 : NULL;
+    }
+    buf_putc(out, '{');
+    int first = 1;
+    for (size_t i = 0; i < n; i++) {
+        int seen = 0;
+        for (size_t j = 0; j < i; j++) seen |= kl[j] == kl[i] && !memcmp(k[j], k[i], kl[i]);
+        if (seen) continue;
+        struct buf t = {0};
+        if (!first) buf_putc(out, ',');
+        first = 0;
+        url_decode(k[i], kl[i], &t);
+        json_put_lossy(out, buf_data(&t) ? buf_data(&t) : (const unsigned char *)"", buf_used(&t));
+        buf_puts(out, ":[");
+        for (size_t j = i, f = 1; j < n; j++) {
+            if (kl[j] != kl[i] || memcmp(k[j], k[i], kl[i])) continue;
+            buf_reset(&t);
+            url_decode(v[j], vl[j], &t);
+            if (!f) buf_putc(out, ',');
+            f = 0;
+            json_put_lossy(out, buf_data(&t) ? buf_data(&t) : (const unsigned char *)"",
+                           buf_used(&t));
+        }
+        buf_putc(out, ']');
+        buf_free(&t);
+    }
+    buf_putc(out, '}');
+}
+
+/* The Host check (DNS rebinding): a name in allowed_hosts passes; otherwise on a loopback
+ * listener only loopback names may be asked for (a page from another site that resolves its
+ * name to 127.0.0.1 must not reach the engine), and on a wider one anything when allowed_hosts
+ * is not set. No Host (HTTP/1.0) passes. */
+static int http_host_ok(const char *host)
+{
+    if (!host) return 1;
+    char h[256];
+    size_t n = strlen(host);
+    const char *e = host[0] == '[' ? strchr(host, ']') : strrchr(host, ':');
+    if (host[0] == '[') n = e ? (size_t)(e - host) + 1 : n;
+    else if (e) n = (size_t)(e - host);
+    if (n >= sizeof h) return 0;
+    memcpy(h, host, n), h[n] = 0;
+    for (size_t i = 0; i < S.cfg.lis.n_allowed_hosts; i++)
+        if (strlen(S.cfg.lis.allowed_hosts[i]) == n && str_ncaseeq(h, S.cfg.lis.allowed_hosts[i], n))
+            return 1;
+    if (host_loopback(S.set.host)) return host_loopback(h);
+    return !S.cfg.lis.n_allowed_hosts;
+}
+
 /* Parses a complete request head in c->in and answers it: 101 and a WebSocket role, a plain
  * answer, or an error status. Returns without action while the head is incomplete. */
 static void http_on_data(struct conn *c)
@@ -4674,8 +4978,12 @@ static void http_on_data(struct conn *c)
         return;
     }
     const char *upgrade = NULL, *key = NULL, *version = NULL, *origin = NULL, *host = NULL;
+    const char *authz = NULL;
     /* every Connection header value joined (cut at 255 bytes) */
     char connection[256] = "";
+    /* the headers (names lowercased), for an auth function: at most 64 are passed on */
+    const char *hn[64], *hv[64];
+    size_t nh = 0;
     for (line = eol + 2; *line; line = eol + 2) {
         eol = strstr(line, "\r\n");
         if (!eol) break;
@@ -4698,16 +5006,32 @@ static void http_on_data(struct conn *c)
         else if (HDR_IS("sec-websocket-version")) version = v;
         else if (HDR_IS("origin")) origin = v;
         else if (HDR_IS("host")) host = v;
+        else if (HDR_IS("authorization")) authz = v;
         /* repeated Connection headers are joined with "," (RFC 7230 §3.2.2) */
         else if (HDR_IS("connection")) {
             size_t cl = strlen(connection);
             snprintf(connection + cl, sizeof connection - cl, "%s%s", cl ? "," : "", v);
         }
+        if (nh < 64 && !HDR_IS("authorization")) {
+            for (char *q = line; *q; q++) *q = (char)tolower((unsigned char)*q);
+            hn[nh] = line, hv[nh++] = v;
+        }
 #undef HDR_IS
     }
-    /* §1.1: a query string is allowed and ignored on / and /otel; channels read key and dir */
+    /* §1.1: a query string is allowed and ignored on / and /otel (but for auth: ?token=, and
+     * the auth function's query_params); channels read key and dir */
     char *query = strchr(target, '?');
     if (query) *query++ = 0;
+    /* DNS rebinding: a page served from another name must not reach a loopback engine through
+     * the browser; a wider listener may name the hosts it answers to (allowed_hosts) */
+    if (!http_host_ok(host)) {
+        LOG_LIMITED(c, LOG_WARN, "refused request from %s: Host '%.100s' not allowed", c->ip,
+                    host ? host : "");
+        http_error(c, 403, "Forbidden", NULL);
+        return;
+    }
+    char tok[512];
+    size_t tokn = http_token(authz, query, tok, sizeof tok);
     int is_ws_path = !strcmp(target, "/") || !strcmp(target, "/otel") ||
                      (S.echo && !strcmp(target, "/echo")) || !strncmp(target, "/ws/channels/", 13);
     /* no Upgrade header: a plain request; only /health and /metrics have plain answers */
@@ -4717,6 +5041,9 @@ static void http_on_data(struct conn *c)
             http_health(&S.tmp);
             http_reply(c, 200, "OK", "application/json", NULL, (char *)buf_data(&S.tmp),
                        buf_used(&S.tmp));
+        } else if (!strcmp(meth, "GET") && !strcmp(target, "/metrics") && AUTH && AUTH->on &&
+                   !AUTH->metrics_public && !http_token_ok(tok, tokn)) {
+            http_error(c, 401, "Unauthorized", "WWW-Authenticate: Bearer\r\n");
         } else if (!strcmp(meth, "GET") && !strcmp(target, "/metrics")) {
             buf_reset(&S.tmp);
             http_metrics(&S.tmp);
@@ -4771,6 +5098,7 @@ static void http_on_data(struct conn *c)
     }
     int kind, dir = 0, status = 0;
     struct chan *ch = NULL;
+    struct session *sess = NULL;
     if (!strcmp(target, "/")) kind = CK_WORKER;
     else if (!strcmp(target, "/otel")) kind = CK_OTEL;
     else if (!strcmp(target, "/echo")) kind = CK_ECHO;
@@ -4782,6 +5110,21 @@ static void http_on_data(struct conn *c)
             return;
         }
         kind = dir == 'w' ? CK_CHAN_W : CK_CHAN_R;
+    }
+    /* authentication: a token's session, else (on /) the auth function decides after the
+     * upgrade; no token and no auth function: 401 before anything else (channels carry their
+     * own key) */
+    int ask = 0;
+    if (AUTH && (kind == CK_WORKER || kind == CK_OTEL)) {
+        sess = AUTH->on ? auth_token(tok, tokn) : sess_ref(AUTH->anon);
+        ask = AUTH->on && !sess && AUTH->auth_fn && kind == CK_WORKER;
+        if (AUTH->on && !sess && !ask) {
+            /* the peer's address, never the token */
+            LOG_LIMITED(c, LOG_WARN, "refused upgrade from %s: %s token", c->ip,
+                        tokn ? "wrong" : "no");
+            http_error(c, 401, "Unauthorized", "WWW-Authenticate: Bearer\r\n");
+            return;
+        }
     }
     /* RFC 6455 §4.2.2: 101 with Sec-WebSocket-Accept; no subprotocol or extension is negotiated
      * (PROTOCOL.md §1.1), so neither header is sent */
@@ -4798,7 +5141,23 @@ static void http_on_data(struct conn *c)
     if (S.set.ping_interval_ms > 0) timer_touch(c->t_rx + S.set.ping_interval_ms);
     if (S.set.idle_timeout_ms > 0) timer_touch(c->t_rx + S.set.idle_timeout_ms);
     conn_dirty(c);
-    if (kind == CK_WORKER) {
+    if (kind == CK_WORKER && ask) {
+        /* {headers, query_params} for the auth function, then its call; c processes nothing
+         * until it answers */
+        struct buf hq = {0};
+        buf_puts(&hq, "\"headers\":{");
+        for (size_t i = 0; i < nh; i++) {
+            if (i) buf_putc(&hq, ',');
+            json_put_lossy(&hq, (const unsigned char *)hn[i], strlen(hn[i]));
+            buf_putc(&hq, ':');
+            json_put_lossy(&hq, (const unsigned char *)hv[i], strlen(hv[i]));
+        }
+        buf_puts(&hq, "},\"query_params\":");
+        http_query_json(&hq, query);
+        auth_begin(c, &hq);
+        buf_free(&hq);
+    } else if (kind == CK_WORKER) {
+        c->sess = sess, sess = NULL;
         worker_on_open(c);
     } else if (ch) {
         int taken = dir == 'w' ? ch->w_taken : ch->r_taken;
@@ -4820,8 +5179,9 @@ static void http_on_data(struct conn *c)
             if (ch->w_done) conn_close(c, 1000, NULL);
         }
     }
+    sess_unref(sess); /* /otel keeps no session */
     /* frames pipelined right behind the head are handled now, not on the next readable event */
-    if (buf_used(&c->in)) ws_on_data(c);
+    if (buf_used(&c->in) && !c->auth_wait) ws_on_data(c);
 }
 
 /* Delivers one complete message to the connection's role. p points into c->in or c->msg and
@@ -5138,6 +5498,412 @@ static void lease_drop(struct conn *c)
     c->lease = NULL;
 }
 
+/* ==== Sessions and authorization ============================================================
+ * Every worker connection has a session (c->sess): NULL means full access, which is what a
+ * loopback listener without auth config gives everyone, as before. With `auth_tokens` or
+ * `rbac.auth_function_id` an upgrade must present a token (Authorization: Bearer T, or ?token=T)
+ * or be admitted by the auth function; its session is then the token's entry or the function's
+ * result, in the reference's shape (PROTOCOL.md §3.9): namespaces with grants, allowed and
+ * forbidden functions, registration switches, a registration prefix and a context. A session
+ * is kept as its JSON text with the tokens of that text (grants are read from them directly),
+ * reference-counted: a token's session is shared by its connections and outlives a reload.
+ * Invariants: tokens are compared in constant time and never logged; a connection waiting for
+ * the auth function processes no frame; what a restricted session may not call it cannot see
+ * (listings and discovery events are filtered with the same decision as a call).
+ */
+static void sess_unref(struct session *s)
+{
+    if (!s || --s->refs) return;
+    xfree(s->d.t), xfree(s->json), xfree(s);
+}
+
+static struct session *sess_ref(struct session *s)
+{
+    if (s) s->refs++;
+    return s;
+}
+
+/* 1 if every element of array token a of d is a string (NULL-safe: absent is fine). */
+static int sess_strings(const struct jdoc *d, int a)
+{
+    if (JABSENT(d, a)) return 1;
+    if (JTYPE(d, a) != J_ARRAY || d->t[a].opaque) return 0;
+    for (uint32_t i = 0, e = (uint32_t)a + 1; i < d->t[a].n; i++, e = d->t[e].next)
+        if (JTYPE(d, (int)e) != J_STRING) return 0;
+    return 1;
+}
+
+/* Builds a session from its JSON object (a token entry when with_token, else an auth function's
+ * result). NULL with the reason in why when the shape is wrong. */
+static struct session *sess_new(const char *json, size_t n, int with_token, char *why, size_t cap)
+{
+    struct session *s = xcalloc(sizeof *s);
+    if (!s || !(s->json = xstrndup(json, n))) {
+        xfree(s);
+        snprintf(why, cap, "out of memory");
+        return NULL;
+    }
+    s->refs = 1;
+    s->d.max = 4096;
+    const struct jdoc *d = &s->d;
+    if (json_parse(&s->d, (unsigned char *)s->json, n, 4, 1) < 0 || d->t[0].type != J_OBJECT) {
+        snprintf(why, cap, "a session must be a JSON object");
+        goto bad;
+    }
+    int tok = json_get(d, 0, "token"), fr = json_get(d, 0, "allow_function_registration");
+    int tr = json_get(d, 0, "allow_trigger_type_registration");
+    s->ns = json_get(d, 0, "namespaces"), s->allowed = json_get(d, 0, "allowed_functions");
+    s->forbidden = json_get(d, 0, "forbidden_functions");
+    s->prefix = json_get(d, 0, "function_registration_prefix"), s->ctx = json_get(d, 0, "context");
+    if (with_token && (JTYPE(d, tok) != J_STRING || JLEN(d, tok) <= 2)) {
+        snprintf(why, cap, "`token` must be a non-empty string");
+        goto bad;
+    }
+    if (!JABSENT(d, s->ns)) {
+        if (JTYPE(d, s->ns) != J_OBJECT || d->t[s->ns].opaque) goto shape;
+        for (uint32_t i = 0, k = (uint32_t)s->ns + 1; i < d->t[s->ns].n; i++, k = d->t[k + 1].next)
+            if (!sess_strings(d, (int)k + 1) || JABSENT(d, (int)k + 1)) goto shape;
+    }
+    if (!sess_strings(d, s->allowed) || !sess_strings(d, s->forbidden) ||
+        !sess_strings(d, json_get(d, 0, "allowed_trigger_types")) ||
+        (!JABSENT(d, s->prefix) && JTYPE(d, s->prefix) != J_STRING) ||
+        (!JABSENT(d, fr) && JTYPE(d, fr) != J_TRUE && JTYPE(d, fr) != J_FALSE) ||
+        (!JABSENT(d, tr) && JTYPE(d, tr) != J_TRUE && JTYPE(d, tr) != J_FALSE))
+        goto shape;
+    if (with_token)
+        for (uint32_t i = 0, k = 1; i < d->t[0].n; i++, k = d->t[k + 1].next) {
+            static const char *const known[] = {
+                "token", "namespaces", "allowed_functions", "forbidden_functions",
+                "allowed_trigger_types", "allow_function_registration",
+                "allow_trigger_type_registration", "function_registration_prefix", "context", NULL};
+            int ok = 0;
+            for (const char *const *q = known; *q; q++) ok |= json_streq(d, (int)k, *q);
+            if (!ok) {
+                snprintf(why, cap, "unknown key %.*s (expected token, namespaces, "
+                         "allowed_functions, forbidden_functions, allow_function_registration, "
+                         "allow_trigger_type_registration, function_registration_prefix, context)",
+                         (int)(JLEN(d, (int)k) > 60 ? 60 : JLEN(d, (int)k)), JRAW(d, (int)k));
+                goto bad;
+            }
+        }
+    s->fn_reg = JTYPE(d, fr) != J_FALSE; /* §3.9 defaults: functions yes, trigger types no */
+    s->tt_reg = JTYPE(d, tr) == J_TRUE;
+    s->restricted = !JABSENT(d, s->ns) || !JABSENT(d, s->allowed);
+    return s;
+shape:
+    snprintf(why, cap, "wrong shape: namespaces is {ns: [grants]}, the *_functions are lists of "
+                       "ids, the allow_* are true/false, function_registration_prefix a string");
+bad:
+    sess_unref(s);
+    return NULL;
+}
+
+/* Config validation of one auth_tokens entry (JSON): 0, or -1 with why. */
+static int sess_check_json(const char *json, int with_token, char *why, size_t cap)
+{
+    struct session *s = sess_new(json, strlen(json), with_token, why, cap);
+    sess_unref(s);
+    return s ? 0 : -1;
+}
+
+/* Config validation of the rbac block. */
+static int sess_check_rbac(const char *json, char *why, size_t cap)
+{
+    struct jdoc d = {0};
+    int rc = -1;
+    d.max = 4096;
+    if (json_parse(&d, (const unsigned char *)json, strlen(json), 4, 1) < 0) goto out;
+    int af = json_get(&d, 0, "auth_function_id"), ex = json_get(&d, 0, "expose_functions");
+    int fb = json_get(&d, 0, "forbidden_functions");
+    for (uint32_t i = 0, k = 1; i < d.t[0].n; i++, k = d.t[k + 1].next)
+        if (!json_streq(&d, (int)k, "auth_function_id") &&
+            !json_streq(&d, (int)k, "expose_functions") &&
+            !json_streq(&d, (int)k, "forbidden_functions")) {
+            snprintf(why, cap, "unknown key %.*s (expected auth_function_id, expose_functions, "
+                               "forbidden_functions)",
+                     (int)(JLEN(&d, (int)k) > 60 ? 60 : JLEN(&d, (int)k)), JRAW(&d, (int)k));
+            goto done;
+        }
+    if ((!JABSENT(&d, af) && JTYPE(&d, af) != J_STRING) ||
+        (!JABSENT(&d, ex) && JTYPE(&d, ex) != J_ARRAY) || !sess_strings(&d, fb))
+        goto out;
+    rc = 0;
+    goto done;
+out:
+    snprintf(why, cap, "auth_function_id is a function id, expose_functions a list of filters "
+                       "(\"glob\", match(\"glob\"), {match, namespace}, {metadata, namespace}), "
+                       "forbidden_functions a list of ids");
+done:
+    xfree(d.t);
+    return rc;
+}
+
+/* Glob match of s[0..sn) against p[0..pn), where * matches any run (also ::); a pattern may be
+ * written match("glob"). Backtracks to the last star only: O(pn * sn) at worst. */
+static int glob_match(const char *p, size_t pn, const char *s, size_t sn)
+{
+    if (pn >= 9 && !memcmp(p, "match(\"", 7) && !memcmp(p + pn - 2, "\")", 2)) p += 7, pn -= 9;
+    size_t i = 0, j = 0, star = SIZE_MAX, mark = 0;
+    while (j < sn) {
+        if (i < pn && p[i] == '*') star = i++, mark = j;
+        else if (i < pn && p[i] == s[j]) i++, j++;
+        else if (star != SIZE_MAX) i = star + 1, j = ++mark;
+        else return 0;
+    }
+    while (i < pn && p[i] == '*') i++;
+    return i == pn;
+}
+
+/* 1 if some string element of array token a of d matches id[0..il) (glob). */
+static int sess_list_match(const struct jdoc *d, int a, const char *id, size_t il)
+{
+    if (JTYPE(d, a) != J_ARRAY) return 0;
+    for (uint32_t i = 0, e = (uint32_t)a + 1; i < d->t[a].n; i++, e = d->t[e].next) {
+        struct buf sc = {0};
+        const char *p;
+        size_t pn;
+        int m = jstr(d, (int)e, &sc, &p, &pn) == 0 && glob_match(p, pn, id, il);
+        buf_free(&sc);
+        if (m) return 1;
+    }
+    return 0;
+}
+
+/* The grants token of namespace ns[0..nl) in session s, or -1. */
+static int sess_ns(const struct session *s, const char *ns, size_t nl)
+{
+    if (JTYPE(&s->d, s->ns) != J_OBJECT) return -1;
+    char k[256];
+    if (nl >= sizeof k) return -1;
+    memcpy(k, ns, nl), k[nl] = 0;
+    return json_get_n(&s->d, s->ns, k, nl);
+}
+
+/* 1 if rbac.expose_functions has a filter that admits f (id in ns): "glob" / match("glob")
+ * for default, {match, namespace?}, or {metadata: {k: value|match("glob")}, namespace?}. */
+static int auth_exposed(const char *id, size_t il, const char *ns, size_t nl, const struct func *f)
+{
+    const struct jdoc *d = &AUTH->rbac;
+    int a = AUTH->expose;
+    if (JTYPE(d, a) != J_ARRAY) return 0;
+    for (uint32_t i = 0, e = (uint32_t)a + 1; i < d->t[a].n; i++, e = d->t[e].next) {
+        int fe = (int)e, fns = -1, m, md;
+        if (JTYPE(d, fe) == J_STRING) {
+            struct buf sc = {0};
+            const char *p;
+            size_t pn;
+            int ok = jstr(d, fe, &sc, &p, &pn) == 0 && nl == 7 && !memcmp(ns, "default", 7) &&
+                     glob_match(p, pn, id, il);
+            buf_free(&sc);
+            if (ok) return 1;
+            continue;
+        }
+        if (JTYPE(d, fe) != J_OBJECT) continue;
+        fns = json_get(d, fe, "namespace"), m = json_get(d, fe, "match");
+        md = json_get(d, fe, "metadata");
+        if (JABSENT(d, fns) ? !(nl == 7 && !memcmp(ns, "default", 7))
+                            : !(JTYPE(d, fns) == J_STRING && JLEN(d, fns) - 2 == nl &&
+                                !memcmp(JRAW(d, fns) + 1, ns, nl)))
+            continue;
+        if (JTYPE(d, m) == J_STRING) {
+            struct buf sc = {0};
+            const char *p;
+            size_t pn;
+            int ok = jstr(d, m, &sc, &p, &pn) == 0 && glob_match(p, pn, id, il);
+            buf_free(&sc);
+            if (ok) return 1;
+        } else if (JTYPE(d, md) == J_OBJECT && f && f->meta_raw && !d->t[md].opaque) {
+            /* every key of the filter must be in the function's metadata, equal or matching */
+            struct jdoc fm = {0};
+            fm.max = 4096;
+            int all = json_parse(&fm, (unsigned char *)f->meta_raw, strlen(f->meta_raw), 2, 0) == 0 &&
+                      fm.t[0].type == J_OBJECT;
+            for (uint32_t q = 0, k = (uint32_t)md + 1; all && q < d->t[md].n; q++, k = d->t[k + 1].next) {
+                struct buf ks = {0};
+                const char *kp;
+                size_t kn;
+                int fv = jstr(d, (int)k, &ks, &kp, &kn) == 0 ? json_get_n(&fm, 0, kp, kn) : -1;
+                int want = (int)k + 1;
+                buf_free(&ks);
+                if (fv < 0) all = 0;
+                else if (JTYPE(d, want) == J_STRING && JTYPE(&fm, fv) == J_STRING) {
+                    struct buf a1 = {0}, a2 = {0};
+                    const char *p1, *p2;
+                    size_t n1, n2;
+                    all = jstr(d, want, &a1, &p1, &n1) == 0 && jstr(&fm, fv, &a2, &p2, &n2) == 0 &&
+                          glob_match(p1, n1, p2, n2);
+                    buf_free(&a1), buf_free(&a2);
+                } else {
+                    all = JLEN(d, want) == JLEN(&fm, fv) &&
+                          !memcmp(JRAW(d, want), JRAW(&fm, fv), JLEN(d, want));
+                }
+            }
+            xfree(fm.t);
+            if (all) return 1;
+        }
+    }
+    return 0;
+}
+
+/* The infrastructure functions every session may call (§3.9 step 4). */
+static int auth_infra(const char *id, size_t il)
+{
+    static const char *const infra[] = {"engine::channels::create", "engine::workers::register",
+                                        "engine::log::*", "engine::baggage::*", NULL};
+    for (const char *const *q = infra; *q; q++)
+        if (glob_match(*q, strlen(*q), id, il)) return 1;
+    return 0;
+}
+
+/* The §3.9 decision for session s invoking id in ns (f: the function when it exists, for
+ * metadata filters). 1 allow; 0 deny, with *forbidden set when it was explicitly forbidden. */
+static int sess_allows(const struct session *s, const char *id, size_t il, const char *ns,
+                       size_t nl, const struct func *f, int *forbidden)
+{
+    int rbac = AUTH && AUTH->rbac_json;
+    if (forbidden) *forbidden = 0;
+    if (!s || s->full) return 1;
+    if (sess_list_match(&s->d, s->forbidden, id, il) ||
+        (rbac && sess_list_match(&AUTH->rbac, AUTH->rforbid, id, il))) {
+        if (forbidden) *forbidden = 1;
+        return 0;
+    }
+    int g = sess_ns(s, ns, nl);
+    if (g >= 0 && sess_list_match(&s->d, g, id, il)) return 1;
+    if (nl == 7 && !memcmp(ns, "default", 7) && sess_list_match(&s->d, s->allowed, id, il)) return 1;
+    if (auth_infra(id, il)) return 1;
+    if (rbac) return auth_exposed(id, il, ns, nl, f);
+    return !s->restricted;
+}
+
+/* 1 if session s may see function f in listings and events (it may call it). */
+static int sess_sees_fn(const struct session *s, const struct func *f)
+{
+    return !s || s->full || sess_allows(s, f->id, strlen(f->id), f->ns, strlen(f->ns), f, NULL);
+}
+
+/* 1 if session s may see worker w: unrestricted, or w is in one of s's namespaces, or w owns a
+ * function s may call. */
+static int sess_sees_worker(const struct session *s, const struct conn *w)
+{
+    if (!s || s->full || !s->restricted) return 1;
+    if (w->ns && sess_ns(s, w->ns, strlen(w->ns)) >= 0) return 1;
+    for (const struct func *f = w->funcs; f; f = f->cnext)
+        if (sess_sees_fn(s, f)) return 1;
+    return 0;
+}
+
+/* 1 if session s may see trigger type tt: unrestricted, or tt is in one of its namespaces. */
+static int sess_sees_tt(const struct session *s, const struct ttype *tt)
+{
+    return !s || s->full || !s->restricted || sess_ns(s, tt->ns, strlen(tt->ns)) >= 0;
+}
+
+/* 1 if session s may see binding t (its config included): it may call the bound function. */
+static int sess_sees_trig(const struct session *s, const struct trig *t)
+{
+    if (!s || s->full) return 1;
+    struct func *f = func_find_c(t->ns, t->fid);
+    return sess_allows(s, t->fid, strlen(t->fid), t->ns, strlen(t->ns), f, NULL);
+}
+
+/* Constant-time equality of a[0..an) and b[0..bn): the time depends on the lengths only. */
+static int ct_eq(const char *a, size_t an, const char *b, size_t bn)
+{
+    unsigned char x = an != bn;
+    for (size_t i = 0; i < an; i++) x |= (unsigned char)(a[i] ^ b[i < bn ? i : 0]);
+    return !x && an == bn;
+}
+
+/* The session of token tok[0..n): every configured token is compared (none is skipped on an
+ * early match), so the time says nothing of which one, if any, matched. A new reference. */
+static struct session *auth_token(const char *tok, size_t n)
+{
+    struct session *hit = NULL;
+    if (!AUTH || !n) return NULL;
+    for (size_t i = 0; i < AUTH->ntok; i++)
+        if (ct_eq(tok, n, AUTH->tok[i], AUTH->tok_len[i]) && !hit) hit = AUTH->tok_sess[i];
+    if (!hit && worker_token[0] && ct_eq(tok, n, worker_token, strlen(worker_token)))
+        hit = AUTH->tok_sess[AUTH->ntok]; /* the declared workers' token: full access */
+    return sess_ref(hit);
+}
+
+static void auth_free(struct auth *a)
+{
+    if (!a) return;
+    for (size_t i = 0; a->tok_sess && i <= a->ntok; i++) sess_unref(a->tok_sess[i]);
+    for (size_t i = 0; a->tok && i < a->ntok; i++) xfree(a->tok[i]);
+    sess_unref(a->anon);
+    xfree(a->tok), xfree(a->tok_len), xfree(a->tok_sess), xfree(a->auth_fn);
+    xfree(a->rbac_json), xfree(a->rbac.t), xfree(a->middleware);
+    xfree(a);
+}
+
+/* Builds AUTH from the listener config l (start-up and reload; the config was validated).
+ * Sessions of connections already open are kept (they hold references). -1 on OOM. */
+static int auth_load(const struct cfg_listener *l)
+{
+    if (!l->n_tokens && !l->rbac_json && !l->middleware) {
+        auth_free(AUTH), AUTH = NULL;
+        return 0;
+    }
+    struct auth *a = xcalloc(sizeof *a);
+    char why[200];
+    if (!a) return -1;
+    a->ntok = l->n_tokens;
+    a->tok = xcalloc((a->ntok + 1) * sizeof *a->tok);
+    a->tok_len = xcalloc((a->ntok + 1) * sizeof *a->tok_len);
+    a->tok_sess = xcalloc((a->ntok + 1) * sizeof *a->tok_sess);
+    if (!a->tok || !a->tok_len || !a->tok_sess) goto oom;
+    /* the last slot: the full-access session of plain tokens and of the workers' token */
+    const char full[] = "{}";
+    if (!(a->tok_sess[a->ntok] = sess_new(full, 2, 0, why, sizeof why))) goto oom;
+    a->tok_sess[a->ntok]->full = 1;
+    for (size_t i = 0; i < a->ntok; i++) {
+        const char *j = l->auth_tokens[i];
+        struct jdoc d = {0};
+        d.max = 16;
+        if (j[0] == '"') { /* a plain token: full access */
+            if (json_parse(&d, (unsigned char *)j, strlen(j), 1, 1) < 0 ||
+                !(a->tok[i] = json_strdup(&d, 0, &a->tok_len[i])))
+                goto oom_d;
+            a->tok_sess[i] = sess_ref(a->tok_sess[a->ntok]);
+        } else {
+            if (!(a->tok_sess[i] = sess_new(j, strlen(j), 1, why, sizeof why))) goto oom_d;
+            const struct jdoc *sd = &a->tok_sess[i]->d;
+            if (!(a->tok[i] = json_strdup(sd, json_get(sd, 0, "token"), &a->tok_len[i]))) goto oom_d;
+        }
+        xfree(d.t);
+        continue;
+    oom_d:
+        xfree(d.t);
+        goto oom;
+    }
+    if (l->rbac_json) {
+        if (!(a->rbac_json = xstrdup(l->rbac_json))) goto oom;
+        a->rbac.max = 4096;
+        if (json_parse(&a->rbac, (unsigned char *)a->rbac_json, strlen(a->rbac_json), 4, 1) < 0)
+            goto oom;
+        a->expose = json_get(&a->rbac, 0, "expose_functions");
+        a->rforbid = json_get(&a->rbac, 0, "forbidden_functions");
+        int af = json_get(&a->rbac, 0, "auth_function_id");
+        if (JTYPE(&a->rbac, af) == J_STRING && !(a->auth_fn = json_strdup(&a->rbac, af, NULL)))
+            goto oom;
+    } else {
+        a->expose = a->rforbid = -1;
+    }
+    if (l->middleware && !(a->middleware = xstrdup(l->middleware))) goto oom;
+    a->on = a->ntok || a->auth_fn;
+    if (a->rbac_json && !(a->anon = sess_new(full, 2, 0, why, sizeof why))) goto oom;
+    a->metrics_public = l->metrics_public;
+    auth_free(AUTH);
+    AUTH = a;
+    return 0;
+oom:
+    auth_free(a);
+    return -1;
+}
+
 /* ==== Router ================================================================================
  * invokefunction → resolve (namespace, id) strictly → builtin: run inline; worker: record the
  * call on both connections and append one invokefunction frame to the target. A call record
@@ -5239,8 +6005,8 @@ static void inv_unlink(struct inv *v)
 static void inv_free(struct inv *v)
 {
     if (v->fst) fstat_end(v->fst, v->t0_us, 1); /* ended without a result: stopped */
-    if (v->kind == INV_ACK) {
-        S.n_acks--;
+    if (v->kind == INV_ACK || v->kind == INV_AUTH) { /* both wait on the timed list */
+        if (v->kind == INV_ACK) S.n_acks--;
         if (v->aprev) v->aprev->anext = v->anext;
         else S.acks = v->anext;
         if (v->anext) v->anext->aprev = v->aprev;
@@ -5409,22 +6175,6 @@ static int rt_send_invoke(struct conn *t, const char *id, const char *fid, size_
     return conn_frame_end(t, at);
 }
 
-/* Points *s and *n at string token ti's decoded text: the raw bytes when there is no escape, else
- * a decoded copy in scratch (caller frees scratch). -1 if not a string or OOM. */
-static int jstr(const struct jdoc *d, int ti, struct buf *scratch, const char **s, size_t *n)
-{
-    if (JTYPE(d, ti) != J_STRING) return -1;
-    if (!d->t[ti].esc) {
-        *s = (const char *)JRAW(d, ti) + 1;
-        *n = JLEN(d, ti) - 2;
-        return 0;
-    }
-    buf_reset(scratch);
-    if (json_unescape(d, ti, scratch) < 0 || !buf_cstr(scratch)) return -1;
-    *s = (const char *)buf_data(scratch);
-    *n = buf_used(scratch);
-    return 0;
-}
 
 /* Tokenizes the raw value of token ti on its own (for small nested objects such as `action`)
  * into fixed storage: no allocation. -1 if it does not fit or is not valid. */
@@ -5451,6 +6201,8 @@ static void rt_run_builtin(struct func *f, struct conn *caller, const unsigned c
 
 static struct ttype *trig_provider(const struct trig *t);
 static void ack_settle(struct inv *v, const struct jdoc *d, int errbody);
+static void auth_answer(struct inv *v, const struct jdoc *d, int res, int err);
+static void auth_refuse(struct conn *c, const char *msg);
 static int rt_busy(const struct conn *c, const struct conn *t, int reply, char *msg, size_t cap);
 
 /* The error a caller gets when the target disconnects mid-call (§7; exact text, DECISIONS.md). */
@@ -5757,6 +6509,86 @@ static void rt_invoke_worker(struct conn *c, struct func *f, const struct jdoc *
                    JABSENT(d, meta) ? NULL : JRAW(d, meta), JABSENT(d, meta) ? 0 : JLEN(d, meta));
 }
 
+/* §3.9: the FORBIDDEN answer, with the caller's trace context, under the caller's id or a
+ * minted one for a void call. forbidden: the id was explicitly forbidden (the message says
+ * which rbac list to edit). */
+static void rt_forbidden(struct conn *c, const struct jdoc *d, int iid, int fidt, int tp, int bg,
+                         const char *fid, size_t fl, int forbidden)
+{
+    char mint[37], ctxs[512], *ctx = ctxs;
+    size_t cl = rt_ctx_len(d, tp, bg);
+    if (cl > sizeof ctxs) cl = 0; /* an oversized context is not echoed on a refusal */
+    else cl = rt_ctx_write(ctx, d, tp, bg);
+    const char *cid = mint;
+    if (JTYPE(d, iid) == J_STRING && JLEN(d, iid) == 38) cid = (const char *)JRAW(d, iid) + 1;
+    else uuid_new(mint);
+    S.n_inv_errors++;
+    LOG_LIMITED(c, LOG_WARN, "worker %s: call to %.*s forbidden by its session", c->wid,
+                (int)(fl > 200 ? 200 : fl), fid);
+    rt_reply_err(c, d, fidt, cid, ctx, cl, "FORBIDDEN", "function '%.*s' not allowed (%s)",
+                 (int)(fl > 600 ? 600 : fl), fid,
+                 forbidden ? "remove from rbac.forbidden_functions" : "add to rbac.expose_functions");
+}
+
+/* §3.9: a call routed to the middleware function mw instead of its target: the middleware gets
+ * {function_id, payload, action, context, namespace}, and its result or error is the reply to
+ * the caller, under the caller's id and function_id. */
+static void rt_invoke_mw(struct conn *c, struct func *mw, const struct jdoc *d, int fidt, int data,
+                         int act, const char *ns, size_t nl, const char *cid, const char *ctx,
+                         size_t cl)
+{
+    struct conn *t = mw->owner;
+    char mint[37], why[256];
+    if (rt_busy(c, t, cid != NULL, why, sizeof why)) {
+        S.n_busy++;
+        if (cid) rt_reply_err(c, d, fidt, cid, ctx, cl, "BUSY", "%s", why);
+        return;
+    }
+    if (!cid) uuid_new(mint);
+    if (!conn_open(t) || (cid && inv_find(cid))) {
+        if (cid) rt_reply_err(c, d, fidt, cid, ctx, cl, "invocation_error",
+                              "the middleware is unavailable or the id is in flight");
+        return;
+    }
+    struct buf in = {0}, q = {0};
+    buf_puts(&in, "{\"function_id\":");
+    json_put_raw(&in, d, fidt);
+    buf_puts(&in, ",\"payload\":");
+    json_put_raw(&in, d, data);
+    buf_puts(&in, ",\"action\":");
+    if (JABSENT(d, act)) buf_puts(&in, "null");
+    else json_put_raw(&in, d, act);
+    buf_puts(&in, ",\"context\":");
+    const struct session *s = c->sess;
+    if (s && !JABSENT(&s->d, s->ctx)) json_put_raw(&in, &s->d, s->ctx);
+    else buf_puts(&in, "null");
+    buf_puts(&in, ",\"namespace\":");
+    json_put_str(&in, ns, nl);
+    buf_putc(&in, '}');
+    json_put_cstr(&q, mw->id);
+    struct inv *v = buf_check(&in) | buf_check(&q) ? NULL : inv_new(cid ? cid : mint, cid ? INV_CALL : INV_VOID);
+    if (!v) {
+        conn_oom(c);
+    } else {
+        if (cid) {
+            v->fid = inv_store(v->fid_small, sizeof v->fid_small, JRAW(d, fidt), JLEN(d, fidt));
+            v->fid_len = JLEN(d, fidt);
+            v->ctx = inv_store(v->ctx_small, sizeof v->ctx_small, (const unsigned char *)ctx, cl);
+            v->ctx_len = cl;
+        }
+        if (cid && (!v->fid || !v->ctx)) {
+            inv_free(v);
+            conn_oom(c);
+        } else {
+            inv_link(v, cid ? c : NULL, t);
+            v->fst = mw->fst, v->t0_us = fstat_begin(mw->fst);
+            rt_send_invoke(t, v->id, (char *)buf_data(&q), buf_used(&q), buf_data(&in), buf_used(&in),
+                           c->wid, 0, ctx, cl, NULL, 0);
+        }
+    }
+    buf_free(&in), buf_free(&q);
+}
+
 /* Handles an invokefunction frame from worker c (§3). Malformed frames are dropped silently. */
 static void rt_invoke(struct conn *c, const struct jdoc *d)
 {
@@ -5815,6 +6647,15 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
             goto done;
         }
     }
+    /* §3.9: a session that may not call fid in ns is answered FORBIDDEN, even for a void call
+     * (under a minted id), before anything is routed or enqueued */
+    if (c->sess && !c->sess->full) {
+        int forb;
+        if (!sess_allows(c->sess, fid, fl, ns, nl, func_find(ns, nl, fid, fl), &forb)) {
+            rt_forbidden(c, d, iid, fidt, tp, bg, fid, fl, forb);
+            goto done;
+        }
+    }
     /* §3.4: an enqueue never resolves its target: it goes to engine::queue::enqueue in default */
     if (is_enq) {
         char *nsz = xstrndup(ns, nl);
@@ -5833,10 +6674,15 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
     }
     cl = rt_ctx_write(ctx, d, tp, bg);
     const char *cid = reply ? (const char *)JRAW(d, iid) + 1 : NULL;
+    /* §3.9 middleware: every call but to the engine's own engine::* builtins goes to the
+     * middleware function instead (its own worker's calls excepted: it must reach the real one) */
+    struct func *mw = AUTH && AUTH->middleware ? func_find_c(NS_DEFAULT, AUTH->middleware) : NULL;
     /* §3.1: strict resolution in exactly ns; the miss names the namespaces that do have the id */
     struct func *f = func_find(ns, nl, fid, fl);
     char why[256];
-    if (!f) {
+    if (mw && mw->owner && mw->owner != c && !(f && !f->owner)) {
+        rt_invoke_mw(c, mw, d, fidt, data, act, ns, nl, cid, ctx, cl);
+    } else if (!f) {
         S.n_inv_errors++;
         if (reply) {
             char hint[512];
@@ -5908,6 +6754,8 @@ static void rt_result(struct conn *c, const struct jdoc *d)
                            buf_used(&out), NULL, 0, "", 0);
         }
         buf_free(&out);
+    } else if (v->kind == INV_AUTH) {
+        auth_answer(v, d, res, err);
     } else if (has_err && v->kind == INV_FIRE) {
         LOG(LOG_DEBUG, "trigger fire %s failed: %.*s", v->id, (int)JLEN(d, err), JRAW(d, err));
     }
@@ -6101,6 +6949,7 @@ static void trig_destroy(struct trig *t)
 {
     xfree(t->id), xfree(t->type), xfree(t->fid), xfree(t->config_raw), xfree(t->meta_raw);
     xfree(t->ns), xfree(t->trigger_ns), xfree(t->home_ns), xfree(t->provider_ns);
+    sess_unref(t->sess);
     xfree(t);
 }
 
@@ -6192,7 +7041,7 @@ static struct trig *trig_register(struct conn *owner, struct conn *acct, const c
             trig_send_unregister(oldp->provider, old);
         trig_free(old);
     }
-    if (acct) trig_acct(t, acct);
+    if (acct) trig_acct(t, acct), t->sess = sess_ref(acct->sess);
     /* no provider yet: the binding stays parked (§4.4) until one registers the type */
     if (tt) trig_deliver(t, tt);
     else if (acct)
@@ -6280,23 +7129,43 @@ static void tt_remove(struct ttype *tt)
  * only queues frames (a target that overflows is marked dead, not freed) or runs a builtin
  * with the event as its input, which no binding-changing builtin accepts (they need an id or a
  * trigger_type), so the chain does not change under the walk. */
-static void trig_fire(const char *type, const unsigned char *data, size_t dl)
+static void trig_fire(const char *type, const unsigned char *data, size_t dl,
+                      const struct conn *about)
 {
     struct tgroup *g = tg_find(&S.tgroups, type, strlen(type));
     size_t n = g ? g->n : 0, i = 0;
     for (struct trig *t = g ? g->head : NULL; t && i < n; t = t->type_next, i++)
-        if (t->live) rt_call_internal(t->ns, t->fid, data, dl, t->meta_raw);
+        /* a worker event reaches a restricted session only about a worker it may see */
+        if (t->live && (!about || sess_sees_worker(t->sess, about)))
+            rt_call_internal(t->ns, t->fid, data, dl, t->meta_raw);
 }
 
-/* Fires engine::workers-available (§6.1) with {"event":event,"worker_id":wid}. */
-static void ev_worker(const char *event, const char *wid)
+/* Fires engine::workers-available (§6.1) with {"event":event,"worker_id":w's id}. */
+static void ev_worker(const char *event, const struct conn *w)
 {
     char data[128];
-    int n = snprintf(data, sizeof data, "{\"event\":\"%s\",\"worker_id\":\"%s\"}", event, wid);
-    trig_fire(TT_WORKERS, (unsigned char *)data, (size_t)n);
+    int n = snprintf(data, sizeof data, "{\"event\":\"%s\",\"worker_id\":\"%s\"}", event, w->wid);
+    trig_fire(TT_WORKERS, (unsigned char *)data, (size_t)n, w);
 }
 
 static int fn_summary(struct buf *b, const struct func *f);
+
+/* The functions_changed payload as session s sees it (NULL: all functions). */
+static void ev_functions_build(struct buf *b, const struct session *s)
+{
+    size_t n = 0, k = 0;
+    struct hnode **v = hm_list(&S.funcs, &n);
+    buf_puts(b, "{\"event\":\"functions_changed\",\"functions\":[");
+    for (size_t i = 0; v && i < n; i++) {
+        if (!sess_sees_fn(s, (struct func *)v[i])) continue;
+        if (k++) buf_putc(b, ',');
+        fn_summary(b, (struct func *)v[i]);
+    }
+    buf_puts(b, "]}");
+    if (!v) b->err = BUF_ENOMEM;
+    xfree(v);
+}
+
 
 /* 1 if some live binding of trigger type `type` exists (somebody listens). */
 static int trig_listened(const char *type)
@@ -6322,22 +7191,118 @@ static void ev_functions_tick(int64_t now, int64_t *next)
     /* nobody listens: skip building the list (the fingerprint is already marked as sent) */
     if (!trig_listened(TT_FUNCTIONS)) return;
     struct buf b = {0};
-    size_t n = 0;
-    struct hnode **v = hm_list(&S.funcs, &n);
-    buf_puts(&b, "{\"event\":\"functions_changed\",\"functions\":[");
-    for (size_t i = 0; v && i < n; i++) {
-        if (i) buf_putc(&b, ',');
-        fn_summary(&b, (struct func *)v[i]);
-    }
-    buf_puts(&b, "]}");
-    xfree(v);
-    if (!v || buf_check(&b)) {
+    ev_functions_build(&b, NULL);
+    if (buf_check(&b)) {
         LOG(LOG_WARN, "functions-available: out of memory building the event; skipped");
     } else {
-        trig_fire(TT_FUNCTIONS, buf_data(&b), buf_used(&b));
+        /* a subscriber under a restricted session gets the list as its session sees it */
+        struct tgroup *g = tg_find(&S.tgroups, TT_FUNCTIONS, sizeof TT_FUNCTIONS - 1);
+        size_t gn = g ? g->n : 0, i = 0;
+        for (struct trig *t = g ? g->head : NULL; t && i < gn; t = t->type_next, i++) {
+            if (!t->live) continue;
+            if (!t->sess || t->sess->full || !t->sess->restricted) {
+                rt_call_internal(t->ns, t->fid, buf_data(&b), buf_used(&b), t->meta_raw);
+                continue;
+            }
+            struct buf fb = {0};
+            ev_functions_build(&fb, t->sess);
+            if (!buf_check(&fb)) rt_call_internal(t->ns, t->fid, buf_data(&fb), buf_used(&fb), t->meta_raw);
+            buf_free(&fb);
+        }
         S.fn_event_at = now + (int64_t)(buf_used(&b) / (III_DISCOVERY_BYTES_PER_S / 1000));
     }
     buf_free(&b);
+}
+
+/* ---- authentication of a new connection by the auth function (§1.2 step 1, §3.9) ---- */
+/* Admits c with session s (a reference c takes over): it becomes a worker now (workerregistered
+ * and so on), and what it sent while it waited is processed on the next turn. */
+static void auth_admit(struct conn *c, struct session *s)
+{
+    c->sess = s;
+    c->auth_wait = 0;
+    worker_on_open(c);
+    if (buf_used(&c->in) && conn_open(c)) c->rsnext = S.resume, S.resume = c;
+}
+
+/* Refuses c after its upgrade: one error frame, then a Close (§1.2 step 1). */
+static void auth_refuse(struct conn *c, const char *msg)
+{
+    struct buf b = {0};
+    buf_puts(&b, "{\"type\":\"error\",\"error\":{\"code\":\"AUTH_ERROR\",\"message\":");
+    json_put_cstr(&b, msg);
+    buf_puts(&b, "}}");
+    c->auth_wait = 0;
+    LOG_LIMITED(c, LOG_WARN, "connection from %s refused: AUTH_ERROR: %s", c->ip, msg);
+    if (!buf_check(&b)) conn_frame(c, WS_TEXT, buf_data(&b), buf_used(&b));
+    buf_free(&b);
+    conn_close(c, 1008, "AUTH_ERROR");
+}
+
+/* Calls the auth function for c with {headers, query_params, ip_address} (JSON members in
+ * hq: "\"headers\":{..},\"query_params\":{..}"). The answer (rt_result) admits or refuses
+ * c; no answer within III_AUTH_TIMEOUT_MS refuses it. */
+static void auth_begin(struct conn *c, const struct buf *hq)
+{
+    struct func *f = func_find_c(NS_DEFAULT, AUTH->auth_fn);
+    if (!f || !f->owner || !conn_open(f->owner)) {
+        auth_refuse(c, "the auth function is not available");
+        return;
+    }
+    char id[37];
+    uuid_new(id);
+    struct inv *v = inv_new(id, INV_AUTH);
+    struct buf in = {0}, q = {0};
+    if (!v) {
+        conn_oom(c);
+        return;
+    }
+    v->anext = S.acks, v->aprev = NULL; /* the timed list: ack_timeouts gives up on it */
+    if (S.acks) S.acks->aprev = v;
+    S.acks = v;
+    v->deadline = now_ms() + III_AUTH_TIMEOUT_MS;
+    timer_touch(v->deadline);
+    inv_link(v, c, f->owner);
+    c->auth_wait = 1;
+    buf_putc(&in, '{');
+    buf_append(&in, buf_data(hq), buf_used(hq));
+    buf_puts(&in, ",\"ip_address\":");
+    json_put_cstr(&in, c->ip);
+    buf_putc(&in, '}');
+    json_put_cstr(&q, AUTH->auth_fn);
+    if (buf_check(&in) | buf_check(&q)) auth_refuse(c, "out of memory");
+    else
+        rt_send_invoke(f->owner, v->id, (char *)buf_data(&q), buf_used(&q), buf_data(&in),
+                       buf_used(&in), NULL, 0, "", 0, NULL, 0);
+    buf_free(&in), buf_free(&q);
+}
+
+/* The auth function answered call v (d: its invocationresult): its result object is the
+ * session; an error, an empty result or a wrong shape refuses the connection (AUTH_ERROR). */
+static void auth_answer(struct inv *v, const struct jdoc *d, int res, int err)
+{
+    struct conn *c = v->caller;
+    char why[200];
+    if (!c || !c->auth_wait) return;
+    if (!JABSENT(d, err)) {
+        struct jdoc ed;
+        struct jtok et[16];
+        struct buf sc = {0};
+        const char *m = "the auth function failed";
+        size_t ml = strlen(m);
+        if (json_sub(d, err, &ed, et, 16) == 0) jstr(&ed, json_get(&ed, 0, "message"), &sc, &m, &ml);
+        snprintf(why, sizeof why, "%.*s", (int)ml, m);
+        buf_free(&sc);
+        auth_refuse(c, why);
+        return;
+    }
+    if (JTYPE(d, res) != J_OBJECT || JLEN(d, res) <= 2) {
+        auth_refuse(c, "the auth function returned no session");
+        return;
+    }
+    struct session *s = sess_new((const char *)JRAW(d, res), JLEN(d, res), 0, why, sizeof why);
+    if (!s) auth_refuse(c, why);
+    else auth_admit(c, s);
 }
 
 /* ==== Worker protocol =======================================================================
@@ -6417,7 +7382,7 @@ static void reg_function(struct conn *c, const struct jdoc *d)
 {
     size_t il;
     const char *id;
-    struct buf sc = {0};
+    struct buf sc = {0}, pre = {0};
     if (jstr(d, json_get(d, 0, "id"), &sc, &id, &il) < 0 || !il) goto done;
     /* §2.1 step 6: an HTTP-invoked function needs the http_functions module, which this engine
      * does not have: logged, no reply */
@@ -6428,6 +7393,25 @@ static void reg_function(struct conn *c, const struct jdoc *d)
         goto done;
     }
     const char *FNC = "FUNCTION_NAMESPACE_CONFLICT"; /* non-fatal for the SDKs (§5.10) */
+    /* §2.1 step 1: a session may not register at all (dropped silently), or only under its
+     * prefix: "x" becomes "<prefix>::x" (in pre, declared with sc: every goto done frees it) */
+    const struct session *s = c->sess;
+    if (s && !s->full && !s->fn_reg) {
+        LOG_LIMITED(c, LOG_DEBUG, "worker %s: registerfunction dropped: not allowed by its session",
+                    c->wid);
+        goto done;
+    }
+    if (s && !s->full && JTYPE(&s->d, s->prefix) == J_STRING) {
+        struct buf ps = {0};
+        const char *pp;
+        size_t pl;
+        if (jstr(&s->d, s->prefix, &ps, &pp, &pl) == 0) buf_append(&pre, pp, pl);
+        buf_puts(&pre, "::");
+        buf_append(&pre, id, il);
+        buf_free(&ps);
+        if (buf_check(&pre)) goto done;
+        id = (const char *)buf_data(&pre), il = buf_used(&pre);
+    }
     /* ids are routing keys: no control characters (a NUL made "x\u0000" list as "x"), bounded */
     if (!id_ok(id, il)) {
         worker_rejected(c, FNC, c->ns, NULL, id, il, "",
@@ -6482,7 +7466,7 @@ static void reg_function(struct conn *c, const struct jdoc *d)
         xfree(md.t);
     }
 done:
-    buf_free(&sc);
+    buf_free(&sc), buf_free(&pre);
 }
 
 /* Sends triggerregistrationresult with an error to c. */
@@ -6533,6 +7517,10 @@ static void reg_apply(struct conn *c, const struct jdoc *d)
                         "worker %s: registertriggertype refused: ids and namespaces are 1 to "
                         "%d bytes with no control characters",
                         c->wid, III_MAX_ID);
+        } else if (c->sess && !c->sess->full && !c->sess->tt_reg) {
+            /* §2.4: a session without allow_trigger_type_registration: dropped silently */
+            LOG_LIMITED(c, LOG_DEBUG, "worker %s: registertriggertype %s dropped by its session",
+                        c->wid, id);
         } else if (!strncmp(id, "engine::", 8)) {
             /* the engine's own trigger types (the discovery events) belong to it, like engine::
              * function ids (§2.1 step 3): a worker cannot take their bindings or delete them */
@@ -6603,6 +7591,8 @@ static void reg_apply(struct conn *c, const struct jdoc *d)
         /* §2.5: by id only, with no ownership check: any connection may remove any binding */
         char *id = json_strdup(d, json_get(d, 0, "id"), &n);
         struct trig *t = id ? trig_find(id, n) : NULL;
+        /* a session that is not full access removes only its own bindings */
+        if (t && c->sess && !c->sess->full && t->owner != c && t->acct != c) t = NULL;
         if (t) trig_remove(t);
         xfree(id);
     }
@@ -6733,7 +7723,7 @@ static void worker_on_open(struct conn *c)
                  c->wid, c->token);
     conn_frame(c, WS_TEXT, m, (size_t)n);
     LOG(LOG_INFO, "worker %s connected from %s", c->wid, c->ip);
-    ev_worker("worker_connected", c->wid);
+    ev_worker("worker_connected", c);
 }
 
 /* reattach (§1.7): with the right token the previous connection is retired now, inline, so
@@ -7039,7 +8029,10 @@ static void ack_timeouts(int64_t now, int64_t *next)
 {
     for (struct inv *x = S.acks, *nx; x; x = nx) {
         nx = x->anext;
-        if (x->deadline <= now) ack_settle(x, NULL, -1);
+        if (x->deadline <= now && x->kind == INV_AUTH) {
+            if (x->caller) auth_refuse(x->caller, "the auth function did not answer in time");
+            inv_free(x);
+        } else if (x->deadline <= now) ack_settle(x, NULL, -1);
         else if (x->deadline < *next) *next = x->deadline;
     }
 }
@@ -7049,6 +8042,10 @@ static void worker_teardown(struct conn *c)
 {
     if (c->torn || c->kind != CK_WORKER) return;
     c->torn = 1;
+    if (!c->wid[0]) { /* refused or gone while the auth function decided: never a worker */
+        for (struct inv *v = c->calls_out, *nx; v; v = nx) nx = v->cnext, inv_free(v);
+        return;
+    }
     c->ns_state = NS_ABORTED;
     size_t nf = c->n_funcs;
     /* 2-3: release the functions it still owns (every walk below saves its next link first:
@@ -7061,6 +8058,7 @@ static void worker_teardown(struct conn *c)
             ack_settle(v, NULL, -1); /* a closed provider channel is accepted (§5.11) */
             continue;
         }
+        if (v->kind == INV_AUTH && v->caller) auth_refuse(v->caller, "the auth function went away");
         if (v->caller && (v->kind == INV_CALL || v->kind == INV_ENQUEUE)) {
             if (v->kind == INV_CALL)
                 rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len, NULL, 0,
@@ -7094,7 +8092,7 @@ static void worker_teardown(struct conn *c)
         c->wid, c->name ? c->name : "-", c->runtime ? c->runtime : "-", c->ns ? c->ns : "-", nf,
         c->why ? c->why : "engine shutting down");
     /* 11 */
-    ev_worker("worker_disconnected", c->wid);
+    ev_worker("worker_disconnected", c);
 }
 
 /* ==== Engine functions ======================================================================
@@ -7296,7 +8294,7 @@ static int names_cmp(const void *x, const void *y)
  * A non-string filter is a deserialization_error. */
 static void bi_functions_list(BI_ARGS)
 {
-    (void)caller;
+    const struct session *sess = caller ? caller->sess : NULL;
     char *prefix = NULL, *worker = NULL, **names = NULL;
     struct isearch *q = NULL;
     size_t nn = 0, pl = 0;
@@ -7326,6 +8324,7 @@ static void bi_functions_list(BI_ARGS)
             struct func *f = (struct func *)e;
             char tmp[128];
             if (!incl && fn_hidden(f)) continue;
+            if (!sess_sees_fn(sess, f)) continue; /* a session sees what it may call */
             if (prefix && (f->klen - (size_t)(f->id - f->ns) < pl || memcmp(f->id, prefix, pl)))
                 continue;
             const char *wn = fn_wname(f, tmp, sizeof tmp);
@@ -7433,7 +8432,6 @@ static struct func *fn_info_resolve(const char *id, const char *ns, struct buf *
  * error reply). namespace, when given, is strict. */
 static void bi_functions_info(BI_ARGS)
 {
-    (void)caller;
     int one = json_get(d, in, "function_id"), many = json_get(d, in, "function_ids");
     char *ns = NULL, *id = NULL;
     if (bi_str(d, in, "namespace", &ns) < 0) {
@@ -7450,7 +8448,9 @@ static void bi_functions_info(BI_ARGS)
             rt_err(err, "INVALID_ARGUMENTS", "`function_id` must be a string");
         } else {
             struct func *f = fn_info_resolve(id, ns, err);
-            if (f) fn_detail(res, f);
+            if (f && !sess_sees_fn(caller ? caller->sess : NULL, f))
+                rt_err(err, "NOT_FOUND", "Function '%s' is not registered.", id);
+            else if (f) fn_detail(res, f);
         }
     } else if (JTYPE(d, many) != J_ARRAY || d->t[many].opaque || !d->t[many].n) {
         rt_err(err, "INVALID_ARGUMENTS",
@@ -7488,6 +8488,7 @@ static void bi_functions_info(BI_ARGS)
             buf_puts(res, "{\"functions\":[");
             for (size_t q = 0; q < k; q++) {
                 struct func *f = fn_info_resolve(ids[q], ns, NULL);
+                if (f && !sess_sees_fn(caller ? caller->sess : NULL, f)) f = NULL;
                 if (q) buf_putc(res, ',');
                 if (f) fn_detail(res, f);
                 else
@@ -7588,6 +8589,7 @@ static void bi_workers_list(BI_ARGS)
     }
     for (struct conn *c = S.conns; c; c = c->next) {
         if (c->kind != CK_WORKER || !c->has_pid || c->torn) continue; /* §5.7: pid-less hidden */
+        if (!sess_sees_worker(caller ? caller->sess : NULL, c)) continue;
         /* §5.7: search is a case-insensitive substring of the name; empty is no filter */
         if (q && q->nl && (!c->name || !isearch_in(q, c->name, strlen(c->name)))) continue;
         if (runtime && strcmp(runtime, c->runtime ? c->runtime : "unknown")) continue;
@@ -7785,6 +8787,11 @@ static void bi_workers_info(BI_ARGS)
             goto out;
         }
     struct conn *c = worker_by_name(name, ns, err);
+    const struct session *sess = caller ? caller->sess : NULL;
+    if (c && !sess_sees_worker(sess, c)) {
+        rt_err(err, "NOT_FOUND", "Worker '%s' is not connected.", name);
+        goto out;
+    }
     if (!c) goto out;
     buf_puts(res, "{\"worker\":");
     worker_row(res, c, 1);
@@ -7804,7 +8811,7 @@ static void bi_workers_info(BI_ARGS)
         goto out;
     }
     for (struct func *f = c->funcs; f; f = f->cnext)
-        r[k].rank = 0, r[k].a = f->id, r[k].b = NULL, r[k++].p = f;
+        if (sess_sees_fn(sess, f)) r[k].rank = 0, r[k].a = f->id, r[k].b = NULL, r[k++].p = f;
     qsort(r, k, sizeof *r, ranked_cmp);
     for (size_t j = 0; j < k; j++) {
         if (j) buf_putc(res, ',');
@@ -7823,7 +8830,7 @@ static void bi_workers_info(BI_ARGS)
     k = 0;
     for (struct func *f = c->funcs; f; f = f->cnext) {
         struct tgroup *g = tg_find(&S.fgroups, f->key, f->klen);
-        for (struct trig *t = g ? g->head : NULL; t; t = t->fn_next)
+        for (struct trig *t = g && sess_sees_fn(sess, f) ? g->head : NULL; t; t = t->fn_next)
             if (t->live) r[k].rank = 0, r[k].a = t->id, r[k].b = NULL, r[k++].p = t;
     }
     qsort(r, k, sizeof *r, ranked_cmp);
@@ -7909,6 +8916,24 @@ static void bi_workers_register(BI_ARGS)
                    name ? name : "", ns);
             goto out;
         }
+        const struct session *s = c->sess;
+        if (s && !s->full && s->restricted && sess_ns(s, ns, strlen(ns)) < 0) {
+            /* §3.9: a session may announce only into its own namespaces */
+            char permitted[400] = "", nb[16][128];
+            const char *names[16];
+            size_t k = 0;
+            for (uint32_t i = 0, e = (uint32_t)s->ns + 1;
+                 JTYPE(&s->d, s->ns) == J_OBJECT && i < s->d.t[s->ns].n && k < 16;
+                 i++, e = s->d.t[e + 1].next) {
+                snprintf(nb[k], sizeof nb[k], "%.*s", (int)JLEN(&s->d, (int)e) - 2,
+                         JRAW(&s->d, (int)e) + 1);
+                names[k] = nb[k], k++;
+            }
+            names_join(names, k, permitted, sizeof permitted);
+            rt_err(err, "FORBIDDEN", "namespace '%s' not allowed for this session (permitted: %s)",
+                   ns, permitted);
+            goto out;
+        }
         if (!id_ok(ns, strlen(ns))) {
             rt_err(err, "INVALID_NAMESPACE",
                    "namespace is not usable: namespaces are 1 to %d bytes with no control "
@@ -7979,7 +9004,7 @@ static void bi_workers_register(BI_ARGS)
     LOG(LOG_INFO, "worker %s announced: name %s, runtime %s, namespace %s, pid %s, %zu functions",
         c->wid, c->name ? c->name : "-", c->runtime ? c->runtime : "-", c->ns ? c->ns : eff, pidb,
         c->n_funcs);
-    ev_worker("worker_metadata_updated", c->wid);
+    ev_worker("worker_metadata_updated", c);
     buf_puts(res, "{\"success\":true}");
 out:
     xfree(ns), xfree(name);
@@ -7989,7 +9014,7 @@ out:
  * include_internal; filters search (id or description), prefix, worker; sorted by id, ns. */
 static void bi_triggers_list(BI_ARGS)
 {
-    (void)caller, (void)err;
+    (void)err;
     char *prefix = NULL, *worker = NULL;
     struct isearch *q = NULL;
     if (bi_search(d, in, &q, err) < 0) return;
@@ -8001,6 +9026,7 @@ static void bi_triggers_list(BI_ARGS)
     for (size_t i = 0; v && r && i < n; i++) {
         struct ttype *tt = (struct ttype *)v[i];
         if (!incl && str_prefix(tt->id, "engine::")) continue;
+        if (!sess_sees_tt(caller ? caller->sess : NULL, tt)) continue;
         if (prefix && !str_prefix(tt->id, prefix)) continue;
         char seg[128];
         if (worker && strcmp(worker, tt_worker_name(tt, seg))) continue;
@@ -8044,13 +9070,13 @@ static void tt_detail(struct buf *b, const struct ttype *tt)
 /* engine::triggers::info (§5.4): type id in `namespace` (default when absent), strict. */
 static void bi_triggers_info(BI_ARGS)
 {
-    (void)caller;
     char *id = NULL, *ns = NULL;
     if (bi_str(d, in, "id", &id) <= 0 || bi_str(d, in, "namespace", &ns) < 0) {
         rt_err(err, "deserialization_error",
                "Failed to deserialize input for engine::triggers::info: missing field `id`");
     } else {
         struct ttype *tt = tt_find(ns ? ns : NS_DEFAULT, id);
+        if (tt && !sess_sees_tt(caller ? caller->sess : NULL, tt)) tt = NULL;
         if (!tt)
             rt_err(err, "NOT_FOUND", "Trigger type '%s' is not registered in namespace '%s'.", id,
                    ns ? ns : NS_DEFAULT);
@@ -8063,7 +9089,6 @@ static void bi_triggers_info(BI_ARGS)
  * bindings that target engine::* functions hidden unless include_internal. Sorted by id. */
 static void bi_rtriggers_list(BI_ARGS)
 {
-    (void)caller;
     char *type = NULL, *fid = NULL, *worker = NULL;
     struct isearch *q = NULL;
     if (bi_search(d, in, &q, err) < 0) return;
@@ -8077,6 +9102,7 @@ static void bi_rtriggers_list(BI_ARGS)
         struct trig *t = (struct trig *)v[i];
         if (!t->live) continue;
         if (!incl && str_prefix(t->fid, "engine::")) continue;
+        if (!sess_sees_trig(caller ? caller->sess : NULL, t)) continue;
         if (type && strcmp(type, t->type)) continue;
         if (fid && strcmp(fid, t->fid)) continue;
         if (q && q->nl && !isearch_in(q, t->id, strlen(t->id)) &&
@@ -8103,7 +9129,6 @@ static void bi_rtriggers_list(BI_ARGS)
  * and its target function's detail (null when either is missing). */
 static void bi_rtriggers_info(BI_ARGS)
 {
-    (void)caller;
     char *id = NULL;
     if (bi_str(d, in, "id", &id) <= 0) {
         rt_err(err, "deserialization_error",
@@ -8112,6 +9137,7 @@ static void bi_rtriggers_info(BI_ARGS)
         return;
     }
     struct trig *t = trig_find(id, strlen(id));
+    if (t && !sess_sees_trig(caller ? caller->sess : NULL, t)) t = NULL;
     if (!t || !t->live) {
         rt_err(err, "NOT_FOUND", "Registered trigger '%s' was not found.", id);
         xfree(id);
@@ -8189,6 +9215,10 @@ static void bi_unregister_trigger(BI_ARGS)
         return;
     }
     struct trig *t = trig_find(id, strlen(id));
+    /* a session that is not full access removes only the bindings it made */
+    if (t && caller && caller->sess && !caller->sess->full && t->owner != caller &&
+        t->acct != caller)
+        t = NULL;
     if (t) trig_remove(t);
     buf_printf(res, "{\"removed\":%s}", t ? "true" : "false");
     xfree(id);
@@ -8615,7 +9645,21 @@ static void loop_accept(void)
 static void loop_process(struct conn *c)
 {
     if (c->kind == CK_HTTP) http_on_data(c);
-    else if (c->ws) ws_on_data(c);
+    else if (c->auth_wait) {
+        /* the auth function decides first: input is held, up to III_AUTH_HOLD_BYTES */
+        if (buf_used(&c->in) > III_AUTH_HOLD_BYTES) conn_close(c, 1008, "too much input before auth");
+    } else if (c->ws) ws_on_data(c);
+}
+
+/* Processes the input held by connections the auth function admitted (S.resume), once per
+ * turn: from the loop, never from inside the auth worker's own message handling. */
+static void resume_tick(void)
+{
+    while (S.resume) {
+        struct conn *c = S.resume;
+        S.resume = c->rsnext, c->rsnext = NULL;
+        if (conn_open(c) && buf_used(&c->in)) ws_on_data(c);
+    }
 }
 
 /* Reads what the socket has and processes it. A connection with no partial frame pending reads
@@ -8953,7 +9997,7 @@ static void loop_run(void)
         cfg_watch_tick(now, &next);
         ack_timeouts(now, &next);
         chan_sweep(now, &next);
-        if (S.dirty || S.drain) next = now;
+        if (S.dirty || S.drain || S.resume) next = now;
         /* wake at least once a minute even with no deadline: cheap, and robust to a missed one */
         int timeout = next == INT64_MAX    ? -1
                       : next <= now        ? 0
@@ -8994,6 +10038,7 @@ static void loop_run(void)
 #endif
         }
         drain_tick();
+        resume_tick();
         if (S.sig_chld) S.sig_chld = 0, sup_reap_children();
         if (S.sig_hup) S.sig_hup = 0, cfg_reload("SIGHUP");
         if (S.sig_term) S.stop = 1;
@@ -9330,6 +10375,8 @@ static int sup_start(struct proc *pr)
         setenv("III_ENGINE_URL", url, 1);
         setenv("III_WORKER_NAME", pr->w->name, 1);
         setenv("III_ENGINE_PID", pidv, 1);
+        /* the engine's own workers pass its authentication: a full-access token per start */
+        setenv("III_TOKEN", worker_token, 1);
         /* the entry's env is applied last: it may override the III_* variables too */
         for (char **e = pr->w->env; e && *e; e++) {
             char *eq = strchr(*e, '=');
@@ -9641,6 +10688,13 @@ static void settings_from_cfg(void)
         c->out.lim = l->max_outbound_bytes, c->pendq.lim = l->max_pending_bytes;
     S.set.origins = l->allowed_origins;
     S.set.n_origins = l->n_origins;
+    if (auth_load(l) < 0) LOG(LOG_ERROR, "out of memory building the listener's authentication");
+    if (l->worker_token) snprintf(worker_token, sizeof worker_token, "%s", l->worker_token);
+    else if (!worker_token[0]) { /* per start: 32 random bytes as hex, full access */
+        unsigned char r[32];
+        rnd_bytes(r, sizeof r);
+        for (int i = 0; i < 32; i++) snprintf(worker_token + 2 * i, 3, "%02x", r[i]);
+    }
 }
 
 /* stat() of the config file; -1 with errno when it is missing. */
@@ -9897,6 +10951,9 @@ static void cfg_reload(const char *why)
  * registry), sends one invokefunction and waits for its result. Same framing code as the
  * engine; client frames are masked (RFC 6455 §5.3; a zero key is legal).
  */
+/* The token the client commands present (--token, else $III_TOKEN), or NULL. */
+static const char *cli_token;
+
 /* One blocking client connection: fd (blocking socket), input and output buffers, and the
  * deadline (monotonic ms) that bounds every wait in cli_fill. */
 struct cli {
@@ -10026,9 +11083,11 @@ static int cli_connect(struct cli *c, const char *url, const char **why)
     b64_encode(kb, 16, key);
     ws_accept_key(key, strlen(key), acc);
     buf_printf(&c->out,
-               "GET %s HTTP/1.1\r\nHost: %s:%s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n",
-               path, host, port, key);
+               "GET %s HTTP/1.1\r\nHost: %s%s%s:%s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n",
+               path, strchr(host, ':') ? "[" : "", host, strchr(host, ':') ? "]" : "", port, key);
+    if (cli_token && *cli_token) buf_printf(&c->out, "Authorization: Bearer %s\r\n", cli_token);
+    buf_puts(&c->out, "\r\n");
     if (cli_flush(c) < 0) {
         *why = "cannot send the handshake";
         return -1;
@@ -10037,6 +11096,10 @@ static int cli_connect(struct cli *c, const char *url, const char **why)
         char *hd = buf_cstr(&c->in), *e = hd ? strstr(hd, "\r\n\r\n") : NULL;
         if (e) {
             /* RFC 6455 §4.1: anything but 101 with our Sec-WebSocket-Accept fails the connection */
+            if (!strncmp(hd, "HTTP/1.1 401", 12)) {
+                *why = "the engine requires a token (401): pass --token T or set $III_TOKEN";
+                return -1;
+            }
             if (strncmp(hd, "HTTP/1.1 101", 12) || !strstr(hd, acc)) {
                 *why = "the engine refused the WebSocket upgrade";
                 return -1;
@@ -10233,20 +11296,6 @@ static void cli_announce(struct cli *c, const char *name, const char *runtime, c
     buf_free(&m);
 }
 
-/* Appends s[0..n) as a JSON string, invalid UTF-8 replaced by U+FFFD (a command may print
- * anything; a frame must be valid UTF-8). */
-static void json_put_lossy(struct buf *b, const unsigned char *s, size_t n)
-{
-    struct buf t = {0};
-    for (size_t i = 0; i < n;) {
-        size_t l = s[i] < 0x80 ? 1 : s[i] >= 0xC2 && s[i] < 0xE0 ? 2 : s[i] >= 0xE0 && s[i] < 0xF0 ? 3
-                                  : s[i] >= 0xF0 && s[i] < 0xF5 ? 4 : 0;
-        if (l && l <= n - i && utf8_valid(s + i, l)) buf_append(&t, s + i, l), i += l;
-        else buf_puts(&t, "\xEF\xBF\xBD"), i++;
-    }
-    json_put_str(b, t.p ? (const char *)buf_data(&t) : "", buf_used(&t));
-    buf_free(&t);
-}
 
 /* One call being served: its command's process and pipes, or (pid 0) a call still waiting. */
 struct srv_job {
@@ -10683,43 +11732,44 @@ static const struct cli_cmd {
     const char *name, *usage, *help, *flags;
 } CLI_CMDS[] = {
     {"trigger", "iii trigger FUNCTION_ID [JSON|-|@FILE] [--namespace NS] [--url URL] "
-                "[--timeout MS] [--json]",
+                "[--timeout MS] [--json] [--token T]",
      "  Calls a function and prints its result as JSON. The payload is JSON text, - (read from\n"
      "  stdin) or @FILE (read from FILE); default {}. A function_not_found suggests near names.\n"
      "  --namespace NS   call it in namespace NS (default: default)\n"
      "  --url URL        engine address (default $III_URL, else ws://127.0.0.1:49134)\n"
      "  --timeout MS     give up after MS milliseconds (default 30000)\n"
+     "  --token T        present token T (default $III_TOKEN) to an engine with auth_tokens\n"
      "  --json           on an error, also print {\"error\":...} on stdout\n",
-     " --namespace --url --timeout --json "},
+     " --namespace --url --timeout --json --token "},
     {"list", "iii list functions|workers|triggers|registered-triggers [--search S] "
-             "[--namespace NS] [--internal] [--url URL] [--timeout MS] [--json]",
+             "[--namespace NS] [--internal] [--url URL] [--timeout MS] [--json] [--token T]",
      "  Prints the registry as a table (or the engine's JSON with --json).\n"
      "  --search S       only entries matching S (case-insensitive substring)\n"
      "  --namespace NS   only entries in namespace NS\n"
      "  --internal       include engine::* and internal entries\n"
-     "  --url URL, --timeout MS, --json   as for trigger\n",
-     " --search --namespace --internal --url --timeout --json "},
+     "  --url URL, --timeout MS, --json, --token T   as for trigger\n",
+     " --search --namespace --internal --url --timeout --json --token "},
     {"info", "iii info function ID | worker NAME [--namespace NS] [--url URL] [--timeout MS] "
-             "[--json]",
+             "[--json] [--token T]",
      "  Prints one function or worker in detail (engine::functions::info / workers::info).\n"
      "  --namespace NS   look in namespace NS only\n"
      "  --json           one line of raw JSON instead of the indented form\n"
-     "  --url URL, --timeout MS   as for trigger\n",
-     " --namespace --url --timeout --json "},
-    {"ps", "iii ps [--url URL] [--timeout MS] [--json]",
+     "  --url URL, --timeout MS, --token T   as for trigger\n",
+     " --namespace --url --timeout --json --token "},
+    {"ps", "iii ps [--url URL] [--timeout MS] [--json] [--token T]",
      "  Lists the workers declared in the engine's config: pid, state (running, backoff,\n"
      "  stopped, failed), restarts, uptime and last exit.\n"
-     "  --url URL, --timeout MS, --json   as for trigger\n",
-     " --url --timeout --json "},
-    {"watch", "iii watch [--url URL] [--json]",
+     "  --url URL, --timeout MS, --json, --token T   as for trigger\n",
+     " --url --timeout --json --token "},
+    {"watch", "iii watch [--url URL] [--json] [--token T]",
      "  Prints registry changes as they happen, one line each: worker_connected,\n"
      "  worker_metadata_updated, worker_disconnected, and functions_changed with the ids added\n"
      "  (+) and removed (-). Runs until interrupted; reconnects if the engine restarts.\n"
      "  --json           each event's JSON payload instead\n"
-     "  --url URL        as for trigger\n",
-     " --url --json "},
+     "  --url URL, --token T   as for trigger\n",
+     " --url --json --token "},
     {"serve", "iii serve FUNCTION_ID [--namespace NS] [--name NAME] [--description TEXT] "
-              "[--concurrency N] [--timeout MS] [--url URL] -- COMMAND [ARGS...]",
+              "[--concurrency N] [--timeout MS] [--url URL] [--token T] -- COMMAND [ARGS...]",
      "  A worker with no dependencies: registers FUNCTION_ID and, for each call, runs COMMAND\n"
      "  with the payload JSON on stdin. Its stdout is the result (JSON, or else a JSON string);\n"
      "  a non-zero exit is an invocation_failed error carrying its stderr. The command sees\n"
@@ -10729,8 +11779,8 @@ static const struct cli_cmd {
      "  --description T  the function's description\n"
      "  --concurrency N  at most N commands at once (default 4; up to 1000 calls wait, then BUSY)\n"
      "  --timeout MS     kill a command after MS ms: invocation_timeout (default 30000, 0 = none)\n"
-     "  --url URL        as for trigger\n",
-     " --namespace --name --description --concurrency --timeout --url "},
+     "  --url URL, --token T   as for trigger\n",
+     " --namespace --name --description --concurrency --timeout --url --token "},
 };
 
 static const struct cli_cmd *cli_cmd(const char *name)
@@ -10757,6 +11807,7 @@ static void usage(FILE *f)
           "\n"
           "Environment:\n"
           "  III_URL                 engine address for the client commands\n"
+          "  III_TOKEN               token the client commands present (declared workers get one)\n"
           "  III_LOG                 log level: error, warn, info (default), debug, trace\n"
           "  III_LOG_FORMAT          text (default) or json: one JSON object per log line\n"
           "  III_NAMESPACE_GRACE_MS  registration grace period (default 5000)\n"
@@ -10874,11 +11925,13 @@ static int cli_main(int argc, char **argv)
     char **command = NULL;
     int np = 0;
     if (!url || !*url) url = "ws://127.0.0.1:49134";
+    cli_token = getenv("III_TOKEN");
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         char flag[40];
         snprintf(flag, sizeof flag, " %s ", a);
         int takes = !strcmp(a, "--url") || !strcmp(a, "--namespace") || !strcmp(a, "--search") ||
+                    !strcmp(a, "--token") ||
                     !strcmp(a, "--timeout") || !strcmp(a, "--name") ||
                     !strcmp(a, "--description") || !strcmp(a, "--concurrency");
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -10897,13 +11950,14 @@ static int cli_main(int argc, char **argv)
             }
             const char *v = takes ? argv[++i] : NULL;
             if (!strcmp(a, "--url")) url = v;
+            else if (!strcmp(a, "--token")) cli_token = v;
             else if (!strcmp(a, "--namespace")) ns = v;
             else if (!strcmp(a, "--search")) search = v;
             else if (!strcmp(a, "--name")) name = v;
             else if (!strcmp(a, "--description")) desc = v;
             else if (!strcmp(a, "--json")) as_json = 1;
             else if (!strcmp(a, "--internal")) internal = 1;
-            else if (!strcmp(a, "--timeout") || !strcmp(a, "--concurrency")) {
+            else if (v && (!strcmp(a, "--timeout") || !strcmp(a, "--concurrency"))) {
                 char *e;
                 long long n = strtoll(v, &e, 10);
                 int conc_flag = !strcmp(a, "--concurrency");
@@ -11143,6 +12197,10 @@ int main(int argc, char **argv)
         LOG(LOG_INFO, "no config file at %s: running on built-in defaults (no workers)",
             S.cfg_path);
     cfg_log_warnings(&S.cfg);
+    /* --host beyond loopback is held to the same rule as the config's host */
+    if (host && !host_loopback(host) && !S.cfg.lis.n_tokens && !S.cfg.lis.rbac_json &&
+        !S.cfg.lis.allow_unauth)
+        die("--host %s: %s", host, LIS_OPEN_MSG);
     if (check_only) return cfg_check_print(missing);
     settings_from_cfg();
     /* the grace period is read at start-up only (§1.4); a reload does not change it */

@@ -179,6 +179,12 @@
 #ifndef III_OUTQ_MAX
 #define III_OUTQ_MAX (4u << 20) /* ... and past which the engine's own log lines are counted */
 #endif
+#ifndef III_AUTH_TIMEOUT_MS
+#define III_AUTH_TIMEOUT_MS 10000 /* the auth function's answer to a new connection */
+#endif
+#ifndef III_AUTH_HOLD_BYTES
+#define III_AUTH_HOLD_BYTES 65536 /* input held from a connection the auth function decides on */
+#endif
 #ifndef III_METRIC_FUNCTIONS
 #define III_METRIC_FUNCTIONS 1000 /* functions with their own /metrics series; the rest: _other */
 #endif

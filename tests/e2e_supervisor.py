@@ -203,9 +203,10 @@ class SupEngine(Engine):
             e.update(env)
         self.logpath = os.path.join(d, "engine.log")
         self.log = open(self.logpath, "wb")
-        self.proc = subprocess.Popen([BIN, "-c", self.cfg, "--port", "0"], stdout=subprocess.PIPE,
+        argv = [BIN] + (["-c", self.cfg] if config is not None else []) + ["--port", "0"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
                                      stderr=self.log, env=e, start_new_session=True,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, cwd=d)
         self.port = None
         self.lines = []
         self._outbuf = b""

@@ -1583,7 +1583,7 @@ def cli_port_in_use_exits_nonzero():
     blocker.listen(1)
     port = blocker.getsockname()[1]
     tmp = tempfile.TemporaryDirectory(prefix="iii-test-")
-    p = subprocess.Popen([BIN, "-c", os.path.join(tmp.name, "missing.yaml"), "--port", str(port)],
+    p = subprocess.Popen([BIN, "--port", str(port)], cwd=tmp.name,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         try:
@@ -1849,7 +1849,7 @@ def _hello_within(port, timeout):
     """A TCP connect + upgrade; True when workerregistered arrives within timeout."""
     w = WS(port, handshake=False)
     key = base64.b64encode(os.urandom(16)).decode()
-    w.send_raw(("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    w.send_raw(("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key).encode())
     try:
         st, _, _ = w.read_http(timeout)

@@ -737,7 +737,7 @@ static void test_cfg(void)
     /* Refusals: each names the file, the position, the entry and the key. */
     ce("unknown top-level key", "workers: []\n\n\nfoo: 1\n",
        "config.yaml:4:1: unknown top-level key `foo` (expected registration_namespace_grace_ms, "
-       "workers, modules)");
+       "on_invalid_reload, workers, modules)");
     ce("top level not a mapping", "- a\n",
        "config.yaml:1:1: the top level must be a mapping "
        "with the keys registration_namespace_grace_ms, workers, modules (got a list)");
@@ -775,11 +775,24 @@ static void test_cfg(void)
        "max_pending_registration_bytes, max_pending_registration_frames, "
        "max_inflight_per_connection, max_inflight_total, max_functions_per_connection, "
        "max_triggers_per_connection, max_triggers_per_function, max_triggers, max_memory_bytes, "
-       "allowed_origins)");
-    ce("reference-only listener key",
-       "workers:\n- name: iii-worker-manager\n  config:\n    rbac: {}\n",
-       "config.yaml:4:5: worker 'iii-worker-manager': `rbac` in config is not supported by this "
-       "engine (remove it)");
+       "allowed_origins, auth_tokens, rbac, middleware_function_id, allow_unauthenticated, "
+       "metrics_public, allowed_hosts, worker_token)");
+    ce("rbac with an unknown key",
+       "workers:\n- name: iii-worker-manager\n  config:\n    rbac: {auth_fn: x}\n",
+       "config.yaml:4:5: worker 'iii-worker-manager': `rbac` in config: unknown key \"auth_fn\" "
+       "(expected auth_function_id, expose_functions, forbidden_functions)");
+    ce("open listener without auth",
+       "workers:\n- name: iii-worker-manager\n  config:\n    host: 0.0.0.0\n",
+       "config.yaml:4:5: worker 'iii-worker-manager': the listener binds a non-loopback address "
+       "with no authentication: add `auth_tokens` (e.g. auth_tokens: [\"${III_TOKEN_SECRET}\"]) "
+       "or `rbac` to the iii-worker-manager config, or set `allow_unauthenticated: true` to serve "
+       "the network without it");
+    ce("auth_tokens entry with an unknown key",
+       "workers:\n- name: iii-worker-manager\n  config:\n    auth_tokens: [{token: t, namespace: x}]\n",
+       "config.yaml:4:19: worker 'iii-worker-manager': `auth_tokens` entry 1: unknown key "
+       "\"namespace\" (expected token, namespaces, allowed_functions, forbidden_functions, "
+       "allow_function_registration, allow_trigger_type_registration, "
+       "function_registration_prefix, context)");
     ce("port out of range", "workers:\n- name: iii-worker-manager\n  config: {port: 70000}\n",
        "config.yaml:3:12: worker 'iii-worker-manager': `port` in config must be an integer from 0 "
        "to 65535 (got 70000)");

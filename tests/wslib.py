@@ -25,7 +25,7 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 class Engine:
     """One engine process on 127.0.0.1 with --port 0; `port` is read from the listening line.
 
-    config: YAML text written to a temp file (None = pass a missing path, i.e. defaults).
+    config: YAML text written to a temp file (None = no config file, i.e. built-in defaults).
     """
 
     def __init__(self, config=None, args=(), env=None, start_timeout=10.0):
@@ -39,9 +39,11 @@ class Engine:
             e.update(env)
         self.logpath = os.path.join(self.tmp, "engine.log")
         self.log = open(self.logpath, "wb")
-        argv = [BIN, "-c", self.cfg, "--port", "0"] + list(args)
+        # no config: no -c (a named config file must exist), and the engine runs in the empty
+        # temp dir, so the default ./config.yaml is absent and built-in defaults apply
+        argv = [BIN] + (["-c", self.cfg] if config is not None else []) + ["--port", "0"] + list(args)
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, env=e,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=self.tmp)
         self.port = None
         self.lines = []
         deadline = time.time() + start_timeout
