@@ -4,7 +4,9 @@
  * Workers written in any language connect over WebSocket, register functions, trigger types
  * and triggers; the engine keeps the live registry and routes every invocation to the worker
  * that provides the target function, then routes the result back. It speaks the wire protocol
- * of the reference iii engine (../shared/spec/PROTOCOL.md) so the official SDKs work unchanged.
+ * of the reference iii engine (docs/PROTOCOL.md) so the official SDKs work unchanged. Marks
+ * like "§3.2" cite the reference protocol's section numbers; docs/PROTOCOL.md, appendix A, says
+ * where each is described in this repository.
  *
  * PROCESS MODEL
  * One thread, one poll() loop. Sockets are non-blocking; signals arrive through a self-pipe;
@@ -23,14 +25,24 @@
  *
  * MEMORY AND LIMITS
  * All allocation goes through xmalloc/xrealloc/xfree (counted, fail-injectable in tests). Every
- * buffer append checks a cap; an allocation failure closes one connection, never the engine.
- * Limits live in iii.h and in the `iii-worker-manager` config block.
+ * buffer has a cap enforced when bytes are appended and a sticky error checked once per frame;
+ * an allocation failure closes one connection, never the engine, and teardown allocates
+ * nothing. Calls in flight, queued registrations, bindings, functions and all memory together
+ * are bounded; a bound that is hit is answered (BUSY, 1008, 503), never queued without limit.
+ * No scratch buffer is global across anything that can re-enter the router. Limits live in
+ * iii.h and in the `iii-worker-manager` config block; README "Limits" explains each.
+ *
+ * TRUST
+ * Every connection has a session (NULL: full access, the loopback default); with auth_tokens
+ * or rbac a client presents a token or is admitted by an auth function, and sees and calls only
+ * what its session allows (README "Security").
  *
  * CONTENTS (grep -n '^/\* ====' iii.c)
  *   Utilities, Buffer, SHA-1 and base64, UTF-8, JSON, YAML subset, Config, Hash map, Types and
- *   the global state, Sockets, WebSocket frames, Connections, HTTP, Registry, Router, Triggers
- *   and discovery, Worker protocol, Engine functions, Channels, Health and metrics, Event loop,
- *   Supervisor, Configuration and hot reload, CLI client, main.
+ *   the global state, Sockets, WebSocket frames, Connections, HTTP, Registry, Sessions and
+ *   authorization, Router, Triggers and discovery, Worker protocol, Engine functions, Channels,
+ *   Health and metrics, Event loop, Supervisor, Configuration and hot reload, CLI client, CLI
+ *   worker (iii serve and iii watch), main.
  */
 /* Feature macros: each only if the includer (tests/unit.c, a -D flag) has not set it already */
 #ifndef _POSIX_C_SOURCE
@@ -2838,14 +2850,14 @@ static int yaml_equal(const struct yaml_node *a, const struct yaml_node *b)
 /* ==== Config ================================================================================
  * config.yaml → struct cfg, in three steps that each fail with a message naming the file (and
  * line:column where there is one): cfg_expand splices ${VAR} / ${VAR:default} into the raw
- * text (PROTOCOL.md §8.3), yaml_parse reads it, and the checks below validate the schema.
+ * text (§8.3), yaml_parse reads it, and the checks below validate the schema.
  * Top level: registration_namespace_grace_ms, workers, modules (entries appended after
  * workers); anything else is refused. Each entry has a `name`; duplicates get instance ids
  * name#1, name#2 in order. A built-in name (cfg_builtins) runs inside the engine and takes only
  * `config`; `iii-worker-manager`'s config holds the listener settings (tests/CONTRACT.md), each
  * type-checked, unknown ones refused. Every other entry is a process the engine supervises and
- * must say how to start it with `command` (DECISIONS.md item 3). As in the reference engine
- * (PROTOCOL.md §11.22), unknown keys in an entry are ignored; a misspelt `command` still fails
+ * must say how to start it with `command` (docs/§10 item 3). As in the reference engine
+ * (§11.22), unknown keys in an entry are ignored; a misspelt `command` still fails
  * because `command` is then missing.
  * Strings in struct cfg are owned by it (cfg_free), except that lis.host and
  * lis.allowed_origins may point to static defaults, which cfg_free recognizes.
@@ -2855,7 +2867,7 @@ static int yaml_equal(const struct yaml_node *a, const struct yaml_node *b)
 #endif
 #define CFG_MS_MAX 2147483647 /* timeouts end up as poll() ints */
 
-/* The `restart` policies of a process worker (DECISIONS.md item 3). */
+/* The `restart` policies of a process worker (docs/§10 item 3). */
 enum { CFG_RESTART_ALWAYS, CFG_RESTART_ON_FAILURE, CFG_RESTART_NEVER };
 
 struct cfg_listener {
@@ -2871,6 +2883,7 @@ struct cfg_listener {
     size_t max_functions_per_connection;                         /* >= 1 */
     size_t max_triggers_per_connection, max_triggers_per_function, max_triggers; /* >= 1 */
     size_t max_memory_bytes;                                     /* 0 = no budget */
+    int64_t drain_timeout_ms; /* SIGTERM: in-flight calls get this long (0: stop at once) */
     /* authentication (README "Security"): tokens as JSON texts (a string, or a session object
      * with its token), the rbac block as JSON, and the switches; NULL / 0 when absent */
     char **auth_tokens;
@@ -2893,10 +2906,23 @@ struct cfg_worker {
     char *cwd;               /* absolute; relative paths are resolved against the config's dir */
     int restart;             /* CFG_RESTART_* */
     int64_t stop_timeout_ms; /* SIGTERM, then SIGKILL after this long */
+    int instances;           /* processes of this entry (1: named as the entry, else name.k) */
     struct yaml_node *entry; /* the whole entry (owned), for yaml_equal in the reload diff */
 };
 
+/* One `routing:` rule (README "Routing"): which functions it covers and how their calls are
+ * spread over providers, bounded and timed. The first rule that matches a function wins. */
+enum { BAL_LEAST, BAL_RR, BAL_FIRST };
+struct cfg_route {
+    char *match, *ns;              /* glob over function ids; namespace (NULL: any) */
+    int many, balance, retry;      /* providers: many; BAL_*; retry_on_disconnect */
+    int64_t timeout_ms;            /* deadline of calls that carry none (0: none) */
+    size_t max_inflight, max_queue; /* per provider, and the wait queue (0: unbounded) */
+};
+
 struct cfg {
+    struct cfg_route *routes; /* `routing:`, in file order */
+    size_t nroutes;
     int64_t grace_ms;        /* registration_namespace_grace_ms, III_DEFAULT_GRACE_MS when absent */
     int has_grace;           /* the file set it (an env override may still apply) */
     struct cfg_worker *w;    /* the entries, workers then modules, in file order */
@@ -2907,7 +2933,7 @@ struct cfg {
 };
 
 /* Static defaults: cfg_defaults cannot fail, so it points at these instead of allocating. An
- * origin without a port matches that scheme and host on any port (DECISIONS.md item 7). */
+ * origin without a port matches that scheme and host on any port (docs/§10 item 7). */
 static char cfg_default_host[] = III_DEFAULT_HOST;
 static char cfg_origin_localhost[] = "http://localhost";
 static char cfg_origin_loopback[] = "http://127.0.0.1";
@@ -2930,8 +2956,9 @@ static const char *const cfg_reference_only[] = {
 
 /* The keys an entry may have. From index 3 on they are the process keys, which a built-in
  * entry may not use (cfg_entry relies on this order). */
-static const char *const cfg_entry_keys[] = {"name", "config",  "image",           "command", "env",
-                                             "cwd",  "restart", "stop_timeout_ms", NULL};
+static const char *const cfg_entry_keys[] = {
+    "name", "config", "image", "command", "env", "cwd", "restart", "stop_timeout_ms", "instances",
+    NULL};
 
 /* Validation context: where messages go and what they are relative to. */
 struct cfg_ctx {
@@ -2973,6 +3000,7 @@ static void cfg_defaults(struct cfg *c)
     c->lis.max_triggers_per_function = III_DEFAULT_MAX_TRIGGERS_PER_FUNCTION;
     c->lis.max_triggers = III_DEFAULT_MAX_TRIGGERS;
     c->lis.max_memory_bytes = III_DEFAULT_MAX_MEMORY_BYTES;
+    c->lis.drain_timeout_ms = III_DEFAULT_DRAIN_TIMEOUT_MS;
     c->lis.allowed_origins = cfg_default_origins;
     c->lis.n_origins = sizeof cfg_default_origins / sizeof cfg_default_origins[0];
 }
@@ -3001,6 +3029,8 @@ static void cfg_free(struct cfg *c)
         yaml_free(w->entry);
     }
     xfree(c->w);
+    for (i = 0; i < c->nroutes; i++) xfree(c->routes[i].match), xfree(c->routes[i].ns);
+    xfree(c->routes);
     buf_free(&c->warnings);
     cfg_free_list(c->lis.auth_tokens);
     cfg_free_list(c->lis.allowed_hosts);
@@ -3163,8 +3193,8 @@ static int cfg_dir(struct cfg_ctx *x, const char *path)
     return x->dir ? 0 : cfg_fail(x, NULL, 0, 0, "out of memory");
 }
 
-/* Expands ${VAR} and ${VAR:default} in text[0..len), appending the result to out (PROTOCOL.md
- * §8.3): one pass, expanded values are not rescanned, a set-but-empty variable gives "", the
+/* Expands ${VAR} and ${VAR:default} in text[0..len), appending the result to out
+ * (§8.3): one pass, expanded values are not rescanned, a set-but-empty variable gives "", the
  * default may hold ':' but not '}', `__III_ENGINE_VERSION__` as a default gives the version,
  * `$VAR` and an unclosed `${X` stay as they are. An unset variable without a default is an
  * error "LINE:COL: environment variable ..." (cfg_parse adds the file name). 0 ok, -1 error (out
@@ -3311,6 +3341,7 @@ static int cfg_listener(struct cfg_ctx *x, const char *who, const struct yaml_no
         {"max_triggers_per_function", 1, CFG_MS_MAX, CFG_LOFF(max_triggers_per_function), 'z'},
         {"max_triggers", 1, CFG_MS_MAX, CFG_LOFF(max_triggers), 'z'},
         {"max_memory_bytes", 0, INT64_MAX, CFG_LOFF(max_memory_bytes), 'z'},
+        {"drain_timeout_ms", 0, CFG_MS_MAX, CFG_LOFF(drain_timeout_ms), 'l'},
     };
     size_t i, k;
     char t[64], what[80];
@@ -3468,8 +3499,9 @@ static int cfg_listener(struct cfg_ctx *x, const char *who, const struct yaml_no
                             "max_inflight_per_connection, max_inflight_total, "
                             "max_functions_per_connection, max_triggers_per_connection, "
                             "max_triggers_per_function, max_triggers, max_memory_bytes, "
-                            "allowed_origins, auth_tokens, rbac, middleware_function_id, "
-                            "allow_unauthenticated, metrics_public, allowed_hosts, worker_token)",
+                            "drain_timeout_ms, allowed_origins, auth_tokens, rbac, "
+                            "middleware_function_id, allow_unauthenticated, metrics_public, "
+                            "allowed_hosts, worker_token)",
                             key);
         }
     }
@@ -3584,6 +3616,12 @@ static int cfg_process(struct cfg_ctx *x, struct cfg_worker *w, const struct yam
     if (v &&
         cfg_int(x, who, "`stop_timeout_ms`", v, line, col, 0, CFG_MS_MAX, &w->stop_timeout_ms) < 0)
         return -1;
+    /* instances: N processes of this entry (name.1 ... name.N; README "Routing") */
+    v = cfg_opt(e, "instances");
+    cfg_pos(e, "instances", &line, &col);
+    int64_t ni = 1;
+    if (v && cfg_int(x, who, "`instances`", v, line, col, 1, III_MAX_INSTANCES, &ni) < 0) return -1;
+    w->instances = (int)ni;
     return 0;
 oom:
     return cfg_fail(x, NULL, 0, 0, "out of memory");
@@ -3643,7 +3681,7 @@ static int cfg_entry(struct cfg_ctx *x, struct cfg *c, struct yaml_node *list, s
     w->restart = CFG_RESTART_ALWAYS;
     w->stop_timeout_ms = III_DEFAULT_STOP_TIMEOUT_MS;
 
-    /* Unknown entry keys are ignored, as in the reference engine (PROTOCOL.md §11.22), but
+    /* Unknown entry keys are ignored, as in the reference engine (§11.22), but
      * each one is reported as a warning with the nearest known key (`evn` -> `env`); `image`
      * is the reference engine's OCI image, which this engine cannot run; `config` is kept as
      * JSON. A misspelt `command` still fails below ("`command` is required"). */
@@ -3701,6 +3739,76 @@ oom:
     return cfg_fail(x, NULL, 0, 0, "out of memory");
 }
 
+/* `routing:`, a list of rules (README "Routing"), each checked key by key. */
+static int cfg_routing(struct cfg_ctx *x, struct cfg *c, const struct yaml_node *v)
+{
+    char t[64];
+    if (v->kind == YAML_NULL) return 0;
+    if (v->kind != YAML_SEQ)
+        return cfg_fail(x, NULL, v->line, v->col, "`routing` must be a list of rules (got %s)",
+                        cfg_got(v, t, sizeof t));
+    if (!(c->routes = xcalloc((v->n ? v->n : 1) * sizeof *c->routes)))
+        return cfg_fail(x, NULL, 0, 0, "out of memory");
+    for (size_t k = 0; k < v->n; k++) {
+        const struct yaml_node *r = v->items[k];
+        struct cfg_route *ro = &c->routes[c->nroutes++];
+        ro->balance = BAL_LEAST;
+        char who[48];
+        snprintf(who, sizeof who, "routing rule %lu", (unsigned long)k + 1);
+        if (!r || r->kind != YAML_MAP)
+            return cfg_fail(x, NULL, r ? r->line : v->line, r ? r->col : v->col,
+                            "%s must be a mapping with at least `match`", who);
+        for (size_t i = 0; i < r->n; i++) {
+            const char *key = r->keys[i];
+            const struct yaml_node *e = r->items[i];
+            int line = r->key_lines[i], col = r->key_cols[i];
+            const char *s = e && e->kind == YAML_STR ? cfg_text(e) : NULL;
+            int64_t n;
+            if (!strcmp(key, "match") || !strcmp(key, "namespace")) {
+                if (!s || !*s)
+                    return cfg_fail(x, NULL, line, col, "%s: `%s` must be a non-empty string", who,
+                                    key);
+                char **dst = key[0] == 'm' ? &ro->match : &ro->ns;
+                if (!(*dst = xstrdup(s))) return cfg_fail(x, NULL, 0, 0, "out of memory");
+            } else if (!strcmp(key, "providers")) {
+                if (!s || (strcmp(s, "one") && strcmp(s, "many")))
+                    return cfg_fail(x, NULL, line, col, "%s: `providers` must be one or many", who);
+                ro->many = !strcmp(s, "many");
+            } else if (!strcmp(key, "balance")) {
+                if (!s || (strcmp(s, "least-inflight") && strcmp(s, "round-robin") &&
+                           strcmp(s, "first")))
+                    return cfg_fail(x, NULL, line, col,
+                                    "%s: `balance` must be least-inflight, round-robin or first",
+                                    who);
+                ro->balance = s[0] == 'l' ? BAL_LEAST : s[0] == 'r' ? BAL_RR : BAL_FIRST;
+            } else if (!strcmp(key, "retry_on_disconnect")) {
+                if (!e || e->kind != YAML_BOOL)
+                    return cfg_fail(x, NULL, line, col, "%s: `retry_on_disconnect` must be true or "
+                                    "false", who);
+                ro->retry = e->b;
+            } else if (!strcmp(key, "timeout_ms") || !strcmp(key, "max_inflight") ||
+                       !strcmp(key, "max_queue")) {
+                char what[64];
+                snprintf(what, sizeof what, "%s: `%s`", who, key);
+                if (cfg_int(x, NULL, what, e, line, col, 0, CFG_MS_MAX, &n) < 0) return -1;
+                if (key[0] == 't') ro->timeout_ms = n;
+                else if (key[4] == 'i') ro->max_inflight = (size_t)n;
+                else ro->max_queue = (size_t)n;
+            } else {
+                return cfg_fail(x, NULL, line, col,
+                                "%s: unknown key `%s` (expected match, namespace, providers, "
+                                "balance, timeout_ms, max_inflight, max_queue, "
+                                "retry_on_disconnect)",
+                                who, key);
+            }
+        }
+        if (!ro->match)
+            return cfg_fail(x, NULL, r->line, r->col, "%s needs `match` (a glob over function ids)",
+                            who);
+    }
+    return 0;
+}
+
 /* Validates the parsed document root into c (which holds the defaults on entry). */
 static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
 {
@@ -3715,12 +3823,14 @@ static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
                         "the top level must be a mapping with the "
                         "keys registration_namespace_grace_ms, workers, modules (got %s)",
                         cfg_got(root, t, sizeof t));
-    /* Top-level keys, deny-unknown-fields as in the reference engine (PROTOCOL.md §8.2). */
+    /* Top-level keys, deny-unknown-fields as in the reference engine (§8.2). */
     for (i = 0; i < root->n; i++) {
         const char *key = root->keys[i];
         struct yaml_node *v = root->items[i];
         int line = root->key_lines[i], col = root->key_cols[i];
-        if (!strcmp(key, "on_invalid_reload")) {
+        if (!strcmp(key, "routing")) {
+            if (cfg_routing(x, c, v) < 0) return -1;
+        } else if (!strcmp(key, "on_invalid_reload")) {
             /* exit (the default: the seed says an invalid config ends the engine) or keep */
             const char *s = v->kind == YAML_STR ? cfg_text(v) : NULL;
             if (!s || (strcmp(s, "exit") && strcmp(s, "keep")))
@@ -3744,8 +3854,8 @@ static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
         } else {
             return cfg_fail(x, NULL, line, col,
                             "unknown top-level key `%s` (expected "
-                            "registration_namespace_grace_ms, on_invalid_reload, workers, "
-                            "modules)",
+                            "registration_namespace_grace_ms, on_invalid_reload, routing, "
+                            "workers, modules)",
                             key);
         }
     }
@@ -3820,7 +3930,7 @@ static int cfg_parse(const char *text, size_t len, const char *path, struct cfg 
     return rc;
 }
 
-/* Reads and parses the config file at path. A missing file is not an error (DECISIONS.md
+/* Reads and parses the config file at path. A missing file is not an error (docs/§10
  * item 6): *missing = 1, *out = defaults, 0 is returned. Any other failure: -1 and err. */
 static int cfg_load(const char *path, struct cfg *out, int *missing, char *err, size_t errlen)
 {
@@ -3982,7 +4092,7 @@ enum conn_kind {
     CK_CHAN_R, /* "/ws/channels/<id>?dir=read" */
     CK_PLAIN   /* plain HTTP answer being flushed, then closed */
 };
-/* Namespace resolution of a worker connection (PROTOCOL.md §1.4): registrations are buffered
+/* Namespace resolution of a worker connection (§1.4): registrations are buffered
  * while PENDING, applied directly once RESOLVED, swallowed once ABORTED (teardown started). */
 enum ns_state { NS_PENDING, NS_RESOLVED, NS_ABORTED };
 
@@ -4031,6 +4141,8 @@ struct conn {
     struct ttype *ttypes;             /* trigger types it provides (tt->pnext list) */
     struct lease *lease;              /* its (namespace, name) lease, or NULL */
     char *refusal;                    /* its last registrationrejected, as JSON (workers::info) */
+    struct qcall *queued;             /* its calls waiting in routing queues */
+    int retiring;                     /* a rolling reload drains it: no new calls */
     const char *why;                  /* why it closes (static text), for the disconnect log */
     struct session *sess;             /* what it may do (NULL: everything); a reference */
     int auth_wait;                    /* upgraded, waiting for the auth function: no frame is
@@ -4039,7 +4151,7 @@ struct conn {
     struct inv *calls_out, *calls_in; /* calls it made / calls dispatched to it */
     size_t n_out, n_in;               /* lengths of calls_out / calls_in (bounded by limits) */
     struct chan *chan;                /* channel side */
-    uint64_t otel_frames;             /* /otel frames received and dropped (DECISIONS.md) */
+    uint64_t otel_frames;             /* /otel frames received and dropped (docs/§10) */
 };
 
 struct func {
@@ -4051,6 +4163,14 @@ struct func {
     struct func *cnext, *cprev; /* owner's list */
     struct idgroup *ig;         /* the functions with the same id in any namespace */
     struct fstat *fst;          /* its /metrics entry (see struct fstat) */
+    /* providers (routing: providers: many): the one in S.funcs is the primary; the others are
+     * replicas on its rnext chain, in registration order, in no map (and not in the function
+     * set's fingerprint: a replica coming or going is no change of the set) */
+    struct func *rnext, *primary; /* next provider; a replica's primary (NULL: a primary) */
+    size_t rr;                    /* primary: round-robin cursor */
+    struct qcall *qhead, *qtail;  /* primary: calls waiting for a provider with room */
+    size_t qn;                    /* ... how many */
+    struct func *qnext;           /* S.qfuncs link while qn > 0 */
     struct func *inext, *iprev; /* links in ig */
     /* builtin handler (see BI_ARGS); NULL for worker-owned functions */
     void (*bi)(struct conn *caller, const struct jdoc *d, int data, struct buf *res,
@@ -4090,13 +4210,17 @@ struct inv {
     char *ctx;             /* caller's raw ,"traceparent":..,"baggage":.. members, echoed back */
     size_t ctx_len;        /* bytes of ctx (0: none) */
     char receipt[37];      /* enqueue: the engine's messageReceiptId; ack: the binding id */
-    int64_t deadline;      /* ack: when the wait is given up (and the call accepted) */
-    struct inv *aprev, *anext; /* ack: S.acks list, so the timeout scan walks only acks */
+    int64_t deadline;      /* when the wait is given up (ack, auth) or the call times out */
+    int64_t timeout_ms;    /* a call's deadline as asked (for the invocation_timeout message) */
+    size_t hidx;               /* 1 + its index in the deadline heap S.timed, 0 when not in it */
+    int notify;                /* tell the target when the call ends without its result
+                                  (invocationcancelled): it has a deadline or a routing rule */
     struct fstat *fst;         /* the target function's /metrics entry (NULL: not counted) */
     int64_t t0_us;             /* when it was dispatched (monotonic us) */
     char fid_small[96];    /* inline storage: no allocation for ordinary ids */
     char ctx_small[160];   /* inline storage for ctx (typical traceparent + baggage) */
     struct inv *free_next; /* S.inv_free list link while recycled */
+    struct qcall *retry;   /* retry_on_disconnect: the frame, to dispatch again elsewhere */
 };
 
 struct ttype {
@@ -4107,6 +4231,18 @@ struct ttype {
     struct conn *provider;                /* NULL: in-process (the discovery events) */
     struct ttype *pnext;                  /* provider's list (c->ttypes) */
     char *desc_raw, *treq_raw, *creq_raw; /* raw JSON */
+};
+
+/* A call waiting in a routing queue (max_inflight reached everywhere), or kept for a retry
+ * (retry_on_disconnect): the invokefunction frame as it arrived, and its caller (NULL once the
+ * caller left: the entry is then dropped when reached). */
+struct qcall {
+    struct qcall *next;          /* the function's queue */
+    struct qcall *cprev, *cnext; /* the caller's list (c->queued) */
+    struct conn *caller;
+    int64_t at;                  /* when it was first queued (monotonic ms): deadlines count it */
+    size_t n;
+    unsigned char frame[];       /* n bytes */
 };
 
 /* Per-function call statistics for /metrics, keyed "ns\0id" in S.fstats. An entry outlives
@@ -4196,7 +4332,7 @@ struct settings {
     size_t max_functions_per_connection;                /* functions one connection may own */
     size_t max_triggers_per_connection, max_triggers_per_function, max_triggers; /* bindings */
     size_t max_memory_bytes; /* all the engine's allocations together; 0 = no budget */
-    char **origins;   /* allowed Origin values; "*" allows any (DECISIONS.md 7) */
+    char **origins;   /* allowed Origin values; "*" allows any (docs/§10 item 7) */
     size_t n_origins; /* entries in origins */
 };
 
@@ -4231,7 +4367,7 @@ static char worker_token[65]; /* III_TOKEN given to declared workers (full acces
 
 static struct {
     struct settings set;  /* listener settings in force */
-    int64_t grace_ms;     /* namespace grace period (PROTOCOL.md §1.4) */
+    int64_t grace_ms;     /* namespace grace period (§1.4) */
     const char *cfg_path; /* config file (--config), or NULL for built-in defaults */
     int lfd;              /* listening socket */
     int bound_port;       /* actual port (differs from set.port when that is 0) */
@@ -4259,8 +4395,13 @@ static struct {
     struct jdoc jd;               /* scratch envelope tokens, reused: no allocation per message */
     struct buf tmp, tmp2;         /* scratch output */
     uint64_t n_invocations, n_inv_errors, n_spawns, n_deaths, n_msgs_in;
-    size_t n_acks;      /* calls of kind INV_ACK in flight (the S.acks list) */
-    struct inv *acks;   /* register_trigger replies waiting for their provider's ack */
+    size_t n_acks;      /* calls of kind INV_ACK in flight */
+    struct inv **timed; /* min-heap on deadline: acks, auth calls, calls with a deadline */
+    size_t ntimed, timed_cap;
+    int draining;       /* SIGTERM seen: no new calls, in-flight ones get drain_timeout_ms */
+    struct func *qfuncs; /* primaries with calls waiting in their routing queue */
+    int64_t qwait_ms;    /* while route_tick dispatches a queued call: how long it waited */
+    int64_t drain_until;
     struct conn *reap;  /* connections closing or dead: all the reap pass looks at */
     struct conn *drain; /* connections whose queue is being applied, a slice per turn */
     struct conn *resume; /* admitted by the auth function: their held input goes next turn */
@@ -4792,7 +4933,7 @@ static int http_has_token(const char *v, const char *tok)
     return 0;
 }
 
-/* Origin policy (DECISIONS.md item 7): no Origin = not a browser, allowed. Otherwise the origin
+/* Origin policy (docs/§10 item 7): no Origin = not a browser, allowed. Otherwise the origin
  * must equal an allowed entry, or be that entry plus ":port". "*" allows every origin. */
 static int http_origin_ok(const char *o)
 {
@@ -5012,7 +5153,7 @@ static void http_on_data(struct conn *c)
             size_t cl = strlen(connection);
             snprintf(connection + cl, sizeof connection - cl, "%s%s", cl ? "," : "", v);
         }
-        if (nh < 64 && !HDR_IS("authorization")) {
+        if (nh < 64) { /* Authorization too: an auth function may check its own tokens */
             for (char *q = line; *q; q++) *q = (char)tolower((unsigned char)*q);
             hn[nh] = line, hv[nh++] = v;
         }
@@ -5127,7 +5268,7 @@ static void http_on_data(struct conn *c)
         }
     }
     /* RFC 6455 §4.2.2: 101 with Sec-WebSocket-Accept; no subprotocol or extension is negotiated
-     * (PROTOCOL.md §1.1), so neither header is sent */
+     * (§1.1), so neither header is sent */
     char acc[29];
     ws_accept_key(key, strlen(key), acc);
     buf_printf(&c->out,
@@ -5443,6 +5584,78 @@ static struct func *func_add(struct conn *owner, const char *ns, size_t nl, cons
     return f;
 }
 
+static void func_clear_meta(struct func *f);
+static void rt_queue_handoff(struct func *f, struct func *r);
+
+/* Unlinks f from its owner's list. */
+static void func_unown(struct func *f)
+{
+    if (!f->owner) return;
+    if (f->cprev) f->cprev->cnext = f->cnext;
+    else f->owner->funcs = f->cnext;
+    if (f->cnext) f->cnext->cprev = f->cprev;
+    f->owner->n_funcs--;
+}
+
+/* Adds owner as one more provider of primary p (routing: providers: many): a replica, at the
+ * end of p's chain. NULL on OOM. */
+static struct func *func_add_replica(struct func *p, struct conn *owner)
+{
+    struct func *f = xcalloc(sizeof *f);
+    if (!f || !(f->key = xmalloc(p->klen + 1))) {
+        xfree(f);
+        return NULL;
+    }
+    memcpy(f->key, p->key, p->klen + 1);
+    f->klen = p->klen, f->ns = f->key, f->id = f->key + (p->id - p->ns);
+    f->owner = owner, f->primary = p, f->fst = p->fst, f->ig = p->ig;
+    struct func **pp = &p->rnext;
+    while (*pp) pp = &(*pp)->rnext;
+    *pp = f;
+    f->cnext = owner->funcs;
+    if (owner->funcs) owner->funcs->cprev = f;
+    owner->funcs = f, owner->n_funcs++;
+    return f;
+}
+
+/* The provider of f's (ns, id) that c owns, or NULL. */
+static struct func *func_of(struct func *f, const struct conn *c)
+{
+    for (struct func *p = f; p; p = p->rnext)
+        if (p->owner == c) return p;
+    return NULL;
+}
+
+/* Removes one provider of a function that has several: a replica leaves its primary's chain;
+ * a primary hands its place in S.funcs and the id group to the next provider. The set of ids
+ * is unchanged (no functions-available event), and nothing is allocated: the map does not
+ * grow, it gives one node up and takes one. */
+static void func_remove_provider(struct func *f)
+{
+    func_unown(f);
+    if (f->primary) {
+        struct func **pp = &f->primary->rnext;
+        while (*pp && *pp != f) pp = &(*pp)->rnext;
+        if (*pp) *pp = f->rnext;
+    } else {
+        struct func *r = f->rnext;
+        rt_queue_handoff(f, r);
+        r->primary = NULL;
+        for (struct func *x = r->rnext; x; x = x->rnext) x->primary = r;
+        r->rr = f->rr;
+        hm_del(&S.funcs, &f->h);
+        hm_put(&S.funcs, &r->h, r->key, r->klen);
+        struct idgroup *g = f->ig;
+        r->ig = g, r->iprev = f->iprev, r->inext = f->inext;
+        if (f->iprev) f->iprev->inext = r;
+        else g->head = r;
+        if (f->inext) f->inext->iprev = r;
+    }
+    func_clear_meta(f);
+    xfree(f->key);
+    xfree(f);
+}
+
 /* Frees the registered description/schemas/metadata (a re-register replaces them). */
 static void func_clear_meta(struct func *f)
 {
@@ -5453,8 +5666,14 @@ static void func_clear_meta(struct func *f)
 
 /* Unregisters f: out of S.funcs and its owner's list, out of the fingerprint, then freed. The
  * caller has already dealt with calls in flight to it (they keep the connection, not f). */
+static void func_remove_provider(struct func *f);
 static void func_remove(struct func *f)
 {
+    if (f->primary || f->rnext) {
+        func_remove_provider(f);
+        return;
+    }
+    rt_queue_handoff(f, NULL); /* the last provider: waiting callers get invocation_stopped */
     hm_del(&S.funcs, &f->h);
     if (f->owner) {
         if (f->cprev) f->cprev->cnext = f->cnext;
@@ -5503,7 +5722,7 @@ static void lease_drop(struct conn *c)
  * loopback listener without auth config gives everyone, as before. With `auth_tokens` or
  * `rbac.auth_function_id` an upgrade must present a token (Authorization: Bearer T, or ?token=T)
  * or be admitted by the auth function; its session is then the token's entry or the function's
- * result, in the reference's shape (PROTOCOL.md §3.9): namespaces with grants, allowed and
+ * result, in the reference's shape (§3.9): namespaces with grants, allowed and
  * forbidden functions, registration switches, a registration prefix and a context. A session
  * is kept as its JSON text with the tokens of that text (grants are read from them directly),
  * reference-counted: a token's session is shared by its connections and outlives a reload.
@@ -5745,6 +5964,25 @@ static int auth_exposed(const char *id, size_t il, const char *ns, size_t nl, co
     return 0;
 }
 
+/* The routing rule that covers id[0..il) in ns[0..nl): the first that matches, or NULL (no
+ * rules: nothing to look at). */
+static const struct cfg_route *route_for(const char *ns, size_t nl, const char *id, size_t il)
+{
+    for (size_t i = 0; i < S.cfg.nroutes; i++) {
+        const struct cfg_route *r = &S.cfg.routes[i];
+        if (r->ns && (strlen(r->ns) != nl || memcmp(r->ns, ns, nl))) continue;
+        if (glob_match(r->match, strlen(r->match), id, il)) return r;
+    }
+    return NULL;
+}
+
+/* 1 when (ns, id) may have several providers. */
+static int route_many(const char *ns, size_t nl, const char *id, size_t il)
+{
+    const struct cfg_route *r = route_for(ns, nl, id, il);
+    return r && r->many;
+}
+
 /* The infrastructure functions every session may call (§3.9 step 4). */
 static int auth_infra(const char *id, size_t il)
 {
@@ -5909,6 +6147,12 @@ oom:
  * call on both connections and append one invokefunction frame to the target. A call record
  * (struct inv) comes from a free list and keeps the caller's id, the requested function_id and
  * the caller's trace context in inline storage, so a routed call allocates nothing once warm.
+ * Before routing: the caller's session decides (FORBIDDEN), the middleware may take the call,
+ * and the bounds (BUSY). A `routing:` rule may give a function several providers (picked by
+ * its balance), a per-provider bound with a queue, a deadline and retries; without rules the
+ * one owner gets every call. Invariants: a call record is on its caller's and target's
+ * lists and, when it has a deadline, in the deadline heap; a queued call is on its function's
+ * queue and its caller's list; a result settles only the call of the connection it was sent to.
  */
 /* Folds a 36-character UUID to lowercase into out (37 bytes): invocation ids are compared
  * case-insensitively, as UUIDs are (RFC 4122 §3), so "A1..." answered as "a1..." still matches. */
@@ -5929,6 +6173,55 @@ static struct inv *inv_find(const char *id)
     return (struct inv *)hm_get(&S.invs, k, 36);
 }
 
+/* The deadline heap (S.timed): every call record with a deadline, earliest first, so the
+ * timer pass looks at what is due and nothing else. v->hidx is 1 + v's index (0: not in). */
+static void timed_swap(size_t a, size_t b)
+{
+    struct inv *t = S.timed[a];
+    S.timed[a] = S.timed[b], S.timed[b] = t;
+    S.timed[a]->hidx = a + 1, S.timed[b]->hidx = b + 1;
+}
+
+static void timed_fix(size_t i)
+{
+    while (i && S.timed[(i - 1) / 2]->deadline > S.timed[i]->deadline)
+        timed_swap(i, (i - 1) / 2), i = (i - 1) / 2;
+    for (;;) {
+        size_t l = 2 * i + 1, m = i;
+        if (l < S.ntimed && S.timed[l]->deadline < S.timed[m]->deadline) m = l;
+        if (l + 1 < S.ntimed && S.timed[l + 1]->deadline < S.timed[m]->deadline) m = l + 1;
+        if (m == i) return;
+        timed_swap(i, m), i = m;
+    }
+}
+
+/* Puts v (deadline set) in the heap. -1 on OOM (v stays out). */
+static int timed_add(struct inv *v)
+{
+    if (S.ntimed == S.timed_cap) {
+        size_t nc = S.timed_cap ? S.timed_cap * 2 : 64;
+        struct inv **h = xrealloc(S.timed, nc * sizeof *h);
+        if (!h) return -1;
+        S.timed = h, S.timed_cap = nc;
+    }
+    S.timed[S.ntimed] = v, v->hidx = ++S.ntimed;
+    timed_fix(S.ntimed - 1);
+    timer_touch(v->deadline);
+    return 0;
+}
+
+/* Takes v out of the heap (a no-op when it is not in it). Allocates nothing. */
+static void timed_del(struct inv *v)
+{
+    if (!v->hidx) return;
+    size_t i = v->hidx - 1;
+    v->hidx = 0;
+    if (i != --S.ntimed) {
+        S.timed[i] = S.timed[S.ntimed], S.timed[i]->hidx = i + 1;
+        timed_fix(i);
+    }
+}
+
 /* A call record for id (36 chars, copied) of the given kind, from the free list when possible,
  * inserted into S.invs. Fields up to fid_small are zeroed. NULL on OOM. The caller checks that
  * id is not already in flight. Release with inv_free. */
@@ -5942,6 +6235,7 @@ static struct inv *inv_new(const char *id, int kind)
         return NULL;
     }
     memset(v, 0, offsetof(struct inv, fid_small));
+    v->retry = NULL;
     memcpy(v->id, id, 36);
     v->id[36] = 0;
     inv_fold(id, v->key);
@@ -6005,16 +6299,13 @@ static void inv_unlink(struct inv *v)
 static void inv_free(struct inv *v)
 {
     if (v->fst) fstat_end(v->fst, v->t0_us, 1); /* ended without a result: stopped */
-    if (v->kind == INV_ACK || v->kind == INV_AUTH) { /* both wait on the timed list */
-        if (v->kind == INV_ACK) S.n_acks--;
-        if (v->aprev) v->aprev->anext = v->anext;
-        else S.acks = v->anext;
-        if (v->anext) v->anext->aprev = v->aprev;
-    }
+    if (v->kind == INV_ACK) S.n_acks--;
+    timed_del(v);
     inv_unlink(v);
     hm_del(&S.invs, &v->h);
     if (v->fid && v->fid != v->fid_small) xfree(v->fid);
     if (v->ctx && v->ctx != v->ctx_small) xfree(v->ctx);
+    xfree(v->retry);
     if (S.inv_free_n < 4096) {
         v->free_next = S.inv_free, S.inv_free = v, S.inv_free_n++;
     } else {
@@ -6205,9 +6496,158 @@ static void auth_answer(struct inv *v, const struct jdoc *d, int res, int err);
 static void auth_refuse(struct conn *c, const char *msg);
 static int rt_busy(const struct conn *c, const struct conn *t, int reply, char *msg, size_t cap);
 
-/* The error a caller gets when the target disconnects mid-call (§7; exact text, DECISIONS.md). */
+/* The error a caller gets when the target disconnects mid-call (§7; exact text, docs/§10). */
 static const char ERR_STOPPED[] =
     "{\"code\":\"invocation_stopped\",\"message\":\"Invocation stopped\"}";
+
+/* ---- routing: providers, queues and retries (README "Routing") ---- */
+/* A copy of frame p[0..n) for caller c, in no list yet. NULL on OOM. */
+static struct qcall *qcall_new(struct conn *c, const unsigned char *p, size_t n, int64_t at)
+{
+    struct qcall *q = xmalloc(sizeof *q + n);
+    if (!q) return NULL;
+    memset(q, 0, sizeof *q);
+    q->caller = c, q->n = n, q->at = at;
+    memcpy(q->frame, p, n);
+    return q;
+}
+
+/* Links q into its caller's list (teardown forgets the caller in each entry). */
+static void qcall_own(struct qcall *q)
+{
+    struct conn *c = q->caller;
+    q->cprev = NULL, q->cnext = c->queued;
+    if (c->queued) c->queued->cprev = q;
+    c->queued = q;
+}
+
+/* Unlinks q from its caller's list (if it still has a caller) and frees it. */
+static void qcall_free(struct qcall *q)
+{
+    if (q->caller) {
+        if (q->cprev) q->cprev->cnext = q->cnext;
+        else q->caller->queued = q->cnext;
+        if (q->cnext) q->cnext->cprev = q->cprev;
+    }
+    xfree(q);
+}
+
+/* Appends (or with front, prepends) q to primary f's queue, listing f on S.qfuncs. */
+static void rt_enqueue_q(struct func *f, struct qcall *q, int front)
+{
+    if (front) q->next = f->qhead, f->qhead = q;
+    else q->next = NULL, *(f->qtail ? &f->qtail->next : &f->qhead) = q;
+    if (!q->next) f->qtail = q;
+    if (!f->qn++) f->qnext = S.qfuncs, S.qfuncs = f;
+}
+
+/* Takes f off S.qfuncs (its queue is empty or handed over). */
+static void rt_unlist_q(struct func *f)
+{
+    for (struct func **pp = &S.qfuncs; *pp; pp = &(*pp)->qnext)
+        if (*pp == f) {
+            *pp = f->qnext;
+            break;
+        }
+    f->qnext = NULL;
+}
+
+/* Puts c's call (frame d) in primary f's queue: 1, or 0 when the queue is full (max_queue) or
+ * memory is short (the caller is then answered BUSY). */
+static int rt_queue(struct conn *c, struct func *f, const struct jdoc *d, const struct cfg_route *ru)
+{
+    if (f->qn >= ru->max_queue) return 0;
+    struct qcall *q = qcall_new(c, d->src, d->len, S.qwait_ms ? now_ms() - S.qwait_ms : now_ms());
+    if (!q) return 0;
+    qcall_own(q);
+    rt_enqueue_q(f, q, 0);
+    return 1;
+}
+
+/* The provider of f (a primary) for the next call under rule ru (NULL: the single owner's
+ * way): open, not retiring, under max_inflight, chosen by the balance. NULL when none; *full
+ * when open providers exist but all are at max_inflight. */
+static struct func *rt_pick(struct func *f, const struct cfg_route *ru, int *full)
+{
+    size_t lim = ru ? ru->max_inflight : 0, n = 0;
+    int bal = ru ? ru->balance : BAL_FIRST;
+    struct func *best = NULL, *p = f;
+    *full = 0;
+    for (struct func *x = f; x; x = x->rnext) n++;
+    if (bal == BAL_RR && n > 1)
+        for (size_t i = f->rr % n; i; i--) p = p->rnext;
+    for (size_t i = 0; i < n; i++, p = p->rnext ? p->rnext : f) {
+        if (!conn_open(p->owner) || p->owner->retiring) continue;
+        if (lim && p->owner->n_in >= lim) {
+            *full = 1;
+            continue;
+        }
+        if (!best || (bal == BAL_LEAST && p->owner->n_in < best->owner->n_in)) best = p;
+        if (bal != BAL_LEAST) break;
+    }
+    if (best) *full = 0;
+    if (best && bal == BAL_RR) f->rr++;
+    return best;
+}
+
+static void rt_invoke(struct conn *c, const struct jdoc *d);
+
+/* Dispatches what waits in routing queues while providers have room (once per loop turn).
+ * A queued call is routed as if it arrived now, but its deadline counts the time it waited. */
+static void route_tick(void)
+{
+    for (struct func *f = S.qfuncs, *nf; f; f = nf) {
+        nf = f->qnext;
+        const struct cfg_route *ru = route_for(f->ns, strlen(f->ns), f->id, strlen(f->id));
+        while (f->qhead) {
+            struct qcall *q = f->qhead;
+            int full = 0;
+            if (q->caller && !rt_pick(f, ru, &full) && full) break;
+            if (!(f->qhead = q->next)) f->qtail = NULL;
+            f->qn--;
+            if (q->caller && conn_open(q->caller)) {
+                struct jdoc d = {0};
+                d.max = 4096;
+                S.qwait_ms = now_ms() - q->at;
+                if (!S.qwait_ms) S.qwait_ms = 1; /* nonzero: "from a queue" */
+                if (json_parse(&d, q->frame, q->n, 2, 0) == 0) rt_invoke(q->caller, &d);
+                S.qwait_ms = 0;
+                xfree(d.t);
+            }
+            qcall_free(q);
+        }
+        if (!f->qn) rt_unlist_q(f);
+    }
+}
+
+/* f (a primary) is going away with calls still queued: r (the next provider) takes the queue,
+ * or, when there is none, every waiting caller gets invocation_stopped. */
+static void rt_queue_handoff(struct func *f, struct func *r)
+{
+    if (!f->qn && !f->qhead) return;
+    rt_unlist_q(f);
+    if (r) {
+        r->qhead = f->qhead, r->qtail = f->qtail, r->qn = f->qn;
+        r->qnext = S.qfuncs, S.qfuncs = r;
+    } else {
+        while (f->qhead) {
+            struct qcall *q = f->qhead;
+            f->qhead = q->next;
+            struct jdoc d = {0};
+            d.max = 64;
+            if (q->caller && json_parse(&d, q->frame, q->n, 2, 0) == 0) {
+                int iid = json_get(&d, 0, "invocation_id"), fidt = json_get(&d, 0, "function_id");
+                if (JTYPE(&d, iid) == J_STRING && JLEN(&d, iid) == 38 && JTYPE(&d, fidt) == J_STRING)
+                    rt_send_result(q->caller, (const char *)JRAW(&d, iid) + 1, 36,
+                                   (const char *)JRAW(&d, fidt), JLEN(&d, fidt), NULL, 0,
+                                   (const unsigned char *)ERR_STOPPED, sizeof ERR_STOPPED - 1, "", 0);
+            }
+            xfree(d.t);
+            qcall_free(q);
+        }
+    }
+    f->qhead = f->qtail = NULL, f->qn = 0;
+}
 
 /* Engine-internal call (trigger fires, discovery events): resolve in ns, run or dispatch with a
  * fresh id; the result is discarded. meta: raw JSON metadata or NULL. */
@@ -6230,6 +6670,11 @@ static void rt_call_internal(const char *ns, const char *fid, const unsigned cha
         return;
     }
     char why[256];
+    /* a function with several providers: one of them, by its routing rule */
+    const struct cfg_route *ru = S.cfg.nroutes ? route_for(ns, strlen(ns), fid, strlen(fid)) : NULL;
+    int full = 0;
+    struct func *p = rt_pick(f, ru, &full);
+    if (p) f = p;
     if (!conn_open(f->owner)) return;
     if (rt_busy(NULL, f->owner, 0, why, sizeof why)) {
         S.n_busy++;
@@ -6242,6 +6687,10 @@ static void rt_call_internal(const char *ns, const char *fid, const unsigned cha
     if (!v) return;
     inv_link(v, NULL, f->owner);
     v->fst = f->fst, v->t0_us = fstat_begin(f->fst);
+    if (ru && ru->timeout_ms) { /* deadlines apply to trigger-fired calls too */
+        v->timeout_ms = ru->timeout_ms, v->deadline = now_ms() + ru->timeout_ms, v->notify = 1;
+        if (timed_add(v) < 0) v->notify = 0;
+    }
     struct buf q = {0};
     json_put_cstr(&q, fid);
     if (buf_check(&q)) conn_oom(f->owner);
@@ -6419,10 +6868,7 @@ static int rt_hold_ack(struct conn *c, struct trig *t, const struct jdoc *d, int
     if (!pt || !pt->provider || inv_find(cid)) return 0;
     struct inv *v = inv_new(cid, INV_ACK);
     if (!v) return 0;
-    S.n_acks++; /* on S.acks from the start, as inv_free takes every INV_ACK off it */
-    v->anext = S.acks, v->aprev = NULL;
-    if (S.acks) S.acks->aprev = v;
-    S.acks = v;
+    S.n_acks++; /* counted from the start, as inv_free uncounts every INV_ACK */
     v->fid = inv_store(v->fid_small, sizeof v->fid_small, JRAW(d, fidt), JLEN(d, fidt));
     v->ctx = inv_store(v->ctx_small, sizeof v->ctx_small, (const unsigned char *)ctx, cl);
     if (!v->fid || !v->ctx) {
@@ -6433,7 +6879,10 @@ static int rt_hold_ack(struct conn *c, struct trig *t, const struct jdoc *d, int
     v->receipt[36] = 0;
     /* 10 s as in the reference engine (§5.11); then the call is accepted without the ack */
     v->deadline = now_ms() + 10000;
-    timer_touch(v->deadline);
+    if (timed_add(v) < 0) {
+        inv_free(v);
+        return 0;
+    }
     v->fid_len = JLEN(d, fidt), v->ctx_len = cl;
     inv_link(v, c, pt->provider);
     return 1;
@@ -6467,7 +6916,8 @@ static void rt_invoke_builtin(struct conn *c, struct func *f, const struct jdoc 
  * and one invokefunction frame is queued to t. cid NULL: a void call, whose target still gets
  * an invocation_id, one the engine mints (§3.3). */
 static void rt_invoke_worker(struct conn *c, struct func *f, const struct jdoc *d, int fidt,
-                             int data, int meta, const char *cid, const char *ctx, size_t cl)
+                             int data, int meta, const char *cid, const char *ctx, size_t cl,
+                             int64_t tmo, int64_t left, const struct cfg_route *ru)
 {
     struct conn *t = f->owner;
     char mint[37];
@@ -6503,6 +6953,14 @@ static void rt_invoke_worker(struct conn *c, struct func *f, const struct jdoc *
     }
     inv_link(v, cid ? c : NULL, t);
     v->fst = f->fst, v->t0_us = fstat_begin(f->fst);
+    v->notify = ru != NULL; /* a routed call's target hears when it ends without its result */
+    if (tmo > 0) { /* a deadline: invocation_timeout then, and the target is told */
+        v->timeout_ms = tmo, v->deadline = now_ms() + left, v->notify = 1;
+        if (timed_add(v) < 0) v->notify = ru != NULL;
+    }
+    /* retry_on_disconnect: the frame is kept, to route the call again if its provider leaves */
+    if (ru && ru->retry && cid)
+        v->retry = qcall_new(c, d->src, d->len, now_ms() - (tmo ? tmo - left : 0));
     /* metadata goes to the target only: the reply echoes trace context, nothing else (§2.7) */
     rt_send_invoke(t, v->id, (const char *)JRAW(d, fidt), JLEN(d, fidt), JRAW(d, data),
                    JLEN(d, data), c->wid, d->cwid_key, ctx, cl,
@@ -6544,10 +7002,11 @@ static void rt_invoke_mw(struct conn *c, struct func *mw, const struct jdoc *d, 
         if (cid) rt_reply_err(c, d, fidt, cid, ctx, cl, "BUSY", "%s", why);
         return;
     }
-    if (!cid) uuid_new(mint);
-    if (!conn_open(t) || (cid && inv_find(cid))) {
-        if (cid) rt_reply_err(c, d, fidt, cid, ctx, cl, "invocation_error",
-                              "the middleware is unavailable or the id is in flight");
+    /* §3.9: through the middleware a reply is always sent, under a minted id for a void call */
+    if (!cid) uuid_new(mint), cid = mint;
+    if (!conn_open(t) || inv_find(cid)) {
+        rt_reply_err(c, d, fidt, cid, ctx, cl, "invocation_error",
+                     "the middleware is unavailable or the id is in flight");
         return;
     }
     struct buf in = {0}, q = {0};
@@ -6566,7 +7025,7 @@ static void rt_invoke_mw(struct conn *c, struct func *mw, const struct jdoc *d, 
     json_put_str(&in, ns, nl);
     buf_putc(&in, '}');
     json_put_cstr(&q, mw->id);
-    struct inv *v = buf_check(&in) | buf_check(&q) ? NULL : inv_new(cid ? cid : mint, cid ? INV_CALL : INV_VOID);
+    struct inv *v = buf_check(&in) | buf_check(&q) ? NULL : inv_new(cid, INV_CALL);
     if (!v) {
         conn_oom(c);
     } else {
@@ -6596,6 +7055,9 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
     int data = json_get(d, 0, "data"), tp = json_get(d, 0, "traceparent");
     int bg = json_get(d, 0, "baggage"), act = json_get(d, 0, "action");
     int meta = json_get(d, 0, "metadata"), nsi = json_get(d, 0, "namespace");
+    int64_t tmo = 0; /* timeout_ms this engine adds: a deadline for the call (0: none) */
+    if (json_int(d, json_get(d, 0, "timeout_ms"), &tmo) < 0 || tmo < 0 || tmo > CFG_MS_MAX)
+        tmo = 0;
     struct buf s1 = {0}, s2 = {0}, s3 = {0};
     const char *fid, *ns = NS_DEFAULT, *queue = NULL;
     size_t fl, nl = sizeof NS_DEFAULT - 1, ql = 0;
@@ -6691,15 +7153,47 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
                          "Function %.*s not found in namespace %.*s.%s", (int)fl, fid, (int)nl, ns,
                          hint);
         }
-    } else if (rt_busy(c, f->owner, reply, why, sizeof why)) {
-        /* a bound is reached: refused now, with a reason, rather than queued without limit */
-        S.n_inv_errors++, S.n_busy++;
-        if (reply) rt_reply_err(c, d, fidt, cid, ctx, cl, "BUSY", "%s", why);
-        else LOG_LIMITED(c, LOG_WARN, "worker %s: call to %.*s dropped: %s", c->wid, (int)fl, fid, why);
-    } else if (!f->owner) {
-        rt_invoke_builtin(c, f, d, fidt, data, cid, ctx, cl);
+    } else if (S.draining) {
+        /* shutting down: calls in flight finish, new ones are refused */
+        S.n_inv_errors++;
+        if (reply)
+            rt_reply_err(c, d, fidt, cid, ctx, cl, "engine_draining",
+                         "The engine is shutting down and takes no new calls");
     } else {
-        rt_invoke_worker(c, f, d, fidt, data, meta, cid, ctx, cl);
+        /* a worker function: the provider by the routing rule (the only one by default); all
+         * at their max_inflight: the call waits in the rule's queue, or is BUSY */
+        const struct cfg_route *ru = f->owner && S.cfg.nroutes ? route_for(ns, nl, fid, fl) : NULL;
+        int full = 0;
+        struct func *p = f->owner ? rt_pick(f, ru, &full) : f;
+        if (!p && full && ru->max_queue && rt_queue(c, f, d, ru)) {
+            /* queued: dispatched by route_tick when a provider has room */
+        } else if (!p && full) {
+            S.n_inv_errors++, S.n_busy++;
+            if (reply)
+                rt_reply_err(c, d, fidt, cid, ctx, cl, "BUSY",
+                             "Every provider of %.*s has %zu calls in flight (max_inflight)%s",
+                             (int)fl, fid, ru->max_inflight,
+                             ru->max_queue ? " and the queue is full (max_queue)" : "");
+        } else if (p = p ? p : f, rt_busy(c, p->owner, reply, why, sizeof why)) {
+            /* a bound is reached: refused now, with a reason, rather than queued without limit */
+            S.n_inv_errors++, S.n_busy++;
+            if (reply) rt_reply_err(c, d, fidt, cid, ctx, cl, "BUSY", "%s", why);
+            else LOG_LIMITED(c, LOG_WARN, "worker %s: call to %.*s dropped: %s", c->wid, (int)fl,
+                             fid, why);
+        } else if (!p->owner) {
+            rt_invoke_builtin(c, p, d, fidt, data, cid, ctx, cl);
+        } else {
+            int64_t qt = S.qwait_ms; /* time this call already spent in a routing queue */
+            int64_t dl = tmo ? tmo : ru ? ru->timeout_ms : 0;
+            if (dl && qt >= dl) {
+                S.n_inv_errors++;
+                if (reply)
+                    rt_reply_err(c, d, fidt, cid, ctx, cl, "invocation_timeout",
+                                 "Invocation timed out after %lld ms", (long long)dl);
+            } else {
+                rt_invoke_worker(c, p, d, fidt, data, meta, cid, ctx, cl, dl, dl ? dl - qt : 0, ru);
+            }
+        }
     }
     xfree(ctxh);
     goto done;
@@ -7175,7 +7669,7 @@ static int trig_listened(const char *type)
     return 0;
 }
 
-/* Called once per loop turn: fires functions_changed when the id set changed (DECISIONS.md
+/* Called once per loop turn: fires functions_changed when the id set changed (docs/§10
  * item 1: immediate, coalesced to one event per turn; keyed on the id set only). A snapshot is
  * the whole function list, so the next one waits until the last one's size has been paced
  * out at III_DISCOVERY_BYTES_PER_S: a small registry still gets every change at once, while a
@@ -7257,11 +7751,12 @@ static void auth_begin(struct conn *c, const struct buf *hq)
         conn_oom(c);
         return;
     }
-    v->anext = S.acks, v->aprev = NULL; /* the timed list: ack_timeouts gives up on it */
-    if (S.acks) S.acks->aprev = v;
-    S.acks = v;
-    v->deadline = now_ms() + III_AUTH_TIMEOUT_MS;
-    timer_touch(v->deadline);
+    v->deadline = now_ms() + III_AUTH_TIMEOUT_MS; /* inv_timeouts gives up on it then */
+    if (timed_add(v) < 0) {
+        inv_free(v);
+        conn_oom(c);
+        return;
+    }
     inv_link(v, c, f->owner);
     c->auth_wait = 1;
     buf_putc(&in, '{');
@@ -7425,7 +7920,19 @@ static void reg_function(struct conn *c, const struct jdoc *d)
         goto done;
     }
     struct func *f = func_find(c->ns, strlen(c->ns), id, il);
-    if (f && f->owner != c) {
+    struct func *mine = f ? func_of(f, c) : NULL;
+    if (mine) {
+        f = mine; /* a re-register by one of its providers: an idempotent overwrite */
+    } else if (f && f->owner && conn_live(f->owner) &&
+               route_many(c->ns, strlen(c->ns), id, il)) {
+        /* routing: providers: many: a further worker joins as a provider instead of being
+         * refused (the default stays the reference's single owner) */
+        if (c->n_funcs >= S.set.max_functions_per_connection || !(f = func_add_replica(f, c))) {
+            worker_rejected(c, FNC, c->ns, NULL, id, il, "",
+                            "this connection cannot add more functions");
+            goto done;
+        }
+    } else if (f && f->owner != c) {
         if (!f->owner) {
             /* deliberate deviation (§11.24): builtins cannot be overwritten by a worker */
             worker_rejected(c, FNC, c->ns, NULL, id, il, "", NULL);
@@ -7497,7 +8004,7 @@ static void reg_apply(struct conn *c, const struct jdoc *d)
         /* §2.2: only the recorded owner may remove it; no reply either way */
         char *id = json_strdup(d, json_get(d, 0, "id"), NULL);
         struct func *f = id ? func_find_c(c->ns, id) : NULL;
-        if (f && f->owner == c) func_remove(f);
+        if (f && (f = func_of(f, c))) func_remove(f); /* c's own provider of it, if any */
         xfree(id);
     } else if (json_streq(d, ty, "registertriggertype")) {
         int nsi = json_get(d, 0, "namespace"), dsc = json_get(d, 0, "description");
@@ -7601,7 +8108,7 @@ static void reg_apply(struct conn *c, const struct jdoc *d)
 
 static void rt_invoke(struct conn *c, const struct jdoc *d);
 
-/* Buffers frame p[0..n) at the tail of c's queue (§1.4 and DECISIONS.md item 10): registration
+/* Buffers frame p[0..n) at the tail of c's queue (§1.4 and docs/§10 item 10): registration
  * frames while the namespace is pending, and, while anything is queued, later registrations
  * and calls too, so they keep their arrival order. The queue is bounded in bytes (its buffer's
  * cap, max_pending_registration_bytes) and frames (max_pending_registration_frames): a client
@@ -7645,7 +8152,7 @@ static void drain_unlink(struct conn *c)
 }
 
 /* Applies c's queued frames in arrival order (§1.4): registrations, and the calls that waited
- * behind them (DECISIONS.md item 10). At most III_DRAIN_FRAMES frames or III_DRAIN_BYTES bytes
+ * behind them (docs/§10 item 10). At most III_DRAIN_FRAMES frames or III_DRAIN_BYTES bytes
  * per call, so no turn of the loop does unbounded work: a connection with more left stays on
  * S.drain and the loop comes back to it next turn. Stops if c goes away. */
 static void worker_drain(struct conn *c)
@@ -7920,7 +8427,7 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
         return;
     }
     if (TYPE_IS("invokefunction")) {
-        /* DECISIONS.md item 10: a call behind this connection's own queued registrations waits
+        /* docs/§10 item 10: a call behind this connection's own queued registrations waits
          * in that queue (read-your-own-writes); the announce itself never waits, as it is what
          * settles the namespace and drains the queue */
         if (buf_used(&c->pendq) && c->ns_state != NS_ABORTED &&
@@ -8023,18 +8530,74 @@ static void ack_settle(struct inv *v, const struct jdoc *d, int errbody)
     inv_free(v);
 }
 
-/* Gives up waiting for providers that did not answer within 10 s: the call is accepted. Walks
- * only the waiting acks (S.acks), saving each next link as ack_settle frees the record. */
-static void ack_timeouts(int64_t now, int64_t *next)
+/* retry_on_disconnect: call v lost its provider; if its function still has one, the call goes
+ * back to the front of the function's queue (route_tick sends it again, under the same id) and
+ * v is freed: 1. 0 when there is nowhere to send it (the caller gets invocation_stopped). */
+static int rt_retry(struct inv *v)
 {
-    for (struct inv *x = S.acks, *nx; x; x = nx) {
-        nx = x->anext;
-        if (x->deadline <= now && x->kind == INV_AUTH) {
+    struct qcall *q = v->retry;
+    struct jdoc d = {0};
+    struct func *f = NULL;
+    d.max = 64;
+    if (v->kind == INV_CALL && v->caller && conn_open(v->caller) &&
+        json_parse(&d, q->frame, q->n, 2, 0) == 0) {
+        int fidt = json_get(&d, 0, "function_id"), nsi = json_get(&d, 0, "namespace");
+        struct buf s1 = {0}, s2 = {0};
+        const char *fid, *ns = NS_DEFAULT;
+        size_t fl, nl = 7;
+        if (jstr(&d, fidt, &s1, &fid, &fl) == 0 && (JABSENT(&d, nsi) || jstr(&d, nsi, &s2, &ns, &nl) == 0))
+            f = func_find(ns, nl, fid, fl);
+        buf_free(&s1), buf_free(&s2);
+    }
+    xfree(d.t);
+    if (!f || !f->owner) return 0;
+    v->retry = NULL;
+    qcall_own(q);
+    rt_enqueue_q(f, q, 1);
+    inv_free(v);
+    return 1;
+}
+
+/* Tells the target of call v that it ended without the target's answer (the frame this engine
+ * adds: {"type":"invocationcancelled","invocation_id":..,"reason":..}; SDKs ignore unknown
+ * frame types, and it is only sent for calls with a deadline or a routing rule). */
+static void rt_cancel_notify(struct inv *v, const char *reason)
+{
+    if (!v->notify || !v->target || !conn_open(v->target)) return;
+    char m[160];
+    int n = snprintf(m, sizeof m,
+                     "{\"type\":\"invocationcancelled\",\"invocation_id\":\"%s\",\"reason\":\"%s\"}",
+                     v->id, reason);
+    conn_frame(v->target, WS_TEXT, m, (size_t)n);
+}
+
+/* Everything whose deadline has passed, earliest first (the heap's top): an ack wait is
+ * accepted (§5.11), an auth call refuses its connection, a call gets invocation_timeout and its
+ * target invocationcancelled. Lowers *next to the next deadline. */
+static void inv_timeouts(int64_t now, int64_t *next)
+{
+    while (S.ntimed && S.timed[0]->deadline <= now) {
+        struct inv *x = S.timed[0];
+        timed_del(x);
+        if (x->kind == INV_AUTH) {
             if (x->caller) auth_refuse(x->caller, "the auth function did not answer in time");
             inv_free(x);
-        } else if (x->deadline <= now) ack_settle(x, NULL, -1);
-        else if (x->deadline < *next) *next = x->deadline;
+        } else if (x->kind == INV_ACK) {
+            ack_settle(x, NULL, -1);
+        } else {
+            char e[160];
+            int n = snprintf(e, sizeof e, "{\"code\":\"invocation_timeout\",\"message\":\""
+                                          "Invocation timed out after %lld ms\"}",
+                             (long long)x->timeout_ms);
+            S.n_inv_errors++;
+            if (x->caller && x->kind == INV_CALL)
+                rt_send_result(x->caller, x->id, 36, x->fid, x->fid_len, NULL, 0,
+                               (const unsigned char *)e, (size_t)n, x->ctx, x->ctx_len);
+            rt_cancel_notify(x, "timeout");
+            inv_free(x);
+        }
     }
+    if (S.ntimed && S.timed[0]->deadline < *next) *next = S.timed[0]->deadline;
 }
 
 /* Disconnect cleanup (§7), exactly once per connection, in the spec's order. */
@@ -8059,6 +8622,7 @@ static void worker_teardown(struct conn *c)
             continue;
         }
         if (v->kind == INV_AUTH && v->caller) auth_refuse(v->caller, "the auth function went away");
+        if (v->retry && rt_retry(v)) continue; /* routed again to another provider */
         if (v->caller && (v->kind == INV_CALL || v->kind == INV_ENQUEUE)) {
             if (v->kind == INV_CALL)
                 rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len, NULL, 0,
@@ -8071,7 +8635,11 @@ static void worker_teardown(struct conn *c)
         inv_free(v);
     }
     /* calls it made: the targets may still answer; those results find no record and are ignored */
-    for (struct inv *v = c->calls_out, *nx; v; v = nx) nx = v->cnext, inv_free(v);
+    for (struct inv *v = c->calls_out, *nx; v; v = nx)
+        nx = v->cnext, rt_cancel_notify(v, "caller_disconnected"), inv_free(v);
+    /* its calls still waiting in routing queues are dropped when they are reached */
+    for (struct qcall *q = c->queued; q; q = q->cnext) q->caller = NULL;
+    c->queued = NULL;
     /* 6: its bindings and parked intents; durable bindings it created stay, no longer counted
      * against it; then the trigger types it provides (lists: nothing is allocated here) */
     for (struct trig *t = c->trigs, *nx; t; t = nx) {
@@ -8227,6 +8795,21 @@ static const char *fn_wname(const struct func *f, char *out, size_t cap)
     return out;
 }
 
+/* ,"providers":[{"worker_id","worker_name"},...] for a function with several providers (this
+ * engine's routing); nothing for the usual single owner, so default listings are unchanged. */
+static void fn_providers(struct buf *b, const struct func *f)
+{
+    if (!f->rnext) return;
+    buf_puts(b, ",\"providers\":[");
+    for (const struct func *p = f; p; p = p->rnext) {
+        if (p != f) buf_putc(b, ',');
+        buf_printf(b, "{\"worker_id\":\"%s\",\"worker_name\":", p->owner->wid);
+        json_put_cstr(b, p->owner->name);
+        buf_printf(b, ",\"inflight\":%zu}", p->owner->n_in);
+    }
+    buf_putc(b, ']');
+}
+
 /* One FunctionSummary (§5.1): function_id, namespace, worker_name, and description / metadata
  * as registered (raw JSON, omitted when absent). Also the element of functions_changed (§6.2). */
 static int fn_summary(struct buf *b, const struct func *f)
@@ -8239,6 +8822,7 @@ static int fn_summary(struct buf *b, const struct func *f)
     func_put_worker_name(b, f);
     if (f->desc_raw) buf_puts(b, ",\"description\":"), buf_puts(b, f->desc_raw);
     if (f->meta_raw) buf_puts(b, ",\"metadata\":"), buf_puts(b, f->meta_raw);
+    fn_providers(b, f);
     return buf_putc(b, '}');
 }
 
@@ -8369,6 +8953,7 @@ static void fn_detail(struct buf *b, const struct func *f)
     if (f->req_raw) buf_puts(b, ",\"request_schema\":"), buf_puts(b, f->req_raw);
     if (f->resp_raw) buf_puts(b, ",\"response_schema\":"), buf_puts(b, f->resp_raw);
     if (f->meta_raw) buf_puts(b, ",\"metadata\":"), buf_puts(b, f->meta_raw);
+    fn_providers(b, f);
     /* the live bindings that target this function in its namespace, sorted by id */
     buf_puts(b, ",\"registered_triggers\":[");
     struct tgroup *g = tg_find(&S.fgroups, f->key, f->klen);
@@ -8449,7 +9034,7 @@ static void bi_functions_info(BI_ARGS)
         } else {
             struct func *f = fn_info_resolve(id, ns, err);
             if (f && !sess_sees_fn(caller ? caller->sess : NULL, f))
-                rt_err(err, "NOT_FOUND", "Function '%s' is not registered.", id);
+                rt_err(err, "FORBIDDEN", "Function '%s' is not visible to this session.", id);
             else if (f) fn_detail(res, f);
         }
     } else if (JTYPE(d, many) != J_ARRAY || d->t[many].opaque || !d->t[many].n) {
@@ -8953,7 +9538,8 @@ static void bi_workers_register(BI_ARGS)
      * happens, c->lease is the lease c holds now and l->owner->lease == l for every lease */
     if (name) {
         struct lease *l = (struct lease *)reg_find(&S.leases, eff, strlen(eff), name, strlen(name));
-        if (l && l->owner != c && conn_live(l->owner)) {
+        /* a retiring holder (a rolling reload replaces it) yields its name to the newcomer */
+        if (l && l->owner != c && conn_live(l->owner) && !l->owner->retiring) {
             worker_rejected(c, "WORKER_NAMESPACE_CONFLICT", eff, name, NULL, 0, l->owner->wid,
                             NULL);
             conn_close(c, 1008, "WORKER_NAMESPACE_CONFLICT");
@@ -9224,7 +9810,7 @@ static void bi_unregister_trigger(BI_ARGS)
     xfree(id);
 }
 
-/* engine::log::* (DECISIONS.md): writes message and data to the engine's log at `level`; data
+/* engine::log::* (docs/§10): writes message and data to the engine's log at `level`; data
  * is cut to 600 bytes so one call cannot flood the log. No result. */
 static void bi_log(struct conn *caller, const struct jdoc *d, int in, int level)
 {
@@ -9422,7 +10008,7 @@ static void chan_sweep(int64_t now, int64_t *next)
 }
 
 /* ==== Health and metrics ====================================================================
- * Plain HTTP on the worker port (DECISIONS.md item 8).
+ * Plain HTTP on the worker port (docs/§10 item 8).
  */
 /* Worker connections not yet torn down (the iii_workers_active gauge and /health). */
 static size_t count_workers(void)
@@ -9432,7 +10018,7 @@ static size_t count_workers(void)
     return n;
 }
 
-/* GET /health body (DECISIONS.md item 8). */
+/* GET /health body (docs/§10 item 8). */
 static void http_health(struct buf *b)
 {
     buf_printf(b, "{\"status\":\"ok\",\"workers\":%zu,\"functions\":%zu,\"uptime_ms\":%lld}",
@@ -9440,7 +10026,7 @@ static void http_health(struct buf *b)
 }
 
 /* GET /metrics: Prometheus text exposition format 0.0.4 (hence the content type's version);
- * the counter names are the ones DECISIONS.md item 8 promises. */
+ * the counter names are the ones docs/§10 item 8 promises. */
 /* Appends s[0..n) as a Prometheus label value (backslash, quote and newline escaped). */
 static void prom_label(struct buf *b, const char *s, size_t n)
 {
@@ -9506,6 +10092,29 @@ static void http_metrics_functions(struct buf *b)
     http_fstat_family(b, "iii_function_duration_seconds_bucket", 3);
     http_fstat_family(b, "iii_function_duration_seconds_sum", 4);
     http_fstat_family(b, "iii_function_duration_seconds_count", 5);
+    /* routing (functions with several providers or a queue): per provider and per queue */
+    buf_puts(b, "# HELP iii_provider_inflight Calls in flight to each provider's worker.\n"
+                "# TYPE iii_provider_inflight gauge\n");
+    for (size_t i = 0; i < S.funcs.nb; i++)
+        for (struct hnode *e = S.funcs.b[i]; e; e = e->next) {
+            const struct func *f = (const struct func *)e;
+            for (const struct func *p = f->rnext ? f : NULL; p; p = p->rnext) {
+                buf_puts(b, "iii_provider_inflight{function=\"");
+                prom_label(b, f->id, strlen(f->id));
+                buf_puts(b, "\",namespace=\"");
+                prom_label(b, f->ns, strlen(f->ns));
+                buf_printf(b, "\",worker_id=\"%s\"} %zu\n", p->owner->wid, p->owner->n_in);
+            }
+        }
+    buf_puts(b, "# HELP iii_function_queue_depth Calls waiting for a provider with room.\n"
+                "# TYPE iii_function_queue_depth gauge\n");
+    for (const struct func *f = S.qfuncs; f; f = f->qnext) {
+        buf_puts(b, "iii_function_queue_depth{function=\"");
+        prom_label(b, f->id, strlen(f->id));
+        buf_puts(b, "\",namespace=\"");
+        prom_label(b, f->ns, strlen(f->ns));
+        buf_printf(b, "\"} %zu\n", f->qn);
+    }
 }
 
 static void http_metrics(struct buf *b)
@@ -9738,7 +10347,7 @@ static int64_t loop_timers(struct conn *c, int64_t now)
             c->wid, (long long)S.grace_ms);
         worker_resolve(c, NS_DEFAULT);
     }
-    /* DECISIONS.md item 2: silence past idle_timeout_ms is a dead peer; 1001 "going away" */
+    /* docs/§10 item 2: silence past idle_timeout_ms is a dead peer; 1001 "going away" */
     if (S.set.idle_timeout_ms > 0 && DUE(c->t_rx + S.set.idle_timeout_ms)) {
         conn_close(c, 1001, "idle timeout");
         return next;
@@ -9842,8 +10451,28 @@ static size_t sup_slots(void);
 static void sup_kill_all(void);
 static void out_log(const char *line, size_t n);
 
+/* Calls in flight that a drain waits for (not the engine's own ack and auth waits). */
+static size_t drain_busy(void) { return S.invs.n - S.n_acks; }
+
+/* SIGINT/SIGTERM: a drain first (drain_timeout_ms, README): the listener closes, new calls get
+ * engine_draining, calls in flight may finish; then loop_shutdown. A second signal, no call
+ * in flight, or a zero drain_timeout_ms stops at once. */
+static void drain_begin(void)
+{
+    if (S.draining || !S.cfg.lis.drain_timeout_ms || !drain_busy()) {
+        S.stop = 1;
+        return;
+    }
+    S.draining = 1;
+    S.drain_until = now_ms() + S.cfg.lis.drain_timeout_ms;
+    timer_touch(S.drain_until);
+    if (S.lfd >= 0) close(S.lfd), S.lfd = -1;
+    LOG(LOG_INFO, "draining: %zu calls in flight get up to %lld ms", drain_busy(),
+        (long long)S.cfg.lis.drain_timeout_ms);
+}
+
 /* Graceful shutdown (SIGINT/SIGTERM): stop accepting, end every worker's calls with
- * invocation_stopped, close every connection with 1012 (Service Restart, DECISIONS.md item 11:
+ * invocation_stopped, close every connection with 1012 (Service Restart, docs/§10 item 11:
  * clients that treat 1000/1001 as final, Python's websockets among them, reconnect on it),
  * stop supervised workers, flush. */
 static void loop_shutdown(void)
@@ -9995,7 +10624,7 @@ static void loop_run(void)
         }
         sup_tick(now, &next);
         cfg_watch_tick(now, &next);
-        ack_timeouts(now, &next);
+        inv_timeouts(now, &next);
         chan_sweep(now, &next);
         if (S.dirty || S.drain || S.resume) next = now;
         /* wake at least once a minute even with no deadline: cheap, and robust to a missed one */
@@ -10039,9 +10668,11 @@ static void loop_run(void)
         }
         drain_tick();
         resume_tick();
+        if (S.qfuncs) route_tick();
         if (S.sig_chld) S.sig_chld = 0, sup_reap_children();
         if (S.sig_hup) S.sig_hup = 0, cfg_reload("SIGHUP");
-        if (S.sig_term) S.stop = 1;
+        if (S.sig_term) S.sig_term = 0, drain_begin();
+        if (S.draining && (!drain_busy() || now_ms() >= S.drain_until)) S.stop = 1;
         ev_functions_tick(now_ms(), &S.timer_at);
     }
     xfree(pf);
@@ -10055,6 +10686,10 @@ static void loop_run(void)
  * with a "[name] " prefix. SIGCHLD arrives through the self-pipe; exits are reaped with
  * waitpid(WNOHANG) and restarted per policy with exponential backoff (1 s doubling to 30 s,
  * reset after 60 s of uptime). Stop = SIGTERM to the group, SIGKILL after stop_timeout_ms.
+ * An entry with `instances: N` is N processes (name.1 .. name.N); a changed entry whose
+ * functions may have several providers is replaced one instance at a time (sup_roll_tick).
+ * Output goes through two queues (stdout, stderr) written in whole lines when the engine's own
+ * descriptors can take them; a full queue stops the reading of worker pipes (backpressure).
  *
  * Dying with the engine: at start-up the engine forks a sentinel, a tiny process in its own
  * session that holds the read end of a lifeline pipe. The engine writes "+pgid" / "-pgid"
@@ -10077,6 +10712,11 @@ struct proc {
     struct cfg_worker *restart_with; /* changed by a reload: start this once stopped */
     int dead_restart;                /* policy says: start at next_start */
     char *refusal;                   /* last registrationrejected of its process (JSON) */
+    int inst;                        /* instance number (1..N), 0 when the entry has one */
+    struct cfg_worker *roll_with;    /* rolling reload: to be replaced by a process of this entry */
+    struct proc *roll_new;           /* ... the replacement, once started */
+    int roll_phase;                  /* 0 none, 1 waiting for the new one's functions, 2 draining */
+    int64_t roll_until;              /* the current phase's deadline */
     unsigned restarts;               /* restarts by its policy since the engine started it */
     int has_exit, exit_code, exit_signal; /* how it last ended (exit_signal 0: exited) */
     int64_t exit_at;                 /* ... and when (epoch ms) */
@@ -10234,7 +10874,7 @@ static void sentinel_start(void)
 }
 
 /* Appends "[name] text\n" for output stream k (0 stdout, 1 stderr). Nothing is dropped: the
- * queue is bounded by backpressure instead (DECISIONS.md item 12): past III_OUTQ_HIGH bytes
+ * queue is bounded by backpressure instead (docs/§10 item 12): past III_OUTQ_HIGH bytes
  * sup_pollfds stops reading that stream's worker pipes, so a worker writing faster than the
  * engine's output drains blocks on its own write, as on a slow terminal. */
 static void sup_emit(int k, const char *name, const unsigned char *p, size_t n)
@@ -10331,7 +10971,11 @@ static void sup_close_fd(struct proc *pr, int k)
 static int sup_start(struct proc *pr)
 {
     int po[2], pe[2];
-    char *nm = xstrdup(pr->w->name);
+    char *nm = xmalloc(strlen(pr->w->name) + 24);
+    if (nm) {
+        if (pr->inst) sprintf(nm, "%s.%d", pr->w->name, pr->inst);
+        else strcpy(nm, pr->w->name);
+    }
     if (!nm) return -1;
     xfree(pr->name);
     pr->name = nm;
@@ -10373,7 +11017,12 @@ static int sup_start(struct proc *pr)
             if (fds[k] > 2) close(fds[k]);
         setenv("III_URL", url, 1);
         setenv("III_ENGINE_URL", url, 1);
-        setenv("III_WORKER_NAME", pr->w->name, 1);
+        setenv("III_WORKER_NAME", pr->name, 1);
+        if (pr->inst) {
+            char ib[16];
+            snprintf(ib, sizeof ib, "%d", pr->inst);
+            setenv("III_INSTANCE", ib, 1);
+        }
         setenv("III_ENGINE_PID", pidv, 1);
         /* the engine's own workers pass its authentication: a full-access token per start */
         setenv("III_TOKEN", worker_token, 1);
@@ -10410,7 +11059,18 @@ static int sup_start(struct proc *pr)
 
 /* Adds a supervised process for entry w (borrowed: it belongs to S.cfg) and starts it; a failed
  * start is retried after the backoff. NULL on OOM. */
-static struct proc *sup_add(struct cfg_worker *w)
+static struct proc *sup_add_inst(struct cfg_worker *w, int inst);
+
+/* Adds and starts every process of entry w (instances). 0 ok, -1 OOM. */
+static int sup_add(struct cfg_worker *w)
+{
+    for (int k = 1; k <= w->instances; k++)
+        if (!sup_add_inst(w, w->instances > 1 ? k : 0)) return -1;
+    return 0;
+}
+
+/* Adds a supervised process for instance inst of entry w and starts it. NULL on OOM. */
+static struct proc *sup_add_inst(struct cfg_worker *w, int inst)
 {
     struct proc **np = xrealloc(procs, (nprocs + 1) * sizeof *np);
     struct proc *pr = xcalloc(sizeof *pr);
@@ -10421,6 +11081,7 @@ static struct proc *sup_add(struct cfg_worker *w)
     }
     procs = np;
     pr->w = w;
+    pr->inst = inst;
     pr->fd[0] = pr->fd[1] = -1;
     pr->backoff = III_BACKOFF_MIN_MS;
     procs[nprocs++] = pr;
@@ -10499,7 +11160,7 @@ static void sup_retire_conns(pid_t pid)
 
 /* Reaps every exited child (WNOHANG, after SIGCHLD) and applies the restart policy: removed
  * entries are freed, reloaded ones restart at once with the new entry, others per `restart`
- * with exponential backoff (DECISIONS.md item 3). Only called from the loop. */
+ * with exponential backoff (docs/§10 item 3). Only called from the loop. */
 static void sup_reap_children(void)
 {
     int st;
@@ -10549,10 +11210,93 @@ static void sup_reap_children(void)
     }
 }
 
+/* The totals over the worker connections of process pid: functions and calls in flight.
+ * Returns how many connections there are. */
+static size_t sup_conns_of(pid_t pid, size_t *nfuncs, size_t *inflight)
+{
+    size_t n = 0;
+    *nfuncs = *inflight = 0;
+    for (struct conn *c = S.conns; c; c = c->next)
+        if (c->kind == CK_WORKER && c->has_pid && (pid_t)c->pid == pid && !c->torn)
+            n++, *nfuncs += c->n_funcs, *inflight += c->n_in;
+    return n;
+}
+
+/* 1 if processes a and b are instances of one entry (their names without ".k" agree). */
+static int sup_same_entry(const struct proc *a, const struct proc *b)
+{
+    size_t la = strlen(a->name), lb = strlen(b->name);
+    if (a->inst) la = (size_t)(strrchr(a->name, '.') - a->name);
+    if (b->inst) lb = (size_t)(strrchr(b->name, '.') - b->name);
+    return la == lb && !memcmp(a->name, b->name, la);
+}
+
+/* 1 when pr's process can be replaced without a gap (rolling reload): it is connected and
+ * every function it provides may have several providers (routing: providers: many). */
+static int sup_can_roll(const struct proc *pr)
+{
+    int any = 0;
+    for (struct conn *c = S.conns; c; c = c->next) {
+        if (c->kind != CK_WORKER || !c->has_pid || (pid_t)c->pid != pr->pid || c->torn) continue;
+        any = 1;
+        for (const struct func *f = c->funcs; f; f = f->cnext)
+            if (!route_many(f->ns, strlen(f->ns), f->id, strlen(f->id))) return 0;
+    }
+    return any;
+}
+
+/* Rolling reload, one instance of an entry at a time: the replacement starts (phase 1) while
+ * the old process stops taking calls (its connections are retiring: the router skips them and
+ * the new one may take over the name lease); once the new one has registered as many
+ * functions (or 10 s passed) the old one drains its calls in flight (phase 2, up to its stop
+ * timeout) and is stopped. So calls keep going to the other instances and none fails. */
+static void sup_roll_tick(int64_t now, int64_t *next)
+{
+    for (size_t i = 0; i < nprocs; i++) {
+        struct proc *pr = procs[i];
+        size_t of, oi, nf = 0, ni;
+        if (pr->roll_with && !pr->roll_phase) {
+            int busy = 0; /* one instance of an entry at a time */
+            for (size_t k = 0; k < nprocs; k++)
+                busy |= procs[k]->roll_phase > 0 && procs[k]->roll_phase < 3 &&
+                        sup_same_entry(procs[k], pr);
+            if (busy) continue;
+            struct cfg_worker *nw = pr->roll_with;
+            pr->roll_with = NULL, pr->roll_phase = 1, pr->roll_until = now + 10000;
+            for (struct conn *c = S.conns; c; c = c->next)
+                if (c->kind == CK_WORKER && c->has_pid && (pid_t)c->pid == pr->pid) c->retiring = 1;
+            LOG(LOG_INFO, "worker %s: rolling reload: starting its replacement", pr->name);
+            pr->roll_new = sup_add_inst(nw, pr->inst);
+            pr->w = NULL; /* no restart of the old one, whatever its policy */
+            pr = procs[i];
+        }
+        if (pr->roll_phase == 1) {
+            sup_conns_of(pr->pid, &of, &oi);
+            int found = 0;
+            for (size_t k = 0; k < nprocs; k++) found |= procs[k] == pr->roll_new;
+            if (found && pr->roll_new->pid) sup_conns_of(pr->roll_new->pid, &nf, &ni);
+            if (!found || nf >= of || now >= pr->roll_until)
+                pr->roll_phase = 2, pr->roll_until = now + pr->stop_ms;
+        }
+        if (pr->roll_phase == 2) {
+            sup_conns_of(pr->pid, &of, &oi);
+            if (!oi || now >= pr->roll_until) {
+                pr->roll_phase = 3, pr->remove = 1;
+                LOG(LOG_INFO, "worker %s: rolling reload: replacement ready, stopping the old one",
+                    pr->name);
+                sup_stop(pr);
+            }
+        }
+        if (pr->roll_phase == 1 || pr->roll_phase == 2 || pr->roll_with)
+            if (now + 50 < *next) *next = now + 50; /* look again soon while a roll goes on */
+    }
+}
+
 /* Timers of the supervisor: SIGKILL for processes past their stop timeout (repeated every
  * second until they are reaped), and due restarts. Lowers *next to the earliest deadline. */
 static void sup_tick(int64_t now, int64_t *next)
 {
+    sup_roll_tick(now, next);
     for (size_t i = 0; i < nprocs; i++) {
         struct proc *pr = procs[i];
         if (pr->pid && pr->stopping) {
@@ -10803,6 +11547,30 @@ static void cfg_log_warnings(const struct cfg *c)
     }
 }
 
+/* 1 if process pr's instance number exists in entry w: the single process of a one-instance
+ * entry, or one of 1..N. */
+static int sup_inst_fits(const struct proc *pr, const struct cfg_worker *w)
+{
+    return w->instances > 1 ? pr->inst >= 1 && pr->inst <= w->instances : pr->inst == 0;
+}
+
+/* 1 if two worker entries are the same but for `instances` (that key alone starts or stops
+ * the difference, and restarts nothing). */
+static int cfg_entry_same(const struct yaml_node *a, const struct yaml_node *b)
+{
+    if (!a || !b || a->kind != YAML_MAP || b->kind != YAML_MAP) return yaml_equal(a, b);
+    size_t na = 0, nb = 0;
+    for (size_t i = 0; i < a->n; i++) {
+        if (!strcmp(a->keys[i], "instances")) continue;
+        na++;
+        size_t j = 0;
+        while (j < b->n && strcmp(b->keys[j], a->keys[i])) j++;
+        if (j == b->n || !yaml_equal(a->items[i], b->items[j])) return 0;
+    }
+    for (size_t j = 0; j < b->n; j++) nb += strcmp(b->keys[j], "instances") != 0;
+    return na == nb;
+}
+
 /* iii --check: the config is valid (cfg_load already said otherwise and exited 1); prints what
  * would run: the listener and each declared worker with its command. Returns 0. */
 static int cfg_check_print(int missing)
@@ -10848,7 +11616,7 @@ static void reload_fail(const char *fmt, ...)
     S.stop = 1;
 }
 
-/* Hot reload (PROTOCOL.md §8.5, DECISIONS.md item 4), from the config watch or SIGHUP. Loads and
+/* Hot reload (§8.5, docs/§10 item 4), from the config watch or SIGHUP. Loads and
  * validates the whole file first; any failure is fatal via reload_fail. Then rebinds the
  * listener if host/port changed, and diffs process entries by instance name: removed ones are
  * stopped, changed ones stopped and restarted from the new entry, added ones started. The old
@@ -10890,14 +11658,17 @@ static void cfg_reload(const char *why)
         rebound = 1;
     }
     xfree(oh);
-    /* diff by instance name */
+    /* diff by entry and instance: a process outside the new entry's instances goes, a changed
+     * entry restarts its processes (one at a time, when they can roll: sup_can_roll), a new
+     * instance starts; `instances` alone changes nothing for the others */
     size_t added = 0, removed = 0, changed = 0;
     for (size_t i = 0; i < nprocs; i++) {
         struct proc *pr = procs[i];
+        struct cfg_worker *nw = pr->w ? cfg_find(&S.cfg, pr->w->name) : NULL;
         if (pr->restart_with) {
             /* still stopping from an earlier reload: restart from this config's entry, if any */
-            struct cfg_worker *nw = cfg_find(&S.cfg, pr->name);
-            pr->restart_with = nw && cfg_is_process(nw) ? nw : NULL;
+            nw = cfg_find(&S.cfg, pr->restart_with->name);
+            pr->restart_with = nw && cfg_is_process(nw) && sup_inst_fits(pr, nw) ? nw : NULL;
             if (!pr->restart_with) pr->remove = 1;
             continue;
         }
@@ -10905,18 +11676,21 @@ static void cfg_reload(const char *why)
             pr->w = NULL;
             continue;
         }
-        struct cfg_worker *nw = cfg_find(&S.cfg, pr->name);
-        if (!nw || !cfg_is_process(nw)) {
+        if (!nw || !cfg_is_process(nw) || !sup_inst_fits(pr, nw)) {
             pr->remove = 1;
             pr->restart_with = NULL;
             pr->w = NULL;
+            pr->roll_with = NULL;
             if (pr->pid) sup_stop(pr);
             else pr->dead_restart = 0;
             removed++;
-        } else if (!yaml_equal(pr->w->entry, nw->entry) ||
+        } else if (!cfg_entry_same(pr->w->entry, nw->entry) ||
                    (!pr->pid && !pr->dead_restart && !pr->stopping)) {
             changed++;
-            if (pr->pid) {
+            if (pr->pid && nw->instances > 1 && sup_can_roll(pr)) {
+                pr->roll_with = nw; /* replaced by sup_roll_tick, one instance at a time */
+                pr->w = nw;
+            } else if (pr->pid) {
                 sup_stop(pr);
                 pr->restart_with = nw; /* started from the new entry once the old one is gone */
                 pr->w = NULL;
@@ -10934,10 +11708,15 @@ static void cfg_reload(const char *why)
     for (size_t i = 0; i < S.cfg.nw; i++) {
         struct cfg_worker *w = &S.cfg.w[i];
         if (!cfg_is_process(w)) continue;
-        int found = 0;
-        for (size_t k = 0; k < nprocs; k++)
-            found |= !procs[k]->remove && !strcmp(procs[k]->name ? procs[k]->name : "", w->name);
-        if (!found) sup_add(w), added++;
+        for (int k = 1; k <= w->instances; k++) {
+            int inst = w->instances > 1 ? k : 0, found = 0;
+            for (size_t q = 0; q < nprocs && !found; q++) {
+                struct proc *pr = procs[q];
+                struct cfg_worker *pw = pr->w ? pr->w : pr->restart_with;
+                found = !pr->remove && pw && !strcmp(pw->name, w->name) && pr->inst == inst;
+            }
+            if (!found) sup_add_inst(w, inst), added++;
+        }
     }
     /* only now: every proc points into the new config (or has w == NULL) */
     cfg_free(&old);
@@ -10946,7 +11725,7 @@ static void cfg_reload(const char *why)
 }
 /* The command-line synopsis (engine mode and the two CLI client commands). */
 /* ==== CLI client ============================================================================
- * `iii trigger` and `iii list` (DECISIONS.md item 9): a blocking client in the same binary that
+ * `iii trigger` and `iii list` (docs/§10 item 9): a blocking client in the same binary that
  * connects as an ordinary worker (no engine::workers::register, so it never shows in the
  * registry), sends one invokefunction and waits for its result. Same framing code as the
  * engine; client frames are masked (RFC 6455 §5.3; a zero key is legal).
@@ -11775,7 +12554,7 @@ static const struct cli_cmd {
      "  a non-zero exit is an invocation_failed error carrying its stderr. The command sees\n"
      "  III_FUNCTION_ID and III_INVOCATION_ID. Reconnects if the engine restarts.\n"
      "  --namespace NS   register in namespace NS\n"
-     "  --name NAME      worker name (default serve:FUNCTION_ID)\n"
+     "  --name NAME      worker name (default $III_WORKER_NAME, else serve:FUNCTION_ID)\n"
      "  --description T  the function's description\n"
      "  --concurrency N  at most N commands at once (default 4; up to 1000 calls wait, then BUSY)\n"
      "  --timeout MS     kill a command after MS ms: invocation_timeout (default 30000, 0 = none)\n"
@@ -11984,8 +12763,12 @@ static int cli_main(int argc, char **argv)
                     cmd->usage);
             return 2;
         }
+        /* a declared worker is named by the engine (III_WORKER_NAME: name, or name.k for one
+         * of several instances), so instances do not contend for one name */
         char nm[300];
-        snprintf(nm, sizeof nm, "serve:%s", pos[0]);
+        const char *en = getenv("III_WORKER_NAME");
+        if (en && *en) snprintf(nm, sizeof nm, "%s", en);
+        else snprintf(nm, sizeof nm, "serve:%s", pos[0]);
         struct srv s;
         memset(&s, 0, sizeof s);
         s.fid = pos[0], s.ns = ns, s.name = name ? name : nm, s.desc = desc, s.argv = command;
@@ -12104,7 +12887,7 @@ out:
 #ifndef III_NO_MAIN
 /* Engine mode: parse arguments, load config.yaml (missing = built-in defaults; invalid = exit
  * 1), apply --host/--port and III_NAMESPACE_GRACE_MS, install signals, register builtins,
- * bind the listener (fatal on failure, DECISIONS.md item 5), start declared workers, run the
+ * bind the listener (fatal on failure, docs/§10 item 5), start declared workers, run the
  * loop, then free everything so leak checkers see only real leaks. III_LOG sets the level. */
 int main(int argc, char **argv)
 {
@@ -12231,8 +13014,8 @@ int main(int argc, char **argv)
     if (bi_init() < 0) die("out of memory");
     if (listener_open(err, sizeof err) < 0) die("%s", err);
     for (size_t i = 0; i < S.cfg.nw; i++)
-        if (cfg_is_process(&S.cfg.w[i]) && !sup_add(&S.cfg.w[i])) die("out of memory");
-    /* watch the file only if it existed at start-up (DECISIONS.md item 6: no file, no reload) */
+        if (cfg_is_process(&S.cfg.w[i]) && sup_add(&S.cfg.w[i]) < 0) die("out of memory");
+    /* watch the file only if it existed at start-up (docs/§10 item 6: no file, no reload) */
     if (!missing) {
         if (watch_stat(&watch.st) == 0)
             watch.have = 1, watch.next_check = now_ms() + III_WATCH_INTERVAL_MS;

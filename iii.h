@@ -105,6 +105,9 @@
 #ifndef III_DEFAULT_MAX_MEMORY_BYTES
 #define III_DEFAULT_MAX_MEMORY_BYTES (1024u << 20) /* every buffer and record together */
 #endif
+#ifndef III_DEFAULT_DRAIN_TIMEOUT_MS
+#define III_DEFAULT_DRAIN_TIMEOUT_MS 5000 /* SIGTERM: in-flight calls get this long to finish */
+#endif
 #ifndef III_DEFAULT_PING_INTERVAL_MS
 #define III_DEFAULT_PING_INTERVAL_MS 20000 /* matches the SDK's own ping cadence */
 #endif
@@ -187,6 +190,9 @@
 #endif
 #ifndef III_METRIC_FUNCTIONS
 #define III_METRIC_FUNCTIONS 1000 /* functions with their own /metrics series; the rest: _other */
+#endif
+#ifndef III_MAX_INSTANCES
+#define III_MAX_INSTANCES 64 /* processes one worker entry may ask for (instances:) */
 #endif
 #ifndef III_BACKOFF_MIN_MS
 #define III_BACKOFF_MIN_MS 1000 /* restart backoff: 1 s doubling ... */

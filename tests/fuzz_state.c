@@ -1021,7 +1021,7 @@ static void fz_timers(void)
 {
     int64_t now = now_ms(), next = INT64_MAX;
     for (struct conn *c = S.conns; c; c = c->next) timer_touch(loop_timers(c, now));
-    ack_timeouts(now, &next);
+    inv_timeouts(now, &next);
 }
 
 static void fz_reap(void)

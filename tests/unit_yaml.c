@@ -737,7 +737,7 @@ static void test_cfg(void)
     /* Refusals: each names the file, the position, the entry and the key. */
     ce("unknown top-level key", "workers: []\n\n\nfoo: 1\n",
        "config.yaml:4:1: unknown top-level key `foo` (expected registration_namespace_grace_ms, "
-       "on_invalid_reload, workers, modules)");
+       "on_invalid_reload, routing, workers, modules)");
     ce("top level not a mapping", "- a\n",
        "config.yaml:1:1: the top level must be a mapping "
        "with the keys registration_namespace_grace_ms, workers, modules (got a list)");
@@ -775,8 +775,8 @@ static void test_cfg(void)
        "max_pending_registration_bytes, max_pending_registration_frames, "
        "max_inflight_per_connection, max_inflight_total, max_functions_per_connection, "
        "max_triggers_per_connection, max_triggers_per_function, max_triggers, max_memory_bytes, "
-       "allowed_origins, auth_tokens, rbac, middleware_function_id, allow_unauthenticated, "
-       "metrics_public, allowed_hosts, worker_token)");
+       "drain_timeout_ms, allowed_origins, auth_tokens, rbac, middleware_function_id, "
+       "allow_unauthenticated, metrics_public, allowed_hosts, worker_token)");
     ce("rbac with an unknown key",
        "workers:\n- name: iii-worker-manager\n  config:\n    rbac: {auth_fn: x}\n",
        "config.yaml:4:5: worker 'iii-worker-manager': `rbac` in config: unknown key \"auth_fn\" "
