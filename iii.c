@@ -2920,7 +2920,15 @@ struct cfg_route {
     size_t max_inflight, max_queue; /* per provider, and the wait queue (0: unbounded) */
 };
 
+/* `cluster:` (README "Cluster"): the NATS servers and this engine's node name. */
+struct cfg_cluster {
+    char **urls;   /* nats://host:port, tried in turn */
+    size_t nurls;  /* 0: no cluster */
+    char *node, *user, *pass, *token, *prefix; /* node default: hostname:port; prefix "iii" */
+};
+
 struct cfg {
+    struct cfg_cluster cluster;
     struct cfg_route *routes; /* `routing:`, in file order */
     size_t nroutes;
     int64_t grace_ms;        /* registration_namespace_grace_ms, III_DEFAULT_GRACE_MS when absent */
@@ -3030,6 +3038,9 @@ static void cfg_free(struct cfg *c)
     }
     xfree(c->w);
     for (i = 0; i < c->nroutes; i++) xfree(c->routes[i].match), xfree(c->routes[i].ns);
+    cfg_free_list(c->cluster.urls);
+    xfree(c->cluster.node), xfree(c->cluster.user), xfree(c->cluster.pass);
+    xfree(c->cluster.token), xfree(c->cluster.prefix);
     xfree(c->routes);
     buf_free(&c->warnings);
     cfg_free_list(c->lis.auth_tokens);
@@ -3739,6 +3750,59 @@ oom:
     return cfg_fail(x, NULL, 0, 0, "out of memory");
 }
 
+/* `cluster:` (README "Cluster"): nats (a list of nats://host:port URLs), node, user, password,
+ * token, prefix. */
+static int cfg_cluster(struct cfg_ctx *x, struct cfg *c, const struct yaml_node *v)
+{
+    char t[64];
+    struct cfg_cluster *cl = &c->cluster;
+    if (v->kind == YAML_NULL) return 0;
+    if (v->kind != YAML_MAP)
+        return cfg_fail(x, NULL, v->line, v->col, "`cluster` must be a mapping with `nats` (got %s)",
+                        cfg_got(v, t, sizeof t));
+    for (size_t i = 0; i < v->n; i++) {
+        const char *key = v->keys[i];
+        const struct yaml_node *e = v->items[i];
+        int line = v->key_lines[i], col = v->key_cols[i];
+        if (!strcmp(key, "nats")) {
+            if (!e || e->kind != YAML_SEQ || !e->n)
+                return cfg_fail(x, NULL, line, col,
+                                "`cluster.nats` must be a non-empty list of nats://host:port URLs");
+            if (!(cl->urls = cfg_list(e->n))) return cfg_fail(x, NULL, 0, 0, "out of memory");
+            for (size_t k = 0; k < e->n; k++) {
+                const struct yaml_node *u = e->items[k];
+                const char *s = u && u->kind == YAML_STR ? cfg_text(u) : NULL;
+                if (!s || strncmp(s, "nats://", 7) || !s[7])
+                    return cfg_fail(x, NULL, u ? u->line : line, u ? u->col : col,
+                                    "each of `cluster.nats` must be a nats://host:port URL (got %s)",
+                                    cfg_got(u, t, sizeof t));
+                if (!(cl->urls[k] = xstrdup(s))) return cfg_fail(x, NULL, 0, 0, "out of memory");
+                cl->nurls++;
+            }
+        } else if (!strcmp(key, "node") || !strcmp(key, "user") || !strcmp(key, "password") ||
+                   !strcmp(key, "token") || !strcmp(key, "prefix")) {
+            const char *s = e && e->kind == YAML_STR ? cfg_text(e) : NULL;
+            if (!s || !*s || strpbrk(s, " \t\r\n*>"))
+                return cfg_fail(x, NULL, line, col,
+                                "`cluster.%s` must be a non-empty string without spaces, * or >",
+                                key);
+            char **dst = key[0] == 'n' ? &cl->node : key[0] == 'u' ? &cl->user
+                         : key[0] == 'p' && key[1] == 'a' ? &cl->pass : key[0] == 't' ? &cl->token
+                                                                        : &cl->prefix;
+            xfree(*dst);
+            if (!(*dst = xstrdup(s))) return cfg_fail(x, NULL, 0, 0, "out of memory");
+        } else {
+            return cfg_fail(x, NULL, line, col,
+                            "unknown key `%s` in `cluster` (expected nats, node, user, password, "
+                            "token, prefix)",
+                            key);
+        }
+    }
+    if (!cl->nurls)
+        return cfg_fail(x, NULL, v->line, v->col, "`cluster` needs `nats`: a list of server URLs");
+    return 0;
+}
+
 /* `routing:`, a list of rules (README "Routing"), each checked key by key. */
 static int cfg_routing(struct cfg_ctx *x, struct cfg *c, const struct yaml_node *v)
 {
@@ -3828,7 +3892,9 @@ static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
         const char *key = root->keys[i];
         struct yaml_node *v = root->items[i];
         int line = root->key_lines[i], col = root->key_cols[i];
-        if (!strcmp(key, "routing")) {
+        if (!strcmp(key, "cluster")) {
+            if (cfg_cluster(x, c, v) < 0) return -1;
+        } else if (!strcmp(key, "routing")) {
             if (cfg_routing(x, c, v) < 0) return -1;
         } else if (!strcmp(key, "on_invalid_reload")) {
             /* exit (the default: the seed says an invalid config ends the engine) or keep */
@@ -3855,7 +3921,7 @@ static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
             return cfg_fail(x, NULL, line, col,
                             "unknown top-level key `%s` (expected "
                             "registration_namespace_grace_ms, on_invalid_reload, routing, "
-                            "workers, modules)",
+                            "cluster, workers, modules)",
                             key);
         }
     }
@@ -6574,7 +6640,9 @@ static struct func *rt_pick(struct func *f, const struct cfg_route *ru, int *ful
     struct func *best = NULL, *p = f;
     *full = 0;
     for (struct func *x = f; x; x = x->rnext) n++;
-    if (bal == BAL_RR && n > 1)
+    /* round-robin starts one further each call; so does least-inflight, so that ties (idle
+     * providers, sequential callers) are shared rather than always won by the first */
+    if ((bal == BAL_RR || bal == BAL_LEAST) && n > 1)
         for (size_t i = f->rr % n; i; i--) p = p->rnext;
     for (size_t i = 0; i < n; i++, p = p->rnext ? p->rnext : f) {
         if (!conn_open(p->owner) || p->owner->retiring) continue;
@@ -6586,7 +6654,7 @@ static struct func *rt_pick(struct func *f, const struct cfg_route *ru, int *ful
         if (bal != BAL_LEAST) break;
     }
     if (best) *full = 0;
-    if (best && bal == BAL_RR) f->rr++;
+    if (best && bal != BAL_FIRST) f->rr++;
     return best;
 }
 
@@ -8795,11 +8863,13 @@ static const char *fn_wname(const struct func *f, char *out, size_t cap)
     return out;
 }
 
-/* ,"providers":[{"worker_id","worker_name"},...] for a function with several providers (this
- * engine's routing); nothing for the usual single owner, so default listings are unchanged. */
+/* ,"providers":[{"worker_id","worker_name","inflight"},...] for a function that may have
+ * several providers (this engine's routing); nothing for the usual single owner, so default
+ * listings are unchanged. */
 static void fn_providers(struct buf *b, const struct func *f)
 {
-    if (!f->rnext) return;
+    if (!f->owner || (!f->rnext && !route_many(f->ns, strlen(f->ns), f->id, strlen(f->id))))
+        return;
     buf_puts(b, ",\"providers\":[");
     for (const struct func *p = f; p; p = p->rnext) {
         if (p != f) buf_putc(b, ',');
@@ -10007,6 +10077,348 @@ static void chan_sweep(int64_t now, int64_t *next)
     if (S.chan_sweep_at < *next) *next = S.chan_sweep_at;
 }
 
+/* ==== NATS client ===========================================================================
+ * The engine's link to a NATS server (README "Cluster"), spoken here in the same poll loop:
+ * the client protocol is text lines over TCP (INFO, CONNECT, PING/PONG, SUB, PUB, MSG, +OK,
+ * -ERR). One non-blocking socket; a parser that returns bytes consumed / need more / error
+ * over a bounded input buffer (a control line is at most NATS_MAX_LINE bytes, a payload at most
+ * the server's max_payload); reconnect with backoff (250 ms doubling to 5 s) across the URL
+ * list, resubscribing. What travels over it so far: each engine publishes a heartbeat on
+ * PREFIX.node.NAME.hb every NATS_HB_MS and keeps the set of nodes it hears from, each with a
+ * TTL of NATS_NODE_TTL_MS (cluster-wide registry and routing build on this; see docs/CLUSTER.md).
+ */
+#define NATS_MAX_LINE 4096    /* a control line longer than this is a protocol error */
+#define NATS_HB_MS 1000       /* heartbeat period */
+#define NATS_NODE_TTL_MS 3000 /* a node not heard from for this long has left */
+enum { NOP_INFO = 1, NOP_MSG, NOP_HMSG, NOP_PING, NOP_PONG, NOP_OK, NOP_ERR };
+enum { NATS_OFF, NATS_WAIT, NATS_CONNECTING, NATS_HANDSHAKE, NATS_READY };
+
+/* One parsed server operation; pointers into the input buffer, valid until it is consumed. */
+struct nats_msg {
+    int op;                  /* NOP_* */
+    const char *arg;         /* INFO's JSON, -ERR's text */
+    size_t argn;
+    const char *subj, *reply; /* MSG / HMSG: subject and reply subject (reply may be NULL) */
+    size_t subjn, replyn;
+    unsigned long sid;
+    const unsigned char *hdr, *pl; /* HMSG headers; the payload */
+    size_t hdrn, pln;
+};
+
+/* Splits line[0..n) on spaces into at most 6 fields. Returns the count. */
+static int nats_fields(const char *line, size_t n, const char *f[6], size_t fl[6])
+{
+    int k = 0;
+    for (size_t i = 0; i < n && k < 6;) {
+        while (i < n && (line[i] == ' ' || line[i] == '\t')) i++;
+        if (i >= n) break;
+        f[k] = line + i;
+        while (i < n && line[i] != ' ' && line[i] != '\t') i++;
+        fl[k] = (size_t)(line + i - f[k]), k++;
+    }
+    return k;
+}
+
+/* A decimal size field, at most max. -1 when it is not one. */
+static long nats_num(const char *s, size_t n, size_t max)
+{
+    size_t v = 0;
+    if (!n || n > 12) return -1;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9') return -1;
+        v = v * 10 + (size_t)(s[i] - '0');
+    }
+    return v > max ? -1 : (long)v;
+}
+
+/* Parses one operation at p[0..n): > 0 bytes consumed (m filled), 0 more bytes needed, -1 a
+ * protocol error (an unknown op, a bad field, a line over NATS_MAX_LINE or a payload over
+ * max_payload). Never reads past n. */
+static int nats_parse(const unsigned char *p, size_t n, size_t max_payload, struct nats_msg *m)
+{
+    const unsigned char *nl = memchr(p, '\n', n < NATS_MAX_LINE ? n : NATS_MAX_LINE);
+    if (!nl) return n >= NATS_MAX_LINE ? -1 : 0;
+    size_t ll = (size_t)(nl - p), used = ll + 1;
+    if (ll && p[ll - 1] == '\r') ll--;
+    const char *line = (const char *)p, *f[6];
+    size_t fl[6];
+    int k = nats_fields(line, ll, f, fl);
+    memset(m, 0, sizeof *m);
+    if (!k) return -1;
+#define OP_IS(x) (fl[0] == sizeof(x) - 1 && str_ncaseeq(f[0], x, fl[0]))
+    if (OP_IS("PING") || OP_IS("PONG") || OP_IS("+OK")) {
+        m->op = OP_IS("PING") ? NOP_PING : OP_IS("PONG") ? NOP_PONG : NOP_OK;
+        return (int)used;
+    }
+    if (OP_IS("INFO") || OP_IS("-ERR")) {
+        m->op = OP_IS("INFO") ? NOP_INFO : NOP_ERR;
+        m->arg = f[0] + fl[0], m->argn = (size_t)(line + ll - m->arg);
+        while (m->argn && *m->arg == ' ') m->arg++, m->argn--;
+        return (int)used;
+    }
+    int hm = OP_IS("HMSG");
+    if (!OP_IS("MSG") && !hm) return -1;
+#undef OP_IS
+    /* MSG subject sid [reply] bytes / HMSG subject sid [reply] hdr_bytes total_bytes */
+    int base = hm ? 5 : 4;
+    if (k != base && k != base - 1) return -1;
+    int has_reply = k == base;
+    long sid = nats_num(f[2], fl[2], 0xFFFFFFFFu);
+    long total = nats_num(f[k - 1], fl[k - 1], max_payload + (hm ? 65536 : 0));
+    long hdr = hm ? nats_num(f[k - 2], fl[k - 2], (size_t)(total < 0 ? 0 : total)) : 0;
+    if (sid < 0 || total < 0 || hdr < 0) return -1;
+    if (n - used < (size_t)total + 2) return 0;
+    if (p[used + (size_t)total] != '\r' || p[used + (size_t)total + 1] != '\n') return -1;
+    m->op = hm ? NOP_HMSG : NOP_MSG;
+    m->subj = f[1], m->subjn = fl[1], m->sid = (unsigned long)sid;
+    if (has_reply) m->reply = f[3], m->replyn = fl[3];
+    m->hdr = p + used, m->hdrn = (size_t)hdr;
+    m->pl = p + used + (size_t)hdr, m->pln = (size_t)(total - hdr);
+    return (int)(used + (size_t)total + 2);
+}
+
+/* A node heard from over the cluster: its name and when, for the TTL. */
+struct cnode {
+    struct hnode h;  /* CL.nodes, keyed by name */
+    char *name;
+    int64_t seen;    /* monotonic ms of its last heartbeat */
+};
+
+static struct {
+    int state, fd;
+    struct buf in, out;
+    size_t url;                   /* index in the config's urls of the one tried now */
+    int64_t next_try, backoff, next_hb, ready_at;
+    size_t max_payload;           /* from the server's INFO */
+    uint64_t connects;            /* successful connections (the first and reconnects) */
+    char node[160];               /* this engine's node name */
+    struct hmap nodes;            /* other engines heard from (struct cnode) */
+} CL;                             /* CL.fd is set to -1 in main, before the loop */
+
+/* Drops the connection: the next attempt, on the next URL, after the backoff. */
+static void nats_drop(const char *why)
+{
+    if (CL.fd >= 0) close(CL.fd), CL.fd = -1;
+    if (CL.state == NATS_READY || CL.state == NATS_HANDSHAKE)
+        LOG(LOG_WARN, "cluster: connection to %s lost: %s; reconnecting",
+            S.cfg.cluster.urls[CL.url], why);
+    buf_free(&CL.in), buf_free(&CL.out);
+    CL.state = NATS_WAIT;
+    CL.url = (CL.url + 1) % S.cfg.cluster.nurls;
+    CL.next_try = now_ms() + CL.backoff;
+    CL.backoff = CL.backoff * 2 > 5000 ? 5000 : CL.backoff * 2;
+}
+
+/* Opens a non-blocking connection to the current URL (nats://host:port). */
+static void nats_connect(void)
+{
+    const char *u = S.cfg.cluster.urls[CL.url] + 7, *colon = strrchr(u, ':');
+    char host[256], port[16] = "4222";
+    size_t hl = colon && !strchr(colon, ']') ? (size_t)(colon - u) : strlen(u);
+    if (colon && !strchr(colon, ']')) snprintf(port, sizeof port, "%s", colon + 1);
+    if (u[0] == '[' && hl >= 2) u++, hl -= 2;
+    snprintf(host, sizeof host, "%.*s", (int)hl, u);
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_socktype = SOCK_STREAM;
+    if (getaddrinfo(host, port, &hints, &res) || !res) {
+        nats_drop("cannot resolve the server's address");
+        return;
+    }
+    CL.fd = socket(res->ai_family, res->ai_socktype, res->ai_protocol);
+    if (CL.fd < 0 || net_flags(CL.fd) < 0 ||
+        (connect(CL.fd, res->ai_addr, res->ai_addrlen) < 0 && errno != EINPROGRESS)) {
+        freeaddrinfo(res);
+        nats_drop(strerror(errno));
+        return;
+    }
+    freeaddrinfo(res);
+    int one = 1;
+    setsockopt(CL.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    CL.state = NATS_CONNECTING;
+}
+
+/* The server's INFO: its max_payload, then our CONNECT (credentials from the config) and a
+ * PING, whose PONG says the CONNECT was accepted. */
+static void nats_on_info(const struct nats_msg *m)
+{
+    struct jdoc d = {0};
+    int64_t mp = 0;
+    d.max = 4096;
+    if (json_parse(&d, (const unsigned char *)m->arg, m->argn, 2, 1) == 0 &&
+        json_int(&d, json_get(&d, 0, "max_payload"), &mp) == 0 && mp > 0)
+        CL.max_payload = (size_t)mp;
+    xfree(d.t);
+    const struct cfg_cluster *cc = &S.cfg.cluster;
+    buf_puts(&CL.out, "CONNECT {\"verbose\":false,\"pedantic\":false,\"lang\":\"c\",\"version\":\""
+                      III_VERSION "\",\"protocol\":1,\"headers\":true,\"no_responders\":true,"
+                      "\"name\":");
+    json_put_cstr(&CL.out, CL.node);
+    if (cc->user) buf_puts(&CL.out, ",\"user\":"), json_put_cstr(&CL.out, cc->user);
+    if (cc->pass) buf_puts(&CL.out, ",\"pass\":"), json_put_cstr(&CL.out, cc->pass);
+    if (cc->token) buf_puts(&CL.out, ",\"auth_token\":"), json_put_cstr(&CL.out, cc->token);
+    buf_puts(&CL.out, "}\r\nPING\r\n");
+}
+
+/* Ready (the CONNECT's PONG): subscribe to the other nodes' heartbeats. */
+static void nats_on_ready(void)
+{
+    CL.state = NATS_READY, CL.backoff = 250, CL.connects++;
+    CL.ready_at = now_ms(), CL.next_hb = 0;
+    LOG(LOG_INFO, "cluster: node %s connected to %s (max_payload %zu)", CL.node,
+        S.cfg.cluster.urls[CL.url], CL.max_payload);
+    buf_printf(&CL.out, "SUB %s.node.*.hb 1\r\n", S.cfg.cluster.prefix ? S.cfg.cluster.prefix : "iii");
+}
+
+/* A heartbeat from another node: its entry's TTL starts again (a new node is logged). */
+static void nats_on_hb(const struct nats_msg *m)
+{
+    const char *pre = S.cfg.cluster.prefix ? S.cfg.cluster.prefix : "iii";
+    size_t pl = strlen(pre);
+    /* PREFIX.node.NAME.hb */
+    if (m->subjn < pl + 9 || memcmp(m->subj, pre, pl) || memcmp(m->subj + pl, ".node.", 6)) return;
+    const char *name = m->subj + pl + 6;
+    size_t nn = m->subjn - pl - 6 - 3;
+    if (!nn || nn > III_MAX_ID || (strlen(CL.node) == nn && !memcmp(name, CL.node, nn))) return;
+    struct cnode *cn = (struct cnode *)hm_get(&CL.nodes, name, nn);
+    if (!cn) {
+        if (CL.nodes.n >= 4096 || !(cn = xcalloc(sizeof *cn))) return;
+        if (!(cn->name = xstrndup(name, nn)) || hm_put(&CL.nodes, &cn->h, cn->name, nn) < 0) {
+            xfree(cn->name), xfree(cn);
+            return;
+        }
+        LOG(LOG_INFO, "cluster: node %s joined", cn->name);
+    }
+    cn->seen = now_ms();
+}
+
+/* Handles everything complete in CL.in. */
+static void nats_input(void)
+{
+    for (;;) {
+        struct nats_msg m;
+        int r = nats_parse(buf_data(&CL.in), buf_used(&CL.in), CL.max_payload, &m);
+        if (r < 0) {
+            nats_drop("protocol error from the server");
+            return;
+        }
+        if (!r) return;
+        if (m.op == NOP_INFO && CL.state == NATS_HANDSHAKE) nats_on_info(&m);
+        else if (m.op == NOP_PING) buf_puts(&CL.out, "PONG\r\n");
+        else if (m.op == NOP_PONG && CL.state == NATS_HANDSHAKE) nats_on_ready();
+        else if (m.op == NOP_ERR) LOG(LOG_WARN, "cluster: server error: %.*s", (int)m.argn, m.arg);
+        else if (m.op == NOP_MSG || m.op == NOP_HMSG) nats_on_hb(&m);
+        buf_consume(&CL.in, (size_t)r);
+        if (CL.state == NATS_WAIT) return;
+    }
+}
+
+/* The poll entry of the NATS socket (fd -1 when none). */
+static short nats_events(void)
+{
+    if (CL.fd < 0) return 0;
+    return (short)(CL.state == NATS_CONNECTING ? POLLOUT
+                                               : POLLIN | (buf_used(&CL.out) ? POLLOUT : 0));
+}
+
+/* Socket events of the NATS connection. */
+static void nats_on_poll(short re)
+{
+    if (CL.fd < 0 || !re) return;
+    if (CL.state == NATS_CONNECTING) {
+        int err = 0;
+        socklen_t el = sizeof err;
+        if (getsockopt(CL.fd, SOL_SOCKET, SO_ERROR, &err, &el) < 0 || err) {
+            nats_drop(strerror(err ? err : errno));
+            return;
+        }
+        CL.state = NATS_HANDSHAKE;
+        return;
+    }
+    if (re & (POLLIN | POLLHUP | POLLERR)) {
+        if (buf_reserve(&CL.in, 65536) < 0) {
+            nats_drop("out of memory");
+            return;
+        }
+        ssize_t r = read(CL.fd, CL.in.p + CL.in.len, CL.in.cap - CL.in.len);
+        if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) {
+            nats_drop(r == 0 ? "the server closed the connection" : strerror(errno));
+            return;
+        }
+        if (r > 0) CL.in.len += (size_t)r, nats_input();
+    }
+    while (CL.fd >= 0 && buf_used(&CL.out)) {
+        ssize_t w = write(CL.fd, buf_data(&CL.out), buf_used(&CL.out));
+        if (w > 0) buf_consume(&CL.out, (size_t)w);
+        else if (w < 0 && errno == EINTR) continue;
+        else {
+            if (w < 0 && errno != EAGAIN) nats_drop(strerror(errno));
+            break;
+        }
+    }
+}
+
+/* Timers: connection attempts, the heartbeat, and nodes whose TTL ran out. */
+static void nats_tick(int64_t now, int64_t *next)
+{
+    if (!S.cfg.cluster.nurls) {
+        if (CL.state != NATS_OFF) {
+            if (CL.fd >= 0) close(CL.fd), CL.fd = -1;
+            buf_free(&CL.in), buf_free(&CL.out);
+            CL.state = NATS_OFF;
+        }
+        return;
+    }
+    if (CL.state == NATS_OFF) {
+        CL.state = NATS_WAIT, CL.backoff = 250, CL.next_try = now, CL.url = 0;
+        CL.max_payload = 1 << 20;
+        if (S.cfg.cluster.node) snprintf(CL.node, sizeof CL.node, "%s", S.cfg.cluster.node);
+        else {
+            char h[128] = "engine";
+            gethostname(h, sizeof h - 1);
+            h[sizeof h - 1] = 0;
+            snprintf(CL.node, sizeof CL.node, "%s:%d", h, S.bound_port);
+        }
+    }
+    if (CL.state == NATS_WAIT) {
+        if (now >= CL.next_try) nats_connect();
+        else if (CL.next_try < *next) *next = CL.next_try;
+    }
+    if (CL.state == NATS_READY) {
+        if (now >= CL.next_hb) {
+            char body[64];
+            int bl = snprintf(body, sizeof body, "{\"functions\":%zu}", S.funcs.n);
+            buf_printf(&CL.out, "PUB %s.node.%s.hb %d\r\n%s\r\n",
+                       S.cfg.cluster.prefix ? S.cfg.cluster.prefix : "iii", CL.node, bl, body);
+            CL.next_hb = now + NATS_HB_MS;
+        }
+        if (CL.next_hb < *next) *next = CL.next_hb;
+    }
+    for (size_t i = 0; i < CL.nodes.nb; i++)
+        for (struct hnode *e = CL.nodes.b[i], *nx; e; e = nx) {
+            struct cnode *cn = (struct cnode *)e;
+            nx = e->next;
+            if (now - cn->seen < NATS_NODE_TTL_MS) continue;
+            LOG(LOG_INFO, "cluster: node %s left (no heartbeat for %d ms)", cn->name, NATS_NODE_TTL_MS);
+            hm_del(&CL.nodes, &cn->h);
+            xfree(cn->name), xfree(cn);
+        }
+    if (CL.nodes.n && now + 500 < *next) *next = now + 500;
+}
+
+/* Frees the cluster state at exit. */
+static void nats_free(void)
+{
+    if (CL.fd >= 0) close(CL.fd), CL.fd = -1;
+    buf_free(&CL.in), buf_free(&CL.out);
+    for (size_t i = 0; i < CL.nodes.nb; i++)
+        for (struct hnode *e = CL.nodes.b[i], *nx; e; e = nx) {
+            nx = e->next;
+            xfree(((struct cnode *)e)->name), xfree(e);
+        }
+    hm_free(&CL.nodes);
+}
+
 /* ==== Health and metrics ====================================================================
  * Plain HTTP on the worker port (docs/§10 item 8).
  */
@@ -10098,7 +10510,8 @@ static void http_metrics_functions(struct buf *b)
     for (size_t i = 0; i < S.funcs.nb; i++)
         for (struct hnode *e = S.funcs.b[i]; e; e = e->next) {
             const struct func *f = (const struct func *)e;
-            for (const struct func *p = f->rnext ? f : NULL; p; p = p->rnext) {
+            int many = f->owner && (f->rnext || route_many(f->ns, strlen(f->ns), f->id, strlen(f->id)));
+            for (const struct func *p = many ? f : NULL; p; p = p->rnext) {
                 buf_puts(b, "iii_provider_inflight{function=\"");
                 prom_label(b, f->id, strlen(f->id));
                 buf_puts(b, "\",namespace=\"");
@@ -10151,6 +10564,14 @@ static void http_metrics(struct buf *b)
     buf_printf(b, "# HELP iii_busy_total Calls and upgrades refused by a limit (BUSY, 503).\n"
                   "# TYPE iii_busy_total counter\niii_busy_total %llu\n",
                (unsigned long long)S.n_busy);
+    if (S.cfg.cluster.nurls)
+        buf_printf(b, "# HELP iii_cluster_connected 1 while the NATS connection is up.\n"
+                      "# TYPE iii_cluster_connected gauge\niii_cluster_connected %d\n"
+                      "# HELP iii_cluster_nodes Other engines heard from within the TTL.\n"
+                      "# TYPE iii_cluster_nodes gauge\niii_cluster_nodes %zu\n"
+                      "# HELP iii_cluster_connects_total Connections made to NATS.\n"
+                      "# TYPE iii_cluster_connects_total counter\niii_cluster_connects_total %llu\n",
+                   CL.state == NATS_READY, CL.nodes.n, (unsigned long long)CL.connects);
     http_metrics_functions(b);
 }
 
@@ -10479,6 +10900,10 @@ static void loop_shutdown(void)
 {
     LOG(LOG_INFO, "shutting down");
     if (S.lfd >= 0) close(S.lfd), S.lfd = -1;
+    /* targets first: their teardown ends each call in flight with invocation_stopped to its
+     * caller, which must not have been torn down (and its calls forgotten) before */
+    for (struct conn *c = S.conns; c; c = c->next)
+        if (c->kind == CK_WORKER && c->calls_in) worker_teardown(c);
     for (struct conn *c = S.conns; c; c = c->next)
         if (c->kind == CK_WORKER) worker_teardown(c);
     for (struct conn *c = S.conns; c; c = c->next) {
@@ -10613,6 +11038,10 @@ static void loop_run(void)
         }
         if (S.timer_at < next) next = S.timer_at;
         if (S.reap_now) next = now;
+        /* the NATS connection (cluster:), when there is one */
+        size_t nidx = SIZE_MAX;
+        nats_tick(now, &next);
+        if (nats_events() && n < cap) nidx = n, pf[n].fd = CL.fd, pf[n].events = nats_events(), pc[n++] = NULL;
         size_t cidx = n, eidx = SIZE_MAX;
 #ifdef III_EPOLL
         if (S.ep >= 0) eidx = n, pf[n].fd = S.ep, pf[n].events = POLLIN, pc[n++] = NULL;
@@ -10646,6 +11075,7 @@ static void loop_run(void)
                 }
             }
             if (lidx != SIZE_MAX && (pf[lidx].revents & POLLIN)) loop_accept();
+            if (nidx != SIZE_MAX) nats_on_poll(pf[nidx].revents);
             sup_on_poll(pf + sidx, ns);
             for (size_t i = cidx; eidx == SIZE_MAX && i < n; i++) {
                 struct conn *c = pc[i];
@@ -12990,6 +13420,7 @@ int main(int argc, char **argv)
     S.cfg_path = "config.yaml";
     S.lfd = -1;
     S.spare_fd = -1;
+    CL.fd = -1;
     const char *lv = getenv("III_LOG");
     /* III_LOG=error|warn|info|debug|trace; any other value keeps the default (info) */
     for (int i = 0; lv && i <= LOG_TRACE; i++)
@@ -13118,6 +13549,7 @@ int main(int argc, char **argv)
     }
     loop_run();
     out_flush_exit();
+    nats_free();
     engine_free_all();
     while (nprocs) sup_free(0);
     xfree(procs);
