@@ -2897,7 +2897,19 @@ struct cfg_worker {
     struct yaml_node *entry; /* the whole entry (owned), for yaml_equal in the reload diff */
 };
 
+/* One `routing:` rule (README "Routing"): which functions it covers and how their calls are
+ * spread over providers, bounded and timed. The first rule that matches a function wins. */
+enum { BAL_LEAST, BAL_RR, BAL_FIRST };
+struct cfg_route {
+    char *match, *ns;              /* glob over function ids; namespace (NULL: any) */
+    int many, balance, retry;      /* providers: many; BAL_*; retry_on_disconnect */
+    int64_t timeout_ms;            /* deadline of calls that carry none (0: none) */
+    size_t max_inflight, max_queue; /* per provider, and the wait queue (0: unbounded) */
+};
+
 struct cfg {
+    struct cfg_route *routes; /* `routing:`, in file order */
+    size_t nroutes;
     int64_t grace_ms;        /* registration_namespace_grace_ms, III_DEFAULT_GRACE_MS when absent */
     int has_grace;           /* the file set it (an env override may still apply) */
     struct cfg_worker *w;    /* the entries, workers then modules, in file order */
@@ -3003,6 +3015,8 @@ static void cfg_free(struct cfg *c)
         yaml_free(w->entry);
     }
     xfree(c->w);
+    for (i = 0; i < c->nroutes; i++) xfree(c->routes[i].match), xfree(c->routes[i].ns);
+    xfree(c->routes);
     buf_free(&c->warnings);
     cfg_free_list(c->lis.auth_tokens);
     cfg_free_list(c->lis.allowed_hosts);
@@ -3705,6 +3719,76 @@ oom:
     return cfg_fail(x, NULL, 0, 0, "out of memory");
 }
 
+/* `routing:`, a list of rules (README "Routing"), each checked key by key. */
+static int cfg_routing(struct cfg_ctx *x, struct cfg *c, const struct yaml_node *v)
+{
+    char t[64];
+    if (v->kind == YAML_NULL) return 0;
+    if (v->kind != YAML_SEQ)
+        return cfg_fail(x, NULL, v->line, v->col, "`routing` must be a list of rules (got %s)",
+                        cfg_got(v, t, sizeof t));
+    if (!(c->routes = xcalloc((v->n ? v->n : 1) * sizeof *c->routes)))
+        return cfg_fail(x, NULL, 0, 0, "out of memory");
+    for (size_t k = 0; k < v->n; k++) {
+        const struct yaml_node *r = v->items[k];
+        struct cfg_route *ro = &c->routes[c->nroutes++];
+        ro->balance = BAL_LEAST;
+        char who[48];
+        snprintf(who, sizeof who, "routing rule %lu", (unsigned long)k + 1);
+        if (!r || r->kind != YAML_MAP)
+            return cfg_fail(x, NULL, r ? r->line : v->line, r ? r->col : v->col,
+                            "%s must be a mapping with at least `match`", who);
+        for (size_t i = 0; i < r->n; i++) {
+            const char *key = r->keys[i];
+            const struct yaml_node *e = r->items[i];
+            int line = r->key_lines[i], col = r->key_cols[i];
+            const char *s = e && e->kind == YAML_STR ? cfg_text(e) : NULL;
+            int64_t n;
+            if (!strcmp(key, "match") || !strcmp(key, "namespace")) {
+                if (!s || !*s)
+                    return cfg_fail(x, NULL, line, col, "%s: `%s` must be a non-empty string", who,
+                                    key);
+                char **dst = key[0] == 'm' ? &ro->match : &ro->ns;
+                if (!(*dst = xstrdup(s))) return cfg_fail(x, NULL, 0, 0, "out of memory");
+            } else if (!strcmp(key, "providers")) {
+                if (!s || (strcmp(s, "one") && strcmp(s, "many")))
+                    return cfg_fail(x, NULL, line, col, "%s: `providers` must be one or many", who);
+                ro->many = !strcmp(s, "many");
+            } else if (!strcmp(key, "balance")) {
+                if (!s || (strcmp(s, "least-inflight") && strcmp(s, "round-robin") &&
+                           strcmp(s, "first")))
+                    return cfg_fail(x, NULL, line, col,
+                                    "%s: `balance` must be least-inflight, round-robin or first",
+                                    who);
+                ro->balance = s[0] == 'l' ? BAL_LEAST : s[0] == 'r' ? BAL_RR : BAL_FIRST;
+            } else if (!strcmp(key, "retry_on_disconnect")) {
+                if (!e || e->kind != YAML_BOOL)
+                    return cfg_fail(x, NULL, line, col, "%s: `retry_on_disconnect` must be true or "
+                                    "false", who);
+                ro->retry = e->b;
+            } else if (!strcmp(key, "timeout_ms") || !strcmp(key, "max_inflight") ||
+                       !strcmp(key, "max_queue")) {
+                char what[64];
+                snprintf(what, sizeof what, "%s: `%s`", who, key);
+                if (cfg_int(x, NULL, what, e, line, col, 0, CFG_MS_MAX, &n) < 0) return -1;
+                if (key[0] == 't') ro->timeout_ms = n;
+                else if (key[4] == 'i') ro->max_inflight = (size_t)n;
+                else ro->max_queue = (size_t)n;
+            } else {
+                return cfg_fail(x, NULL, line, col,
+                                "%s: unknown key `%s` (expected match, namespace, providers, "
+                                "balance, timeout_ms, max_inflight, max_queue, "
+                                "retry_on_disconnect)",
+                                who, key);
+            }
+        }
+        if (!ro->match)
+            return cfg_fail(x, NULL, r->line, r->col, "%s needs `match` (a glob over function ids)",
+                            who);
+    }
+    return 0;
+}
+
 /* Validates the parsed document root into c (which holds the defaults on entry). */
 static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
 {
@@ -3724,7 +3808,9 @@ static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
         const char *key = root->keys[i];
         struct yaml_node *v = root->items[i];
         int line = root->key_lines[i], col = root->key_cols[i];
-        if (!strcmp(key, "on_invalid_reload")) {
+        if (!strcmp(key, "routing")) {
+            if (cfg_routing(x, c, v) < 0) return -1;
+        } else if (!strcmp(key, "on_invalid_reload")) {
             /* exit (the default: the seed says an invalid config ends the engine) or keep */
             const char *s = v->kind == YAML_STR ? cfg_text(v) : NULL;
             if (!s || (strcmp(s, "exit") && strcmp(s, "keep")))
@@ -3748,8 +3834,8 @@ static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
         } else {
             return cfg_fail(x, NULL, line, col,
                             "unknown top-level key `%s` (expected "
-                            "registration_namespace_grace_ms, on_invalid_reload, workers, "
-                            "modules)",
+                            "registration_namespace_grace_ms, on_invalid_reload, routing, "
+                            "workers, modules)",
                             key);
         }
     }
@@ -4035,6 +4121,8 @@ struct conn {
     struct ttype *ttypes;             /* trigger types it provides (tt->pnext list) */
     struct lease *lease;              /* its (namespace, name) lease, or NULL */
     char *refusal;                    /* its last registrationrejected, as JSON (workers::info) */
+    struct qcall *queued;             /* its calls waiting in routing queues */
+    int retiring;                     /* a rolling reload drains it: no new calls */
     const char *why;                  /* why it closes (static text), for the disconnect log */
     struct session *sess;             /* what it may do (NULL: everything); a reference */
     int auth_wait;                    /* upgraded, waiting for the auth function: no frame is
@@ -4055,6 +4143,14 @@ struct func {
     struct func *cnext, *cprev; /* owner's list */
     struct idgroup *ig;         /* the functions with the same id in any namespace */
     struct fstat *fst;          /* its /metrics entry (see struct fstat) */
+    /* providers (routing: providers: many): the one in S.funcs is the primary; the others are
+     * replicas on its rnext chain, in registration order, in no map (and not in the function
+     * set's fingerprint: a replica coming or going is no change of the set) */
+    struct func *rnext, *primary; /* next provider; a replica's primary (NULL: a primary) */
+    size_t rr;                    /* primary: round-robin cursor */
+    struct qcall *qhead, *qtail;  /* primary: calls waiting for a provider with room */
+    size_t qn;                    /* ... how many */
+    struct func *qnext;           /* S.qfuncs link while qn > 0 */
     struct func *inext, *iprev; /* links in ig */
     /* builtin handler (see BI_ARGS); NULL for worker-owned functions */
     void (*bi)(struct conn *caller, const struct jdoc *d, int data, struct buf *res,
@@ -4104,6 +4200,7 @@ struct inv {
     char fid_small[96];    /* inline storage: no allocation for ordinary ids */
     char ctx_small[160];   /* inline storage for ctx (typical traceparent + baggage) */
     struct inv *free_next; /* S.inv_free list link while recycled */
+    struct qcall *retry;   /* retry_on_disconnect: the frame, to dispatch again elsewhere */
 };
 
 struct ttype {
@@ -4114,6 +4211,18 @@ struct ttype {
     struct conn *provider;                /* NULL: in-process (the discovery events) */
     struct ttype *pnext;                  /* provider's list (c->ttypes) */
     char *desc_raw, *treq_raw, *creq_raw; /* raw JSON */
+};
+
+/* A call waiting in a routing queue (max_inflight reached everywhere), or kept for a retry
+ * (retry_on_disconnect): the invokefunction frame as it arrived, and its caller (NULL once the
+ * caller left: the entry is then dropped when reached). */
+struct qcall {
+    struct qcall *next;          /* the function's queue */
+    struct qcall *cprev, *cnext; /* the caller's list (c->queued) */
+    struct conn *caller;
+    int64_t at;                  /* when it was first queued (monotonic ms): deadlines count it */
+    size_t n;
+    unsigned char frame[];       /* n bytes */
 };
 
 /* Per-function call statistics for /metrics, keyed "ns\0id" in S.fstats. An entry outlives
@@ -4270,6 +4379,8 @@ static struct {
     struct inv **timed; /* min-heap on deadline: acks, auth calls, calls with a deadline */
     size_t ntimed, timed_cap;
     int draining;       /* SIGTERM seen: no new calls, in-flight ones get drain_timeout_ms */
+    struct func *qfuncs; /* primaries with calls waiting in their routing queue */
+    int64_t qwait_ms;    /* while route_tick dispatches a queued call: how long it waited */
     int64_t drain_until;
     struct conn *reap;  /* connections closing or dead: all the reap pass looks at */
     struct conn *drain; /* connections whose queue is being applied, a slice per turn */
@@ -5453,6 +5564,78 @@ static struct func *func_add(struct conn *owner, const char *ns, size_t nl, cons
     return f;
 }
 
+static void func_clear_meta(struct func *f);
+static void rt_queue_handoff(struct func *f, struct func *r);
+
+/* Unlinks f from its owner's list. */
+static void func_unown(struct func *f)
+{
+    if (!f->owner) return;
+    if (f->cprev) f->cprev->cnext = f->cnext;
+    else f->owner->funcs = f->cnext;
+    if (f->cnext) f->cnext->cprev = f->cprev;
+    f->owner->n_funcs--;
+}
+
+/* Adds owner as one more provider of primary p (routing: providers: many): a replica, at the
+ * end of p's chain. NULL on OOM. */
+static struct func *func_add_replica(struct func *p, struct conn *owner)
+{
+    struct func *f = xcalloc(sizeof *f);
+    if (!f || !(f->key = xmalloc(p->klen + 1))) {
+        xfree(f);
+        return NULL;
+    }
+    memcpy(f->key, p->key, p->klen + 1);
+    f->klen = p->klen, f->ns = f->key, f->id = f->key + (p->id - p->ns);
+    f->owner = owner, f->primary = p, f->fst = p->fst, f->ig = p->ig;
+    struct func **pp = &p->rnext;
+    while (*pp) pp = &(*pp)->rnext;
+    *pp = f;
+    f->cnext = owner->funcs;
+    if (owner->funcs) owner->funcs->cprev = f;
+    owner->funcs = f, owner->n_funcs++;
+    return f;
+}
+
+/* The provider of f's (ns, id) that c owns, or NULL. */
+static struct func *func_of(struct func *f, const struct conn *c)
+{
+    for (struct func *p = f; p; p = p->rnext)
+        if (p->owner == c) return p;
+    return NULL;
+}
+
+/* Removes one provider of a function that has several: a replica leaves its primary's chain;
+ * a primary hands its place in S.funcs and the id group to the next provider. The set of ids
+ * is unchanged (no functions-available event), and nothing is allocated: the map does not
+ * grow, it gives one node up and takes one. */
+static void func_remove_provider(struct func *f)
+{
+    func_unown(f);
+    if (f->primary) {
+        struct func **pp = &f->primary->rnext;
+        while (*pp && *pp != f) pp = &(*pp)->rnext;
+        if (*pp) *pp = f->rnext;
+    } else {
+        struct func *r = f->rnext;
+        rt_queue_handoff(f, r);
+        r->primary = NULL;
+        for (struct func *x = r->rnext; x; x = x->rnext) x->primary = r;
+        r->rr = f->rr;
+        hm_del(&S.funcs, &f->h);
+        hm_put(&S.funcs, &r->h, r->key, r->klen);
+        struct idgroup *g = f->ig;
+        r->ig = g, r->iprev = f->iprev, r->inext = f->inext;
+        if (f->iprev) f->iprev->inext = r;
+        else g->head = r;
+        if (f->inext) f->inext->iprev = r;
+    }
+    func_clear_meta(f);
+    xfree(f->key);
+    xfree(f);
+}
+
 /* Frees the registered description/schemas/metadata (a re-register replaces them). */
 static void func_clear_meta(struct func *f)
 {
@@ -5463,8 +5646,14 @@ static void func_clear_meta(struct func *f)
 
 /* Unregisters f: out of S.funcs and its owner's list, out of the fingerprint, then freed. The
  * caller has already dealt with calls in flight to it (they keep the connection, not f). */
+static void func_remove_provider(struct func *f);
 static void func_remove(struct func *f)
 {
+    if (f->primary || f->rnext) {
+        func_remove_provider(f);
+        return;
+    }
+    rt_queue_handoff(f, NULL); /* the last provider: waiting callers get invocation_stopped */
     hm_del(&S.funcs, &f->h);
     if (f->owner) {
         if (f->cprev) f->cprev->cnext = f->cnext;
@@ -5755,6 +5944,25 @@ static int auth_exposed(const char *id, size_t il, const char *ns, size_t nl, co
     return 0;
 }
 
+/* The routing rule that covers id[0..il) in ns[0..nl): the first that matches, or NULL (no
+ * rules: nothing to look at). */
+static const struct cfg_route *route_for(const char *ns, size_t nl, const char *id, size_t il)
+{
+    for (size_t i = 0; i < S.cfg.nroutes; i++) {
+        const struct cfg_route *r = &S.cfg.routes[i];
+        if (r->ns && (strlen(r->ns) != nl || memcmp(r->ns, ns, nl))) continue;
+        if (glob_match(r->match, strlen(r->match), id, il)) return r;
+    }
+    return NULL;
+}
+
+/* 1 when (ns, id) may have several providers. */
+static int route_many(const char *ns, size_t nl, const char *id, size_t il)
+{
+    const struct cfg_route *r = route_for(ns, nl, id, il);
+    return r && r->many;
+}
+
 /* The infrastructure functions every session may call (§3.9 step 4). */
 static int auth_infra(const char *id, size_t il)
 {
@@ -6001,6 +6209,7 @@ static struct inv *inv_new(const char *id, int kind)
         return NULL;
     }
     memset(v, 0, offsetof(struct inv, fid_small));
+    v->retry = NULL;
     memcpy(v->id, id, 36);
     v->id[36] = 0;
     inv_fold(id, v->key);
@@ -6070,6 +6279,7 @@ static void inv_free(struct inv *v)
     hm_del(&S.invs, &v->h);
     if (v->fid && v->fid != v->fid_small) xfree(v->fid);
     if (v->ctx && v->ctx != v->ctx_small) xfree(v->ctx);
+    xfree(v->retry);
     if (S.inv_free_n < 4096) {
         v->free_next = S.inv_free, S.inv_free = v, S.inv_free_n++;
     } else {
@@ -6264,6 +6474,155 @@ static int rt_busy(const struct conn *c, const struct conn *t, int reply, char *
 static const char ERR_STOPPED[] =
     "{\"code\":\"invocation_stopped\",\"message\":\"Invocation stopped\"}";
 
+/* ---- routing: providers, queues and retries (README "Routing") ---- */
+/* A copy of frame p[0..n) for caller c, in no list yet. NULL on OOM. */
+static struct qcall *qcall_new(struct conn *c, const unsigned char *p, size_t n, int64_t at)
+{
+    struct qcall *q = xmalloc(sizeof *q + n);
+    if (!q) return NULL;
+    memset(q, 0, sizeof *q);
+    q->caller = c, q->n = n, q->at = at;
+    memcpy(q->frame, p, n);
+    return q;
+}
+
+/* Links q into its caller's list (teardown forgets the caller in each entry). */
+static void qcall_own(struct qcall *q)
+{
+    struct conn *c = q->caller;
+    q->cprev = NULL, q->cnext = c->queued;
+    if (c->queued) c->queued->cprev = q;
+    c->queued = q;
+}
+
+/* Unlinks q from its caller's list (if it still has a caller) and frees it. */
+static void qcall_free(struct qcall *q)
+{
+    if (q->caller) {
+        if (q->cprev) q->cprev->cnext = q->cnext;
+        else q->caller->queued = q->cnext;
+        if (q->cnext) q->cnext->cprev = q->cprev;
+    }
+    xfree(q);
+}
+
+/* Appends (or with front, prepends) q to primary f's queue, listing f on S.qfuncs. */
+static void rt_enqueue_q(struct func *f, struct qcall *q, int front)
+{
+    if (front) q->next = f->qhead, f->qhead = q;
+    else q->next = NULL, *(f->qtail ? &f->qtail->next : &f->qhead) = q;
+    if (!q->next) f->qtail = q;
+    if (!f->qn++) f->qnext = S.qfuncs, S.qfuncs = f;
+}
+
+/* Takes f off S.qfuncs (its queue is empty or handed over). */
+static void rt_unlist_q(struct func *f)
+{
+    for (struct func **pp = &S.qfuncs; *pp; pp = &(*pp)->qnext)
+        if (*pp == f) {
+            *pp = f->qnext;
+            break;
+        }
+    f->qnext = NULL;
+}
+
+/* Puts c's call (frame d) in primary f's queue: 1, or 0 when the queue is full (max_queue) or
+ * memory is short (the caller is then answered BUSY). */
+static int rt_queue(struct conn *c, struct func *f, const struct jdoc *d, const struct cfg_route *ru)
+{
+    if (f->qn >= ru->max_queue) return 0;
+    struct qcall *q = qcall_new(c, d->src, d->len, S.qwait_ms ? now_ms() - S.qwait_ms : now_ms());
+    if (!q) return 0;
+    qcall_own(q);
+    rt_enqueue_q(f, q, 0);
+    return 1;
+}
+
+/* The provider of f (a primary) for the next call under rule ru (NULL: the single owner's
+ * way): open, not retiring, under max_inflight, chosen by the balance. NULL when none; *full
+ * when open providers exist but all are at max_inflight. */
+static struct func *rt_pick(struct func *f, const struct cfg_route *ru, int *full)
+{
+    size_t lim = ru ? ru->max_inflight : 0, n = 0;
+    int bal = ru ? ru->balance : BAL_FIRST;
+    struct func *best = NULL, *p = f;
+    *full = 0;
+    for (struct func *x = f; x; x = x->rnext) n++;
+    if (bal == BAL_RR && n > 1)
+        for (size_t i = f->rr % n; i; i--) p = p->rnext;
+    for (size_t i = 0; i < n; i++, p = p->rnext ? p->rnext : f) {
+        if (!conn_open(p->owner) || p->owner->retiring) continue;
+        if (lim && p->owner->n_in >= lim) {
+            *full = 1;
+            continue;
+        }
+        if (!best || (bal == BAL_LEAST && p->owner->n_in < best->owner->n_in)) best = p;
+        if (bal != BAL_LEAST) break;
+    }
+    if (best) *full = 0;
+    if (best && bal == BAL_RR) f->rr++;
+    return best;
+}
+
+static void rt_invoke(struct conn *c, const struct jdoc *d);
+
+/* Dispatches what waits in routing queues while providers have room (once per loop turn).
+ * A queued call is routed as if it arrived now, but its deadline counts the time it waited. */
+static void route_tick(void)
+{
+    for (struct func *f = S.qfuncs, *nf; f; f = nf) {
+        nf = f->qnext;
+        const struct cfg_route *ru = route_for(f->ns, strlen(f->ns), f->id, strlen(f->id));
+        while (f->qhead) {
+            struct qcall *q = f->qhead;
+            int full = 0;
+            if (q->caller && !rt_pick(f, ru, &full) && full) break;
+            if (!(f->qhead = q->next)) f->qtail = NULL;
+            f->qn--;
+            if (q->caller && conn_open(q->caller)) {
+                struct jdoc d = {0};
+                d.max = 4096;
+                S.qwait_ms = now_ms() - q->at;
+                if (!S.qwait_ms) S.qwait_ms = 1; /* nonzero: "from a queue" */
+                if (json_parse(&d, q->frame, q->n, 2, 0) == 0) rt_invoke(q->caller, &d);
+                S.qwait_ms = 0;
+                xfree(d.t);
+            }
+            qcall_free(q);
+        }
+        if (!f->qn) rt_unlist_q(f);
+    }
+}
+
+/* f (a primary) is going away with calls still queued: r (the next provider) takes the queue,
+ * or, when there is none, every waiting caller gets invocation_stopped. */
+static void rt_queue_handoff(struct func *f, struct func *r)
+{
+    if (!f->qn && !f->qhead) return;
+    rt_unlist_q(f);
+    if (r) {
+        r->qhead = f->qhead, r->qtail = f->qtail, r->qn = f->qn;
+        r->qnext = S.qfuncs, S.qfuncs = r;
+    } else {
+        while (f->qhead) {
+            struct qcall *q = f->qhead;
+            f->qhead = q->next;
+            struct jdoc d = {0};
+            d.max = 64;
+            if (q->caller && json_parse(&d, q->frame, q->n, 2, 0) == 0) {
+                int iid = json_get(&d, 0, "invocation_id"), fidt = json_get(&d, 0, "function_id");
+                if (JTYPE(&d, iid) == J_STRING && JLEN(&d, iid) == 38 && JTYPE(&d, fidt) == J_STRING)
+                    rt_send_result(q->caller, (const char *)JRAW(&d, iid) + 1, 36,
+                                   (const char *)JRAW(&d, fidt), JLEN(&d, fidt), NULL, 0,
+                                   (const unsigned char *)ERR_STOPPED, sizeof ERR_STOPPED - 1, "", 0);
+            }
+            xfree(d.t);
+            qcall_free(q);
+        }
+    }
+    f->qhead = f->qtail = NULL, f->qn = 0;
+}
+
 /* Engine-internal call (trigger fires, discovery events): resolve in ns, run or dispatch with a
  * fresh id; the result is discarded. meta: raw JSON metadata or NULL. */
 /* No caller is linked (INV_FIRE): a result or error from the target is only logged, and a
@@ -6285,6 +6644,11 @@ static void rt_call_internal(const char *ns, const char *fid, const unsigned cha
         return;
     }
     char why[256];
+    /* a function with several providers: one of them, by its routing rule */
+    const struct cfg_route *ru = S.cfg.nroutes ? route_for(ns, strlen(ns), fid, strlen(fid)) : NULL;
+    int full = 0;
+    struct func *p = rt_pick(f, ru, &full);
+    if (p) f = p;
     if (!conn_open(f->owner)) return;
     if (rt_busy(NULL, f->owner, 0, why, sizeof why)) {
         S.n_busy++;
@@ -6297,6 +6661,10 @@ static void rt_call_internal(const char *ns, const char *fid, const unsigned cha
     if (!v) return;
     inv_link(v, NULL, f->owner);
     v->fst = f->fst, v->t0_us = fstat_begin(f->fst);
+    if (ru && ru->timeout_ms) { /* deadlines apply to trigger-fired calls too */
+        v->timeout_ms = ru->timeout_ms, v->deadline = now_ms() + ru->timeout_ms, v->notify = 1;
+        if (timed_add(v) < 0) v->notify = 0;
+    }
     struct buf q = {0};
     json_put_cstr(&q, fid);
     if (buf_check(&q)) conn_oom(f->owner);
@@ -6523,7 +6891,7 @@ static void rt_invoke_builtin(struct conn *c, struct func *f, const struct jdoc 
  * an invocation_id, one the engine mints (§3.3). */
 static void rt_invoke_worker(struct conn *c, struct func *f, const struct jdoc *d, int fidt,
                              int data, int meta, const char *cid, const char *ctx, size_t cl,
-                             int64_t tmo)
+                             int64_t tmo, int64_t left, const struct cfg_route *ru)
 {
     struct conn *t = f->owner;
     char mint[37];
@@ -6559,10 +6927,14 @@ static void rt_invoke_worker(struct conn *c, struct func *f, const struct jdoc *
     }
     inv_link(v, cid ? c : NULL, t);
     v->fst = f->fst, v->t0_us = fstat_begin(f->fst);
+    v->notify = ru != NULL; /* a routed call's target hears when it ends without its result */
     if (tmo > 0) { /* a deadline: invocation_timeout then, and the target is told */
-        v->timeout_ms = tmo, v->deadline = now_ms() + tmo, v->notify = 1;
-        if (timed_add(v) < 0) v->notify = 0;
+        v->timeout_ms = tmo, v->deadline = now_ms() + left, v->notify = 1;
+        if (timed_add(v) < 0) v->notify = ru != NULL;
     }
+    /* retry_on_disconnect: the frame is kept, to route the call again if its provider leaves */
+    if (ru && ru->retry && cid)
+        v->retry = qcall_new(c, d->src, d->len, now_ms() - (tmo ? tmo - left : 0));
     /* metadata goes to the target only: the reply echoes trace context, nothing else (§2.7) */
     rt_send_invoke(t, v->id, (const char *)JRAW(d, fidt), JLEN(d, fidt), JRAW(d, data),
                    JLEN(d, data), c->wid, d->cwid_key, ctx, cl,
@@ -6761,15 +7133,41 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
         if (reply)
             rt_reply_err(c, d, fidt, cid, ctx, cl, "engine_draining",
                          "The engine is shutting down and takes no new calls");
-    } else if (rt_busy(c, f->owner, reply, why, sizeof why)) {
-        /* a bound is reached: refused now, with a reason, rather than queued without limit */
-        S.n_inv_errors++, S.n_busy++;
-        if (reply) rt_reply_err(c, d, fidt, cid, ctx, cl, "BUSY", "%s", why);
-        else LOG_LIMITED(c, LOG_WARN, "worker %s: call to %.*s dropped: %s", c->wid, (int)fl, fid, why);
-    } else if (!f->owner) {
-        rt_invoke_builtin(c, f, d, fidt, data, cid, ctx, cl);
     } else {
-        rt_invoke_worker(c, f, d, fidt, data, meta, cid, ctx, cl, tmo);
+        /* a worker function: the provider by the routing rule (the only one by default); all
+         * at their max_inflight: the call waits in the rule's queue, or is BUSY */
+        const struct cfg_route *ru = f->owner && S.cfg.nroutes ? route_for(ns, nl, fid, fl) : NULL;
+        int full = 0;
+        struct func *p = f->owner ? rt_pick(f, ru, &full) : f;
+        if (!p && full && ru->max_queue && rt_queue(c, f, d, ru)) {
+            /* queued: dispatched by route_tick when a provider has room */
+        } else if (!p && full) {
+            S.n_inv_errors++, S.n_busy++;
+            if (reply)
+                rt_reply_err(c, d, fidt, cid, ctx, cl, "BUSY",
+                             "Every provider of %.*s has %zu calls in flight (max_inflight)%s",
+                             (int)fl, fid, ru->max_inflight,
+                             ru->max_queue ? " and the queue is full (max_queue)" : "");
+        } else if (p = p ? p : f, rt_busy(c, p->owner, reply, why, sizeof why)) {
+            /* a bound is reached: refused now, with a reason, rather than queued without limit */
+            S.n_inv_errors++, S.n_busy++;
+            if (reply) rt_reply_err(c, d, fidt, cid, ctx, cl, "BUSY", "%s", why);
+            else LOG_LIMITED(c, LOG_WARN, "worker %s: call to %.*s dropped: %s", c->wid, (int)fl,
+                             fid, why);
+        } else if (!p->owner) {
+            rt_invoke_builtin(c, p, d, fidt, data, cid, ctx, cl);
+        } else {
+            int64_t qt = S.qwait_ms; /* time this call already spent in a routing queue */
+            int64_t dl = tmo ? tmo : ru ? ru->timeout_ms : 0;
+            if (dl && qt >= dl) {
+                S.n_inv_errors++;
+                if (reply)
+                    rt_reply_err(c, d, fidt, cid, ctx, cl, "invocation_timeout",
+                                 "Invocation timed out after %lld ms", (long long)dl);
+            } else {
+                rt_invoke_worker(c, p, d, fidt, data, meta, cid, ctx, cl, dl, dl ? dl - qt : 0, ru);
+            }
+        }
     }
     xfree(ctxh);
     goto done;
@@ -7496,7 +7894,19 @@ static void reg_function(struct conn *c, const struct jdoc *d)
         goto done;
     }
     struct func *f = func_find(c->ns, strlen(c->ns), id, il);
-    if (f && f->owner != c) {
+    struct func *mine = f ? func_of(f, c) : NULL;
+    if (mine) {
+        f = mine; /* a re-register by one of its providers: an idempotent overwrite */
+    } else if (f && f->owner && conn_live(f->owner) &&
+               route_many(c->ns, strlen(c->ns), id, il)) {
+        /* routing: providers: many: a further worker joins as a provider instead of being
+         * refused (the default stays the reference's single owner) */
+        if (c->n_funcs >= S.set.max_functions_per_connection || !(f = func_add_replica(f, c))) {
+            worker_rejected(c, FNC, c->ns, NULL, id, il, "",
+                            "this connection cannot add more functions");
+            goto done;
+        }
+    } else if (f && f->owner != c) {
         if (!f->owner) {
             /* deliberate deviation (§11.24): builtins cannot be overwritten by a worker */
             worker_rejected(c, FNC, c->ns, NULL, id, il, "", NULL);
@@ -7568,7 +7978,7 @@ static void reg_apply(struct conn *c, const struct jdoc *d)
         /* §2.2: only the recorded owner may remove it; no reply either way */
         char *id = json_strdup(d, json_get(d, 0, "id"), NULL);
         struct func *f = id ? func_find_c(c->ns, id) : NULL;
-        if (f && f->owner == c) func_remove(f);
+        if (f && (f = func_of(f, c))) func_remove(f); /* c's own provider of it, if any */
         xfree(id);
     } else if (json_streq(d, ty, "registertriggertype")) {
         int nsi = json_get(d, 0, "namespace"), dsc = json_get(d, 0, "description");
@@ -8094,6 +8504,34 @@ static void ack_settle(struct inv *v, const struct jdoc *d, int errbody)
     inv_free(v);
 }
 
+/* retry_on_disconnect: call v lost its provider; if its function still has one, the call goes
+ * back to the front of the function's queue (route_tick sends it again, under the same id) and
+ * v is freed: 1. 0 when there is nowhere to send it (the caller gets invocation_stopped). */
+static int rt_retry(struct inv *v)
+{
+    struct qcall *q = v->retry;
+    struct jdoc d = {0};
+    struct func *f = NULL;
+    d.max = 64;
+    if (v->kind == INV_CALL && v->caller && conn_open(v->caller) &&
+        json_parse(&d, q->frame, q->n, 2, 0) == 0) {
+        int fidt = json_get(&d, 0, "function_id"), nsi = json_get(&d, 0, "namespace");
+        struct buf s1 = {0}, s2 = {0};
+        const char *fid, *ns = NS_DEFAULT;
+        size_t fl, nl = 7;
+        if (jstr(&d, fidt, &s1, &fid, &fl) == 0 && (JABSENT(&d, nsi) || jstr(&d, nsi, &s2, &ns, &nl) == 0))
+            f = func_find(ns, nl, fid, fl);
+        buf_free(&s1), buf_free(&s2);
+    }
+    xfree(d.t);
+    if (!f || !f->owner) return 0;
+    v->retry = NULL;
+    qcall_own(q);
+    rt_enqueue_q(f, q, 1);
+    inv_free(v);
+    return 1;
+}
+
 /* Tells the target of call v that it ended without the target's answer (the frame this engine
  * adds: {"type":"invocationcancelled","invocation_id":..,"reason":..}; SDKs ignore unknown
  * frame types, and it is only sent for calls with a deadline or a routing rule). */
@@ -8158,6 +8596,7 @@ static void worker_teardown(struct conn *c)
             continue;
         }
         if (v->kind == INV_AUTH && v->caller) auth_refuse(v->caller, "the auth function went away");
+        if (v->retry && rt_retry(v)) continue; /* routed again to another provider */
         if (v->caller && (v->kind == INV_CALL || v->kind == INV_ENQUEUE)) {
             if (v->kind == INV_CALL)
                 rt_send_result(v->caller, v->id, 36, v->fid, v->fid_len, NULL, 0,
@@ -8172,6 +8611,9 @@ static void worker_teardown(struct conn *c)
     /* calls it made: the targets may still answer; those results find no record and are ignored */
     for (struct inv *v = c->calls_out, *nx; v; v = nx)
         nx = v->cnext, rt_cancel_notify(v, "caller_disconnected"), inv_free(v);
+    /* its calls still waiting in routing queues are dropped when they are reached */
+    for (struct qcall *q = c->queued; q; q = q->cnext) q->caller = NULL;
+    c->queued = NULL;
     /* 6: its bindings and parked intents; durable bindings it created stay, no longer counted
      * against it; then the trigger types it provides (lists: nothing is allocated here) */
     for (struct trig *t = c->trigs, *nx; t; t = nx) {
@@ -8327,6 +8769,21 @@ static const char *fn_wname(const struct func *f, char *out, size_t cap)
     return out;
 }
 
+/* ,"providers":[{"worker_id","worker_name"},...] for a function with several providers (this
+ * engine's routing); nothing for the usual single owner, so default listings are unchanged. */
+static void fn_providers(struct buf *b, const struct func *f)
+{
+    if (!f->rnext) return;
+    buf_puts(b, ",\"providers\":[");
+    for (const struct func *p = f; p; p = p->rnext) {
+        if (p != f) buf_putc(b, ',');
+        buf_printf(b, "{\"worker_id\":\"%s\",\"worker_name\":", p->owner->wid);
+        json_put_cstr(b, p->owner->name);
+        buf_printf(b, ",\"inflight\":%zu}", p->owner->n_in);
+    }
+    buf_putc(b, ']');
+}
+
 /* One FunctionSummary (§5.1): function_id, namespace, worker_name, and description / metadata
  * as registered (raw JSON, omitted when absent). Also the element of functions_changed (§6.2). */
 static int fn_summary(struct buf *b, const struct func *f)
@@ -8339,6 +8796,7 @@ static int fn_summary(struct buf *b, const struct func *f)
     func_put_worker_name(b, f);
     if (f->desc_raw) buf_puts(b, ",\"description\":"), buf_puts(b, f->desc_raw);
     if (f->meta_raw) buf_puts(b, ",\"metadata\":"), buf_puts(b, f->meta_raw);
+    fn_providers(b, f);
     return buf_putc(b, '}');
 }
 
@@ -8469,6 +8927,7 @@ static void fn_detail(struct buf *b, const struct func *f)
     if (f->req_raw) buf_puts(b, ",\"request_schema\":"), buf_puts(b, f->req_raw);
     if (f->resp_raw) buf_puts(b, ",\"response_schema\":"), buf_puts(b, f->resp_raw);
     if (f->meta_raw) buf_puts(b, ",\"metadata\":"), buf_puts(b, f->meta_raw);
+    fn_providers(b, f);
     /* the live bindings that target this function in its namespace, sorted by id */
     buf_puts(b, ",\"registered_triggers\":[");
     struct tgroup *g = tg_find(&S.fgroups, f->key, f->klen);
@@ -9606,6 +10065,29 @@ static void http_metrics_functions(struct buf *b)
     http_fstat_family(b, "iii_function_duration_seconds_bucket", 3);
     http_fstat_family(b, "iii_function_duration_seconds_sum", 4);
     http_fstat_family(b, "iii_function_duration_seconds_count", 5);
+    /* routing (functions with several providers or a queue): per provider and per queue */
+    buf_puts(b, "# HELP iii_provider_inflight Calls in flight to each provider's worker.\n"
+                "# TYPE iii_provider_inflight gauge\n");
+    for (size_t i = 0; i < S.funcs.nb; i++)
+        for (struct hnode *e = S.funcs.b[i]; e; e = e->next) {
+            const struct func *f = (const struct func *)e;
+            for (const struct func *p = f->rnext ? f : NULL; p; p = p->rnext) {
+                buf_puts(b, "iii_provider_inflight{function=\"");
+                prom_label(b, f->id, strlen(f->id));
+                buf_puts(b, "\",namespace=\"");
+                prom_label(b, f->ns, strlen(f->ns));
+                buf_printf(b, "\",worker_id=\"%s\"} %zu\n", p->owner->wid, p->owner->n_in);
+            }
+        }
+    buf_puts(b, "# HELP iii_function_queue_depth Calls waiting for a provider with room.\n"
+                "# TYPE iii_function_queue_depth gauge\n");
+    for (const struct func *f = S.qfuncs; f; f = f->qnext) {
+        buf_puts(b, "iii_function_queue_depth{function=\"");
+        prom_label(b, f->id, strlen(f->id));
+        buf_puts(b, "\",namespace=\"");
+        prom_label(b, f->ns, strlen(f->ns));
+        buf_printf(b, "\"} %zu\n", f->qn);
+    }
 }
 
 static void http_metrics(struct buf *b)
@@ -10159,6 +10641,7 @@ static void loop_run(void)
         }
         drain_tick();
         resume_tick();
+        if (S.qfuncs) route_tick();
         if (S.sig_chld) S.sig_chld = 0, sup_reap_children();
         if (S.sig_hup) S.sig_hup = 0, cfg_reload("SIGHUP");
         if (S.sig_term) S.sig_term = 0, drain_begin();

@@ -57,7 +57,9 @@ trap 'exit 1' INT TERM HUP
 start_engine() {
     log=$1
     shift
-    "$III_BIN" "$@" >"$log.out" 2>"$log.err" &
+    # in an empty directory, so the default ./config.yaml is absent: built-in defaults
+    mkdir -p "$TMP/run"
+    (cd "$TMP/run" && exec "$III_BIN" "$@") >"$log.out" 2>"$log.err" &
     ENGINE_PID=$!
     PIDS="$PIDS $ENGINE_PID"
     PORT=0
@@ -98,7 +100,7 @@ if [ ! -x "$III_BIN" ]; then
     notok "engine binary $III_BIN is missing (build it with cc iii.c -o iii)"
     exit 1
 fi
-if ! start_engine "$TMP/engine" --port 0 -c "$TMP/no-config.yaml"; then
+if ! start_engine "$TMP/engine" --port 0; then
     notok "engine did not start (see its stderr below)"
     sed 's/^/#   /' "$TMP/engine.err"
     exit 1
@@ -134,7 +136,7 @@ if have python3; then
     esac
     # restart the engine on the same port: the worker must come back by itself (backoff 1 s)
     stop_pid "$ENGINE_PID"
-    if start_engine "$TMP/engine2" --port "$PORT" -c "$TMP/no-config.yaml" &&
+    if start_engine "$TMP/engine2" --port "$PORT" &&
         call_until py::add '{"a":20,"b":22}' '{"sum":42}' 15; then
         ok "python: after an engine restart the worker reconnects and serves py::add again"
     else
