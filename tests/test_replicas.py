@@ -480,7 +480,7 @@ def rule_not_matching_keeps_single_owner():
 
 @test
 def rule_namespace_scoped():
-    with eng(cfg(rule("orders::*", namespace="shop", providers="many"))) as e:
+    with eng(cfg(rule("orders::*", namespace="shop", providers="many", balance="round-robin"))) as e:
         d1 = Peer(e, "nsd-1", ["orders::x"])
         d2 = Peer(e, "nsd-2", ["orders::x"])
         s1 = Peer(e, "nss-1", ["orders::x"], ns="shop")
@@ -517,7 +517,7 @@ def routing_hot_reload_enables_many():
         b.wait(lambda: rejections(b), WAIT, "the refusal under the default config")
         b.close()
         with open(e.cfg, "w") as f:
-            f.write(cfg(rule("hot::*", providers="many")))
+            f.write(cfg(rule("hot::*", providers="many", balance="round-robin")))
         os.kill(e.proc.pid, signal.SIGHUP)
 
         def joined():
@@ -852,15 +852,6 @@ def busy_when_queue_full():
         eq((r4.get("error") or {}).get("code"), "BUSY", "a call beyond max_queue: %s" % _show(r4))
         check(time.time() - t0 < 1.0, "BUSY is immediate")
         check(isinstance(r4["error"].get("message"), str) and r4["error"]["message"], "BUSY has a message")
-        # /metrics: per-provider in-flight 1 and queue depth 2 (names per the implementation)
-        st, body = http_get(e.port, "/metrics")
-        eq(st, 200, "/metrics status")
-        mine = [l for l in body.splitlines() if t.wid in l and not l.startswith("#")]
-        check(any(re.search(r"inflight|in_flight", l) and re.search(r" 1(\.0+)?$", l) for l in mine),
-              "/metrics has no per-provider in-flight 1 line for %s: %s" % (t.wid, _show(mine)))
-        qd = [l for l in body.splitlines() if re.search(r"queue", l) and not l.startswith("#")
-              and ("bq::f" in l or t.wid in l)]
-        check(any(re.search(r" 2(\.0+)?$", l) for l in qd), "/metrics has no queue depth 2: %s" % _show(qd))
         # answering drains the queue in order
         for k in range(3):
             t.wait(lambda: len(t.invokes) > k, WAIT, "queued call %d dispatched" % k)
@@ -871,18 +862,65 @@ def busy_when_queue_full():
             eq(r.get("result"), {"n": k}, "result %d" % k)
 
 
+def metric_lines(port, name):
+    st, body = http_get(port, "/metrics")
+    eq(st, 200, "/metrics status")
+    return [l for l in body.splitlines() if l.startswith(name + "{") or l.startswith(name + " ")]
+
+
+def metric_value(line):
+    return float(line.rsplit(" ", 1)[1])
+
+
+@test
+def metrics_per_provider_inflight_and_queue_depth():
+    with eng(cfg(rule("mq::*", providers="many", max_inflight=1, max_queue=5))) as e:
+        ps = [Peer(e, "mq-%d" % i, ["mq::f"], hang=True) for i in range(2)]
+        c = Peer(e, "mq-c")
+        for i in range(4):
+            c.call_async("mq::f", {"n": i})
+        for p in ps:
+            p.wait(lambda: p.invokes, WAIT, "a call at %s" % p.name)
+        time.sleep(0.2)
+        lines = metric_lines(e.port, "iii_provider_inflight")
+        for p in ps:
+            mine = [l for l in lines if p.wid in l and 'function="mq::f"' in l]
+            check(mine and metric_value(mine[0]) == 1,
+                  "iii_provider_inflight for %s: %s (all: %s)" % (p.name, _show(mine), _show(lines)))
+        q = [l for l in metric_lines(e.port, "iii_function_queue_depth") if 'function="mq::f"' in l]
+        check(q and metric_value(q[0]) == 2, "iii_function_queue_depth of mq::f: %s" % _show(q))
+
+
+@test
+def metrics_single_provider_under_rule_listed():
+    # a function under a `providers: many` rule that has one provider right now is still routed
+    # by the rule (bounds, queue): its provider's in-flight is reported too
+    with eng(cfg(rule("m1::*", providers="many", max_inflight=1, max_queue=5))) as e:
+        p = Peer(e, "m1-p", ["m1::f"], hang=True)
+        c = Peer(e, "m1-c")
+        for i in range(3):
+            c.call_async("m1::f", {"n": i})
+        p.wait(lambda: p.invokes, WAIT, "a call at the provider")
+        time.sleep(0.2)
+        lines = [l for l in metric_lines(e.port, "iii_provider_inflight") if p.wid in l]
+        check(lines and metric_value(lines[0]) == 1, "iii_provider_inflight for the only provider: %s"
+              % _show(lines))
+        q = [l for l in metric_lines(e.port, "iii_function_queue_depth") if 'function="m1::f"' in l]
+        check(q and metric_value(q[0]) == 2, "iii_function_queue_depth of m1::f: %s" % _show(q))
+
+
 @test
 def busy_queued_call_honours_deadline():
     with eng(cfg(rule("bqd::*", providers="many", max_inflight=1, max_queue=5, timeout_ms=400))) as e:
         t = Peer(e, "bqd-t", ["bqd::f"], hang=True)
         c = Peer(e, "bqd-c")
-        a = c.call_async("bqd::f")
+        a = c.call_async("bqd::f", timeout_ms=1500)  # holds the only slot past b's deadline
         t.wait(lambda: t.invokes, WAIT, "first call")
         b = c.call_async("bqd::f")  # waits in the queue past its deadline
         rb = c.result(b, 2)
         eq(rb.get("error"), _timeout_err(400), "a queued call times out")
-        ra = c.result(a, 2)
-        eq(ra.get("error"), _timeout_err(400), "the in-flight call times out")
+        ra = c.result(a, 3)
+        eq(ra.get("error"), _timeout_err(1500), "the in-flight call times out")
         time.sleep(0.2)
         eq([m["invocation_id"] for _, m in t.invokes], [a], "the queued call was never dispatched")
 
