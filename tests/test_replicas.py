@@ -669,7 +669,7 @@ def first_is_active_standby_and_fails_over():
         after = [r["result"]["from"] for t, _, r in ld.records if t >= t_gone and "result" in r]
         check(after and set(after) == {"as-b"}, "after the loss the next provider (as-b) serves: %s"
               % _show(sorted(set(after))))
-        before = [r["result"]["from"] for t, _, r in ld.records if t < t_kill and "result" in r]
+        before = [r["result"]["from"] for _, done, r in ld.records if done < t_kill and "result" in r]
         check(set(before) <= {"as-a"}, "before the loss only as-a served: %s" % _show(set(before)))
 
 
