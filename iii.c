@@ -4,7 +4,9 @@
  * Workers written in any language connect over WebSocket, register functions, trigger types
  * and triggers; the engine keeps the live registry and routes every invocation to the worker
  * that provides the target function, then routes the result back. It speaks the wire protocol
- * of the reference iii engine (../shared/spec/PROTOCOL.md) so the official SDKs work unchanged.
+ * of the reference iii engine (docs/PROTOCOL.md) so the official SDKs work unchanged. Marks
+ * like "§3.2" cite the reference protocol's section numbers; docs/PROTOCOL.md, appendix A, says
+ * where each is described in this repository.
  *
  * PROCESS MODEL
  * One thread, one poll() loop. Sockets are non-blocking; signals arrive through a self-pipe;
@@ -23,14 +25,24 @@
  *
  * MEMORY AND LIMITS
  * All allocation goes through xmalloc/xrealloc/xfree (counted, fail-injectable in tests). Every
- * buffer append checks a cap; an allocation failure closes one connection, never the engine.
- * Limits live in iii.h and in the `iii-worker-manager` config block.
+ * buffer has a cap enforced when bytes are appended and a sticky error checked once per frame;
+ * an allocation failure closes one connection, never the engine, and teardown allocates
+ * nothing. Calls in flight, queued registrations, bindings, functions and all memory together
+ * are bounded; a bound that is hit is answered (BUSY, 1008, 503), never queued without limit.
+ * No scratch buffer is global across anything that can re-enter the router. Limits live in
+ * iii.h and in the `iii-worker-manager` config block; README "Limits" explains each.
+ *
+ * TRUST
+ * Every connection has a session (NULL: full access, the loopback default); with auth_tokens
+ * or rbac a client presents a token or is admitted by an auth function, and sees and calls only
+ * what its session allows (README "Security").
  *
  * CONTENTS (grep -n '^/\* ====' iii.c)
  *   Utilities, Buffer, SHA-1 and base64, UTF-8, JSON, YAML subset, Config, Hash map, Types and
- *   the global state, Sockets, WebSocket frames, Connections, HTTP, Registry, Router, Triggers
- *   and discovery, Worker protocol, Engine functions, Channels, Health and metrics, Event loop,
- *   Supervisor, Configuration and hot reload, CLI client, main.
+ *   the global state, Sockets, WebSocket frames, Connections, HTTP, Registry, Sessions and
+ *   authorization, Router, Triggers and discovery, Worker protocol, Engine functions, Channels,
+ *   Health and metrics, Event loop, Supervisor, Configuration and hot reload, CLI client, CLI
+ *   worker (iii serve and iii watch), main.
  */
 /* Feature macros: each only if the includer (tests/unit.c, a -D flag) has not set it already */
 #ifndef _POSIX_C_SOURCE
@@ -2838,14 +2850,14 @@ static int yaml_equal(const struct yaml_node *a, const struct yaml_node *b)
 /* ==== Config ================================================================================
  * config.yaml → struct cfg, in three steps that each fail with a message naming the file (and
  * line:column where there is one): cfg_expand splices ${VAR} / ${VAR:default} into the raw
- * text (PROTOCOL.md §8.3), yaml_parse reads it, and the checks below validate the schema.
+ * text (§8.3), yaml_parse reads it, and the checks below validate the schema.
  * Top level: registration_namespace_grace_ms, workers, modules (entries appended after
  * workers); anything else is refused. Each entry has a `name`; duplicates get instance ids
  * name#1, name#2 in order. A built-in name (cfg_builtins) runs inside the engine and takes only
  * `config`; `iii-worker-manager`'s config holds the listener settings (tests/CONTRACT.md), each
  * type-checked, unknown ones refused. Every other entry is a process the engine supervises and
- * must say how to start it with `command` (DECISIONS.md item 3). As in the reference engine
- * (PROTOCOL.md §11.22), unknown keys in an entry are ignored; a misspelt `command` still fails
+ * must say how to start it with `command` (docs/§10 item 3). As in the reference engine
+ * (§11.22), unknown keys in an entry are ignored; a misspelt `command` still fails
  * because `command` is then missing.
  * Strings in struct cfg are owned by it (cfg_free), except that lis.host and
  * lis.allowed_origins may point to static defaults, which cfg_free recognizes.
@@ -2855,7 +2867,7 @@ static int yaml_equal(const struct yaml_node *a, const struct yaml_node *b)
 #endif
 #define CFG_MS_MAX 2147483647 /* timeouts end up as poll() ints */
 
-/* The `restart` policies of a process worker (DECISIONS.md item 3). */
+/* The `restart` policies of a process worker (docs/§10 item 3). */
 enum { CFG_RESTART_ALWAYS, CFG_RESTART_ON_FAILURE, CFG_RESTART_NEVER };
 
 struct cfg_listener {
@@ -2894,6 +2906,7 @@ struct cfg_worker {
     char *cwd;               /* absolute; relative paths are resolved against the config's dir */
     int restart;             /* CFG_RESTART_* */
     int64_t stop_timeout_ms; /* SIGTERM, then SIGKILL after this long */
+    int instances;           /* processes of this entry (1: named as the entry, else name.k) */
     struct yaml_node *entry; /* the whole entry (owned), for yaml_equal in the reload diff */
 };
 
@@ -2920,7 +2933,7 @@ struct cfg {
 };
 
 /* Static defaults: cfg_defaults cannot fail, so it points at these instead of allocating. An
- * origin without a port matches that scheme and host on any port (DECISIONS.md item 7). */
+ * origin without a port matches that scheme and host on any port (docs/§10 item 7). */
 static char cfg_default_host[] = III_DEFAULT_HOST;
 static char cfg_origin_localhost[] = "http://localhost";
 static char cfg_origin_loopback[] = "http://127.0.0.1";
@@ -2943,8 +2956,9 @@ static const char *const cfg_reference_only[] = {
 
 /* The keys an entry may have. From index 3 on they are the process keys, which a built-in
  * entry may not use (cfg_entry relies on this order). */
-static const char *const cfg_entry_keys[] = {"name", "config",  "image",           "command", "env",
-                                             "cwd",  "restart", "stop_timeout_ms", NULL};
+static const char *const cfg_entry_keys[] = {
+    "name", "config", "image", "command", "env", "cwd", "restart", "stop_timeout_ms", "instances",
+    NULL};
 
 /* Validation context: where messages go and what they are relative to. */
 struct cfg_ctx {
@@ -3179,8 +3193,8 @@ static int cfg_dir(struct cfg_ctx *x, const char *path)
     return x->dir ? 0 : cfg_fail(x, NULL, 0, 0, "out of memory");
 }
 
-/* Expands ${VAR} and ${VAR:default} in text[0..len), appending the result to out (PROTOCOL.md
- * §8.3): one pass, expanded values are not rescanned, a set-but-empty variable gives "", the
+/* Expands ${VAR} and ${VAR:default} in text[0..len), appending the result to out
+ * (§8.3): one pass, expanded values are not rescanned, a set-but-empty variable gives "", the
  * default may hold ':' but not '}', `__III_ENGINE_VERSION__` as a default gives the version,
  * `$VAR` and an unclosed `${X` stay as they are. An unset variable without a default is an
  * error "LINE:COL: environment variable ..." (cfg_parse adds the file name). 0 ok, -1 error (out
@@ -3602,6 +3616,12 @@ static int cfg_process(struct cfg_ctx *x, struct cfg_worker *w, const struct yam
     if (v &&
         cfg_int(x, who, "`stop_timeout_ms`", v, line, col, 0, CFG_MS_MAX, &w->stop_timeout_ms) < 0)
         return -1;
+    /* instances: N processes of this entry (name.1 ... name.N; README "Routing") */
+    v = cfg_opt(e, "instances");
+    cfg_pos(e, "instances", &line, &col);
+    int64_t ni = 1;
+    if (v && cfg_int(x, who, "`instances`", v, line, col, 1, III_MAX_INSTANCES, &ni) < 0) return -1;
+    w->instances = (int)ni;
     return 0;
 oom:
     return cfg_fail(x, NULL, 0, 0, "out of memory");
@@ -3661,7 +3681,7 @@ static int cfg_entry(struct cfg_ctx *x, struct cfg *c, struct yaml_node *list, s
     w->restart = CFG_RESTART_ALWAYS;
     w->stop_timeout_ms = III_DEFAULT_STOP_TIMEOUT_MS;
 
-    /* Unknown entry keys are ignored, as in the reference engine (PROTOCOL.md §11.22), but
+    /* Unknown entry keys are ignored, as in the reference engine (§11.22), but
      * each one is reported as a warning with the nearest known key (`evn` -> `env`); `image`
      * is the reference engine's OCI image, which this engine cannot run; `config` is kept as
      * JSON. A misspelt `command` still fails below ("`command` is required"). */
@@ -3803,7 +3823,7 @@ static int cfg_root(struct cfg_ctx *x, struct cfg *c, struct yaml_node *root)
                         "the top level must be a mapping with the "
                         "keys registration_namespace_grace_ms, workers, modules (got %s)",
                         cfg_got(root, t, sizeof t));
-    /* Top-level keys, deny-unknown-fields as in the reference engine (PROTOCOL.md §8.2). */
+    /* Top-level keys, deny-unknown-fields as in the reference engine (§8.2). */
     for (i = 0; i < root->n; i++) {
         const char *key = root->keys[i];
         struct yaml_node *v = root->items[i];
@@ -3910,7 +3930,7 @@ static int cfg_parse(const char *text, size_t len, const char *path, struct cfg 
     return rc;
 }
 
-/* Reads and parses the config file at path. A missing file is not an error (DECISIONS.md
+/* Reads and parses the config file at path. A missing file is not an error (docs/§10
  * item 6): *missing = 1, *out = defaults, 0 is returned. Any other failure: -1 and err. */
 static int cfg_load(const char *path, struct cfg *out, int *missing, char *err, size_t errlen)
 {
@@ -4072,7 +4092,7 @@ enum conn_kind {
     CK_CHAN_R, /* "/ws/channels/<id>?dir=read" */
     CK_PLAIN   /* plain HTTP answer being flushed, then closed */
 };
-/* Namespace resolution of a worker connection (PROTOCOL.md §1.4): registrations are buffered
+/* Namespace resolution of a worker connection (§1.4): registrations are buffered
  * while PENDING, applied directly once RESOLVED, swallowed once ABORTED (teardown started). */
 enum ns_state { NS_PENDING, NS_RESOLVED, NS_ABORTED };
 
@@ -4131,7 +4151,7 @@ struct conn {
     struct inv *calls_out, *calls_in; /* calls it made / calls dispatched to it */
     size_t n_out, n_in;               /* lengths of calls_out / calls_in (bounded by limits) */
     struct chan *chan;                /* channel side */
-    uint64_t otel_frames;             /* /otel frames received and dropped (DECISIONS.md) */
+    uint64_t otel_frames;             /* /otel frames received and dropped (docs/§10) */
 };
 
 struct func {
@@ -4312,7 +4332,7 @@ struct settings {
     size_t max_functions_per_connection;                /* functions one connection may own */
     size_t max_triggers_per_connection, max_triggers_per_function, max_triggers; /* bindings */
     size_t max_memory_bytes; /* all the engine's allocations together; 0 = no budget */
-    char **origins;   /* allowed Origin values; "*" allows any (DECISIONS.md 7) */
+    char **origins;   /* allowed Origin values; "*" allows any (docs/§10 item 7) */
     size_t n_origins; /* entries in origins */
 };
 
@@ -4347,7 +4367,7 @@ static char worker_token[65]; /* III_TOKEN given to declared workers (full acces
 
 static struct {
     struct settings set;  /* listener settings in force */
-    int64_t grace_ms;     /* namespace grace period (PROTOCOL.md §1.4) */
+    int64_t grace_ms;     /* namespace grace period (§1.4) */
     const char *cfg_path; /* config file (--config), or NULL for built-in defaults */
     int lfd;              /* listening socket */
     int bound_port;       /* actual port (differs from set.port when that is 0) */
@@ -4913,7 +4933,7 @@ static int http_has_token(const char *v, const char *tok)
     return 0;
 }
 
-/* Origin policy (DECISIONS.md item 7): no Origin = not a browser, allowed. Otherwise the origin
+/* Origin policy (docs/§10 item 7): no Origin = not a browser, allowed. Otherwise the origin
  * must equal an allowed entry, or be that entry plus ":port". "*" allows every origin. */
 static int http_origin_ok(const char *o)
 {
@@ -5248,7 +5268,7 @@ static void http_on_data(struct conn *c)
         }
     }
     /* RFC 6455 §4.2.2: 101 with Sec-WebSocket-Accept; no subprotocol or extension is negotiated
-     * (PROTOCOL.md §1.1), so neither header is sent */
+     * (§1.1), so neither header is sent */
     char acc[29];
     ws_accept_key(key, strlen(key), acc);
     buf_printf(&c->out,
@@ -5702,7 +5722,7 @@ static void lease_drop(struct conn *c)
  * loopback listener without auth config gives everyone, as before. With `auth_tokens` or
  * `rbac.auth_function_id` an upgrade must present a token (Authorization: Bearer T, or ?token=T)
  * or be admitted by the auth function; its session is then the token's entry or the function's
- * result, in the reference's shape (PROTOCOL.md §3.9): namespaces with grants, allowed and
+ * result, in the reference's shape (§3.9): namespaces with grants, allowed and
  * forbidden functions, registration switches, a registration prefix and a context. A session
  * is kept as its JSON text with the tokens of that text (grants are read from them directly),
  * reference-counted: a token's session is shared by its connections and outlives a reload.
@@ -6127,6 +6147,12 @@ oom:
  * call on both connections and append one invokefunction frame to the target. A call record
  * (struct inv) comes from a free list and keeps the caller's id, the requested function_id and
  * the caller's trace context in inline storage, so a routed call allocates nothing once warm.
+ * Before routing: the caller's session decides (FORBIDDEN), the middleware may take the call,
+ * and the bounds (BUSY). A `routing:` rule may give a function several providers (picked by
+ * its balance), a per-provider bound with a queue, a deadline and retries; without rules the
+ * one owner gets every call. Invariants: a call record is on its caller's and target's
+ * lists and, when it has a deadline, in the deadline heap; a queued call is on its function's
+ * queue and its caller's list; a result settles only the call of the connection it was sent to.
  */
 /* Folds a 36-character UUID to lowercase into out (37 bytes): invocation ids are compared
  * case-insensitively, as UUIDs are (RFC 4122 §3), so "A1..." answered as "a1..." still matches. */
@@ -6470,7 +6496,7 @@ static void auth_answer(struct inv *v, const struct jdoc *d, int res, int err);
 static void auth_refuse(struct conn *c, const char *msg);
 static int rt_busy(const struct conn *c, const struct conn *t, int reply, char *msg, size_t cap);
 
-/* The error a caller gets when the target disconnects mid-call (§7; exact text, DECISIONS.md). */
+/* The error a caller gets when the target disconnects mid-call (§7; exact text, docs/§10). */
 static const char ERR_STOPPED[] =
     "{\"code\":\"invocation_stopped\",\"message\":\"Invocation stopped\"}";
 
@@ -7643,7 +7669,7 @@ static int trig_listened(const char *type)
     return 0;
 }
 
-/* Called once per loop turn: fires functions_changed when the id set changed (DECISIONS.md
+/* Called once per loop turn: fires functions_changed when the id set changed (docs/§10
  * item 1: immediate, coalesced to one event per turn; keyed on the id set only). A snapshot is
  * the whole function list, so the next one waits until the last one's size has been paced
  * out at III_DISCOVERY_BYTES_PER_S: a small registry still gets every change at once, while a
@@ -8082,7 +8108,7 @@ static void reg_apply(struct conn *c, const struct jdoc *d)
 
 static void rt_invoke(struct conn *c, const struct jdoc *d);
 
-/* Buffers frame p[0..n) at the tail of c's queue (§1.4 and DECISIONS.md item 10): registration
+/* Buffers frame p[0..n) at the tail of c's queue (§1.4 and docs/§10 item 10): registration
  * frames while the namespace is pending, and, while anything is queued, later registrations
  * and calls too, so they keep their arrival order. The queue is bounded in bytes (its buffer's
  * cap, max_pending_registration_bytes) and frames (max_pending_registration_frames): a client
@@ -8126,7 +8152,7 @@ static void drain_unlink(struct conn *c)
 }
 
 /* Applies c's queued frames in arrival order (§1.4): registrations, and the calls that waited
- * behind them (DECISIONS.md item 10). At most III_DRAIN_FRAMES frames or III_DRAIN_BYTES bytes
+ * behind them (docs/§10 item 10). At most III_DRAIN_FRAMES frames or III_DRAIN_BYTES bytes
  * per call, so no turn of the loop does unbounded work: a connection with more left stays on
  * S.drain and the loop comes back to it next turn. Stops if c goes away. */
 static void worker_drain(struct conn *c)
@@ -8401,7 +8427,7 @@ static void worker_on_message(struct conn *c, const unsigned char *p, size_t n, 
         return;
     }
     if (TYPE_IS("invokefunction")) {
-        /* DECISIONS.md item 10: a call behind this connection's own queued registrations waits
+        /* docs/§10 item 10: a call behind this connection's own queued registrations waits
          * in that queue (read-your-own-writes); the announce itself never waits, as it is what
          * settles the namespace and drains the queue */
         if (buf_used(&c->pendq) && c->ns_state != NS_ABORTED &&
@@ -9512,7 +9538,8 @@ static void bi_workers_register(BI_ARGS)
      * happens, c->lease is the lease c holds now and l->owner->lease == l for every lease */
     if (name) {
         struct lease *l = (struct lease *)reg_find(&S.leases, eff, strlen(eff), name, strlen(name));
-        if (l && l->owner != c && conn_live(l->owner)) {
+        /* a retiring holder (a rolling reload replaces it) yields its name to the newcomer */
+        if (l && l->owner != c && conn_live(l->owner) && !l->owner->retiring) {
             worker_rejected(c, "WORKER_NAMESPACE_CONFLICT", eff, name, NULL, 0, l->owner->wid,
                             NULL);
             conn_close(c, 1008, "WORKER_NAMESPACE_CONFLICT");
@@ -9783,7 +9810,7 @@ static void bi_unregister_trigger(BI_ARGS)
     xfree(id);
 }
 
-/* engine::log::* (DECISIONS.md): writes message and data to the engine's log at `level`; data
+/* engine::log::* (docs/§10): writes message and data to the engine's log at `level`; data
  * is cut to 600 bytes so one call cannot flood the log. No result. */
 static void bi_log(struct conn *caller, const struct jdoc *d, int in, int level)
 {
@@ -9981,7 +10008,7 @@ static void chan_sweep(int64_t now, int64_t *next)
 }
 
 /* ==== Health and metrics ====================================================================
- * Plain HTTP on the worker port (DECISIONS.md item 8).
+ * Plain HTTP on the worker port (docs/§10 item 8).
  */
 /* Worker connections not yet torn down (the iii_workers_active gauge and /health). */
 static size_t count_workers(void)
@@ -9991,7 +10018,7 @@ static size_t count_workers(void)
     return n;
 }
 
-/* GET /health body (DECISIONS.md item 8). */
+/* GET /health body (docs/§10 item 8). */
 static void http_health(struct buf *b)
 {
     buf_printf(b, "{\"status\":\"ok\",\"workers\":%zu,\"functions\":%zu,\"uptime_ms\":%lld}",
@@ -9999,7 +10026,7 @@ static void http_health(struct buf *b)
 }
 
 /* GET /metrics: Prometheus text exposition format 0.0.4 (hence the content type's version);
- * the counter names are the ones DECISIONS.md item 8 promises. */
+ * the counter names are the ones docs/§10 item 8 promises. */
 /* Appends s[0..n) as a Prometheus label value (backslash, quote and newline escaped). */
 static void prom_label(struct buf *b, const char *s, size_t n)
 {
@@ -10320,7 +10347,7 @@ static int64_t loop_timers(struct conn *c, int64_t now)
             c->wid, (long long)S.grace_ms);
         worker_resolve(c, NS_DEFAULT);
     }
-    /* DECISIONS.md item 2: silence past idle_timeout_ms is a dead peer; 1001 "going away" */
+    /* docs/§10 item 2: silence past idle_timeout_ms is a dead peer; 1001 "going away" */
     if (S.set.idle_timeout_ms > 0 && DUE(c->t_rx + S.set.idle_timeout_ms)) {
         conn_close(c, 1001, "idle timeout");
         return next;
@@ -10445,7 +10472,7 @@ static void drain_begin(void)
 }
 
 /* Graceful shutdown (SIGINT/SIGTERM): stop accepting, end every worker's calls with
- * invocation_stopped, close every connection with 1012 (Service Restart, DECISIONS.md item 11:
+ * invocation_stopped, close every connection with 1012 (Service Restart, docs/§10 item 11:
  * clients that treat 1000/1001 as final, Python's websockets among them, reconnect on it),
  * stop supervised workers, flush. */
 static void loop_shutdown(void)
@@ -10659,6 +10686,10 @@ static void loop_run(void)
  * with a "[name] " prefix. SIGCHLD arrives through the self-pipe; exits are reaped with
  * waitpid(WNOHANG) and restarted per policy with exponential backoff (1 s doubling to 30 s,
  * reset after 60 s of uptime). Stop = SIGTERM to the group, SIGKILL after stop_timeout_ms.
+ * An entry with `instances: N` is N processes (name.1 .. name.N); a changed entry whose
+ * functions may have several providers is replaced one instance at a time (sup_roll_tick).
+ * Output goes through two queues (stdout, stderr) written in whole lines when the engine's own
+ * descriptors can take them; a full queue stops the reading of worker pipes (backpressure).
  *
  * Dying with the engine: at start-up the engine forks a sentinel, a tiny process in its own
  * session that holds the read end of a lifeline pipe. The engine writes "+pgid" / "-pgid"
@@ -10681,6 +10712,11 @@ struct proc {
     struct cfg_worker *restart_with; /* changed by a reload: start this once stopped */
     int dead_restart;                /* policy says: start at next_start */
     char *refusal;                   /* last registrationrejected of its process (JSON) */
+    int inst;                        /* instance number (1..N), 0 when the entry has one */
+    struct cfg_worker *roll_with;    /* rolling reload: to be replaced by a process of this entry */
+    struct proc *roll_new;           /* ... the replacement, once started */
+    int roll_phase;                  /* 0 none, 1 waiting for the new one's functions, 2 draining */
+    int64_t roll_until;              /* the current phase's deadline */
     unsigned restarts;               /* restarts by its policy since the engine started it */
     int has_exit, exit_code, exit_signal; /* how it last ended (exit_signal 0: exited) */
     int64_t exit_at;                 /* ... and when (epoch ms) */
@@ -10838,7 +10874,7 @@ static void sentinel_start(void)
 }
 
 /* Appends "[name] text\n" for output stream k (0 stdout, 1 stderr). Nothing is dropped: the
- * queue is bounded by backpressure instead (DECISIONS.md item 12): past III_OUTQ_HIGH bytes
+ * queue is bounded by backpressure instead (docs/§10 item 12): past III_OUTQ_HIGH bytes
  * sup_pollfds stops reading that stream's worker pipes, so a worker writing faster than the
  * engine's output drains blocks on its own write, as on a slow terminal. */
 static void sup_emit(int k, const char *name, const unsigned char *p, size_t n)
@@ -10935,7 +10971,11 @@ static void sup_close_fd(struct proc *pr, int k)
 static int sup_start(struct proc *pr)
 {
     int po[2], pe[2];
-    char *nm = xstrdup(pr->w->name);
+    char *nm = xmalloc(strlen(pr->w->name) + 24);
+    if (nm) {
+        if (pr->inst) sprintf(nm, "%s.%d", pr->w->name, pr->inst);
+        else strcpy(nm, pr->w->name);
+    }
     if (!nm) return -1;
     xfree(pr->name);
     pr->name = nm;
@@ -10977,7 +11017,12 @@ static int sup_start(struct proc *pr)
             if (fds[k] > 2) close(fds[k]);
         setenv("III_URL", url, 1);
         setenv("III_ENGINE_URL", url, 1);
-        setenv("III_WORKER_NAME", pr->w->name, 1);
+        setenv("III_WORKER_NAME", pr->name, 1);
+        if (pr->inst) {
+            char ib[16];
+            snprintf(ib, sizeof ib, "%d", pr->inst);
+            setenv("III_INSTANCE", ib, 1);
+        }
         setenv("III_ENGINE_PID", pidv, 1);
         /* the engine's own workers pass its authentication: a full-access token per start */
         setenv("III_TOKEN", worker_token, 1);
@@ -11014,7 +11059,18 @@ static int sup_start(struct proc *pr)
 
 /* Adds a supervised process for entry w (borrowed: it belongs to S.cfg) and starts it; a failed
  * start is retried after the backoff. NULL on OOM. */
-static struct proc *sup_add(struct cfg_worker *w)
+static struct proc *sup_add_inst(struct cfg_worker *w, int inst);
+
+/* Adds and starts every process of entry w (instances). 0 ok, -1 OOM. */
+static int sup_add(struct cfg_worker *w)
+{
+    for (int k = 1; k <= w->instances; k++)
+        if (!sup_add_inst(w, w->instances > 1 ? k : 0)) return -1;
+    return 0;
+}
+
+/* Adds a supervised process for instance inst of entry w and starts it. NULL on OOM. */
+static struct proc *sup_add_inst(struct cfg_worker *w, int inst)
 {
     struct proc **np = xrealloc(procs, (nprocs + 1) * sizeof *np);
     struct proc *pr = xcalloc(sizeof *pr);
@@ -11025,6 +11081,7 @@ static struct proc *sup_add(struct cfg_worker *w)
     }
     procs = np;
     pr->w = w;
+    pr->inst = inst;
     pr->fd[0] = pr->fd[1] = -1;
     pr->backoff = III_BACKOFF_MIN_MS;
     procs[nprocs++] = pr;
@@ -11103,7 +11160,7 @@ static void sup_retire_conns(pid_t pid)
 
 /* Reaps every exited child (WNOHANG, after SIGCHLD) and applies the restart policy: removed
  * entries are freed, reloaded ones restart at once with the new entry, others per `restart`
- * with exponential backoff (DECISIONS.md item 3). Only called from the loop. */
+ * with exponential backoff (docs/§10 item 3). Only called from the loop. */
 static void sup_reap_children(void)
 {
     int st;
@@ -11153,10 +11210,93 @@ static void sup_reap_children(void)
     }
 }
 
+/* The totals over the worker connections of process pid: functions and calls in flight.
+ * Returns how many connections there are. */
+static size_t sup_conns_of(pid_t pid, size_t *nfuncs, size_t *inflight)
+{
+    size_t n = 0;
+    *nfuncs = *inflight = 0;
+    for (struct conn *c = S.conns; c; c = c->next)
+        if (c->kind == CK_WORKER && c->has_pid && (pid_t)c->pid == pid && !c->torn)
+            n++, *nfuncs += c->n_funcs, *inflight += c->n_in;
+    return n;
+}
+
+/* 1 if processes a and b are instances of one entry (their names without ".k" agree). */
+static int sup_same_entry(const struct proc *a, const struct proc *b)
+{
+    size_t la = strlen(a->name), lb = strlen(b->name);
+    if (a->inst) la = (size_t)(strrchr(a->name, '.') - a->name);
+    if (b->inst) lb = (size_t)(strrchr(b->name, '.') - b->name);
+    return la == lb && !memcmp(a->name, b->name, la);
+}
+
+/* 1 when pr's process can be replaced without a gap (rolling reload): it is connected and
+ * every function it provides may have several providers (routing: providers: many). */
+static int sup_can_roll(const struct proc *pr)
+{
+    int any = 0;
+    for (struct conn *c = S.conns; c; c = c->next) {
+        if (c->kind != CK_WORKER || !c->has_pid || (pid_t)c->pid != pr->pid || c->torn) continue;
+        any = 1;
+        for (const struct func *f = c->funcs; f; f = f->cnext)
+            if (!route_many(f->ns, strlen(f->ns), f->id, strlen(f->id))) return 0;
+    }
+    return any;
+}
+
+/* Rolling reload, one instance of an entry at a time: the replacement starts (phase 1) while
+ * the old process stops taking calls (its connections are retiring: the router skips them and
+ * the new one may take over the name lease); once the new one has registered as many
+ * functions (or 10 s passed) the old one drains its calls in flight (phase 2, up to its stop
+ * timeout) and is stopped. So calls keep going to the other instances and none fails. */
+static void sup_roll_tick(int64_t now, int64_t *next)
+{
+    for (size_t i = 0; i < nprocs; i++) {
+        struct proc *pr = procs[i];
+        size_t of, oi, nf = 0, ni;
+        if (pr->roll_with && !pr->roll_phase) {
+            int busy = 0; /* one instance of an entry at a time */
+            for (size_t k = 0; k < nprocs; k++)
+                busy |= procs[k]->roll_phase > 0 && procs[k]->roll_phase < 3 &&
+                        sup_same_entry(procs[k], pr);
+            if (busy) continue;
+            struct cfg_worker *nw = pr->roll_with;
+            pr->roll_with = NULL, pr->roll_phase = 1, pr->roll_until = now + 10000;
+            for (struct conn *c = S.conns; c; c = c->next)
+                if (c->kind == CK_WORKER && c->has_pid && (pid_t)c->pid == pr->pid) c->retiring = 1;
+            LOG(LOG_INFO, "worker %s: rolling reload: starting its replacement", pr->name);
+            pr->roll_new = sup_add_inst(nw, pr->inst);
+            pr->w = NULL; /* no restart of the old one, whatever its policy */
+            pr = procs[i];
+        }
+        if (pr->roll_phase == 1) {
+            sup_conns_of(pr->pid, &of, &oi);
+            int found = 0;
+            for (size_t k = 0; k < nprocs; k++) found |= procs[k] == pr->roll_new;
+            if (found && pr->roll_new->pid) sup_conns_of(pr->roll_new->pid, &nf, &ni);
+            if (!found || nf >= of || now >= pr->roll_until)
+                pr->roll_phase = 2, pr->roll_until = now + pr->stop_ms;
+        }
+        if (pr->roll_phase == 2) {
+            sup_conns_of(pr->pid, &of, &oi);
+            if (!oi || now >= pr->roll_until) {
+                pr->roll_phase = 3, pr->remove = 1;
+                LOG(LOG_INFO, "worker %s: rolling reload: replacement ready, stopping the old one",
+                    pr->name);
+                sup_stop(pr);
+            }
+        }
+        if (pr->roll_phase == 1 || pr->roll_phase == 2 || pr->roll_with)
+            if (now + 50 < *next) *next = now + 50; /* look again soon while a roll goes on */
+    }
+}
+
 /* Timers of the supervisor: SIGKILL for processes past their stop timeout (repeated every
  * second until they are reaped), and due restarts. Lowers *next to the earliest deadline. */
 static void sup_tick(int64_t now, int64_t *next)
 {
+    sup_roll_tick(now, next);
     for (size_t i = 0; i < nprocs; i++) {
         struct proc *pr = procs[i];
         if (pr->pid && pr->stopping) {
@@ -11407,6 +11547,30 @@ static void cfg_log_warnings(const struct cfg *c)
     }
 }
 
+/* 1 if process pr's instance number exists in entry w: the single process of a one-instance
+ * entry, or one of 1..N. */
+static int sup_inst_fits(const struct proc *pr, const struct cfg_worker *w)
+{
+    return w->instances > 1 ? pr->inst >= 1 && pr->inst <= w->instances : pr->inst == 0;
+}
+
+/* 1 if two worker entries are the same but for `instances` (that key alone starts or stops
+ * the difference, and restarts nothing). */
+static int cfg_entry_same(const struct yaml_node *a, const struct yaml_node *b)
+{
+    if (!a || !b || a->kind != YAML_MAP || b->kind != YAML_MAP) return yaml_equal(a, b);
+    size_t na = 0, nb = 0;
+    for (size_t i = 0; i < a->n; i++) {
+        if (!strcmp(a->keys[i], "instances")) continue;
+        na++;
+        size_t j = 0;
+        while (j < b->n && strcmp(b->keys[j], a->keys[i])) j++;
+        if (j == b->n || !yaml_equal(a->items[i], b->items[j])) return 0;
+    }
+    for (size_t j = 0; j < b->n; j++) nb += strcmp(b->keys[j], "instances") != 0;
+    return na == nb;
+}
+
 /* iii --check: the config is valid (cfg_load already said otherwise and exited 1); prints what
  * would run: the listener and each declared worker with its command. Returns 0. */
 static int cfg_check_print(int missing)
@@ -11452,7 +11616,7 @@ static void reload_fail(const char *fmt, ...)
     S.stop = 1;
 }
 
-/* Hot reload (PROTOCOL.md §8.5, DECISIONS.md item 4), from the config watch or SIGHUP. Loads and
+/* Hot reload (§8.5, docs/§10 item 4), from the config watch or SIGHUP. Loads and
  * validates the whole file first; any failure is fatal via reload_fail. Then rebinds the
  * listener if host/port changed, and diffs process entries by instance name: removed ones are
  * stopped, changed ones stopped and restarted from the new entry, added ones started. The old
@@ -11494,14 +11658,17 @@ static void cfg_reload(const char *why)
         rebound = 1;
     }
     xfree(oh);
-    /* diff by instance name */
+    /* diff by entry and instance: a process outside the new entry's instances goes, a changed
+     * entry restarts its processes (one at a time, when they can roll: sup_can_roll), a new
+     * instance starts; `instances` alone changes nothing for the others */
     size_t added = 0, removed = 0, changed = 0;
     for (size_t i = 0; i < nprocs; i++) {
         struct proc *pr = procs[i];
+        struct cfg_worker *nw = pr->w ? cfg_find(&S.cfg, pr->w->name) : NULL;
         if (pr->restart_with) {
             /* still stopping from an earlier reload: restart from this config's entry, if any */
-            struct cfg_worker *nw = cfg_find(&S.cfg, pr->name);
-            pr->restart_with = nw && cfg_is_process(nw) ? nw : NULL;
+            nw = cfg_find(&S.cfg, pr->restart_with->name);
+            pr->restart_with = nw && cfg_is_process(nw) && sup_inst_fits(pr, nw) ? nw : NULL;
             if (!pr->restart_with) pr->remove = 1;
             continue;
         }
@@ -11509,18 +11676,21 @@ static void cfg_reload(const char *why)
             pr->w = NULL;
             continue;
         }
-        struct cfg_worker *nw = cfg_find(&S.cfg, pr->name);
-        if (!nw || !cfg_is_process(nw)) {
+        if (!nw || !cfg_is_process(nw) || !sup_inst_fits(pr, nw)) {
             pr->remove = 1;
             pr->restart_with = NULL;
             pr->w = NULL;
+            pr->roll_with = NULL;
             if (pr->pid) sup_stop(pr);
             else pr->dead_restart = 0;
             removed++;
-        } else if (!yaml_equal(pr->w->entry, nw->entry) ||
+        } else if (!cfg_entry_same(pr->w->entry, nw->entry) ||
                    (!pr->pid && !pr->dead_restart && !pr->stopping)) {
             changed++;
-            if (pr->pid) {
+            if (pr->pid && nw->instances > 1 && sup_can_roll(pr)) {
+                pr->roll_with = nw; /* replaced by sup_roll_tick, one instance at a time */
+                pr->w = nw;
+            } else if (pr->pid) {
                 sup_stop(pr);
                 pr->restart_with = nw; /* started from the new entry once the old one is gone */
                 pr->w = NULL;
@@ -11538,10 +11708,15 @@ static void cfg_reload(const char *why)
     for (size_t i = 0; i < S.cfg.nw; i++) {
         struct cfg_worker *w = &S.cfg.w[i];
         if (!cfg_is_process(w)) continue;
-        int found = 0;
-        for (size_t k = 0; k < nprocs; k++)
-            found |= !procs[k]->remove && !strcmp(procs[k]->name ? procs[k]->name : "", w->name);
-        if (!found) sup_add(w), added++;
+        for (int k = 1; k <= w->instances; k++) {
+            int inst = w->instances > 1 ? k : 0, found = 0;
+            for (size_t q = 0; q < nprocs && !found; q++) {
+                struct proc *pr = procs[q];
+                struct cfg_worker *pw = pr->w ? pr->w : pr->restart_with;
+                found = !pr->remove && pw && !strcmp(pw->name, w->name) && pr->inst == inst;
+            }
+            if (!found) sup_add_inst(w, inst), added++;
+        }
     }
     /* only now: every proc points into the new config (or has w == NULL) */
     cfg_free(&old);
@@ -11550,7 +11725,7 @@ static void cfg_reload(const char *why)
 }
 /* The command-line synopsis (engine mode and the two CLI client commands). */
 /* ==== CLI client ============================================================================
- * `iii trigger` and `iii list` (DECISIONS.md item 9): a blocking client in the same binary that
+ * `iii trigger` and `iii list` (docs/§10 item 9): a blocking client in the same binary that
  * connects as an ordinary worker (no engine::workers::register, so it never shows in the
  * registry), sends one invokefunction and waits for its result. Same framing code as the
  * engine; client frames are masked (RFC 6455 §5.3; a zero key is legal).
@@ -12379,7 +12554,7 @@ static const struct cli_cmd {
      "  a non-zero exit is an invocation_failed error carrying its stderr. The command sees\n"
      "  III_FUNCTION_ID and III_INVOCATION_ID. Reconnects if the engine restarts.\n"
      "  --namespace NS   register in namespace NS\n"
-     "  --name NAME      worker name (default serve:FUNCTION_ID)\n"
+     "  --name NAME      worker name (default $III_WORKER_NAME, else serve:FUNCTION_ID)\n"
      "  --description T  the function's description\n"
      "  --concurrency N  at most N commands at once (default 4; up to 1000 calls wait, then BUSY)\n"
      "  --timeout MS     kill a command after MS ms: invocation_timeout (default 30000, 0 = none)\n"
@@ -12588,8 +12763,12 @@ static int cli_main(int argc, char **argv)
                     cmd->usage);
             return 2;
         }
+        /* a declared worker is named by the engine (III_WORKER_NAME: name, or name.k for one
+         * of several instances), so instances do not contend for one name */
         char nm[300];
-        snprintf(nm, sizeof nm, "serve:%s", pos[0]);
+        const char *en = getenv("III_WORKER_NAME");
+        if (en && *en) snprintf(nm, sizeof nm, "%s", en);
+        else snprintf(nm, sizeof nm, "serve:%s", pos[0]);
         struct srv s;
         memset(&s, 0, sizeof s);
         s.fid = pos[0], s.ns = ns, s.name = name ? name : nm, s.desc = desc, s.argv = command;
@@ -12708,7 +12887,7 @@ out:
 #ifndef III_NO_MAIN
 /* Engine mode: parse arguments, load config.yaml (missing = built-in defaults; invalid = exit
  * 1), apply --host/--port and III_NAMESPACE_GRACE_MS, install signals, register builtins,
- * bind the listener (fatal on failure, DECISIONS.md item 5), start declared workers, run the
+ * bind the listener (fatal on failure, docs/§10 item 5), start declared workers, run the
  * loop, then free everything so leak checkers see only real leaks. III_LOG sets the level. */
 int main(int argc, char **argv)
 {
@@ -12835,8 +13014,8 @@ int main(int argc, char **argv)
     if (bi_init() < 0) die("out of memory");
     if (listener_open(err, sizeof err) < 0) die("%s", err);
     for (size_t i = 0; i < S.cfg.nw; i++)
-        if (cfg_is_process(&S.cfg.w[i]) && !sup_add(&S.cfg.w[i])) die("out of memory");
-    /* watch the file only if it existed at start-up (DECISIONS.md item 6: no file, no reload) */
+        if (cfg_is_process(&S.cfg.w[i]) && sup_add(&S.cfg.w[i]) < 0) die("out of memory");
+    /* watch the file only if it existed at start-up (docs/§10 item 6: no file, no reload) */
     if (!missing) {
         if (watch_stat(&watch.st) == 0)
             watch.have = 1, watch.next_check = now_ms() + III_WATCH_INTERVAL_MS;

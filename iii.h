@@ -191,6 +191,9 @@
 #ifndef III_METRIC_FUNCTIONS
 #define III_METRIC_FUNCTIONS 1000 /* functions with their own /metrics series; the rest: _other */
 #endif
+#ifndef III_MAX_INSTANCES
+#define III_MAX_INSTANCES 64 /* processes one worker entry may ask for (instances:) */
+#endif
 #ifndef III_BACKOFF_MIN_MS
 #define III_BACKOFF_MIN_MS 1000 /* restart backoff: 1 s doubling ... */
 #endif

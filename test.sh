@@ -158,6 +158,9 @@ fi
 if [ -f bench/run.sh ]; then
     run_suite bench_smoke sh bench/run.sh --smoke
 fi
+if [ -f bench/replicas.sh ] && have python3; then
+    III_BIN="$ROOT/iii" run_suite replicas_bench sh bench/replicas.sh --smoke
+fi
 
 say "$PASS passed, $FAIL failed, $SKIP skipped"
 [ "$FAIL" -eq 0 ]

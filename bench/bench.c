@@ -15,6 +15,8 @@
  * Commands (each prints one "result key=value ..." line on stdout, or "error: ..." and exit 2):
  *   bench run     --peer P --port N [--pid N] --size B --callers C --workers W --depth D
  *                 --calls N --warmup N --secs S [--relay-exe PATH] [--scen NAME]
+ *                 [--shared 1]  (every echo worker provides one function: the engine must
+ *                 have a routing rule with providers: many for bench::echo.*)
  *   bench conns   --peer engine|nats --port N --pid N --n N [--conc K] [--secs S]
  *                 [--probe 1|2 --calls N]  (serial probe before and with the N connections
  *                 open; 2 = pinned to core 0 with taskset, like the table's serial runs)
@@ -1014,7 +1016,8 @@ static struct {
     long size, calls, warmup, n;
     double secs;
     char **argv;
-} O = {"engine", NULL, NULL, 0, 0, 1, 1, 1, 200, 3, 256, 0, 128, 10000, 1000, 1000, 5, NULL};
+    int shared; /* --shared 1: every echo worker provides the same function (routing replicas) */
+} O = {"engine", NULL, NULL, 0, 0, 1, 1, 1, 200, 3, 256, 0, 128, 10000, 1000, 1000, 5, NULL, 0};
 
 static int peer_of(const char *s)
 {
@@ -1053,6 +1056,7 @@ static void parse_opts(int argc, char **argv)
         else if (!strcmp(a, "--rounds")) O.rounds = atoi(v);
         else if (!strcmp(a, "--relay-exe")) O.relay_exe = v;
         else if (!strcmp(a, "--scen")) O.scen = v;
+        else if (!strcmp(a, "--shared")) O.shared = atoi(v);
         else fail("unknown option %s", a);
     }
 }
@@ -1102,10 +1106,10 @@ static int cmd_run(void)
 
     /* the echo workers */
     if (peer == P_ENGINE || peer == P_NATS) {
-        g_nfuncs = nats ? 1 : O.workers;
+        g_nfuncs = nats || O.shared ? 1 : O.workers;
         for (int w = 0; w < O.workers; w++) {
             struct bconn *c = open_client(port, R_WORKER, nats);
-            c->nfuncs = 1, c->first_func = w;
+            c->nfuncs = 1, c->first_func = O.shared ? 0 : w;
             snprintf(c->fn_prefix, sizeof c->fn_prefix, "%s", fn_name);
         }
         wait_ready(R_WORKER, O.workers, 20, "echo workers");

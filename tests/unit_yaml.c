@@ -737,7 +737,7 @@ static void test_cfg(void)
     /* Refusals: each names the file, the position, the entry and the key. */
     ce("unknown top-level key", "workers: []\n\n\nfoo: 1\n",
        "config.yaml:4:1: unknown top-level key `foo` (expected registration_namespace_grace_ms, "
-       "on_invalid_reload, workers, modules)");
+       "on_invalid_reload, routing, workers, modules)");
     ce("top level not a mapping", "- a\n",
        "config.yaml:1:1: the top level must be a mapping "
        "with the keys registration_namespace_grace_ms, workers, modules (got a list)");
