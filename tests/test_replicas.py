@@ -996,7 +996,9 @@ def rep_entry(name, instances, v="1", delay_ms=0, extra=""):
 
 
 def rep_cfg(instances, v="1", delay_ms=0):
-    return cfg(rule("rep::*", providers="many"), extra=rep_entry("rep", instances, v, delay_ms))
+    # round-robin: sequential probes reach every instance (least-inflight's ties are tested above)
+    return cfg(rule("rep::*", providers="many", balance="round-robin"),
+               extra=rep_entry("rep", instances, v, delay_ms))
 
 
 def served_by(c, n=60):
@@ -1113,6 +1115,68 @@ def rolling_reload_under_load_zero_failures():
                   % (w - t_reload, w + 0.5 - t_reload, len(pids)))
             w += 0.5
         eq(sorted(news), ["rep.1", "rep.2", "rep.3"], "instances after the reload")
+
+
+
+@test
+def rolling_reload_waits_for_slow_calls():
+    # every call takes 400 ms: an old instance must be drained (its calls answered) before it
+    # is stopped, or its in-flight calls end with invocation_stopped
+    with eng(rep_cfg(2, v="1", delay_ms=400)) as e:
+        c = Peer(e, "rs-c")
+        wait_until(lambda: provider_count(c) == 2, 8, "2 providers of rep::echo")
+        old = wait_until(lambda: (lambda x: x if len(x) == 2 else None)(served_by(c, 4)), 5,
+                         "calls served by 2 instances")
+        track_groups(e, [v[0] for v in old.values()])
+        ld = Load(c, "rep::echo", threads=10)
+        time.sleep(0.6)
+        with open(e.cfg, "w") as f:
+            f.write(rep_cfg(2, v="2", delay_ms=400))
+        os.kill(e.proc.pid, signal.SIGHUP)
+
+        def replaced():
+            with ld.lock:
+                recs = list(ld.records[-40:])
+            news = {r["result"]["name"]: r["result"]["pid"] for t, _, r in recs
+                    if "result" in r and r["result"].get("env_v") == "2"}
+            return news if len(news) == 2 else None
+        try:
+            news = wait_until(replaced, 20, "both instances to be replaced (V=2)", interval=0.1)
+            track_groups(e, news.values())
+            time.sleep(0.5)
+        finally:
+            ld.stop()
+        fails = ld.failures()
+        check(not fails, "calls failed across the rolling reload (%d calls): %s"
+              % (len(ld.records), summary(fails)))
+        for name, (pid, _, _) in old.items():
+            wait_until(lambda: not pid_alive(pid), 5, "old instance %s (pid %d) to stop" % (name, pid))
+
+
+def _start_fails(config, words):
+    d = wslib.tempfile.mkdtemp(prefix="iii-test-")
+    path = os.path.join(d, "config.yaml")
+    with open(path, "w") as f:
+        f.write(config)
+    try:
+        p = subprocess.run([wslib.BIN, "-c", path, "--port", "0"], cwd=d, capture_output=True,
+                           timeout=10, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise Fail("the engine started with an invalid routing config: %r" % config[-120:])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    err = p.stderr.decode("utf-8", "replace")
+    check(p.returncode != 0, "exit status 0 for %r" % config[-120:])
+    for w in words:
+        check(w in err, "the error does not mention %r: %s" % (w, err[-300:]))
+
+
+@test
+def routing_invalid_values_refused():
+    _start_fails(cfg(rule("a::*", balance="random")), ["balance"])
+    _start_fails(cfg(rule("a::*", providers="two")), ["providers"])
+    _start_fails(cfg(rule("a::*", timeout_ms=-1)), ["timeout_ms"])
+    _start_fails(LISTENER + "routing:\n  - providers: many\n", ["match"])
 
 
 if __name__ == "__main__":
