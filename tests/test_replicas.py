@@ -738,6 +738,11 @@ def retry_on_disconnect_exactly_once():
         ra = [r for _, _, r in ld.records if r.get("result", {}).get("from") == "rt-a"]
         rb = [r for _, _, r in ld.records if r.get("result", {}).get("from") == "rt-b"]
         check(rb and len(ra) + len(rb) == total, "results from a %d, b %d" % (len(ra), len(rb)))
+        redone = set(a.invoked_ids()) & set(b.invoked_ids())
+        check(redone, "no call was in flight on rt-a when it went away (nothing was re-dispatched)")
+        with b.cv:
+            ids_b = [m["invocation_id"] for _, m in b.invokes]
+        check(len(ids_b) == len(set(ids_b)), "rt-b got a call twice")
 
 
 # =============================================================================================
