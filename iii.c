@@ -10556,6 +10556,7 @@ static void engine_free_all(void)
             xfree(((struct fstat *)e)->key), xfree(e);
         }
     hm_free(&S.fstats);
+    xfree(S.timed), S.timed = NULL, S.ntimed = S.timed_cap = 0; /* emptied with the last call */
     while (S.inv_free) {
         struct inv *v = S.inv_free;
         S.inv_free = v->free_next;
@@ -11946,6 +11947,8 @@ out:
 }
 
 /* Prints a result/err of a frame: returns the exit status (0 ok, 1 error result). */
+static const char *cli_list_key, *const *cli_list_cols, *cli_list_ns;
+
 static int cli_report(struct buf *frame, int as_json, void (*table)(const struct jdoc *, int))
 {
     struct jdoc d = {0};
@@ -11966,7 +11969,18 @@ static int cli_report(struct buf *frame, int as_json, void (*table)(const struct
         xfree(code), xfree(msg), xfree(d.t);
         return 1;
     }
-    if (as_json || !table) {
+    int arr = cli_list_ns && cli_list_key ? json_get(&d, res, cli_list_key) : -1;
+    if (as_json && JTYPE(&d, arr) == J_ARRAY) {
+        /* --namespace filters the JSON as it filters the table: the rows in that namespace */
+        printf("{\"%s\":[", cli_list_key);
+        int k = 0;
+        for (uint32_t i = 0, e = (uint32_t)arr + 1; i < d.t[arr].n; i++, e = d.t[e].next) {
+            int nst = json_get(&d, (int)e, "namespace");
+            if (JTYPE(&d, nst) == J_STRING && !json_streq(&d, nst, cli_list_ns)) continue;
+            printf("%s%.*s", k++ ? "," : "", (int)JLEN(&d, (int)e), JRAW(&d, (int)e));
+        }
+        printf("]}\n");
+    } else if (as_json || !table) {
         if (res < 0) printf("null\n");
         else printf("%.*s\n", (int)JLEN(&d, res), JRAW(&d, res));
     } else {
@@ -12158,6 +12172,7 @@ static void srv_result(struct cli *c, struct srv *s, struct srv_job *j, const ch
         const unsigned char *e = buf_data(&j->err);
         size_t n = buf_used(&j->err);
         while (n && isspace(e[n - 1])) n--;
+        while (n && isspace(*e)) e++, n--;
         buf_puts(&m, ",\"error\":{\"code\":\"invocation_failed\",\"message\":");
         if (n) json_put_lossy(&m, e, n);
         else if (WIFEXITED(j->status)) buf_printf(&m, "\"exited with status %d\"", WEXITSTATUS(j->status));
@@ -12377,6 +12392,11 @@ struct watch_state {
     int json;
     char **set;
     size_t n;
+    char base_id[37];   /* the functions::list call that gives the starting set */
+    struct {
+        char call[37], wid[37];
+    } pend[16];         /* worker_metadata_updated lines waiting for the worker's name */
+    int npend;
 };
 
 static int watch_cmp(const void *a, const void *b)
@@ -12414,7 +12434,7 @@ static void watch_free_set(char **v, size_t n)
 }
 
 /* Prints one event: --json as it came, else one readable line. */
-static void watch_event(struct watch_state *w, const struct jdoc *d, int data)
+static void watch_event(struct watch_state *w, const struct jdoc *d, int data, struct cli *c)
 {
     if (w->json) {
         printf("%.*s\n", (int)JLEN(d, data), JRAW(d, data));
@@ -12436,10 +12456,47 @@ static void watch_event(struct watch_state *w, const struct jdoc *d, int data)
         }
         printf(" (%zu functions)\n", n);
         if (v) watch_free_set(w->set, w->n), w->set = v, w->n = n;
+    } else if (ev && !strcmp(ev, "worker_metadata_updated") && wid && strlen(wid) == 36 && c &&
+               w->npend < 16) {
+        /* the event names the worker by id only: its name comes from engine::workers::list */
+        struct buf m = {0};
+        uuid_new(w->pend[w->npend].call);
+        memcpy(w->pend[w->npend].wid, wid, 37);
+        buf_printf(&m, "{\"type\":\"invokefunction\",\"invocation_id\":\"%s\",\"function_id\":"
+                       "\"engine::workers::list\",\"data\":{}}", w->pend[w->npend].call);
+        w->npend++;
+        cli_send(c, &m);
+        buf_free(&m);
     } else if (ev) {
         printf("%s %s\n", ev, wid ? wid : "-");
     }
     xfree(ev), xfree(wid);
+}
+
+/* A call the watcher made itself: the starting function set, or the name for a
+ * worker_metadata_updated line (printed now, with the name or "-"). */
+static void watch_answer(struct watch_state *w, const struct jdoc *d, int iid)
+{
+    int res = json_get(d, 0, "result");
+    if (json_streq(d, iid, w->base_id)) {
+        size_t n = 0;
+        char **v = watch_set(d, json_get(d, res, "functions"), w->fid, &n);
+        if (v) watch_free_set(w->set, w->n), w->set = v, w->n = n;
+        return;
+    }
+    for (int i = 0; i < w->npend; i++) {
+        if (!json_streq(d, iid, w->pend[i].call)) continue;
+        int arr = json_get(d, res, "workers");
+        char *name = NULL;
+        for (uint32_t k = 0, e = (uint32_t)arr + 1; JTYPE(d, arr) == J_ARRAY && k < d->t[arr].n && !name;
+             k++, e = d->t[e].next)
+            if (json_streq(d, json_get(d, (int)e, "id"), w->pend[i].wid))
+                name = json_strdup(d, json_get(d, (int)e, "name"), NULL);
+        printf("worker_metadata_updated %s %s\n", w->pend[i].wid, name ? name : "-");
+        xfree(name);
+        w->pend[i] = w->pend[--w->npend];
+        return;
+    }
 }
 
 static void watch_message(struct cli *c, struct watch_state *w, const unsigned char *p, size_t n)
@@ -12448,10 +12505,11 @@ static void watch_message(struct cli *c, struct watch_state *w, const unsigned c
     d.max = UINT32_MAX;
     if (json_parse(&d, p, n, 64, 1) == 0 && d.t[0].type == J_OBJECT) {
         int ty = json_get(&d, 0, "type"), iid = json_get(&d, 0, "invocation_id");
+        if (json_streq(&d, ty, "invocationresult")) watch_answer(w, &d, iid);
         if (json_streq(&d, ty, "invokefunction") &&
             json_streq(&d, json_get(&d, 0, "function_id"), w->fid)) {
             int data = json_get(&d, 0, "data");
-            if (data >= 0) watch_event(w, &d, data);
+            if (data >= 0) watch_event(w, &d, data, c);
             if (JTYPE(&d, iid) == J_STRING) { /* an answer, so no call is left pending */
                 struct buf m = {0};
                 buf_puts(&m, "{\"type\":\"invocationresult\",\"invocation_id\":");
@@ -12472,6 +12530,14 @@ static int watch_session(struct cli *c, void *arg)
 {
     struct watch_state *w = arg;
     struct buf m = {0};
+    /* the starting set first: asked before anything is registered, so it is answered at once
+     * and the first functions_changed line shows only what changed since */
+    uuid_new(w->base_id);
+    buf_printf(&m, "{\"type\":\"invokefunction\",\"invocation_id\":\"%s\",\"function_id\":"
+                   "\"engine::functions::list\",\"data\":{\"include_internal\":true}}", w->base_id);
+    cli_send(c, &m);
+    buf_reset(&m);
+    w->npend = 0;
     buf_puts(&m, "{\"type\":\"registerfunction\",\"id\":");
     json_put_cstr(&m, w->fid);
     buf_puts(&m, ",\"description\":\"iii watch\",\"metadata\":{\"internal\":true}}");
@@ -12667,8 +12733,29 @@ static void cli_pretty(const struct jdoc *d, int ti, int ind)
 
 /* What the table printers show: the result member holding the array, the columns, and an
  * optional namespace filter (rows whose "namespace" differs are skipped). */
-static const char *cli_list_key, *const *cli_list_cols, *cli_list_ns;
 static int cli_pretty_mode;
+
+/* One cell of `iii ps`: uptime in seconds, last exit as "code N" / "signal N", else raw. */
+static int cli_ps_cell(const struct jdoc *d, int row, const char *col, int last)
+{
+    int t;
+    if (!strcmp(col, "uptime")) {
+        int64_t ms;
+        t = json_get(d, row, "uptime_ms");
+        if (json_int(d, t, &ms) == 0) printf("%lld.%llds", (long long)(ms / 1000), (long long)(ms % 1000 / 100));
+        else printf("-");
+    } else if (!strcmp(col, "last_exit")) {
+        int64_t v;
+        t = json_get(d, row, "last_exit");
+        if (json_int(d, json_get(d, t, "code"), &v) == 0) printf("code %lld", (long long)v);
+        else if (json_int(d, json_get(d, t, "signal"), &v) == 0) printf("signal %lld", (long long)v);
+        else printf("-");
+    } else {
+        return 0;
+    }
+    putchar(last ? '\n' : '\t');
+    return 1;
+}
 
 /* Prints the header row in upper case, then one row per element of the result's array. */
 static void cli_table(const struct jdoc *d, int res)
@@ -12687,7 +12774,8 @@ static void cli_table(const struct jdoc *d, int res)
     for (uint32_t i = 0, e = (uint32_t)arr + 1; i < d->t[arr].n; i++, e = d->t[e].next) {
         int nst = json_get(d, (int)e, "namespace");
         if (cli_list_ns && JTYPE(d, nst) == J_STRING && !json_streq(d, nst, cli_list_ns)) continue;
-        for (const char *const *c = cli_list_cols; *c; c++) cli_cell(d, (int)e, *c, !c[1]);
+        for (const char *const *c = cli_list_cols; *c; c++)
+            if (!cli_ps_cell(d, (int)e, *c, !c[1])) cli_cell(d, (int)e, *c, !c[1]);
     }
 }
 
@@ -12824,8 +12912,8 @@ static int cli_main(int argc, char **argv)
     static const char *const tcols[] = {"id", "namespace", "worker_name", "description", NULL};
     static const char *const rcols[] = {"id",          "trigger_type",   "function_id",
                                         "worker_name", "config_summary", NULL};
-    static const char *const pcols[] = {"name",      "pid",       "state", "restarts",
-                                        "uptime_ms", "last_exit", NULL};
+    static const char *const pcols[] = {"name", "pid", "state", "restarts", "uptime", "last_exit",
+                                        NULL};
     if (!strcmp(cmd->name, "ps")) {
         if (np) goto usage;
         fid = "engine::processes::list", cli_list_key = "processes", cli_list_cols = pcols;

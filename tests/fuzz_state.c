@@ -385,6 +385,14 @@ static void fz_check_invariants(void)
                 FZ_CHECK("inv-list", x == v, "call %s not on its target's list", v->id);
             }
         }
+    /* the deadline heap: every entry is a mapped call whose hidx points back, heap-ordered */
+    for (size_t i = 0; i < S.ntimed; i++) {
+        struct inv *v = S.timed[i];
+        FZ_CHECK("timed", v->hidx == i + 1 && inv_find(v->id) == v,
+                 "deadline heap slot %zu does not hold a mapped call that points back", i);
+        FZ_CHECK("timed", !i || S.timed[(i - 1) / 2]->deadline <= v->deadline,
+                 "deadline heap out of order at %zu", i);
+    }
     FZ_CHECK("inv-count", ninv == S.invs.n && nack == S.n_acks,
              "S.invs count %zu/%zu, acks %zu/%zu", ninv, S.invs.n, nack, S.n_acks);
 
