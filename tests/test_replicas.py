@@ -976,19 +976,31 @@ def drain_finishes_inflight_and_refuses_new():
 
 @test
 def drain_timeout_stops_the_rest():
-    with eng(cfg(listener="drain_timeout_ms: 500")) as e:
-        Peer(e, "dt-t", ["dt::hang"], hang=True)
-        c = Peer(e, "dt-c")
-        iid = c.call_async("dt::hang", {})
-        time.sleep(0.2)
-        t0 = time.time()
-        e.expect_exit = True
-        e.proc.send_signal(signal.SIGTERM)
-        r = c.result(iid, 3)
-        dt = time.time() - t0
-        eq(r.get("error"), {"code": "invocation_stopped", "message": "Invocation stopped"}, "error")
-        check(0.4 <= dt <= 1.5, "stopped %.2fs after SIGTERM (drain_timeout_ms 500)" % dt)
-        eq(e.proc.wait(5), 0, "exit status")
+    # both connection orders: whichever of caller and target the shutdown reaches first, the
+    # caller is told invocation_stopped
+    for order in ("target-first", "caller-first"):
+        with eng(cfg(listener="drain_timeout_ms: 500")) as e:
+            if order == "caller-first":
+                c = Peer(e, "dt-c")
+                Peer(e, "dt-t", ["dt::hang"], hang=True)
+            else:
+                Peer(e, "dt-t", ["dt::hang"], hang=True)
+                c = Peer(e, "dt-c")
+            iid = c.call_async("dt::hang", {})
+            time.sleep(0.2)
+            t0 = time.time()
+            e.expect_exit = True
+            e.proc.send_signal(signal.SIGTERM)
+            try:
+                r = c.result(iid, 3)
+            except Fail:
+                raise Fail("%s: no invocationresult for the call in flight when drain_timeout_ms "
+                           "passed (frames: %s)" % (order, _show([m for _, m in c.frames])))
+            dt = time.time() - t0
+            eq(r.get("error"), {"code": "invocation_stopped", "message": "Invocation stopped"},
+               "%s: error" % order)
+            check(0.4 <= dt <= 1.5, "%s: stopped %.2fs after SIGTERM (drain_timeout_ms 500)" % (order, dt))
+            eq(e.proc.wait(5), 0, "exit status")
 
 
 # =============================================================================================
