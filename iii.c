@@ -12445,16 +12445,21 @@ static void watch_event(struct watch_state *w, const struct jdoc *d, int data, s
     if (ev && !strcmp(ev, "functions_changed")) {
         size_t n = 0;
         char **v = watch_set(d, json_get(d, data, "functions"), w->fid, &n);
-        printf("functions_changed");
+        struct buf line = {0};
         size_t i = 0, j = 0;
         /* merge walk of two sorted sets: + only in the new one, - only in the old one */
         while (v && (i < n || j < w->n)) {
             int c = i == n ? 1 : j == w->n ? -1 : strcmp(v[i], w->set[j]);
-            if (c < 0) printf(" +%s", v[i++]);
-            else if (c > 0) printf(" -%s", w->set[j++]);
-            else i++, j++;
+            const char *id = c < 0 ? v[i] : c > 0 ? w->set[j] : NULL;
+            if (id) buf_puts(&line, c < 0 ? " +" : " -"), buf_puts(&line, id);
+            if (c <= 0) i++;
+            if (c >= 0) j++;
         }
-        printf(" (%zu functions)\n", n);
+        /* no line when nothing changed as the watcher sees it (its own function came or went) */
+        if (buf_used(&line))
+            printf("functions_changed%.*s (%zu functions)\n", (int)buf_used(&line),
+                   (char *)buf_data(&line), n);
+        buf_free(&line);
         if (v) watch_free_set(w->set, w->n), w->set = v, w->n = n;
     } else if (ev && !strcmp(ev, "worker_metadata_updated") && wid && strlen(wid) == 36 && c &&
                w->npend < 16) {

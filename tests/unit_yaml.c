@@ -777,6 +777,16 @@ static void test_cfg(void)
        "max_triggers_per_connection, max_triggers_per_function, max_triggers, max_memory_bytes, "
        "drain_timeout_ms, allowed_origins, auth_tokens, rbac, middleware_function_id, "
        "allow_unauthenticated, metrics_public, allowed_hosts, worker_token)");
+    ce("routing rule without match", "routing:\n  - providers: many\n",
+       "config.yaml:2:5: routing rule 1 needs `match` (a glob over function ids)");
+    ce("routing rule with a bad balance", "routing:\n  - match: \"a::*\"\n    balance: random\n",
+       "config.yaml:3:5: routing rule 1: `balance` must be least-inflight, round-robin or first");
+    ce("routing rule with an unknown key", "routing:\n  - match: x\n    providrs: many\n",
+       "config.yaml:3:5: routing rule 1: unknown key `providrs` (expected match, namespace, "
+       "providers, balance, timeout_ms, max_inflight, max_queue, retry_on_disconnect)");
+    ce("instances out of range",
+       "workers:\n  - name: w\n    command: x\n    instances: 0\n",
+       "config.yaml:4:5: worker 'w': `instances` must be an integer from 1 to 64 (got 0)");
     ce("rbac with an unknown key",
        "workers:\n- name: iii-worker-manager\n  config:\n    rbac: {auth_fn: x}\n",
        "config.yaml:4:5: worker 'iii-worker-manager': `rbac` in config: unknown key \"auth_fn\" "
