@@ -12886,9 +12886,9 @@ static void watch_event(struct watch_state *w, const struct jdoc *d, int data, s
             if (c >= 0) j++;
         }
         /* no line when nothing changed as the watcher sees it (its own function came or went) */
-        if (buf_used(&line))
-            printf("functions_changed%.*s (%zu functions)\n", (int)buf_used(&line),
-                   (char *)buf_data(&line), n);
+        const char *txt = (const char *)buf_data(&line);
+        if (txt && buf_used(&line))
+            printf("functions_changed%.*s (%zu functions)\n", (int)buf_used(&line), txt, n);
         buf_free(&line);
         if (v) watch_free_set(w->set, w->n), w->set = v, w->n = n;
     } else if (ev && !strcmp(ev, "worker_metadata_updated") && wid && strlen(wid) == 36 && c &&
