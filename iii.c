@@ -4456,6 +4456,8 @@ static struct {
     int64_t accept_pause_until;   /* accept() backs off after EMFILE */
     uint64_t fn_fp, fn_fp_sent;   /* discovery: fingerprint of the function id set */
     int64_t fn_event_at;          /* discovery: no functions_changed before this (pacing) */
+    uint64_t cl_rver, cl_rver_sent; /* cluster: bumped when the remote view changes; announced */
+    size_t cl_nrfn;               /* cluster: remote functions held, over all nodes */
     int64_t chan_sweep_at;        /* next sweep of unclaimed channels */
     size_t fn_n, fn_n_sent;       /* function count now / at the last event */
     struct jdoc jd;               /* scratch envelope tokens, reused: no allocation per message */
@@ -7711,6 +7713,7 @@ static void ev_worker(const char *event, const struct conn *w)
 }
 
 static int fn_summary(struct buf *b, const struct func *f);
+static void cl_rows_event(struct buf *b, const struct session *s, size_t k);
 
 /* The functions_changed payload as session s sees it (NULL: all functions). */
 static void ev_functions_build(struct buf *b, const struct session *s)
@@ -7723,6 +7726,7 @@ static void ev_functions_build(struct buf *b, const struct session *s)
         if (k++) buf_putc(b, ',');
         fn_summary(b, (struct func *)v[i]);
     }
+    cl_rows_event(b, s, k);
     buf_puts(b, "]}");
     if (!v) b->err = BUF_ENOMEM;
     xfree(v);
@@ -7744,12 +7748,12 @@ static int trig_listened(const char *type)
  * client toggling one function among 20,000 cannot make the engine send gigabytes. */
 static void ev_functions_tick(int64_t now, int64_t *next)
 {
-    if (S.fn_fp == S.fn_fp_sent && S.fn_n == S.fn_n_sent) return;
+    if (S.fn_fp == S.fn_fp_sent && S.fn_n == S.fn_n_sent && S.cl_rver == S.cl_rver_sent) return;
     if (now < S.fn_event_at) {
         if (S.fn_event_at < *next) *next = S.fn_event_at;
         return;
     }
-    S.fn_fp_sent = S.fn_fp, S.fn_n_sent = S.fn_n;
+    S.fn_fp_sent = S.fn_fp, S.fn_n_sent = S.fn_n, S.cl_rver_sent = S.cl_rver;
     /* nobody listens: skip building the list (the fingerprint is already marked as sent) */
     if (!trig_listened(TT_FUNCTIONS)) return;
     struct buf b = {0};
@@ -8900,7 +8904,12 @@ struct ranked {
     int rank;          /* primary key: lower sorts first (search rank, or 0) */
     const char *a, *b; /* sort keys */
     void *p;           /* the object the row stands for */
+    const char *row;   /* functions::list: a remote node's row, listed as is (p NULL) */
 };
+
+static int cl_rows(const struct session *s, const char *prefix, const char *worker,
+                   char **names, size_t nn, int by_name, const struct isearch *q,
+                   struct ranked *r, size_t k);
 
 /* qsort order for listings: rank, then a, then b (NULL b sorts as ""): deterministic output. */
 static int ranked_cmp(const void *x, const void *y)
@@ -8971,7 +8980,7 @@ static void bi_functions_list(BI_ARGS)
                 goto oom;
         qsort(names, nn, sizeof *names, names_cmp);
     }
-    size_t n = S.funcs.n, k = 0;
+    size_t n = S.funcs.n + S.cl_nrfn, k = 0;
     if (!(r = xmalloc((n ? n : 1) * sizeof *r))) goto oom;
     for (size_t bkt = 0; bkt < S.funcs.nb; bkt++)
         for (struct hnode *e = S.funcs.b[bkt]; e; e = e->next) {
@@ -8990,14 +8999,16 @@ static void bi_functions_list(BI_ARGS)
             }
             int rank = 0;
             if (q && q->nl && (rank = fn_rank(f, q)) < 0) continue;
-            r[k].rank = rank, r[k].a = f->id, r[k].b = f->ns, r[k].p = f;
+            r[k].rank = rank, r[k].a = f->id, r[k].b = f->ns, r[k].p = f, r[k].row = NULL;
             k++;
         }
+    k = cl_rows(sess, prefix, worker, names, nn, JTYPE(d, wl) == J_ARRAY, q, r, k);
     qsort(r, k, sizeof *r, ranked_cmp);
     buf_puts(res, "{\"functions\":[");
     for (size_t i = 0; i < k; i++) {
         if (i) buf_putc(res, ',');
-        fn_summary(res, r[i].p);
+        if (r[i].row) buf_puts(res, r[i].row);
+        else fn_summary(res, r[i].p);
     }
     buf_puts(res, "]}");
     goto out;
@@ -10090,6 +10101,9 @@ static void chan_sweep(int64_t now, int64_t *next)
 #define NATS_MAX_LINE 4096    /* a control line longer than this is a protocol error */
 #define NATS_HB_MS 1000       /* heartbeat period */
 #define NATS_NODE_TTL_MS 3000 /* a node not heard from for this long has left */
+#define NATS_SNAP_GAP_MS 100  /* snapshots of this node at most this often */
+#define NATS_MAX_NODES 1024   /* other nodes tracked; more are ignored (and logged) */
+#define NATS_OUT_MAX (4 * CL.max_payload + 65536) /* unsent output beyond this drops the link */
 enum { NOP_INFO = 1, NOP_MSG, NOP_HMSG, NOP_PING, NOP_PONG, NOP_OK, NOP_ERR };
 enum { NATS_OFF, NATS_WAIT, NATS_CONNECTING, NATS_HANDSHAKE, NATS_READY };
 
@@ -10177,11 +10191,23 @@ static int nats_parse(const unsigned char *p, size_t n, size_t max_payload, stru
     return (int)(used + (size_t)total + 2);
 }
 
-/* A node heard from over the cluster: its name and when, for the TTL. */
+/* A function another node announced, as listings need it (no parsing per listing). */
+struct rfn {
+    char *id, *ns, *wname; /* function_id, namespace, worker_name */
+    char *row;             /* its FunctionSummary with "node" first: listed as is */
+};
+
+/* A node heard from over the cluster: its name, its engine instance, when it was last heard
+ * (the TTL) and the functions of its last snapshot. */
 struct cnode {
-    struct hnode h;  /* CL.nodes, keyed by name */
+    struct hnode h;      /* CL.nodes, keyed by name */
     char *name;
-    int64_t seen;    /* monotonic ms of its last heartbeat */
+    int64_t seen;        /* monotonic ms of its last heartbeat or snapshot */
+    char iid[24];        /* its instance id: a restarted engine under the same name has a new one */
+    uint64_t v;          /* version of the snapshot held (0: none yet) */
+    int64_t asked;       /* when a resync was last asked of it */
+    struct rfn *fns;
+    size_t nfns;
 };
 
 static struct {
@@ -10192,8 +10218,37 @@ static struct {
     size_t max_payload;           /* from the server's INFO */
     uint64_t connects;            /* successful connections (the first and reconnects) */
     char node[160];               /* this engine's node name */
+    char tok[160];                /* node as a subject token ([A-Za-z0-9_-], others '_') */
+    char iid[24];                 /* this engine instance (random, hex) */
     struct hmap nodes;            /* other engines heard from (struct cnode) */
+    uint64_t v;                   /* version of the local snapshot (bumped when the set changes) */
+    uint64_t fp_pub;              /* the function-set fingerprint v was taken from */
+    size_t n_pub;
+    int snap_due;                 /* publish the snapshot (changed, a node joined or asked) */
+    int64_t snap_at;              /* not before: snapshots are paced NATS_SNAP_GAP_MS apart */
+    int64_t dup_logged;           /* last "duplicate node name" error */
 } CL;                             /* CL.fd is set to -1 in main, before the loop */
+
+/* Frees what node cn holds of its registry; the remote view changed if it held anything. */
+static void cnode_clear(struct cnode *cn)
+{
+    for (size_t i = 0; i < cn->nfns; i++) {
+        struct rfn *r = &cn->fns[i];
+        xfree(r->id), xfree(r->ns), xfree(r->wname), xfree(r->row);
+    }
+    if (cn->nfns) S.cl_rver++;
+    S.cl_nrfn -= cn->nfns;
+    xfree(cn->fns), cn->fns = NULL, cn->nfns = 0, cn->v = 0;
+}
+
+/* Forgets node cn (it left cleanly, or its TTL ran out). */
+static void cnode_drop(struct cnode *cn, const char *why)
+{
+    LOG(LOG_INFO, "cluster: node %s left (%s)", cn->name, why);
+    cnode_clear(cn);
+    hm_del(&CL.nodes, &cn->h);
+    xfree(cn->name), xfree(cn);
+}
 
 /* Drops the connection: the next attempt, on the next URL, after the backoff. */
 static void nats_drop(const char *why)
@@ -10260,36 +10315,209 @@ static void nats_on_info(const struct nats_msg *m)
     buf_puts(&CL.out, "}\r\nPING\r\n");
 }
 
-/* Ready (the CONNECT's PONG): subscribe to the other nodes' heartbeats. */
+#define CL_PREFIX (S.cfg.cluster.prefix ? S.cfg.cluster.prefix : "iii")
+
+/* Queues PUB subj payload; a backlog beyond NATS_OUT_MAX (a server that stopped reading)
+ * drops the link rather than growing without bound. */
+static void nats_pub(const char *subj, const char *pl, size_t n)
+{
+    if (CL.state != NATS_READY) return;
+    buf_printf(&CL.out, "PUB %s %zu\r\n", subj, n);
+    buf_append(&CL.out, pl, n);
+    buf_puts(&CL.out, "\r\n");
+    if (buf_check(&CL.out) || buf_used(&CL.out) > NATS_OUT_MAX) nats_drop("output backlog");
+}
+
+/* Ready (the CONNECT's PONG): subscribe to the other nodes' heartbeats, snapshots and
+ * goodbyes and to resync requests addressed to this node; the snapshot goes out next tick. */
 static void nats_on_ready(void)
 {
     CL.state = NATS_READY, CL.backoff = 250, CL.connects++;
-    CL.ready_at = now_ms(), CL.next_hb = 0;
+    CL.ready_at = now_ms(), CL.next_hb = 0, CL.snap_due = 1;
     LOG(LOG_INFO, "cluster: node %s connected to %s (max_payload %zu)", CL.node,
         S.cfg.cluster.urls[CL.url], CL.max_payload);
-    buf_printf(&CL.out, "SUB %s.node.*.hb 1\r\n", S.cfg.cluster.prefix ? S.cfg.cluster.prefix : "iii");
+    buf_printf(&CL.out, "SUB %s.node.*.hb 1\r\nSUB %s.node.*.snap 2\r\nSUB %s.node.*.bye 3\r\n"
+                        "SUB %s.node.%s.sync 4\r\n", CL_PREFIX, CL_PREFIX, CL_PREFIX, CL_PREFIX, CL.tok);
 }
 
-/* A heartbeat from another node: its entry's TTL starts again (a new node is logged). */
-static void nats_on_hb(const struct nats_msg *m)
+/* The subject token for a node name: [A-Za-z0-9_-] kept, anything else '_' (NATS subjects
+ * split on '.', and '*' / '>' / spaces are not token characters). */
+static void nats_token(const char *name, char *out, size_t cap)
 {
-    const char *pre = S.cfg.cluster.prefix ? S.cfg.cluster.prefix : "iii";
-    size_t pl = strlen(pre);
-    /* PREFIX.node.NAME.hb */
-    if (m->subjn < pl + 9 || memcmp(m->subj, pre, pl) || memcmp(m->subj + pl, ".node.", 6)) return;
-    const char *name = m->subj + pl + 6;
-    size_t nn = m->subjn - pl - 6 - 3;
-    if (!nn || nn > III_MAX_ID || (strlen(CL.node) == nn && !memcmp(name, CL.node, nn))) return;
+    size_t i = 0;
+    for (; name[i] && i + 1 < cap; i++) {
+        unsigned char ch = (unsigned char)name[i];
+        out[i] = (char)(isalnum(ch) || ch == '_' || ch == '-' ? ch : '_');
+    }
+    out[i] = 0;
+}
+
+/* The node a heartbeat or snapshot is from, found or added; NULL for this
+ * node itself (a second engine under the same name is logged as an error) or when full. */
+static struct cnode *nats_node_of(const char *name, const char *iid)
+{
+    size_t nn = strlen(name);
+    if (!strcmp(name, CL.node)) {
+        if (strcmp(iid, CL.iid) && now_ms() - CL.dup_logged >= 10000) {
+            CL.dup_logged = now_ms();
+            LOG(LOG_ERROR, "cluster: another engine also calls itself node %s: its registry is "
+                "ignored here (give every engine its own cluster.node)", CL.node);
+        }
+        return NULL;
+    }
     struct cnode *cn = (struct cnode *)hm_get(&CL.nodes, name, nn);
     if (!cn) {
-        if (CL.nodes.n >= 4096 || !(cn = xcalloc(sizeof *cn))) return;
+        if (CL.nodes.n >= NATS_MAX_NODES || !(cn = xcalloc(sizeof *cn))) return NULL;
         if (!(cn->name = xstrndup(name, nn)) || hm_put(&CL.nodes, &cn->h, cn->name, nn) < 0) {
             xfree(cn->name), xfree(cn);
-            return;
+            return NULL;
         }
         LOG(LOG_INFO, "cluster: node %s joined", cn->name);
+        CL.snap_due = 1; /* so that it learns this node's registry at once */
+    }
+    if (strcmp(cn->iid, iid)) { /* new instance: what the old one had is gone */
+        cnode_clear(cn);
+        snprintf(cn->iid, sizeof cn->iid, "%s", iid);
     }
     cn->seen = now_ms();
+    return cn;
+}
+
+/* {"node","iid","v"} of a cluster message (name and iid copied into the caller's arrays);
+ * -1 when the message is not one. */
+static int nats_head(struct jdoc *d, char name[160], char iid[24], uint64_t *v)
+{
+    char *n = json_strdup(d, json_get(d, 0, "node"), NULL);
+    char *i = json_strdup(d, json_get(d, 0, "iid"), NULL);
+    int64_t vv = 0;
+    int ok = n && i && *n && strlen(n) < 160 && strlen(i) < 24 &&
+             json_int(d, json_get(d, 0, "v"), &vv) == 0 && vv >= 0;
+    if (ok) strcpy(name, n), strcpy(iid, i), *v = (uint64_t)vv;
+    xfree(n), xfree(i);
+    return ok ? 0 : -1;
+}
+
+/* A heartbeat: the node's TTL starts again; a version other than the snapshot held asks the
+ * node (once per heartbeat period) to publish its snapshot again (one was lost or is late). */
+static void nats_on_hb(const struct nats_msg *m)
+{
+    struct jdoc d = {0};
+    char name[160], iid[24], subj[256];
+    uint64_t v = 0;
+    d.max = 64;
+    if (json_parse(&d, m->pl, m->pln, 2, 1) == 0 && nats_head(&d, name, iid, &v) == 0) {
+        struct cnode *cn = nats_node_of(name, iid);
+        if (cn && cn->v != v && now_ms() - cn->asked >= NATS_HB_MS) {
+            char tok[160];
+            nats_token(cn->name, tok, sizeof tok);
+            snprintf(subj, sizeof subj, "%s.node.%s.sync", CL_PREFIX, tok);
+            cn->asked = now_ms();
+            nats_pub(subj, "{}", 2);
+        }
+    }
+    xfree(d.t);
+}
+
+/* One row of a snapshot's functions array into r (its fields and the row with "node" first). */
+static int nats_rfn(struct jdoc *d, int e, const char *node, struct rfn *r)
+{
+    if (JTYPE(d, e) != J_OBJECT || d->t[e].opaque || JLEN(d, e) < 2) return -1;
+    memset(r, 0, sizeof *r);
+    r->id = json_strdup(d, json_get(d, e, "function_id"), NULL);
+    r->ns = json_strdup(d, json_get(d, e, "namespace"), NULL);
+    r->wname = json_strdup(d, json_get(d, e, "worker_name"), NULL);
+    if (r->id && !r->ns) r->ns = xstrdup("default");
+    if (r->id && r->ns && !r->wname) r->wname = xstrdup("");
+    struct buf b = {0};
+    buf_puts(&b, "{\"node\":");
+    json_put_cstr(&b, node);
+    /* a row is an object with at least function_id, so a ',' joins the rest of it */
+    buf_putc(&b, ',');
+    buf_append(&b, JRAW(d, e) + 1, JLEN(d, e) - 1);
+    buf_putc(&b, 0);
+    if (!r->id || !r->ns || !r->wname || !id_ok(r->id, strlen(r->id)) || buf_check(&b)) {
+        xfree(r->id), xfree(r->ns), xfree(r->wname), buf_free(&b);
+        return -1;
+    }
+    r->row = (char *)buf_data(&b);
+    return 0;
+}
+
+/* A snapshot: the node's functions replace what was held of it. */
+static void nats_on_snap(const struct nats_msg *m)
+{
+    struct jdoc d = {0};
+    char name[160], iid[24];
+    uint64_t v = 0;
+    d.max = m->pln / 2 + 64;
+    if (json_parse(&d, m->pl, m->pln, 4, 1) == 0 && nats_head(&d, name, iid, &v) == 0) {
+        struct cnode *cn = nats_node_of(name, iid);
+        int arr = json_get(&d, 0, "functions");
+        if (cn && JTYPE(&d, arr) == J_ARRAY && !d.t[arr].opaque) {
+            size_t n = d.t[arr].n, k = 0;
+            struct rfn *fns = n ? xcalloc(n * sizeof *fns) : NULL;
+            if (n && !fns) goto out;
+            for (uint32_t j = 0, e = (uint32_t)arr + 1; j < n; j++, e = d.t[e].next)
+                if (nats_rfn(&d, (int)e, cn->name, &fns[k]) == 0) k++;
+            cnode_clear(cn);
+            cn->fns = fns, cn->nfns = k, cn->v = v;
+            S.cl_nrfn += k, S.cl_rver++;
+            if (k < n)
+                LOG(LOG_WARN, "cluster: node %s: %zu malformed rows of its snapshot ignored",
+                    cn->name, n - k);
+        }
+    }
+out:
+    xfree(d.t);
+}
+
+/* A goodbye: the node shut down cleanly, so it leaves the view at once. */
+static void nats_on_bye(const struct nats_msg *m)
+{
+    struct jdoc d = {0};
+    d.max = 64;
+    if (json_parse(&d, m->pl, m->pln, 2, 1) == 0) {
+        char *name = json_strdup(&d, json_get(&d, 0, "node"), NULL);
+        struct cnode *cn = name ? (struct cnode *)hm_get(&CL.nodes, name, strlen(name)) : NULL;
+        if (cn) cnode_drop(cn, "shut down");
+        xfree(name);
+    }
+    xfree(d.t);
+}
+
+/* This node's snapshot: {"node","iid","v","functions":[FunctionSummary of every function a
+ * worker connected here provides]}, cut (with "truncated":true and a warning) where it would
+ * pass the server's max_payload. */
+static void nats_publish_snap(void)
+{
+    struct buf b = {0};
+    char subj[256];
+    size_t n = 0, k = 0, cut = CL.max_payload > 256 ? CL.max_payload - 64 : CL.max_payload;
+    int trunc = 0;
+    struct hnode **v = hm_list(&S.funcs, &n);
+    buf_puts(&b, "{\"node\":");
+    json_put_cstr(&b, CL.node);
+    buf_printf(&b, ",\"iid\":\"%s\",\"v\":%llu,\"functions\":[", CL.iid, (unsigned long long)CL.v);
+    for (size_t i = 0; v && i < n; i++) {
+        const struct func *f = (const struct func *)v[i];
+        if (!f->owner) continue; /* engine::* builtins exist on every node */
+        size_t mark = buf_used(&b);
+        if (k) buf_putc(&b, ',');
+        fn_summary(&b, f);
+        if (buf_used(&b) > cut) {
+            b.len = b.off + mark, trunc = 1;
+            break;
+        }
+        k++;
+    }
+    buf_puts(&b, trunc ? "],\"truncated\":true}" : "]}");
+    if (trunc)
+        LOG(LOG_WARN, "cluster: this node's registry is larger than the server's max_payload "
+            "(%zu bytes): %zu of %zu functions announced", CL.max_payload, k, S.funcs.n);
+    snprintf(subj, sizeof subj, "%s.node.%s.snap", CL_PREFIX, CL.tok);
+    if (v && !buf_check(&b)) nats_pub(subj, (const char *)buf_data(&b), buf_used(&b));
+    else CL.snap_due = 1; /* out of memory: try again next time */
+    xfree(v), buf_free(&b);
 }
 
 /* Handles everything complete in CL.in. */
@@ -10307,7 +10535,12 @@ static void nats_input(void)
         else if (m.op == NOP_PING) buf_puts(&CL.out, "PONG\r\n");
         else if (m.op == NOP_PONG && CL.state == NATS_HANDSHAKE) nats_on_ready();
         else if (m.op == NOP_ERR) LOG(LOG_WARN, "cluster: server error: %.*s", (int)m.argn, m.arg);
-        else if (m.op == NOP_MSG || m.op == NOP_HMSG) nats_on_hb(&m);
+        else if (m.op == NOP_MSG || m.op == NOP_HMSG) {
+            if (m.sid == 1) nats_on_hb(&m);
+            else if (m.sid == 2) nats_on_snap(&m);
+            else if (m.sid == 3) nats_on_bye(&m);
+            else if (m.sid == 4) CL.snap_due = 1;
+        }
         buf_consume(&CL.in, (size_t)r);
         if (CL.state == NATS_WAIT) return;
     }
@@ -10379,31 +10612,62 @@ static void nats_tick(int64_t now, int64_t *next)
             h[sizeof h - 1] = 0;
             snprintf(CL.node, sizeof CL.node, "%s:%d", h, S.bound_port);
         }
+        nats_token(CL.node, CL.tok, sizeof CL.tok);
+        unsigned char r[8];
+        rnd_bytes(r, sizeof r);
+        for (int i = 0; i < 8; i++) snprintf(CL.iid + 2 * i, 3, "%02x", r[i]);
     }
     if (CL.state == NATS_WAIT) {
         if (now >= CL.next_try) nats_connect();
         else if (CL.next_try < *next) *next = CL.next_try;
     }
     if (CL.state == NATS_READY) {
-        if (now >= CL.next_hb) {
-            char body[64];
-            int bl = snprintf(body, sizeof body, "{\"functions\":%zu}", S.funcs.n);
-            buf_printf(&CL.out, "PUB %s.node.%s.hb %d\r\n%s\r\n",
-                       S.cfg.cluster.prefix ? S.cfg.cluster.prefix : "iii", CL.node, bl, body);
+        if (S.fn_fp != CL.fp_pub || S.fn_n != CL.n_pub)
+            CL.v++, CL.fp_pub = S.fn_fp, CL.n_pub = S.fn_n, CL.snap_due = 1;
+        if (CL.snap_due && now >= CL.snap_at) {
+            CL.snap_due = 0, CL.snap_at = now + NATS_SNAP_GAP_MS;
+            nats_publish_snap();
+        }
+        if (CL.state == NATS_READY && now >= CL.next_hb) {
+            struct buf b = {0};
+            char subj[256];
+            buf_puts(&b, "{\"node\":");
+            json_put_cstr(&b, CL.node);
+            buf_printf(&b, ",\"iid\":\"%s\",\"v\":%llu}", CL.iid, (unsigned long long)CL.v);
+            snprintf(subj, sizeof subj, "%s.node.%s.hb", CL_PREFIX, CL.tok);
+            if (!buf_check(&b)) nats_pub(subj, (const char *)buf_data(&b), buf_used(&b));
+            buf_free(&b);
             CL.next_hb = now + NATS_HB_MS;
         }
         if (CL.next_hb < *next) *next = CL.next_hb;
+        if (CL.snap_due && CL.snap_at < *next) *next = CL.snap_at;
     }
     for (size_t i = 0; i < CL.nodes.nb; i++)
         for (struct hnode *e = CL.nodes.b[i], *nx; e; e = nx) {
             struct cnode *cn = (struct cnode *)e;
             nx = e->next;
-            if (now - cn->seen < NATS_NODE_TTL_MS) continue;
-            LOG(LOG_INFO, "cluster: node %s left (no heartbeat for %d ms)", cn->name, NATS_NODE_TTL_MS);
-            hm_del(&CL.nodes, &cn->h);
-            xfree(cn->name), xfree(cn);
+            if (now - cn->seen >= NATS_NODE_TTL_MS) cnode_drop(cn, "no heartbeat within the TTL");
         }
     if (CL.nodes.n && now + 500 < *next) *next = now + 500;
+}
+
+/* A clean shutdown: a goodbye, so the other nodes drop this one at once rather than after the
+ * TTL (best effort: what the socket takes within 200 ms). */
+static void nats_leave(void)
+{
+    if (CL.state != NATS_READY) return;
+    struct buf b = {0};
+    char subj[256];
+    buf_puts(&b, "{\"node\":");
+    json_put_cstr(&b, CL.node);
+    buf_putc(&b, '}');
+    snprintf(subj, sizeof subj, "%s.node.%s.bye", CL_PREFIX, CL.tok);
+    if (!buf_check(&b)) nats_pub(subj, (const char *)buf_data(&b), buf_used(&b));
+    buf_free(&b);
+    for (int64_t end = now_ms() + 200; CL.fd >= 0 && buf_used(&CL.out) && now_ms() < end;) {
+        struct pollfd p = {CL.fd, POLLOUT, 0};
+        if (poll(&p, 1, 50) > 0) nats_on_poll(POLLOUT);
+    }
 }
 
 /* Frees the cluster state at exit. */
@@ -10414,9 +10678,58 @@ static void nats_free(void)
     for (size_t i = 0; i < CL.nodes.nb; i++)
         for (struct hnode *e = CL.nodes.b[i], *nx; e; e = nx) {
             nx = e->next;
+            cnode_clear((struct cnode *)e);
             xfree(((struct cnode *)e)->name), xfree(e);
         }
     hm_free(&CL.nodes);
+}
+
+/* The remote functions (rows of other nodes' snapshots) a listing shows, appended to r from
+ * index k under the same filters as local ones (a search ranks on the id only); returns the
+ * new count. A restricted session sees none: its grants name this node's functions. */
+static int cl_rows(const struct session *s, const char *prefix, const char *worker,
+                   char **names, size_t nn, int by_name, const struct isearch *q,
+                   struct ranked *r, size_t k)
+{
+    if (s && !s->full && s->restricted) return (int)k;
+    size_t pl = prefix ? strlen(prefix) : 0;
+    for (size_t i = 0; i < CL.nodes.nb; i++)
+        for (struct hnode *e = CL.nodes.b[i]; e; e = e->next) {
+            const struct cnode *cn = (const struct cnode *)e;
+            for (size_t j = 0; j < cn->nfns; j++) {
+                const struct rfn *f = &cn->fns[j];
+                int rank = 0;
+                if (prefix && strncmp(f->id, prefix, pl)) continue;
+                if ((worker || by_name) &&
+                    !((worker && !strcmp(worker, f->wname)) ||
+                      (nn && bsearch(&f->wname, names, nn, sizeof *names, names_cmp))))
+                    continue;
+                if (q && q->nl) {
+                    size_t il = strlen(f->id);
+                    rank = il >= q->nl && str_ncaseeq(f->id, q->nd, q->nl) ? 0
+                           : isearch_in(q, f->id, il)                    ? 1
+                                                                         : -1;
+                    if (rank < 0) continue;
+                }
+                r[k].rank = rank, r[k].a = f->id, r[k].b = f->ns, r[k].p = NULL, r[k].row = f->row;
+                k++;
+            }
+        }
+    return (int)k;
+}
+
+/* The remote rows of a functions_changed payload (k: rows already written). */
+static void cl_rows_event(struct buf *b, const struct session *s, size_t k)
+{
+    if (s && !s->full && s->restricted) return;
+    for (size_t i = 0; i < CL.nodes.nb; i++)
+        for (struct hnode *e = CL.nodes.b[i]; e; e = e->next) {
+            const struct cnode *cn = (const struct cnode *)e;
+            for (size_t j = 0; j < cn->nfns; j++) {
+                if (k++) buf_putc(b, ',');
+                buf_puts(b, cn->fns[j].row);
+            }
+        }
 }
 
 /* ==== Health and metrics ====================================================================
@@ -13548,6 +13861,7 @@ int main(int argc, char **argv)
                 strerror(errno));
     }
     loop_run();
+    nats_leave();
     out_flush_exit();
     nats_free();
     engine_free_all();

@@ -75,7 +75,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     fz_init();
     if (!size) return 0;
-    int mode = data[0] % 6;
+    int mode = data[0] % 7;
     data++, size--;
     /* two resident workers: one owns functions, one subscribes to discovery */
     struct conn *w1 = fz_conn(CK_WORKER), *w2 = fz_conn(CK_WORKER);
@@ -122,6 +122,24 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fz_frames(&b, data, size);
         if (c) fz_feed(c, buf_data(&b), buf_used(&b), mode == 4);
         break;
+    case 6: /* the input as what a NATS server sent (cluster link ready): parser, heartbeats,
+             * snapshots (listed through functions::list and the discovery event), goodbyes */
+        {
+            static char *urls[] = {"nats://127.0.0.1:4222"};
+            S.cfg.cluster.urls = urls, S.cfg.cluster.nurls = 1;
+            CL.state = NATS_READY, CL.max_payload = 4096, CL.fd = -1;
+            strcpy(CL.node, "me"), strcpy(CL.tok, "me"), strcpy(CL.iid, "00");
+            buf_append(&CL.in, data, size);
+            nats_input();
+            static const char lst[] = "{\"type\":\"invokefunction\",\"invocation_id\":\"x1\","
+                                      "\"function_id\":\"engine::functions::list\",\"data\":{\"search\":\"a\"}}";
+            worker_on_message(w1, (const unsigned char *)lst, sizeof lst - 1, 0);
+            int64_t nx = INT64_MAX;
+            ev_functions_tick(now_ms(), &nx);
+            nats_free();
+            CL.state = NATS_OFF, S.cfg.cluster.urls = NULL, S.cfg.cluster.nurls = 0;
+        }
+        break;
     }
     buf_free(&b);
     {
@@ -163,6 +181,9 @@ int main(int argc, char **argv)
         "\"function_id\":\"engine::functions::info\",\"data\":{\"function_ids\":[\"a\",\"math::add\"]}}",
         "\x03{\"type\":\"registertriggertype\",\"id\":\"x\",\"description\":\"d\"}",
         "\x03{\"type\":\"reattach\",\"previous_worker_id\":\"0b3b1b2e-1111-4222-8333-444455556666\"}",
+        "\x06MSG iii.node.b.hb 1 28\r\n{\"node\":\"b\",\"iid\":\"1\",\"v\":2}\r\n"
+        "MSG iii.node.b.snap 2 83\r\n{\"node\":\"b\",\"iid\":\"1\",\"v\":2,\"functions\":[{\"function_id\":\"a::b\",\"worker_name\":\"w\"}]}\r\n"
+        "PING\r\nMSG iii.node.b.bye 3 12\r\n{\"node\":\"b\"}\r\n",
     };
     long runs = 0;
     while (now_ms() < end) {
