@@ -3854,6 +3854,7 @@ static int cfg_routing(struct cfg_ctx *x, struct cfg *c, const struct yaml_node 
                        !strcmp(key, "max_queue")) {
                 char what[64];
                 snprintf(what, sizeof what, "%s: `%s`", who, key);
+                n = 0;
                 if (cfg_int(x, NULL, what, e, line, col, 0, CFG_MS_MAX, &n) < 0) return -1;
                 if (key[0] == 't') ro->timeout_ms = n;
                 else if (key[4] == 'i') ro->max_inflight = (size_t)n;
@@ -4156,7 +4157,8 @@ enum conn_kind {
     CK_ECHO,   /* "/echo" (--echo only): conformance echo */
     CK_CHAN_W, /* "/ws/channels/<id>?dir=write" */
     CK_CHAN_R, /* "/ws/channels/<id>?dir=read" */
-    CK_PLAIN   /* plain HTTP answer being flushed, then closed */
+    CK_PLAIN,  /* plain HTTP answer being flushed, then closed */
+    CK_CLUSTER /* no socket: the caller of calls that came from other nodes (README "Cluster") */
 };
 /* Namespace resolution of a worker connection (§1.4): registrations are buffered
  * while PENDING, applied directly once RESOLVED, swallowed once ABORTED (teardown started). */
@@ -7119,6 +7121,9 @@ static void rt_invoke_mw(struct conn *c, struct func *mw, const struct jdoc *d, 
 }
 
 /* Handles an invokefunction frame from worker c (§3). Malformed frames are dropped silently. */
+static int cl_forward(struct conn *c, const struct jdoc *d, int iid, int fidt, const char *fid,
+                      size_t fl, const char *ns, size_t nl, int reply);
+
 static void rt_invoke(struct conn *c, const struct jdoc *d)
 {
     int iid = json_get(d, 0, "invocation_id"), fidt = json_get(d, 0, "function_id");
@@ -7212,8 +7217,14 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
     /* §3.1: strict resolution in exactly ns; the miss names the namespaces that do have the id */
     struct func *f = func_find(ns, nl, fid, fl);
     char why[256];
+    int fw = 0;
     if (mw && mw->owner && mw->owner != c && !(f && !f->owner)) {
         rt_invoke_mw(c, mw, d, fidt, data, act, ns, nl, cid, ctx, cl);
+    } else if (!f && !S.draining && (fw = cl_forward(c, d, iid, fidt, fid, fl, ns, nl, reply))) {
+        /* no provider here, one on another node: the call went there (README "Cluster") */
+        if (fw < 0 && reply)
+            rt_reply_err(c, d, fidt, cid, ctx, cl, "invocation_failed",
+                         "The call to %.*s is larger than the cluster link's max_payload", (int)fl, fid);
     } else if (!f) {
         S.n_inv_errors++;
         if (reply) {
@@ -7235,7 +7246,7 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
         const struct cfg_route *ru = f->owner && S.cfg.nroutes ? route_for(ns, nl, fid, fl) : NULL;
         int full = 0;
         struct func *p = f->owner ? rt_pick(f, ru, &full) : f;
-        if (!p && full && ru->max_queue && rt_queue(c, f, d, ru)) {
+        if (!p && full && ru && ru->max_queue && rt_queue(c, f, d, ru)) {
             /* queued: dispatched by route_tick when a provider has room */
         } else if (!p && full) {
             S.n_inv_errors++, S.n_busy++;
@@ -10174,7 +10185,7 @@ static int nats_parse(const unsigned char *p, size_t n, size_t max_payload, stru
     if (!OP_IS("MSG") && !hm) return -1;
 #undef OP_IS
     /* MSG subject sid [reply] bytes / HMSG subject sid [reply] hdr_bytes total_bytes */
-    int base = hm ? 5 : 4;
+    int base = hm ? 6 : 5; /* fields with a reply subject (one fewer without) */
     if (k != base && k != base - 1) return -1;
     int has_reply = k == base;
     long sid = nats_num(f[2], fl[2], 0xFFFFFFFFu);
@@ -10210,6 +10221,24 @@ struct cnode {
     size_t nfns;
 };
 
+/* A call this engine sent to another node, waiting for its answer. */
+struct rcall {
+    struct hnode h; /* CL.rcalls, keyed by rid */
+    char rid[37];   /* the id it travels under: fresh, so ids from many callers never collide */
+    char cid[37];   /* the caller's own invocation id */
+    char cw[37];    /* the caller's worker id (looked up again: the caller may have gone) */
+    char *node;     /* the node it went to */
+    char *fid;      /* raw JSON string of the function id, for an error answer */
+};
+
+/* A call from another node running here: where its answer goes. */
+struct rin {
+    struct hnode h; /* CL.rins, keyed by rid */
+    struct rin *prev, *next; /* CL.rin_list: all of them, for the count and the final free */
+    char rid[37];
+    char reply[];   /* the reply subject */
+};
+
 static struct {
     int state, fd;
     struct buf in, out;
@@ -10227,7 +10256,40 @@ static struct {
     int snap_due;                 /* publish the snapshot (changed, a node joined or asked) */
     int64_t snap_at;              /* not before: snapshots are paced NATS_SNAP_GAP_MS apart */
     int64_t dup_logged;           /* last "duplicate node name" error */
+    struct hmap rcalls;           /* calls sent to other nodes (struct rcall) */
+    struct hmap rins;             /* calls from other nodes in flight here (struct rin) */
+    struct rin *rin_list;
+    struct conn *vc;              /* their caller here (CK_CLUSTER), made on first use */
 } CL;                             /* CL.fd is set to -1 in main, before the loop */
+
+static void rt_send_result(struct conn *c, const char *id, size_t idlen, const char *fid,
+                           size_t fidlen, const unsigned char *res, size_t rlen,
+                           const unsigned char *err, size_t elen, const char *ctx, size_t ctxlen);
+
+/* Ends remote call rc: err (an ErrorBody) to its caller when non-NULL, then frees it. */
+static void rcall_end(struct rcall *rc, const char *err)
+{
+    struct conn *c = (struct conn *)hm_get(&S.workers, rc->cw, 36);
+    if (err && c && conn_open(c))
+        rt_send_result(c, rc->cid, 36, rc->fid, strlen(rc->fid), NULL, 0,
+                       (const unsigned char *)err, strlen(err), "", 0);
+    hm_del(&CL.rcalls, &rc->h);
+    xfree(rc->node), xfree(rc->fid), xfree(rc);
+}
+
+/* Ends with invocation_stopped every remote call to node (every one when NULL): the node went
+ * away, or the link to NATS did, so their answers can no longer arrive. */
+static void rcall_stop_all(const char *node)
+{
+    static const char e[] = "{\"code\":\"invocation_stopped\",\"message\":\"Invocation stopped: "
+                            "the engine that ran it left the cluster or the cluster link was lost\"}";
+    for (size_t i = 0; i < CL.rcalls.nb; i++)
+        for (struct hnode *x = CL.rcalls.b[i], *nx; x; x = nx) {
+            nx = x->next;
+            struct rcall *rc = (struct rcall *)x;
+            if (!node || !strcmp(rc->node, node)) rcall_end(rc, e);
+        }
+}
 
 /* Frees what node cn holds of its registry; the remote view changed if it held anything. */
 static void cnode_clear(struct cnode *cn)
@@ -10245,6 +10307,7 @@ static void cnode_clear(struct cnode *cn)
 static void cnode_drop(struct cnode *cn, const char *why)
 {
     LOG(LOG_INFO, "cluster: node %s left (%s)", cn->name, why);
+    rcall_stop_all(cn->name);
     cnode_clear(cn);
     hm_del(&CL.nodes, &cn->h);
     xfree(cn->name), xfree(cn);
@@ -10259,6 +10322,7 @@ static void nats_drop(const char *why)
             S.cfg.cluster.urls[CL.url], why);
     buf_free(&CL.in), buf_free(&CL.out);
     CL.state = NATS_WAIT;
+    rcall_stop_all(NULL);
     CL.url = (CL.url + 1) % S.cfg.cluster.nurls;
     CL.next_try = now_ms() + CL.backoff;
     CL.backoff = CL.backoff * 2 > 5000 ? 5000 : CL.backoff * 2;
@@ -10337,7 +10401,8 @@ static void nats_on_ready(void)
     LOG(LOG_INFO, "cluster: node %s connected to %s (max_payload %zu)", CL.node,
         S.cfg.cluster.urls[CL.url], CL.max_payload);
     buf_printf(&CL.out, "SUB %s.node.*.hb 1\r\nSUB %s.node.*.snap 2\r\nSUB %s.node.*.bye 3\r\n"
-                        "SUB %s.node.%s.sync 4\r\n", CL_PREFIX, CL_PREFIX, CL_PREFIX, CL_PREFIX, CL.tok);
+                        "SUB %s.node.%s.sync 4\r\nSUB %s.call.%s 5\r\nSUB %s.reply.%s.* 6\r\n",
+               CL_PREFIX, CL_PREFIX, CL_PREFIX, CL_PREFIX, CL.tok, CL_PREFIX, CL.tok, CL_PREFIX, CL.tok);
 }
 
 /* The subject token for a node name: [A-Za-z0-9_-] kept, anything else '_' (NATS subjects
@@ -10520,6 +10585,194 @@ static void nats_publish_snap(void)
     xfree(v), buf_free(&b);
 }
 
+/* ---- calls across engines ----
+ * A call with no provider here but one on another node (its snapshot) travels as
+ * PUB PREFIX.call.NODE with reply PREFIX.reply.THIS.RID and payload {"cw":caller worker id,
+ * "f":the invokefunction frame} where the frame's invocation_id is replaced by RID (same
+ * length, fresh). The node runs it with CL.vc as the caller, under the caller's worker id (so
+ * _caller_worker_id is the real caller's), and publishes the invocationresult frame it gets to
+ * the reply subject; this engine swaps the caller's id back in and passes the frame on. */
+
+/* The first occurrence of C string nd in h[0..n), or NULL. */
+static const char *strstr_n(const char *h, size_t n, const char *nd)
+{
+    size_t k = strlen(nd);
+    for (size_t i = 0; k && i + k <= n; i++)
+        if (h[i] == nd[0] && !memcmp(h + i, nd, k)) return h + i;
+    return NULL;
+}
+
+/* Sends the call in d to a node that has fid in ns: 1 sent, 0 no node has it (or no link),
+ * -1 too large for the link. Void calls travel without a reply subject. */
+static int cl_forward(struct conn *c, const struct jdoc *d, int iid, int fidt, const char *fid,
+                      size_t fl, const char *ns, size_t nl, int reply)
+{
+    if (CL.state != NATS_READY || c == CL.vc || !S.cl_nrfn) return 0;
+    const struct cnode *to = NULL;
+    for (size_t i = 0; i < CL.nodes.nb && !to; i++)
+        for (struct hnode *e = CL.nodes.b[i]; e && !to; e = e->next) {
+            const struct cnode *cn = (const struct cnode *)e;
+            for (size_t j = 0; j < cn->nfns; j++)
+                if (strlen(cn->fns[j].id) == fl && !memcmp(cn->fns[j].id, fid, fl) &&
+                    strlen(cn->fns[j].ns) == nl && !memcmp(cn->fns[j].ns, ns, nl)) {
+                    to = cn;
+                    break;
+                }
+        }
+    if (!to) return 0;
+    size_t n = JLEN(d, 0);
+    if (n + 256 > CL.max_payload) return -1;
+    struct rcall *rc = NULL;
+    struct buf b = {0};
+    char tok[160], subj[512];
+    nats_token(to->name, tok, sizeof tok);
+    buf_printf(&b, "{\"cw\":\"%s\",\"f\":", c->wid);
+    size_t at = buf_used(&b);
+    buf_append(&b, JRAW(d, 0), n);
+    buf_putc(&b, '}');
+    if (buf_check(&b)) goto oom;
+    if (reply) {
+        if (!(rc = xcalloc(sizeof *rc)) || !(rc->node = xstrdup(to->name)) ||
+            !(rc->fid = xstrndup((const char *)JRAW(d, fidt), JLEN(d, fidt))))
+            goto oom;
+        uuid_new(rc->rid);
+        memcpy(rc->cid, JRAW(d, iid) + 1, 36);
+        memcpy(rc->cw, c->wid, 36);
+        /* the frame's invocation_id is the caller's: the fresh one takes its place */
+        memcpy(b.p + b.off + at + (size_t)(JRAW(d, iid) + 1 - JRAW(d, 0)), rc->rid, 36);
+        if (hm_put(&CL.rcalls, &rc->h, rc->rid, 36) < 0) goto oom;
+        snprintf(subj, sizeof subj, "%s.call.%s %s.reply.%s.%s", CL_PREFIX, tok, CL_PREFIX, CL.tok,
+                 rc->rid);
+    } else {
+        snprintf(subj, sizeof subj, "%s.call.%s", CL_PREFIX, tok);
+    }
+    nats_pub(subj, (const char *)buf_data(&b), buf_used(&b));
+    buf_free(&b);
+    return 1;
+oom:
+    if (rc) xfree(rc->node), xfree(rc->fid), xfree(rc);
+    buf_free(&b);
+    return 0;
+}
+
+/* Remembers where the answer to call rid (36 chars) goes (the entry, held by CL.rins; NULL
+ * on OOM). */
+static struct rin *rin_add(const char *rid, const char *reply, size_t rn)
+{
+    struct rin *r = xcalloc(sizeof *r + rn + 1);
+    if (!r) return NULL;
+    memcpy(r->rid, rid, 36);
+    memcpy(r->reply, reply, rn);
+    if (hm_put(&CL.rins, &r->h, r->rid, 36) < 0) {
+        xfree(r);
+        return NULL;
+    }
+    if ((r->next = CL.rin_list)) r->next->prev = r;
+    CL.rin_list = r;
+    return r;
+}
+
+/* Forgets r (its answer went out, or the engine stops). */
+static void rin_free(struct rin *r)
+{
+    hm_del(&CL.rins, &r->h);
+    if (r->prev) r->prev->next = r->next;
+    else CL.rin_list = r->next;
+    if (r->next) r->next->prev = r->prev;
+    xfree(r);
+}
+
+/* A call from another node: run here with CL.vc as the caller (made on first use). */
+static void cl_on_call(const struct nats_msg *m)
+{
+    struct jdoc d = {0}, f = {0};
+    d.max = 16, f.max = 4096;
+    if (json_parse(&d, m->pl, m->pln, 2, 1) < 0) goto out;
+    int cw = json_get(&d, 0, "cw"), ft = json_get(&d, 0, "f");
+    if (JTYPE(&d, cw) != J_STRING || JLEN(&d, cw) != 38 || JTYPE(&d, ft) != J_OBJECT) goto out;
+    if (!CL.vc) {
+        if (!(CL.vc = conn_new(-1, "cluster"))) goto out;
+        CL.vc->kind = CK_CLUSTER;
+        CL.vc->out.lim = 0;
+    }
+    if (json_parse(&f, JRAW(&d, ft), JLEN(&d, ft), 2, 0) < 0) goto out;
+    int iid = json_get(&f, 0, "invocation_id");
+    if (m->reply && JTYPE(&f, iid) == J_STRING && JLEN(&f, iid) == 38) {
+        /* an id already running here (a replay) is not run twice */
+        if (hm_get(&CL.rins, (const char *)JRAW(&f, iid) + 1, 36)) goto out;
+        if (!rin_add((const char *)JRAW(&f, iid) + 1, m->reply, m->replyn)) goto out;
+    }
+    /* the call is the remote caller's: its worker id is the one the target sees */
+    memcpy(CL.vc->wid, JRAW(&d, cw) + 1, 36);
+    CL.vc->wid[36] = 0;
+    rt_invoke(CL.vc, &f);
+out:
+    xfree(d.t), xfree(f.t);
+}
+
+/* The frames the engine wrote to CL.vc: each invocationresult goes to its reply subject. */
+static void cl_vc_flush(struct conn *vc)
+{
+    const unsigned char *p = buf_data(&vc->out);
+    size_t n = buf_used(&vc->out), i = 0;
+    while (n - i >= 2) {
+        size_t hl = 2, len = p[i + 1] & 0x7f;
+        if (len == 126) hl = 4, len = n - i >= 4 ? (size_t)p[i + 2] << 8 | p[i + 3] : 0;
+        else if (len == 127) {
+            hl = 10, len = 0;
+            for (int k = 0; k < 8 && n - i >= 10; k++) len = len << 8 | p[i + 2 + k];
+        }
+        if (n - i < hl || n - i - hl < len) break;
+        const char *fr = (const char *)p + i + hl;
+        const char *k = len > 60 ? strstr_n(fr, len, "\"invocation_id\":\"") : NULL;
+        if ((p[i] & 0x0f) == WS_TEXT && k && (size_t)(fr + len - k) > 17 + 36) {
+            struct rin *r = (struct rin *)hm_get(&CL.rins, k + 17, 36);
+            if (r) {
+                nats_pub(r->reply, fr, len);
+                rin_free(r);
+            }
+        }
+        i += hl + len;
+    }
+    buf_consume(&vc->out, i);
+}
+
+/* CL.vc goes away (the engine stops, or it failed): its calls are cancelled like a caller's. */
+static void cl_vc_teardown(struct conn *vc)
+{
+    cl_vc_flush(vc); /* what was answered before it went (a shutdown's last results) */
+    for (struct inv *v = vc->calls_out, *nx; v; v = nx)
+        nx = v->cnext, rt_cancel_notify(v, "caller_disconnected"), inv_free(v);
+    if (CL.vc == vc) CL.vc = NULL;
+}
+
+/* An answer from the node a call went to: the caller's id goes back in, the frame to the
+ * caller. A no-responders status (the node is gone) ends the call with invocation_stopped. */
+static void cl_on_reply(const struct nats_msg *m)
+{
+    if (m->subjn < 36) return;
+    struct rcall *rc = (struct rcall *)hm_get(&CL.rcalls, m->subj + m->subjn - 36, 36);
+    if (!rc) return;
+    if (m->op == NOP_HMSG && m->hdrn >= 12 && !memcmp(m->hdr, "NATS/1.0 503", 12)) {
+        rcall_end(rc, "{\"code\":\"invocation_stopped\",\"message\":\"Invocation stopped: the "
+                      "engine that had the function did not answer (no responders)\"}");
+        return;
+    }
+    const char *k = strstr_n((const char *)m->pl, m->pln, "\"invocation_id\":\"");
+    struct conn *c = (struct conn *)hm_get(&S.workers, rc->cw, 36);
+    if (k && (size_t)((const char *)m->pl + m->pln - k) > 17 + 36 && !memcmp(k + 17, rc->rid, 36) &&
+        c && conn_open(c)) {
+        struct buf b = {0};
+        buf_append(&b, m->pl, m->pln);
+        if (!buf_check(&b)) {
+            memcpy(b.p + b.off + (size_t)(k + 17 - (const char *)m->pl), rc->cid, 36);
+            conn_frame(c, WS_TEXT, buf_data(&b), buf_used(&b));
+        }
+        buf_free(&b);
+    }
+    rcall_end(rc, NULL);
+}
+
 /* Handles everything complete in CL.in. */
 static void nats_input(void)
 {
@@ -10540,6 +10793,8 @@ static void nats_input(void)
             else if (m.sid == 2) nats_on_snap(&m);
             else if (m.sid == 3) nats_on_bye(&m);
             else if (m.sid == 4) CL.snap_due = 1;
+            else if (m.sid == 5) cl_on_call(&m);
+            else if (m.sid == 6) cl_on_reply(&m);
         }
         buf_consume(&CL.in, (size_t)r);
         if (CL.state == NATS_WAIT) return;
@@ -10656,6 +10911,7 @@ static void nats_tick(int64_t now, int64_t *next)
 static void nats_leave(void)
 {
     if (CL.state != NATS_READY) return;
+    if (CL.vc) cl_vc_flush(CL.vc); /* answers to other nodes' calls, ended by the shutdown */
     struct buf b = {0};
     char subj[256];
     buf_puts(&b, "{\"node\":");
@@ -10682,6 +10938,10 @@ static void nats_free(void)
             xfree(((struct cnode *)e)->name), xfree(e);
         }
     hm_free(&CL.nodes);
+    rcall_stop_all(NULL);
+    hm_free(&CL.rcalls);
+    while (CL.rin_list) rin_free(CL.rin_list);
+    hm_free(&CL.rins);
 }
 
 /* The remote functions (rows of other nodes' snapshots) a listing shows, appended to r from
@@ -11108,6 +11368,7 @@ static void loop_reap(void)
         if (!c->torn) {
             if (c->kind == CK_WORKER) worker_teardown(c);
             else if (c->kind == CK_CHAN_W || c->kind == CK_CHAN_R) chan_teardown(c);
+            else if (c->kind == CK_CLUSTER) cl_vc_teardown(c);
             c->torn = 1;
         }
     /* a second pass: every teardown has run before anything is freed, as a teardown may still
@@ -11153,6 +11414,10 @@ static void ep_sync(struct conn *c)
  * keep reading until it does (RFC 6455 §7.1.1: ideally the server closes TCP first). */
 static void conn_write(struct conn *c)
 {
+    if (c->kind == CK_CLUSTER) {
+        cl_vc_flush(c);
+        return;
+    }
     conn_flush(c);
     ep_sync(c);
     if (c->closing && !buf_used(&c->out) && !c->dead) shutdown(c->fd, SHUT_WR);

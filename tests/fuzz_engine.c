@@ -184,6 +184,7 @@ int main(int argc, char **argv)
         "\x06MSG iii.node.b.hb 1 28\r\n{\"node\":\"b\",\"iid\":\"1\",\"v\":2}\r\n"
         "MSG iii.node.b.snap 2 83\r\n{\"node\":\"b\",\"iid\":\"1\",\"v\":2,\"functions\":[{\"function_id\":\"a::b\",\"worker_name\":\"w\"}]}\r\n"
         "PING\r\nMSG iii.node.b.bye 3 12\r\n{\"node\":\"b\"}\r\n",
+        "\x06MSG iii.call.me 5 iii.reply.b.1b3b1b2e-1111-4222-8333-444455556666 171\r\n{\"cw\":\"0b3b1b2e-1111-4222-8333-444455556666\",\"f\":{\"type\":\"invokefunction\",\"invocation_id\":\"1b3b1b2e-1111-4222-8333-444455556666\",\"function_id\":\"math::add\",\"data\":{\"a\":1}}}\r\nMSG iii.reply.me.2b3b1b2e-1111-4222-8333-444455556666 6 119\r\n{\"type\":\"invocationresult\",\"invocation_id\":\"2b3b1b2e-1111-4222-8333-444455556666\",\"function_id\":\"math::add\",\"result\":1}\r\nHMSG iii.reply.me.2b3b1b2e-1111-4222-8333-444455556666 6 16 16\r\nNATS/1.0 503\r\n\r\n\r\n",
     };
     long runs = 0;
     while (now_ms() < end) {

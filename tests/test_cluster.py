@@ -28,7 +28,7 @@ import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from wslib import WS, Engine, Suite, worker_hello, call  # noqa: E402
+from wslib import BIN, WS, Engine, Suite, worker_hello, call  # noqa: E402
 
 suite = Suite()
 NATS = shutil.which("nats-server")
@@ -296,6 +296,186 @@ def malformed_cluster_traffic_is_ignored(n, a, b):
     check("malformed rows" in b.stderr(), "b warns about the malformed rows")
     # z never heartbeats: it leaves after the TTL
     wait_until(lambda: not remote(cb, "ok::z", "z"), 6, "silent node z expired")
+
+
+# ---------------------------------------------------------------------------------------------
+# calls across engines
+
+def send_call(ws, fid, data, **extra):
+    iid = str(uuid.uuid4())
+    m = {"type": "invokefunction", "invocation_id": iid, "function_id": fid, "data": data}
+    m.update(extra)
+    ws.send_json(m)
+    return iid
+
+
+def recv_result(ws, iid, timeout=5):
+    m, _ = ws.recv_json_until(lambda x: x.get("type") == "invocationresult"
+                              and x.get("invocation_id") == iid, timeout)
+    return m
+
+
+def recv_invoke(ws, fid, timeout=5):
+    m, _ = ws.recv_json_until(lambda x: x.get("type") == "invokefunction"
+                              and x.get("function_id") == fid, timeout)
+    return m
+
+
+@with_cluster
+def call_through_b_reaches_worker_on_a(n, a, b):
+    wa, cb = Client(a, "wa"), Client(b, "cb")
+    wa.register("x::echo")
+    wait_until(lambda: remote(cb, "x::echo", "a"), 5, "x::echo on b")
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    iid = send_call(cb.ws, "x::echo", {"v": [1, "two", {"3": None}]}, traceparent=tp,
+                    baggage="k=v", metadata={"m": 1})
+    inv = recv_invoke(wa.ws, "x::echo")
+    check(inv["data"].get("v") == [1, "two", {"3": None}], "data arrives: %s" % inv)
+    check(inv.get("traceparent") == tp and inv.get("baggage") == "k=v", "trace context: %s" % inv)
+    check(inv.get("metadata") == {"m": 1}, "metadata arrives: %s" % inv)
+    wa.ws.send_json({"type": "invocationresult", "invocation_id": inv["invocation_id"],
+                     "function_id": "x::echo", "result": {"ok": True, "n": 42}})
+    r = recv_result(cb.ws, iid)
+    check(r.get("result") == {"ok": True, "n": 42}, "result arrives under the caller's id: %s" % r)
+    check(r.get("traceparent") == tp, "traceparent echoed: %s" % r)
+    # an error from the worker arrives as it was sent
+    iid = send_call(cb.ws, "x::echo", {})
+    inv = recv_invoke(wa.ws, "x::echo")
+    err = {"code": "E_TEAPOT", "message": "short and stout", "stacktrace": "at pot"}
+    wa.ws.send_json({"type": "invocationresult", "invocation_id": inv["invocation_id"],
+                     "function_id": "x::echo", "error": err})
+    r = recv_result(cb.ws, iid)
+    check(r.get("error") == err, "error passes through unchanged: %s" % r)
+    # a void call reaches the worker and nothing comes back
+    cb.ws.send_json({"type": "invokefunction", "function_id": "x::echo", "data": {"void": 1},
+                     "action": {"type": "void"}})
+    inv = recv_invoke(wa.ws, "x::echo")
+    check(inv["data"].get("void") == 1, "void call arrives: %s" % inv)
+
+
+@with_cluster
+def caller_worker_id_is_the_remote_callers(n, a, b):
+    wa = Client(a, "wa")
+    wa.register("x::who")
+    ws = WS(b.port)
+    wid = worker_hello(ws, "cb")
+    cb = Client(b, "lister")
+    wait_until(lambda: remote(cb, "x::who", "a"), 5, "x::who on b")
+    send_call(ws, "x::who", {})
+    inv = recv_invoke(wa.ws, "x::who")
+    check(inv["data"].get("_caller_worker_id") == wid,
+          "_caller_worker_id is the caller's id on b (%s): %s" % (wid, inv))
+    ws.close()
+
+
+@with_cluster
+def namespaces_pass_through(n, a, b):
+    ws = WS(a.port)
+    worker_hello(ws, "nsw", namespace="team1")
+    ws.send_json({"type": "registerfunction", "id": "ns::f"})
+    cb = Client(b, "cb")
+    wait_until(lambda: [f for f in rows(cb, "ns::f") if f.get("namespace") == "team1"], 5,
+               "ns::f in team1 listed on b")
+    r = call(cb.ws, "ns::f", {}, 5)  # default namespace: not there
+    check((r.get("error") or {}).get("code") == "function_not_found", "default ns misses: %s" % r)
+    iid = send_call(cb.ws, "ns::f", {"q": 1}, namespace="team1")
+    inv = recv_invoke(ws, "ns::f")
+    ws.send_json({"type": "invocationresult", "invocation_id": inv["invocation_id"],
+                  "function_id": "ns::f", "result": "in team1"})
+    r = recv_result(cb.ws, iid)
+    check(r.get("result") == "in team1", "the namespaced call: %s" % r)
+    ws.close()
+
+
+@with_cluster
+def sigkill_mid_call_stops_the_call_on_b(n, a, b):
+    wa, cb = Client(a, "wa"), Client(b, "cb")
+    wa.register("x::hang")
+    wait_until(lambda: remote(cb, "x::hang", "a"), 5, "x::hang on b")
+    iid = send_call(cb.ws, "x::hang", {})
+    recv_invoke(wa.ws, "x::hang")  # it is running on a
+    t = time.time()
+    a.expect_exit = True
+    os.kill(a.proc.pid, signal.SIGKILL)
+    r = recv_result(cb.ws, iid, 6)
+    took = time.time() - t
+    check((r.get("error") or {}).get("code") == "invocation_stopped", "stopped: %s" % r)
+    check(took <= 4.5, "within the heartbeat timeout: %.2fs" % took)
+    wait_until(lambda: not remote(cb, "x::hang", "a"), 2, "a's functions gone from b")
+
+
+@with_cluster
+def clean_shutdown_mid_call_stops_the_call(n, a, b):
+    wa, cb = Client(a, "wa"), Client(b, "cb")
+    wa.register("x::hang2")
+    wait_until(lambda: remote(cb, "x::hang2", "a"), 5, "x::hang2 on b")
+    iid = send_call(cb.ws, "x::hang2", {})
+    recv_invoke(wa.ws, "x::hang2")
+    a.expect_exit = True
+    t = time.time()
+    a.proc.send_signal(signal.SIGTERM)
+    # a drains first (drain_timeout_ms, 5 s by default): a call still running then is stopped
+    r = recv_result(cb.ws, iid, 9)
+    check((r.get("error") or {}).get("code") == "invocation_stopped", "stopped: %s" % r)
+    check(time.time() - t >= 4.0, "not before a's drain timeout ran out")
+
+
+@with_cluster
+def call_answered_during_drain_reaches_b(n, a, b):
+    wa, cb = Client(a, "wa"), Client(b, "cb")
+    wa.register("x::slow")
+    wait_until(lambda: remote(cb, "x::slow", "a"), 5, "x::slow on b")
+    iid = send_call(cb.ws, "x::slow", {})
+    inv = recv_invoke(wa.ws, "x::slow")
+    a.expect_exit = True
+    a.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    wa.ws.send_json({"type": "invocationresult", "invocation_id": inv["invocation_id"],
+                     "function_id": "x::slow", "result": "finished while draining"})
+    r = recv_result(cb.ws, iid, 5)
+    check(r.get("result") == "finished while draining", "the answer crosses engines: %s" % r)
+
+
+@with_cluster
+def three_engines_cli_through_c(n, a, b):
+    c = engine(n.port, "c")
+    wa = Client(a, "wa")
+    wa.register("x::cli")
+    cc = Client(c, "cc")
+    wait_until(lambda: remote(cc, "x::cli", "a"), 5, "x::cli on c")
+    import threading
+    out = {}
+
+    def run_cli():
+        p = subprocess.run([BIN, "trigger",
+                            "x::cli", '{"from":"cli"}', "--url", "ws://127.0.0.1:%d" % c.port,
+                            "--timeout", "5000", "--json"], capture_output=True, timeout=10)
+        out["p"] = p
+    th = threading.Thread(target=run_cli)
+    th.start()
+    inv = recv_invoke(wa.ws, "x::cli")
+    check(inv["data"].get("from") == "cli", "the CLI's payload: %s" % inv)
+    wa.ws.send_json({"type": "invocationresult", "invocation_id": inv["invocation_id"],
+                     "function_id": "x::cli", "result": {"via": "c"}})
+    th.join(10)
+    p = out.get("p")
+    check(p is not None and p.returncode == 0, "CLI exit status: %r" % ((p.returncode, p.stdout, p.stderr) if p else None,))
+    check(json.loads(p.stdout.decode()) == {"via": "c"}, "CLI output: %r" % p.stdout)
+    # and a caller on b in the same cluster reaches a as well
+    cb = Client(b, "cb")
+    wait_until(lambda: remote(cb, "x::cli", "a"), 5, "x::cli on b")
+
+
+@with_cluster
+def payload_over_max_payload_is_an_error_not_silence(n, a, b):
+    wa, cb = Client(a, "wa"), Client(b, "cb")
+    wa.register("x::big")
+    wait_until(lambda: remote(cb, "x::big", "a"), 5, "x::big on b")
+    iid = send_call(cb.ws, "x::big", {"blob": "x" * (1200 * 1024)})
+    r = recv_result(cb.ws, iid, 10)
+    err = r.get("error") or {}
+    check(err.get("code") == "invocation_failed" and "max_payload" in err.get("message", ""),
+          "a clear error for a call larger than the link's max_payload: %s" % r)
 
 
 if __name__ == "__main__":
