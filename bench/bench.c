@@ -478,7 +478,7 @@ static void ws_on_open(struct bconn *c)
 
 /* ---- NATS ----------------------------------------------------------------------------------- */
 
-static void nats_on_info(struct bconn *c)
+static void bn_nats_on_info(struct bconn *c)
 {
     static const char connect_line[] =
         "CONNECT {\"verbose\":false,\"pedantic\":false,\"tls_required\":false,\"name\":\"iii-bench\","
@@ -751,7 +751,7 @@ static void nats_ops(struct bconn *c)
             if (!c->got_info) {
                 c->got_info = 1;
                 c->st = S_OPEN;
-                nats_on_info(c);
+                bn_nats_on_info(c);
             }
         } else if (ll >= 4 && !memcmp(p, "-ERR", 4)) {
             fail("NATS: %.*s", (int)(ll < 200 ? ll : 200), (const char *)p);
