@@ -41,7 +41,7 @@
  *   Utilities, Buffer, SHA-1 and base64, UTF-8, JSON, YAML subset, Config, Hash map, Types and
  *   the global state, Sockets, WebSocket frames, Connections, HTTP, Registry, Sessions and
  *   authorization, Router, Triggers and discovery, Worker protocol, Engine functions, Channels,
- *   Health and metrics, Event loop, Supervisor, Configuration and hot reload, CLI client, CLI
+ *   NATS client (the cluster), Health and metrics, Event loop, Supervisor, Configuration and hot reload, CLI client, CLI
  *   worker (iii serve and iii watch), main.
  */
 /* Feature macros: each only if the includer (tests/unit.c, a -D flag) has not set it already */
@@ -10105,9 +10105,13 @@ static void chan_sweep(int64_t now, int64_t *next)
  * -ERR). One non-blocking socket; a parser that returns bytes consumed / need more / error
  * over a bounded input buffer (a control line is at most NATS_MAX_LINE bytes, a payload at most
  * the server's max_payload); reconnect with backoff (250 ms doubling to 5 s) across the URL
- * list, resubscribing. What travels over it so far: each engine publishes a heartbeat on
- * PREFIX.node.NAME.hb every NATS_HB_MS and keeps the set of nodes it hears from, each with a
- * TTL of NATS_NODE_TTL_MS (cluster-wide registry and routing build on this; see docs/CLUSTER.md).
+ * list, resubscribing; output beyond NATS_OUT_MAX drops the link. What travels (docs/CLUSTER.md
+ * has the subjects): a heartbeat every NATS_HB_MS with the version of this node's snapshot; the
+ * snapshot (its workers' functions) when it changes, when a node joins or asks; a goodbye at
+ * shutdown; calls with no local provider, and their answers. Invariants: a remote node's rows
+ * are replaced whole by each snapshot and dropped with the node (goodbye, TTL
+ * NATS_NODE_TTL_MS, new instance id); every call sent to a node is answered to its caller
+ * exactly once (the answer, or invocation_stopped when the node leaves or the link drops).
  */
 #define NATS_MAX_LINE 4096    /* a control line longer than this is a protocol error */
 #define NATS_HB_MS 1000       /* heartbeat period */
