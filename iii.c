@@ -41,8 +41,8 @@
  *   Utilities, Buffer, SHA-1 and base64, UTF-8, JSON, YAML subset, Config, Hash map, Types and
  *   the global state, Sockets, WebSocket frames, Connections, HTTP, Registry, Sessions and
  *   authorization, Router, Triggers and discovery, Worker protocol, Engine functions, Channels,
- *   NATS client (the cluster), Health and metrics, Event loop, Supervisor, Configuration and hot reload, CLI client, CLI
- *   worker (iii serve and iii watch), main.
+ *   NATS client (the cluster), Health and metrics, Event loop, Supervisor, Configuration and
+ *   hot reload, CLI client, CLI worker (iii serve and iii watch), main.
  */
 /* Feature macros: each only if the includer (tests/unit.c, a -D flag) has not set it already */
 #ifndef _POSIX_C_SOURCE
