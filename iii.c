@@ -10165,6 +10165,7 @@ static long nats_num(const char *s, size_t n, size_t max)
  * max_payload). Never reads past n. */
 static int nats_parse(const unsigned char *p, size_t n, size_t max_payload, struct nats_msg *m)
 {
+    if (!n) return 0; /* (p may be NULL then: an empty buffer) */
     const unsigned char *nl = memchr(p, '\n', n < NATS_MAX_LINE ? n : NATS_MAX_LINE);
     if (!nl) return n >= NATS_MAX_LINE ? -1 : 0;
     size_t ll = (size_t)(nl - p), used = ll + 1;
