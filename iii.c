@@ -7906,40 +7906,42 @@ static const char *sup_refusal_get(uint32_t pid);
 static void worker_rejected(struct conn *c, const char *code, const char *ns, const char *name,
                             const char *fid, size_t fidlen, const char *owner, const char *why)
 {
-    struct buf b = {0};
-    buf_puts(&b, "{\"type\":\"registrationrejected\",\"code\":");
-    json_put_cstr(&b, code);
-    buf_puts(&b, ",\"namespace\":");
-    json_put_cstr(&b, ns);
-    if (name) buf_puts(&b, ",\"worker_name\":"), json_put_cstr(&b, name);
-    if (fid) buf_puts(&b, ",\"function_id\":"), json_put_str(&b, fid, fidlen);
-    buf_puts(&b, ",\"owner_worker_id\":");
-    json_put_cstr(&b, owner);
-    if (why) buf_puts(&b, ",\"message\":"), json_put_cstr(&b, why);
-    buf_putc(&b, '}');
-    if (buf_check(&b)) conn_oom(c);
-    else worker_send(c, &b);
+    /* the members once: the frame is {"type":...,MEMBERS}, the kept refusal {MEMBERS,"at_ms"} */
+    struct buf m = {0}, b = {0};
+    buf_puts(&m, "\"code\":");
+    json_put_cstr(&m, code);
+    buf_puts(&m, ",\"namespace\":");
+    json_put_cstr(&m, ns);
+    if (name) buf_puts(&m, ",\"worker_name\":"), json_put_cstr(&m, name);
+    if (fid) buf_puts(&m, ",\"function_id\":"), json_put_str(&m, fid, fidlen);
+    buf_puts(&m, ",\"owner_worker_id\":");
+    json_put_cstr(&m, owner);
+    if (why) buf_puts(&m, ",\"message\":"), json_put_cstr(&m, why);
+    int ok = !buf_check(&m);
+    if (ok) {
+        buf_puts(&b, "{\"type\":\"registrationrejected\",");
+        buf_append(&b, buf_data(&m), buf_used(&m));
+        buf_putc(&b, '}');
+        ok = !buf_check(&b);
+    }
+    if (!ok) {
+        conn_oom(c);
+        goto log;
+    }
+    worker_send(c, &b);
     /* kept for engine::workers::info: the frame's members and when (the SDKs ignore the frame,
      * so this is where an operator sees why a worker has fewer functions than it should) */
-    if (!b.err && buf_used(&b) > 30) {
-        buf_reset(&b);
-        buf_puts(&b, "{\"code\":");
-        json_put_cstr(&b, code);
-        buf_puts(&b, ",\"namespace\":");
-        json_put_cstr(&b, ns);
-        if (name) buf_puts(&b, ",\"worker_name\":"), json_put_cstr(&b, name);
-        if (fid) buf_puts(&b, ",\"function_id\":"), json_put_str(&b, fid, fidlen);
-        buf_puts(&b, ",\"owner_worker_id\":");
-        json_put_cstr(&b, owner);
-        if (why) buf_puts(&b, ",\"message\":"), json_put_cstr(&b, why);
-        buf_printf(&b, ",\"at_ms\":%lld}", (long long)wall_ms());
-        char *j = buf_check(&b) ? NULL : xstrndup((char *)buf_data(&b), buf_used(&b));
-        if (j) {
-            xfree(c->refusal), c->refusal = j;
-            if (c->has_pid) sup_refusal_set(c->pid, j);
-        }
+    buf_reset(&b);
+    buf_putc(&b, '{');
+    buf_append(&b, buf_data(&m), buf_used(&m));
+    buf_printf(&b, ",\"at_ms\":%lld}", (long long)wall_ms());
+    char *j = buf_check(&b) ? NULL : xstrndup((char *)buf_data(&b), buf_used(&b));
+    if (j) {
+        xfree(c->refusal), c->refusal = j;
+        if (c->has_pid) sup_refusal_set(c->pid, j);
     }
-    buf_free(&b);
+log:
+    buf_free(&m), buf_free(&b);
     LOG_LIMITED(c, LOG_WARN,
                 "worker %s (name %s, pid %lu): registration refused: %s in namespace '%s'%s%.*s%s%s%s%s",
                 c->wid, c->name ? c->name : "-", c->has_pid ? (unsigned long)c->pid : 0UL, code, ns,
