@@ -23,12 +23,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from wslib import BIN, WS, Engine, Suite, worker_hello, call  # noqa: E402
+from wslib import BIN, WS, Closed, Engine, Suite, worker_hello, call  # noqa: E402
 
 suite = Suite()
 NATS = shutil.which("nats-server")
@@ -52,15 +54,17 @@ def free_port():
 
 
 class Nats:
-    """One nats-server on 127.0.0.1 (optionally with a fixed port, to restart it in place)."""
+    """One nats-server on 127.0.0.1 (optionally with a fixed port, to restart it in place);
+    args: extra nats-server flags (cluster routes, monitoring port)."""
 
-    def __init__(self, port=None):
+    def __init__(self, port=None, args=()):
         self.port = port or free_port()
+        self.args = list(args)
         self.tmp = tempfile.mkdtemp(prefix="iii-nats-")
         self.start()
 
     def start(self):
-        self.proc = subprocess.Popen([NATS, "-a", "127.0.0.1", "-p", str(self.port)],
+        self.proc = subprocess.Popen([NATS, "-a", "127.0.0.1", "-p", str(self.port)] + self.args,
                                      stdout=subprocess.DEVNULL,
                                      stderr=open(os.path.join(self.tmp, "nats.log"), "wb"),
                                      start_new_session=True)
@@ -96,18 +100,21 @@ class Nats:
         s.close()
 
 
-def cfg(nats_port, node):
-    return ("workers:\n  - name: iii-worker-manager\n    config:\n      host: 127.0.0.1\n"
-            "cluster:\n  nats: [nats://127.0.0.1:%d]\n  node: %s\n" % (nats_port, node))
+def cfg(nats_port, node, listener="", top=""):
+    """listener: extra lines for the iii-worker-manager config block (6-space indent);
+    top: extra top-level YAML (routing: ...)."""
+    return ("workers:\n  - name: iii-worker-manager\n    config:\n      host: 127.0.0.1\n" + listener +
+            "cluster:\n  nats: [nats://127.0.0.1:%d]\n  node: %s\n" % (nats_port, node) + top)
 
 
-def engine(nats_port, node):
-    e = Engine(config=cfg(nats_port, node))
+def engine(nats_port, node, listener="", top=""):
+    e = Engine(config=cfg(nats_port, node, listener, top))
     _started.append(e)
     return e
 
 
 _started = []
+_procs = []  # SdkWorker processes, stopped by pid after each test
 
 
 def wait_until(fn, timeout, what):
@@ -152,6 +159,21 @@ def remote(c, fid, node):
     return [f for f in rows(c, fid) if f.get("node") == node]
 
 
+def _check_engines():
+    for e in list(_started):
+        rep = e.sanitizer_report()
+        check(not rep, "engine sanitizer report: %s" % rep)
+        check(e.alive() or getattr(e, "expect_exit", False),
+              "an engine died: %s" % e.stderr()[-400:])
+
+
+def _stop_all():
+    while _procs:
+        _procs.pop().stop()
+    while _started:
+        _started.pop().stop()
+
+
 def with_cluster(fn):
     """Runs fn(nats, a, b) with two engines a and b on one nats-server; stops all after."""
     def run():
@@ -161,14 +183,25 @@ def with_cluster(fn):
         try:
             a, b = engine(n.port, "a"), engine(n.port, "b")
             fn(n, a, b)
-            for e in list(_started):
-                rep = e.sanitizer_report()
-                check(not rep, "engine sanitizer report: %s" % rep)
-                check(e.alive() or getattr(e, "expect_exit", False),
-                      "an engine died: %s" % e.stderr()[-400:])
+            _check_engines()
         finally:
-            while _started:
-                _started.pop().stop()
+            _stop_all()
+            n.stop()
+    run.__name__ = fn.__name__
+    return suite.test(run)
+
+
+def with_nats(fn):
+    """Runs fn(nats) with one nats-server; the test starts its own engines (engine(...))."""
+    def run():
+        if not NATS:
+            return "skip nats-server not installed (apt install nats-server)"
+        n = Nats()
+        try:
+            fn(n)
+            _check_engines()
+        finally:
+            _stop_all()
             n.stop()
     run.__name__ = fn.__name__
     return suite.test(run)
@@ -476,6 +509,236 @@ def payload_over_max_payload_is_an_error_not_silence(n, a, b):
     err = r.get("error") or {}
     check(err.get("code") == "invocation_failed" and "max_payload" in err.get("message", ""),
           "a clear error for a call larger than the link's max_payload: %s" % r)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers for the tests below: official-SDK workers, answering raw workers, the CLI
+
+INTEROP = os.path.join(HERE, "interop")
+NODE = shutil.which("node")
+SDK_WORKER = os.path.join(INTEROP, "workers", "worker.mjs")
+
+
+def sdk_missing():
+    if not NODE:
+        return "node not installed"
+    if not os.path.isdir(os.path.join(INTEROP, "node_modules", "iii-sdk")):
+        return "tests/interop/node_modules/iii-sdk missing (cd tests/interop && npm ci)"
+    return None
+
+
+class SdkWorker:
+    """An iii-sdk worker process (tests/interop/workers/worker.mjs, driven by a JSON spec) in its
+    own process group; stopped by pid (SIGTERM, then SIGKILL of its group)."""
+
+    def __init__(self, e, spec):
+        self.log = tempfile.NamedTemporaryFile(prefix="iii-sdkw-", suffix=".log", delete=False)
+        env = dict(os.environ, III_URL="ws://127.0.0.1:%d" % e.port, WORKER_SPEC=json.dumps(spec),
+                   OTEL_ENABLED="false")
+        self.proc = subprocess.Popen([NODE, SDK_WORKER], cwd=INTEROP, env=env, stdin=subprocess.PIPE,
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        _procs.append(self)
+
+    def output(self):
+        with open(self.log.name, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(4)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(5)
+        if self in _procs:
+            _procs.remove(self)
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+
+class Responder(threading.Thread):
+    """A raw worker on engine e providing fid: a thread reads its calls and (unless hang) answers
+    each with {"by": name, "echo": data.s or None}. Counts and keeps the calls it got."""
+
+    def __init__(self, e, fid, name, hang=False, namespace=None):
+        super().__init__(daemon=True)
+        self.ws = WS(e.port)
+        self.wid = worker_hello(self.ws, name, namespace=namespace)
+        self.fid, self.name, self.hang = fid, name, hang
+        self.got = []
+        self.extra = []  # other frames (invocationcancelled ...)
+        self.done = threading.Event()
+        self.ws.send_json({"type": "registerfunction", "id": fid})
+        self.ws.send_json({"type": "ping"})
+        self.ws.recv_json_until(lambda x: x.get("type") == "pong", 3)
+        self.start()
+
+    def run(self):
+        while not self.done.is_set():
+            try:
+                m = self.ws.recv_json(0.2)
+            except TimeoutError:
+                continue
+            except (Closed, OSError, ValueError):
+                return
+            if m.get("type") == "invokefunction" and m.get("function_id") == self.fid:
+                self.got.append(m)
+                if self.hang or not m.get("invocation_id"):
+                    continue
+                d = m.get("data") if isinstance(m.get("data"), dict) else {}
+                try:
+                    self.ws.send_json({"type": "invocationresult", "invocation_id": m["invocation_id"],
+                                       "function_id": self.fid,
+                                       "result": {"by": self.name, "echo": d.get("s")}})
+                except OSError:
+                    return
+            else:
+                self.extra.append(m)
+
+    def close(self):
+        self.done.set()
+        self.join(2)
+        self.ws.close()
+
+
+def cli(e, *args, timeout=15):
+    return subprocess.run([BIN] + list(args) + ["--url", "ws://127.0.0.1:%d" % e.port],
+                          capture_output=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. an official-SDK worker on A, callers on B (raw) and C (the CLI)
+
+@with_nats
+def sdk_worker_on_a_called_from_b_raw_and_from_c_cli(n):
+    why = sdk_missing()
+    if why:
+        return "skip " + why
+    a, b, c = engine(n.port, "a"), engine(n.port, "b"), engine(n.port, "c")
+    sdk = SdkWorker(a, {"name": "sdk-a", "functions": [
+        {"id": "sdk::echo", "kind": "echo"},
+        {"id": "sdk::throw", "kind": "throw", "message": "kaboom from the sdk"}]})
+    # the SDK (0.22.1) has no namespace option: worker.mjs puts a worker into one with an early
+    # engine::workers::register {namespace}
+    sdk_ns = SdkWorker(a, {"name": "sdk-ns", "namespace": "team-sdk",
+                           "functions": [{"id": "sdk::tag", "kind": "tag"}]})
+    cb, ca = Client(b, "cb"), Client(a, "ca")
+    wait_until(lambda: remote(cb, "sdk::echo", "a") and remote(cb, "sdk::throw", "a")
+               and [f for f in remote(cb, "sdk::tag", "a") if f.get("namespace") == "team-sdk"],
+               10, "the SDK workers' functions listed on b with node a (sdk-a log: %s)"
+               % sdk.output()[-300:])
+    r = remote(cb, "sdk::echo", "a")[0]
+    check(r.get("worker_name") == "sdk-a", "remote row names the SDK worker: %s" % r)
+    # a raw caller on b
+    v = {"nested": [1, 2.5, "three", None, True], "u": "\u00e9\u4e2d"}
+    r = call(cb.ws, "sdk::echo", {"v": v}, 5)
+    check(r.get("result") == v and "error" not in r, "b's call of the SDK function: %s" % r)
+    r = call(cb.ws, "sdk::tag", {"v": "ns-call"}, 5, namespace="team-sdk")
+    check(r.get("result") == {"from": "sdk-ns", "ns": "team-sdk", "got": "ns-call"},
+          "b's namespaced call: %s" % r)
+    r = call(cb.ws, "sdk::tag", {"v": 1}, 5)
+    check((r.get("error") or {}).get("code") == "function_not_found",
+          "sdk::tag is not in default: %s" % r)
+    # the error thrown by the function: b sees what a local caller on a sees
+    loc = call(ca.ws, "sdk::throw", {}, 5)
+    rem = call(cb.ws, "sdk::throw", {}, 5)
+    le, re_ = loc.get("error") or {}, rem.get("error") or {}
+    check(le.get("code") and "kaboom from the sdk" in le.get("message", ""),
+          "the local caller's error: %s" % loc)
+    check((re_.get("code"), re_.get("message")) == (le.get("code"), le.get("message")),
+          "b's error %s equals a's local one %s" % (re_, le))
+    check(("stacktrace" in re_) == ("stacktrace" in le), "stacktrace travels as locally: %s / %s"
+          % (re_, le))
+    # the CLI through c
+    p = cli(c, "trigger", "sdk::echo", json.dumps({"v": {"via": "cli"}}), "--timeout", "5000")
+    check(p.returncode == 0 and json.loads(p.stdout.decode()) == {"via": "cli"},
+          "iii trigger through c: %r" % ((p.returncode, p.stdout, p.stderr),))
+    p = cli(c, "trigger", "sdk::tag", '{"v":"cli-ns"}', "--namespace", "team-sdk", "--timeout", "5000")
+    check(p.returncode == 0 and json.loads(p.stdout.decode()) ==
+          {"from": "sdk-ns", "ns": "team-sdk", "got": "cli-ns"},
+          "iii trigger --namespace through c: %r" % ((p.returncode, p.stdout, p.stderr),))
+    p = cli(c, "trigger", "sdk::throw", "{}", "--timeout", "5000")
+    err = p.stderr.decode()
+    check(p.returncode == 1 and ("iii: error: %s: " % le.get("code")) in err
+          and "kaboom from the sdk" in err,
+          "iii trigger of the throwing function through c: %r" % ((p.returncode, p.stdout, p.stderr),))
+    sdk.stop()
+    sdk_ns.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. a NATS cluster of two servers (routes): A on server 1, B on server 2
+
+def routes_up(mport):
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d/routez" % mport, timeout=1) as r:
+            return json.loads(r.read().decode()).get("num_routes", 0) >= 1
+    except (OSError, ValueError):
+        return False
+
+
+def nats_pair():
+    """Two nats-servers joined by routes; returns them once each reports its route up."""
+    c1, c2, m1, m2 = free_port(), free_port(), free_port(), free_port()
+    name = "iii-test-" + uuid.uuid4().hex[:6]
+    n1 = Nats(args=["--cluster_name", name, "--cluster", "nats://127.0.0.1:%d" % c1,
+                    "--routes", "nats://127.0.0.1:%d" % c2, "-m", str(m1)])
+    try:
+        n2 = Nats(args=["--cluster_name", name, "--cluster", "nats://127.0.0.1:%d" % c2,
+                        "--routes", "nats://127.0.0.1:%d" % c1, "-m", str(m2)])
+    except Exception:
+        n1.stop()
+        raise
+    n1.mport, n2.mport = m1, m2
+    try:
+        wait_until(lambda: routes_up(m1) and routes_up(m2), 10, "the route between the two nats-servers")
+    except Fail:
+        n1.stop(), n2.stop()
+        raise
+    return n1, n2
+
+
+@suite.test
+def nats_cluster_of_two_servers():
+    if not NATS:
+        return "skip nats-server not installed (apt install nats-server)"
+    n1, n2 = nats_pair()
+    try:
+        a, b = engine(n1.port, "a"), engine(n2.port, "b")
+        wa, cb = Client(a, "wa"), Client(b, "cb")
+        wa.register("routes::f", description="across the route")
+        r = wait_until(lambda: remote(cb, "routes::f", "a"), 8, "routes::f listed on b with node a")[0]
+        check(r.get("worker_name") == "wa" and r.get("description") == "across the route",
+              "the remote row: %s" % r)
+        iid = send_call(cb.ws, "routes::f", {"k": 1})
+        inv = recv_invoke(wa.ws, "routes::f")
+        check(inv["data"].get("k") == 1, "the call reaches a: %s" % inv)
+        wa.ws.send_json({"type": "invocationresult", "invocation_id": inv["invocation_id"],
+                         "function_id": "routes::f", "result": "over two servers"})
+        r = recv_result(cb.ws, iid)
+        check(r.get("result") == "over two servers", "the answer reaches b: %s" % r)
+        # and the other way round
+        wb = Client(b, "wb")
+        wb.register("routes::g")
+        ca = Client(a, "ca")
+        wait_until(lambda: remote(ca, "routes::g", "b"), 8, "routes::g listed on a with node b")
+        iid = send_call(ca.ws, "routes::g", {})
+        inv = recv_invoke(wb.ws, "routes::g")
+        wb.ws.send_json({"type": "invocationresult", "invocation_id": inv["invocation_id"],
+                         "function_id": "routes::g", "result": 7})
+        check(recv_result(ca.ws, iid).get("result") == 7, "a calls b's function")
+        _check_engines()
+    finally:
+        _stop_all()
+        n1.stop()
+        n2.stop()
 
 
 if __name__ == "__main__":
