@@ -741,5 +741,115 @@ def nats_cluster_of_two_servers():
         n2.stop()
 
 
+
+# ---------------------------------------------------------------------------------------------
+# 2. engine::workers::list and engine::workers-available across engines
+
+def wlist(c, **inp):
+    r = call(c.ws, "engine::workers::list", inp, 5)
+    check("result" in r, "workers::list failed: %s" % r)
+    return r["result"]["workers"]
+
+
+def wrows(c, node, **inp):
+    return [w for w in wlist(c, **inp) if w.get("node") == node]
+
+
+@with_cluster
+def remote_workers_listed_with_node(n, a, b):
+    why = sdk_missing()
+    if why:
+        return "skip " + why
+    sdk = SdkWorker(a, {"name": "sdk-wl", "functions": [{"id": "wl::f", "kind": "echo"}]})
+    ra = Client(a, "raw-wl")
+    ra.register("wl::g")
+    ca, cb = Client(a, "ca"), Client(b, "cb")
+    wait_until(lambda: [w for w in wlist(ca) if w.get("name") == "sdk-wl"], 10,
+               "sdk-wl announced on a (log: %s)" % sdk.output()[-300:])
+    names = lambda ws: sorted(w.get("name") for w in ws)  # noqa: E731
+    wait_until(lambda: {"sdk-wl", "raw-wl"} <= set(names(wrows(cb, "a"))), 5,
+               "a's workers listed on b with node a")
+    mine = {w["id"]: w for w in wlist(ca) if w.get("name") in ("sdk-wl", "raw-wl")}
+    theirs = {w["id"]: w for w in wrows(cb, "a") if w.get("name") in ("sdk-wl", "raw-wl")}
+    check(sorted(mine) == sorted(theirs), "the same worker ids: %s / %s" % (mine, theirs))
+    for wid, w in theirs.items():
+        check(list(w)[0] == "node", "node is the row's first member: %s" % list(w))
+        rest = {k: v for k, v in w.items() if k != "node"}
+        check(rest == mine[wid], "b's row without node equals a's own row:\n b: %s\n a: %s"
+              % (rest, mine[wid]))
+    check(theirs[[k for k in theirs if theirs[k]["name"] == "sdk-wl"][0]].get("runtime") == "node",
+          "the SDK worker's runtime: %s" % theirs)
+    # local rows carry no node; a's view does not list its own workers as remote
+    check(all("node" not in w for w in wlist(ca)), "a's own rows carry no node")
+    check(all(w.get("node") != "b" for w in wlist(ca) if w.get("name") in ("sdk-wl", "raw-wl")),
+          "a does not see its own workers through b")
+    # filters apply to remote rows
+    check(names(wrows(cb, "a", runtime="node")) == ["sdk-wl"], "runtime=node on b: %s"
+          % wrows(cb, "a", runtime="node"))
+    check(names(wrows(cb, "a", runtime="python")) == ["ca", "raw-wl"], "runtime=python on b: %s"
+          % wrows(cb, "a", runtime="python"))
+    check(names(wrows(cb, "a", search="SDK-W")) == ["sdk-wl"], "search (case-insensitive) on b: %s"
+          % wrows(cb, "a", search="SDK-W"))
+    check(wrows(cb, "a", search="zzz-nothing") == [], "a search that matches nothing")
+    # the SDK worker leaves: gone from b's listing
+    sdk.stop()
+    wait_until(lambda: "sdk-wl" not in names(wrows(cb, "a")), 5, "sdk-wl gone from b")
+    check("raw-wl" in names(wrows(cb, "a")), "raw-wl still listed")
+    # a is killed: all its workers leave within the TTL
+    t = time.time()
+    a.expect_exit = True
+    os.kill(a.proc.pid, signal.SIGKILL)
+    a.proc.wait(5)
+    wait_until(lambda: not wrows(cb, "a"), 5, "a's workers gone from b after SIGKILL of a")
+    check(time.time() - t <= 4.5, "within the 3 s TTL (+ a tick): %.2fs" % (time.time() - t))
+
+
+def worker_events(ws, fid, timeout):
+    """The data of every call of fid that arrives within timeout."""
+    out = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            m = ws.recv_json(max(0.05, deadline - time.time()))
+        except TimeoutError:
+            break
+        if m.get("type") == "invokefunction" and m.get("function_id") == fid:
+            out.append(m.get("data") or {})
+    return out
+
+
+@with_cluster
+def worker_events_on_b_for_workers_on_a(n, a, b):
+    cb = Client(b, "watcher")
+    cb.register("wev::sink")
+    cb.ws.send_json({"type": "registertrigger", "id": "tw", "trigger_type": "engine::workers-available",
+                     "function_id": "wev::sink", "config": {}})
+    cb.ws.send_json({"type": "ping"})
+    cb.ws.recv_json_until(lambda x: x.get("type") == "pong", 3)
+    strip = lambda d: {k: v for k, v in d.items() if k != "_caller_worker_id"}  # noqa: E731
+
+    def got(want, timeout=5):
+        seen = []
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for d in worker_events(cb.ws, "wev::sink", 0.3):
+                seen.append(d)
+                if strip(d) == want:
+                    return
+        raise Fail("b's sink got no %s; it saw %s" % (want, seen))
+    # the harness, locally first: a worker connecting to b itself (no node member)
+    lw = WS(b.port)
+    lid = worker_hello(lw, "local-ev")
+    got({"event": "worker_connected", "worker_id": lid})
+    lw.close()
+    got({"event": "worker_disconnected", "worker_id": lid})
+    # a worker on a: the same events on b, with node a
+    wa = WS(a.port)
+    wid = worker_hello(wa, "evw")
+    got({"event": "worker_connected", "worker_id": wid, "node": "a"})
+    wa.close()
+    got({"event": "worker_disconnected", "worker_id": wid, "node": "a"})
+
+
 if __name__ == "__main__":
     sys.exit(suite.run())
