@@ -851,5 +851,101 @@ def worker_events_on_b_for_workers_on_a(n, a, b):
     got({"event": "worker_disconnected", "worker_id": wid, "node": "a"})
 
 
+
+# ---------------------------------------------------------------------------------------------
+# 3. one function provided on several engines
+
+MANY = 'routing:\n  - match: "share::*"\n    providers: many\n'
+
+
+def call_many(ws, fid, count, timeout=20, **extra):
+    """Sends count calls at once, then reads every answer; returns the result frames in order."""
+    ids = [send_call(ws, fid, {"i": i}, **extra) for i in range(count)]
+    want, got = set(ids), {}
+    deadline = time.time() + timeout
+    while want - set(got):
+        try:
+            m = ws.recv_json(max(0.01, deadline - time.time()))
+        except TimeoutError:
+            raise Fail("%d of %d calls of %s answered within %ds" % (len(got), count, fid, timeout))
+        if m.get("type") == "invocationresult" and m.get("invocation_id") in want:
+            got[m["invocation_id"]] = m
+    return [got[i] for i in ids]
+
+
+def three_with_x(n, fid, b_top="", on_b=False, hang=False):
+    """Engines a, b (its top-level YAML b_top), c; raw providers of fid on a and c (and on b
+    when on_b); returns (a, b, c, caller on b, {node: Responder}) once b lists a's and c's."""
+    a, b, c = engine(n.port, "a"), engine(n.port, "b", top=b_top), engine(n.port, "c")
+    prov = {"a": Responder(a, fid, "pa", hang=hang), "c": Responder(c, fid, "pc", hang=hang)}
+    if on_b:
+        prov["b"] = Responder(b, fid, "pb", hang=hang)
+    cb = Client(b, "cb")
+    wait_until(lambda: remote(cb, fid, "a") and remote(cb, fid, "c"), 5,
+               "%s listed on b from a and from c" % fid)
+    return a, b, c, cb, prov
+
+
+def tally(results):
+    by = {}
+    for r in results:
+        check("result" in r, "every call answered with a result: %s" % r)
+        by[r["result"]["by"]] = by.get(r["result"]["by"], 0) + 1
+    return by
+
+
+@with_nats
+def many_providers_on_two_engines_share_calls(n):
+    a, b, c, cb, prov = three_with_x(n, "share::x", b_top=MANY)
+    by = tally(call_many(cb.ws, "share::x", 200))
+    check(sum(by.values()) == 200, "all 200 answered: %s" % by)
+    check(by.get("pa", 0) > 0 and by.get("pc", 0) > 0,
+          "with providers: many on b, both a's and c's worker take calls: %s" % by)
+    check(len(prov["a"].got) + len(prov["c"].got) == 200,
+          "each call ran once: a %d, c %d" % (len(prov["a"].got), len(prov["c"].got)))
+    for p in prov.values():
+        p.close()
+
+
+@with_nats
+def without_rule_calls_go_to_one_node(n):
+    a, b, c, cb, prov = three_with_x(n, "share::x")
+    by = tally(call_many(cb.ws, "share::x", 200))
+    check(sorted(by.values()) == [200], "providers: one (default): all 200 to one node: %s" % by)
+    for p in prov.values():
+        p.close()
+
+
+@with_nats
+def local_provider_preferred_over_remote_ones(n):
+    a, b, c, cb, prov = three_with_x(n, "share::x", b_top=MANY, on_b=True)
+    by = tally(call_many(cb.ws, "share::x", 200))
+    check(by == {"pb": 200}, "b's own provider takes every call from b: %s" % by)
+    check(not prov["a"].got and not prov["c"].got, "nothing reached a or c")
+    for p in prov.values():
+        p.close()
+
+
+@with_nats
+def sigkill_of_engine_running_a_many_routed_call(n):
+    a, b, c, cb, prov = three_with_x(n, "share::x", b_top=MANY, hang=True)
+    engines = {"a": a, "c": c}
+    iid = send_call(cb.ws, "share::x", {"i": 0})
+    node = wait_until(lambda: [k for k, p in prov.items() if p.got], 5,
+                      "the call reaching a's or c's worker")[0]
+    e = engines[node]
+    t = time.time()
+    e.expect_exit = True
+    os.kill(e.proc.pid, signal.SIGKILL)
+    e.proc.wait(5)
+    r = recv_result(cb.ws, iid, 6)
+    took = time.time() - t
+    check((r.get("error") or {}).get("code") == "invocation_stopped",
+          "the call on the killed node %s ends with invocation_stopped: %s" % (node, r))
+    check(took <= 5.0, "within ~5 s: %.2fs" % took)
+    for p in prov.values():
+        p.close()
+
+
 if __name__ == "__main__":
     sys.exit(suite.run())
