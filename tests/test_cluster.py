@@ -8,7 +8,16 @@ Engines started with a `cluster:` section and one local nats-server (127.0.0.1, 
   and within the heartbeat TTL (3 s) when A is SIGKILLed;
 * a restarted nats-server: the engines reconnect and resync (what changed meanwhile arrives);
 * a second engine under the same node name is reported as an error and not merged;
-* malformed cluster traffic (a bogus snapshot published straight to NATS) leaves B serving.
+* malformed cluster traffic (a bogus snapshot published straight to NATS) leaves B serving;
+* calls across engines: an official iii-sdk worker on A (tests/interop/workers/worker.mjs) called
+  from a raw caller on B and the CLI through C, errors as a local caller sees them; namespaces,
+  trace context, _caller_worker_id; SIGKILL or drain mid-call; a 4 MiB payload (chunked past
+  nats-server's 1 MiB max_payload) and one over the target's max_message_bytes (a clear error);
+* engine::workers::list and workers-available events on B for A's workers ("node": "a");
+* one function provided on several engines: providers: many shares calls, providers: one sends
+  all to one node, a local provider is preferred;
+* a caller on B that disconnects: A's worker gets invocationcancelled/caller_disconnected;
+* two nats-servers joined by routes, A on one and B on the other.
 
 Skipped with a message when nats-server is not installed. Every process is started here and
 stopped by pid; every wait is bounded.
@@ -499,18 +508,6 @@ def three_engines_cli_through_c(n, a, b):
     wait_until(lambda: remote(cb, "x::cli", "a"), 5, "x::cli on b")
 
 
-@with_cluster
-def payload_over_max_payload_is_an_error_not_silence(n, a, b):
-    wa, cb = Client(a, "wa"), Client(b, "cb")
-    wa.register("x::big")
-    wait_until(lambda: remote(cb, "x::big", "a"), 5, "x::big on b")
-    iid = send_call(cb.ws, "x::big", {"blob": "x" * (1200 * 1024)})
-    r = recv_result(cb.ws, iid, 10)
-    err = r.get("error") or {}
-    check(err.get("code") == "invocation_failed" and "max_payload" in err.get("message", ""),
-          "a clear error for a call larger than the link's max_payload: %s" % r)
-
-
 
 # ---------------------------------------------------------------------------------------------
 # helpers for the tests below: official-SDK workers, answering raw workers, the CLI
@@ -945,6 +942,109 @@ def sigkill_of_engine_running_a_many_routed_call(n):
     check(took <= 5.0, "within ~5 s: %.2fs" % took)
     for p in prov.values():
         p.close()
+
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. payloads over the NATS server's max_payload (1 MiB by default)
+
+def send_call_utf8(ws, fid, data):
+    """send_call with the JSON text as raw UTF-8 (json.dumps would escape it to ASCII)."""
+    iid = str(uuid.uuid4())
+    ws.send_text(json.dumps({"type": "invokefunction", "invocation_id": iid, "function_id": fid,
+                             "data": data}, ensure_ascii=False, separators=(",", ":")))
+    return iid
+
+
+@with_cluster
+def four_mib_payload_crosses_engines(n, a, b):
+    wa = Responder(a, "big::echo", "pa")
+    cb = Client(b, "cb")
+    wait_until(lambda: remote(cb, "big::echo", "a"), 5, "big::echo on b")
+    # random hex with multi-byte UTF-8 sequences throughout, so a chunk boundary falls inside
+    # some of them; 4 MiB of UTF-8 in all
+    unit = os.urandom(4096).hex() + "\u00e9\u4e2d\U0001F600"
+    s = unit * ((4 << 20) // len(unit.encode()) + 1)
+    iid = send_call_utf8(cb.ws, "big::echo", {"s": s})
+    r = recv_result(cb.ws, iid, 20)
+    check("error" not in r, "the 4 MiB call: %s" % str(r)[:300])
+    got = (r.get("result") or {}).get("echo")
+    check(got == s, "the 4 MiB string comes back intact (%s chars sent, %s back)"
+          % (len(s), len(got) if isinstance(got, str) else got))
+    check(len(wa.got) == 1 and wa.got[0]["data"].get("s") == s, "a's worker got it intact, once")
+    # and the link still carries small calls
+    r = call(cb.ws, "big::echo", {"s": "small"}, 5)
+    check((r.get("result") or {}).get("echo") == "small", "a small call after: %s" % r)
+    wa.close()
+
+
+@with_nats
+def payload_over_max_message_size_is_refused_across_engines(n):
+    # a takes messages up to 5 MiB, b up to its default 64 MiB: b accepts the caller's 6 MiB
+    a = engine(n.port, "a", listener="      max_message_bytes: 5242880\n")
+    b = engine(n.port, "b")
+    wa = Responder(a, "big::echo", "pa")
+    cb = Client(b, "cb")
+    wait_until(lambda: remote(cb, "big::echo", "a"), 5, "big::echo on b")
+    t = time.time()
+    iid = send_call(cb.ws, "big::echo", {"s": "x" * (6 << 20)})
+    try:
+        r = recv_result(cb.ws, iid, 15)
+    except TimeoutError:
+        raise Fail("no answer within 15 s to a call larger than a's max_message_bytes (a hang)")
+    err = r.get("error") or {}
+    check(err.get("code") and err.get("message"),
+          "a clear error for a call larger than the target engine's max message size: %s"
+          % str(r)[:300])
+    check(time.time() - t < 15, "answered in %.1fs" % (time.time() - t))
+    check(not wa.got, "a's worker never got it")
+    check(a.alive() and b.alive(), "both engines still serve")
+    r = call(cb.ws, "big::echo", {"s": "small"}, 5)
+    check((r.get("result") or {}).get("echo") == "small", "a small call after: %s" % r)
+    wa.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. the caller goes away while its call runs on another engine
+
+def cancelled(p, iid, timeout=3):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for m in list(p.extra):
+            if m.get("type") == "invocationcancelled" and m.get("invocation_id") == iid:
+                return m
+        time.sleep(0.05)
+    return None
+
+
+@with_cluster
+def caller_disconnect_cancels_call_on_other_engine(n, a, b):
+    wa = Responder(a, "slow::f", "pa", hang=True)
+    # locally first: a caller on a closes its socket while a's worker holds its call (a call with
+    # a deadline: its target hears how it ended)
+    ca = WS(a.port)
+    worker_hello(ca, "ca")
+    send_call(ca, "slow::f", {"i": 1}, timeout_ms=30000)
+    inv = wait_until(lambda: wa.got and wa.got[-1], 5, "the local call reaching a's worker")
+    ca.close()
+    m = cancelled(wa, inv["invocation_id"])
+    check(m == {"type": "invocationcancelled", "invocation_id": inv["invocation_id"],
+                "reason": "caller_disconnected"}, "the local caller's disconnect: %s (other frames: %s)"
+          % (m, wa.extra))
+    # the same call from a caller on b
+    lb = Client(b, "lister")
+    wait_until(lambda: remote(lb, "slow::f", "a"), 5, "slow::f on b")
+    cbw = WS(b.port)
+    worker_hello(cbw, "cb")
+    send_call(cbw, "slow::f", {"i": 2}, timeout_ms=30000)
+    inv = wait_until(lambda: len(wa.got) == 2 and wa.got[-1], 5, "b's call reaching a's worker")
+    check(inv["data"].get("i") == 2, "b's call: %s" % inv)
+    cbw.close()
+    m = cancelled(wa, inv["invocation_id"])
+    check(m == {"type": "invocationcancelled", "invocation_id": inv["invocation_id"],
+                "reason": "caller_disconnected"},
+          "a's worker hears that the caller on b went away: %s (other frames: %s)" % (m, wa.extra))
+    wa.close()
 
 
 if __name__ == "__main__":
