@@ -556,6 +556,7 @@ class SdkWorker:
             _procs.remove(self)
         try:
             self.proc.stdin.close()
+            os.unlink(self.log.name)
         except OSError:
             pass
 
@@ -766,14 +767,22 @@ def remote_workers_listed_with_node(n, a, b):
     names = lambda ws: sorted(w.get("name") for w in ws)  # noqa: E731
     wait_until(lambda: {"sdk-wl", "raw-wl"} <= set(names(wrows(cb, "a"))), 5,
                "a's workers listed on b with node a")
-    mine = {w["id"]: w for w in wlist(ca) if w.get("name") in ("sdk-wl", "raw-wl")}
-    theirs = {w["id"]: w for w in wrows(cb, "a") if w.get("name") in ("sdk-wl", "raw-wl")}
-    check(sorted(mine) == sorted(theirs), "the same worker ids: %s / %s" % (mine, theirs))
-    for wid, w in theirs.items():
+    seen = {}
+
+    def same_rows():
+        # b's view converges with the next snapshot: compare until it has (bounded)
+        mine = {w["id"]: w for w in wlist(ca) if w.get("name") in ("sdk-wl", "raw-wl")}
+        theirs = {w["id"]: w for w in wrows(cb, "a") if w.get("name") in ("sdk-wl", "raw-wl")}
+        seen["a"], seen["b"] = mine, theirs
+        return len(mine) == 2 and sorted(mine) == sorted(theirs) and all(
+            {k: v for k, v in theirs[i].items() if k != "node"} == mine[i] for i in mine)
+    try:
+        wait_until(same_rows, 3, "b's rows of a's workers equal to a's own")
+    except Fail as e:
+        raise Fail("%s:\n b: %s\n a: %s" % (e, seen.get("b"), seen.get("a")))
+    theirs = seen["b"]
+    for w in theirs.values():
         check(list(w)[0] == "node", "node is the row's first member: %s" % list(w))
-        rest = {k: v for k, v in w.items() if k != "node"}
-        check(rest == mine[wid], "b's row without node equals a's own row:\n b: %s\n a: %s"
-              % (rest, mine[wid]))
     check(theirs[[k for k in theirs if theirs[k]["name"] == "sdk-wl"][0]].get("runtime") == "node",
           "the SDK worker's runtime: %s" % theirs)
     # local rows carry no node; a's view does not list its own workers as remote
