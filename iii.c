@@ -4218,6 +4218,7 @@ struct conn {
     struct conn *rsnext;              /* S.resume list: its held input is processed next turn */
     struct inv *calls_out, *calls_in; /* calls it made / calls dispatched to it */
     size_t n_out, n_in;               /* lengths of calls_out / calls_in (bounded by limits) */
+    size_t n_rcalls;                  /* its calls waiting on other nodes (README "Cluster") */
     struct chan *chan;                /* channel side */
     uint64_t otel_frames;             /* /otel frames received and dropped (docs/§10) */
 };
@@ -4460,6 +4461,7 @@ static struct {
     int64_t fn_event_at;          /* discovery: no functions_changed before this (pacing) */
     uint64_t cl_rver, cl_rver_sent; /* cluster: bumped when the remote view changes; announced */
     size_t cl_nrfn;               /* cluster: remote functions held, over all nodes */
+    uint64_t wk_ver;              /* bumped when a worker connects, leaves or changes */
     int64_t chan_sweep_at;        /* next sweep of unclaimed channels */
     size_t fn_n, fn_n_sent;       /* function count now / at the last event */
     struct jdoc jd;               /* scratch envelope tokens, reused: no allocation per message */
@@ -7123,6 +7125,7 @@ static void rt_invoke_mw(struct conn *c, struct func *mw, const struct jdoc *d, 
 /* Handles an invokefunction frame from worker c (§3). Malformed frames are dropped silently. */
 static int cl_forward(struct conn *c, const struct jdoc *d, int iid, int fidt, const char *fid,
                       size_t fl, const char *ns, size_t nl, int reply);
+static void cl_caller_gone(const struct conn *c);
 
 static void rt_invoke(struct conn *c, const struct jdoc *d)
 {
@@ -7217,14 +7220,10 @@ static void rt_invoke(struct conn *c, const struct jdoc *d)
     /* §3.1: strict resolution in exactly ns; the miss names the namespaces that do have the id */
     struct func *f = func_find(ns, nl, fid, fl);
     char why[256];
-    int fw = 0;
     if (mw && mw->owner && mw->owner != c && !(f && !f->owner)) {
         rt_invoke_mw(c, mw, d, fidt, data, act, ns, nl, cid, ctx, cl);
-    } else if (!f && !S.draining && (fw = cl_forward(c, d, iid, fidt, fid, fl, ns, nl, reply))) {
+    } else if (!f && !S.draining && cl_forward(c, d, iid, fidt, fid, fl, ns, nl, reply)) {
         /* no provider here, one on another node: the call went there (README "Cluster") */
-        if (fw < 0 && reply)
-            rt_reply_err(c, d, fidt, cid, ctx, cl, "invocation_failed",
-                         "The call to %.*s is larger than the cluster link's max_payload", (int)fl, fid);
     } else if (!f) {
         S.n_inv_errors++;
         if (reply) {
@@ -7703,16 +7702,21 @@ static void tt_remove(struct ttype *tt)
 /* Fires an in-process trigger type: every live binding of that type gets the event. A fire
  * only queues frames (a target that overflows is marked dead, not freed) or runs a builtin
  * with the event as its input, which no binding-changing builtin accepts (they need an id or a
- * trigger_type), so the chain does not change under the walk. */
+ * trigger_type), so the chain does not change under the walk. about: the worker the event is
+ * about (a restricted session hears only of workers it may see); remote: the worker is on
+ * another node (a restricted session hears nothing of those, as its listings show none). */
 static void trig_fire(const char *type, const unsigned char *data, size_t dl,
-                      const struct conn *about)
+                      const struct conn *about, int remote)
 {
     struct tgroup *g = tg_find(&S.tgroups, type, strlen(type));
     size_t n = g ? g->n : 0, i = 0;
-    for (struct trig *t = g ? g->head : NULL; t && i < n; t = t->type_next, i++)
-        /* a worker event reaches a restricted session only about a worker it may see */
-        if (t->live && (!about || sess_sees_worker(t->sess, about)))
-            rt_call_internal(t->ns, t->fid, data, dl, t->meta_raw);
+    for (struct trig *t = g ? g->head : NULL; t && i < n; t = t->type_next, i++) {
+        if (!t->live) continue;
+        if (remote ? t->sess && !t->sess->full && t->sess->restricted
+                   : about && !sess_sees_worker(t->sess, about))
+            continue;
+        rt_call_internal(t->ns, t->fid, data, dl, t->meta_raw);
+    }
 }
 
 /* Fires engine::workers-available (§6.1) with {"event":event,"worker_id":w's id}. */
@@ -7720,7 +7724,21 @@ static void ev_worker(const char *event, const struct conn *w)
 {
     char data[128];
     int n = snprintf(data, sizeof data, "{\"event\":\"%s\",\"worker_id\":\"%s\"}", event, w->wid);
-    trig_fire(TT_WORKERS, (unsigned char *)data, (size_t)n, w);
+    S.wk_ver++; /* the cluster snapshot lists workers */
+    trig_fire(TT_WORKERS, (unsigned char *)data, (size_t)n, w, 0);
+}
+
+/* The same for worker wid on another node: the payload adds "node". */
+static void ev_worker_remote(const char *event, const char *wid, const char *node)
+{
+    struct buf b = {0};
+    buf_printf(&b, "{\"event\":\"%s\",\"worker_id\":", event);
+    json_put_cstr(&b, wid);
+    buf_puts(&b, ",\"node\":");
+    json_put_cstr(&b, node);
+    buf_putc(&b, '}');
+    if (!buf_check(&b)) trig_fire(TT_WORKERS, buf_data(&b), buf_used(&b), NULL, 1);
+    buf_free(&b);
 }
 
 static int fn_summary(struct buf *b, const struct func *f);
@@ -8722,6 +8740,7 @@ static void worker_teardown(struct conn *c)
     /* calls it made: the targets may still answer; those results find no record and are ignored */
     for (struct inv *v = c->calls_out, *nx; v; v = nx)
         nx = v->cnext, rt_cancel_notify(v, "caller_disconnected"), inv_free(v);
+    if (c->n_rcalls) cl_caller_gone(c); /* ... and so are its calls on other nodes */
     /* its calls still waiting in routing queues are dropped when they are reached */
     for (struct qcall *q = c->queued; q; q = q->cnext) q->caller = NULL;
     c->queued = NULL;
@@ -9250,6 +9269,10 @@ static void module_row(struct buf *b, const char *name, int extra)
     buf_putc(b, '}');
 }
 
+static size_t cl_nwks(void);
+static size_t cl_wrows(const struct isearch *q, const char *runtime, const char *status,
+                       struct ranked *r, size_t k);
+
 /* engine::workers::list (§5.7): live worker connections that reported a pid, plus the builtin
  * modules; filters search (substring of name), runtime and status; sorted by name then id. */
 static void bi_workers_list(BI_ARGS)
@@ -9259,7 +9282,7 @@ static void bi_workers_list(BI_ARGS)
     struct isearch *q = NULL;
     if (bi_search(d, in, &q, err) < 0) return;
     bi_str(d, in, "runtime", &runtime), bi_str(d, in, "status", &status);
-    size_t n = 0, k = 0;
+    size_t n = cl_nwks(), k = 0;
     for (struct conn *c = S.conns; c; c = c->next) n++;
     struct ranked *r = xmalloc((n + 2) * sizeof *r);
     if (!r) {
@@ -9273,20 +9296,24 @@ static void bi_workers_list(BI_ARGS)
         if (q && q->nl && (!c->name || !isearch_in(q, c->name, strlen(c->name)))) continue;
         if (runtime && strcmp(runtime, c->runtime ? c->runtime : "unknown")) continue;
         if (status && strcmp(status, "connected")) continue;
-        r[k].rank = 0, r[k].a = c->name ? c->name : c->wid, r[k].b = c->wid, r[k++].p = c;
+        r[k].rank = 0, r[k].a = c->name ? c->name : c->wid, r[k].b = c->wid, r[k].row = NULL;
+        r[k++].p = c;
     }
+    if (!caller || !caller->sess || caller->sess->full || !caller->sess->restricted)
+        k = cl_wrows(q, runtime, status, r, k);
     for (size_t i = 0; i < 2; i++) {
         const char *m = BUILTIN_MODULES[i];
         if (q && q->nl && !isearch_in(q, m, strlen(m))) continue;
         if (runtime && strcmp(runtime, "engine")) continue;
         if (status && strcmp(status, "available")) continue;
-        r[k].rank = 0, r[k].a = m, r[k].b = m, r[k++].p = NULL;
+        r[k].rank = 0, r[k].a = m, r[k].b = m, r[k].row = NULL, r[k++].p = NULL;
     }
     qsort(r, k, sizeof *r, ranked_cmp);
     buf_puts(res, "{\"workers\":[");
     for (size_t i = 0; i < k; i++) {
         if (i) buf_putc(res, ',');
-        if (r[i].p) worker_row(res, r[i].p, 0);
+        if (r[i].row) buf_puts(res, r[i].row);
+        else if (r[i].p) worker_row(res, r[i].p, 0);
         else module_row(res, r[i].a, 0);
     }
     buf_puts(res, "]}");
@@ -10115,12 +10142,10 @@ static void chan_sweep(int64_t now, int64_t *next)
  * NATS_NODE_TTL_MS, new instance id); every call sent to a node is answered to its caller
  * exactly once (the answer, or invocation_stopped when the node leaves or the link drops).
  */
-#define NATS_MAX_LINE 4096    /* a control line longer than this is a protocol error */
-#define NATS_HB_MS 1000       /* heartbeat period */
-#define NATS_NODE_TTL_MS 3000 /* a node not heard from for this long has left */
-#define NATS_SNAP_GAP_MS 100  /* snapshots of this node at most this often */
-#define NATS_MAX_NODES 1024   /* other nodes tracked; more are ignored (and logged) */
-#define NATS_OUT_MAX (4 * CL.max_payload + 65536) /* unsent output beyond this drops the link */
+/* unsent output beyond this drops the link (a server that stopped reading) */
+#define NATS_OUT_MAX (4 * CL.max_payload + 2 * S.set.max_message_bytes + 65536)
+/* bytes held by reassemblies of chunked messages, in all */
+#define NATS_CHUNK_MAX (4 * (size_t)S.set.max_message_bytes + 65536)
 enum { NOP_INFO = 1, NOP_MSG, NOP_HMSG, NOP_PING, NOP_PONG, NOP_OK, NOP_ERR };
 enum { NATS_OFF, NATS_WAIT, NATS_CONNECTING, NATS_HANDSHAKE, NATS_READY };
 
@@ -10160,6 +10185,15 @@ static long nats_num(const char *s, size_t n, size_t max)
         v = v * 10 + (size_t)(s[i] - '0');
     }
     return v > max ? -1 : (long)v;
+}
+
+/* The first occurrence of C string nd in h[0..n), or NULL. */
+static const char *strstr_n(const char *h, size_t n, const char *nd)
+{
+    size_t k = strlen(nd);
+    for (size_t i = 0; k && i + k <= n; i++)
+        if (h[i] == nd[0] && !memcmp(h + i, nd, k)) return h + i;
+    return NULL;
 }
 
 /* Parses one operation at p[0..n): > 0 bytes consumed (m filled), 0 more bytes needed, -1 a
@@ -10209,14 +10243,36 @@ static int nats_parse(const unsigned char *p, size_t n, size_t max_payload, stru
     return (int)(used + (size_t)total + 2);
 }
 
+struct cnode;
+
+/* The nodes that provide one (namespace, id): the index a call with no local provider is
+ * routed by (CL.rkeys, keyed "ns\0id"), so a miss costs one lookup, not a scan of every
+ * remote row. nodes[] holds one entry per remote row (a node with two providers is there
+ * twice), in the order the rows arrived. */
+struct rkey {
+    struct hnode h;
+    struct cnode **nodes;
+    size_t n, cap;
+    size_t rr;             /* round-robin cursor of node-addressed calls with providers: many */
+    char key[];
+};
+
 /* A function another node announced, as listings need it (no parsing per listing). */
 struct rfn {
     char *id, *ns, *wname; /* function_id, namespace, worker_name */
     char *row;             /* its FunctionSummary with "node" first: listed as is */
+    struct rkey *k;        /* its index entry (NULL when the index could not hold it) */
+};
+
+/* A worker connected to another node, as engine::workers::list shows it. */
+struct rwk {
+    char *id, *name, *runtime; /* for the listing's filters and the connect/disconnect events */
+    char *row;                 /* its WorkerInfo with "node" first */
 };
 
 /* A node heard from over the cluster: its name, its engine instance, when it was last heard
- * (the TTL) and the functions of its last snapshot. */
+ * (the TTL) and the functions and workers of its last snapshot (workers sorted by id, so two
+ * snapshots are compared in one merge pass). */
 struct cnode {
     struct hnode h;      /* CL.nodes, keyed by name */
     char *name;
@@ -10226,6 +10282,8 @@ struct cnode {
     int64_t asked;       /* when a resync was last asked of it */
     struct rfn *fns;
     size_t nfns;
+    struct rwk *wks;
+    size_t nwks;
 };
 
 /* A call this engine sent to another node, waiting for its answer. */
@@ -10234,8 +10292,26 @@ struct rcall {
     char rid[37];   /* the id it travels under: fresh, so ids from many callers never collide */
     char cid[37];   /* the caller's own invocation id */
     char cw[37];    /* the caller's worker id (looked up again: the caller may have gone) */
-    char *node;     /* the node it went to */
+    char *node;     /* the node it went to (NULL: sent to a queue group, not yet acknowledged) */
     char *fid;      /* raw JSON string of the function id, for an error answer */
+    int64_t sent;   /* when it was sent (an unacknowledged one is stopped after the TTL) */
+};
+
+/* A large message arriving in chunks (HMSG with an Iii-Chunk header), keyed by its id. */
+struct chunks {
+    struct hnode h; /* CL.chunks */
+    struct buf b;
+    uint32_t next, count;
+    int64_t t0;
+    char key[37];
+};
+
+/* A subscription to a function's queue-group subject (CL.fsubs, keyed by the subject). */
+struct fsub {
+    struct hnode h;
+    unsigned long sid;
+    uint64_t gen; /* the sync pass that last saw its function here */
+    char subj[];
 };
 
 /* A call from another node running here: where its answer goes. */
@@ -10259,6 +10335,8 @@ static struct {
     struct hmap nodes;            /* other engines heard from (struct cnode) */
     uint64_t v;                   /* version of the local snapshot (bumped when the set changes) */
     uint64_t fp_pub;              /* the function-set fingerprint v was taken from */
+    uint64_t wk_pub;              /* ... and the worker-set version (S.wk_ver) */
+    int64_t sweep_at;             /* next sweep of unacknowledged calls and stale chunks */
     size_t n_pub;
     int snap_due;                 /* publish the snapshot (changed, a node joined or asked) */
     int64_t snap_at;              /* not before: snapshots are paced NATS_SNAP_GAP_MS apart */
@@ -10267,35 +10345,98 @@ static struct {
     struct hmap rins;             /* calls from other nodes in flight here (struct rin) */
     struct rin *rin_list;
     struct conn *vc;              /* their caller here (CK_CLUSTER), made on first use */
+    struct hmap rkeys;            /* (namespace, id) -> the nodes that provide it (struct rkey) */
+    struct hmap chunks;           /* large messages being reassembled (struct chunks) */
+    size_t chunk_bytes;           /* bytes they hold, bounded by NATS_CHUNK_MAX */
+    struct hmap fsubs;            /* queue-group subscriptions of local functions (struct fsub) */
+    unsigned long next_sid;       /* the next sid for an fsub (fixed ones are 1-7) */
+    uint64_t fsub_gen;
+    size_t n_unacked;             /* rcalls sent to a queue group and not yet acknowledged */
 } CL;                             /* CL.fd is set to -1 in main, before the loop */
 
 static void rt_send_result(struct conn *c, const char *id, size_t idlen, const char *fid,
                            size_t fidlen, const unsigned char *res, size_t rlen,
                            const unsigned char *err, size_t elen, const char *ctx, size_t ctxlen);
+static void cnode_wk_events(const struct cnode *cn, const struct rwk *w, size_t n);
+static void cl_fsubs_clear(void);
+static void cl_chunks_clear(int64_t before);
 
 /* Ends remote call rc: err (an ErrorBody) to its caller when non-NULL, then frees it. */
 static void rcall_end(struct rcall *rc, const char *err)
 {
     struct conn *c = (struct conn *)hm_get(&S.workers, rc->cw, 36);
+    if (c && c->n_rcalls) c->n_rcalls--;
     if (err && c && conn_open(c))
         rt_send_result(c, rc->cid, 36, rc->fid, strlen(rc->fid), NULL, 0,
                        (const unsigned char *)err, strlen(err), "", 0);
+    if (!rc->node) CL.n_unacked--;
     hm_del(&CL.rcalls, &rc->h);
     xfree(rc->node), xfree(rc->fid), xfree(rc);
 }
 
-/* Ends with invocation_stopped every remote call to node (every one when NULL): the node went
- * away, or the link to NATS did, so their answers can no longer arrive. */
-static void rcall_stop_all(const char *node)
+static const char ERR_RSTOPPED[] =
+    "{\"code\":\"invocation_stopped\",\"message\":\"Invocation stopped: the engine that ran it "
+    "left the cluster or the cluster link was lost\"}";
+
+/* Ends with invocation_stopped every remote call to node (every one when NULL; with
+ * unacked, also those sent to a queue group and not acknowledged for NATS_NODE_TTL_MS): the
+ * node went away, or the link to NATS did, so their answers can no longer arrive. */
+static void rcall_stop_all(const char *node, int unacked)
 {
-    static const char e[] = "{\"code\":\"invocation_stopped\",\"message\":\"Invocation stopped: "
-                            "the engine that ran it left the cluster or the cluster link was lost\"}";
+    int64_t old = now_ms() - NATS_NODE_TTL_MS;
     for (size_t i = 0; i < CL.rcalls.nb; i++)
         for (struct hnode *x = CL.rcalls.b[i], *nx; x; x = nx) {
             nx = x->next;
             struct rcall *rc = (struct rcall *)x;
-            if (!node || !strcmp(rc->node, node)) rcall_end(rc, e);
+            int hit = !node && !unacked ? 1
+                      : rc->node        ? node && !strcmp(rc->node, node)
+                                        : unacked && rc->sent <= old;
+            if (hit) rcall_end(rc, ERR_RSTOPPED);
         }
+}
+
+/* Adds node cn as a provider of r's (namespace, id) in the index (best effort: a row the
+ * index cannot hold is listed but not routed to). */
+static void rkey_add(struct rfn *r, struct cnode *cn)
+{
+    size_t nl = strlen(r->ns), il = strlen(r->id);
+    char kb[2 * III_MAX_ID + 2];
+    if (nl + il + 1 > sizeof kb) return;
+    memcpy(kb, r->ns, nl), kb[nl] = 0, memcpy(kb + nl + 1, r->id, il);
+    struct rkey *k = (struct rkey *)hm_get(&CL.rkeys, kb, nl + 1 + il);
+    if (!k) {
+        if (!(k = xcalloc(sizeof *k + nl + 1 + il))) return;
+        memcpy(k->key, kb, nl + 1 + il);
+        if (hm_put(&CL.rkeys, &k->h, k->key, nl + 1 + il) < 0) {
+            xfree(k);
+            return;
+        }
+    }
+    if (k->n == k->cap) {
+        size_t nc = k->cap ? 2 * k->cap : 2;
+        struct cnode **v = xrealloc(k->nodes, nc * sizeof *v);
+        if (!v) {
+            if (!k->n) hm_del(&CL.rkeys, &k->h), xfree(k);
+            return;
+        }
+        k->nodes = v, k->cap = nc;
+    }
+    k->nodes[k->n++] = cn, r->k = k;
+}
+
+/* Removes one entry of cn from r's index entry (the entry goes with its last node). */
+static void rkey_del(struct rfn *r, const struct cnode *cn)
+{
+    struct rkey *k = r->k;
+    if (!k) return;
+    for (size_t i = 0; i < k->n; i++)
+        if (k->nodes[i] == cn) {
+            memmove(k->nodes + i, k->nodes + i + 1, (k->n - i - 1) * sizeof *k->nodes);
+            k->n--;
+            break;
+        }
+    if (!k->n) hm_del(&CL.rkeys, &k->h), xfree(k->nodes), xfree(k);
+    r->k = NULL;
 }
 
 /* Frees what node cn holds of its registry; the remote view changed if it held anything. */
@@ -10303,18 +10444,25 @@ static void cnode_clear(struct cnode *cn)
 {
     for (size_t i = 0; i < cn->nfns; i++) {
         struct rfn *r = &cn->fns[i];
+        rkey_del(r, cn);
         xfree(r->id), xfree(r->ns), xfree(r->wname), xfree(r->row);
     }
     if (cn->nfns) S.cl_rver++;
     S.cl_nrfn -= cn->nfns;
     xfree(cn->fns), cn->fns = NULL, cn->nfns = 0, cn->v = 0;
+    for (size_t i = 0; i < cn->nwks; i++) {
+        struct rwk *w = &cn->wks[i];
+        xfree(w->id), xfree(w->name), xfree(w->runtime), xfree(w->row);
+    }
+    xfree(cn->wks), cn->wks = NULL, cn->nwks = 0;
 }
 
 /* Forgets node cn (it left cleanly, or its TTL ran out). */
 static void cnode_drop(struct cnode *cn, const char *why)
 {
     LOG(LOG_INFO, "cluster: node %s left (%s)", cn->name, why);
-    rcall_stop_all(cn->name);
+    rcall_stop_all(cn->name, 0);
+    cnode_wk_events(cn, NULL, 0);
     cnode_clear(cn);
     hm_del(&CL.nodes, &cn->h);
     xfree(cn->name), xfree(cn);
@@ -10329,7 +10477,8 @@ static void nats_drop(const char *why)
             S.cfg.cluster.urls[CL.url], why);
     buf_free(&CL.in), buf_free(&CL.out);
     CL.state = NATS_WAIT;
-    rcall_stop_all(NULL);
+    rcall_stop_all(NULL, 0);
+    cl_fsubs_clear(), cl_chunks_clear(INT64_MAX);
     CL.url = (CL.url + 1) % S.cfg.cluster.nurls;
     CL.next_try = now_ms() + CL.backoff;
     CL.backoff = CL.backoff * 2 > 5000 ? 5000 : CL.backoff * 2;
@@ -10399,6 +10548,161 @@ static void nats_pub(const char *subj, const char *pl, size_t n)
     if (buf_check(&CL.out) || buf_used(&CL.out) > NATS_OUT_MAX) nats_drop("output backlog");
 }
 
+/* Publishes pl[0..n) on subj (which may end in " REPLY"): one PUB when it fits the server's
+ * max_payload, else in order as chunks, each an HPUB with the header "Iii-Chunk: KEY SEQ
+ * COUNT" (key: 36 characters, unique per message). NATS keeps the order of one publisher's
+ * messages on one subject, so the receiver appends them as they come. */
+static void nats_pub_big(const char *subj, const char *key, const char *pl, size_t n)
+{
+    if (n <= CL.max_payload) {
+        nats_pub(subj, pl, n);
+        return;
+    }
+    size_t cut = CL.max_payload > 1024 ? CL.max_payload - 128 : 896, cnt = (n + cut - 1) / cut;
+    for (size_t i = 0; i < cnt && CL.state == NATS_READY; i++) {
+        size_t len = i + 1 < cnt ? cut : n - i * cut;
+        char h[128];
+        int hl = snprintf(h, sizeof h, "NATS/1.0\r\nIii-Chunk: %.36s %zu %zu\r\n\r\n", key, i, cnt);
+        buf_printf(&CL.out, "HPUB %s %d %zu\r\n", subj, hl, (size_t)hl + len);
+        buf_append(&CL.out, h, (size_t)hl);
+        buf_append(&CL.out, pl + i * cut, len);
+        buf_puts(&CL.out, "\r\n");
+        if (buf_check(&CL.out) || buf_used(&CL.out) > NATS_OUT_MAX) nats_drop("output backlog");
+    }
+}
+
+static void chunks_free(struct chunks *ch)
+{
+    CL.chunk_bytes -= buf_used(&ch->b);
+    hm_del(&CL.chunks, &ch->h);
+    buf_free(&ch->b), xfree(ch);
+}
+
+/* Drops the reassemblies started before `before` (every one: INT64_MAX), which can no longer
+ * complete (the link dropped, or the sender stopped midway). */
+static void cl_chunks_clear(int64_t before)
+{
+    for (size_t i = 0; i < CL.chunks.nb; i++)
+        for (struct hnode *e = CL.chunks.b[i], *nx; e; e = nx) {
+            nx = e->next;
+            if (((struct chunks *)e)->t0 < before) chunks_free((struct chunks *)e);
+        }
+    if (!CL.chunks.n) hm_free(&CL.chunks);
+}
+
+/* A chunk (HMSG with an Iii-Chunk header) appended to its message. Returns the reassembly
+ * when m was its last chunk (the caller handles it, then frees it with chunks_free), else
+ * NULL. A chunk out of order, a message over max_message_bytes, more than NATS_MAX_CHUNKED
+ * reassemblies or NATS_CHUNK_MAX bytes in all: the reassembly is dropped, with a warning. */
+static struct chunks *cl_chunk(const struct nats_msg *m)
+{
+    const char *h = strstr_n((const char *)m->hdr, m->hdrn, "Iii-Chunk: ");
+    const char *end = (const char *)m->hdr + m->hdrn;
+    unsigned long seq = 0, cnt = 0;
+    if (!h || end - h < 11 + 36 + 4) return NULL;
+    const char *key = h + 11, *q = key + 36;
+    if (*q++ != ' ') return NULL;
+    while (q < end && *q >= '0' && *q <= '9' && seq < 1ul << 24) seq = seq * 10 + (unsigned long)(*q++ - '0');
+    if (q >= end || *q++ != ' ') return NULL;
+    while (q < end && *q >= '0' && *q <= '9' && cnt < 1ul << 24) cnt = cnt * 10 + (unsigned long)(*q++ - '0');
+    struct chunks *ch = (struct chunks *)hm_get(&CL.chunks, key, 36);
+    const char *why = NULL;
+    if (!ch) {
+        if (seq || cnt < 2 || cnt >= 1ul << 24) why = "a chunk that starts no message";
+        else if (CL.chunks.n >= NATS_MAX_CHUNKED) why = "too many large messages at once";
+        else if (!(ch = xcalloc(sizeof *ch))) why = "out of memory";
+        else {
+            memcpy(ch->key, key, 36), ch->count = (uint32_t)cnt, ch->t0 = now_ms();
+            if (hm_put(&CL.chunks, &ch->h, ch->key, 36) < 0) xfree(ch), ch = NULL, why = "out of memory";
+        }
+    } else if (seq != ch->next || cnt != ch->count) {
+        why = "a chunk out of order";
+    }
+    if (!why && (buf_used(&ch->b) + m->pln > S.set.max_message_bytes + 65536 ||
+                 CL.chunk_bytes + m->pln > NATS_CHUNK_MAX))
+        why = "a message larger than max_message_bytes, or too many bytes in reassembly";
+    if (!why && (buf_append(&ch->b, m->pl, m->pln), buf_check(&ch->b))) why = "out of memory";
+    if (why) {
+        LOG(LOG_WARN, "cluster: chunked message on %.*s dropped: %s", (int)m->subjn, m->subj, why);
+        if (ch) chunks_free(ch);
+        return NULL;
+    }
+    CL.chunk_bytes += m->pln;
+    return ++ch->next == ch->count ? ch : NULL;
+}
+
+/* The subject of function id in namespace ns: PREFIX.fn.NS.ID with each byte outside
+ * [A-Za-z0-9_-] written as %XX; when that is longer than NATS_MAX_SUBJECT, PREFIX.fnh.HASH. */
+static void cl_fn_subject(const char *ns, size_t nl, const char *id, size_t il, char *out)
+{
+    static const char hx[] = "0123456789ABCDEF";
+    size_t k = (size_t)snprintf(out, NATS_MAX_SUBJECT, "%s.fn.", CL_PREFIX);
+    for (size_t part = 0; part < 2; part++) {
+        const unsigned char *p = (const unsigned char *)(part ? id : ns);
+        for (size_t i = 0, n = part ? il : nl; i < n && k + 4 < NATS_MAX_SUBJECT; i++) {
+            if (isalnum(p[i]) || p[i] == '_' || p[i] == '-') out[k++] = (char)p[i];
+            else out[k++] = '%', out[k++] = hx[p[i] >> 4], out[k++] = hx[p[i] & 15];
+        }
+        if (!part && k + 1 < NATS_MAX_SUBJECT) out[k++] = '.';
+    }
+    if (k + 4 >= NATS_MAX_SUBJECT) { /* too long to spell out: FNV-1a of "ns\0id" */
+        uint64_t hsh = 1469598103934665603ull;
+        for (size_t i = 0; i < nl + 1 + il; i++) {
+            unsigned char ch = i < nl ? (unsigned char)ns[i] : i == nl ? 0 : (unsigned char)id[i - nl - 1];
+            hsh = (hsh ^ ch) * 1099511628211ull;
+        }
+        snprintf(out, NATS_MAX_SUBJECT, "%s.fnh.%016llx", CL_PREFIX, (unsigned long long)hsh);
+        return;
+    }
+    out[k] = 0;
+}
+
+/* Keeps one queue-group subscription per function provided here (so that engines sharing a
+ * function share calls sent to its subject, NATS picking one member per call): subscribes
+ * the new ones and unsubscribes the gone ones, in one pass over the registry. */
+static void cl_fsubs_sync(void)
+{
+    char subj[NATS_MAX_SUBJECT];
+    uint64_t gen = ++CL.fsub_gen;
+    for (size_t i = 0; i < S.funcs.nb; i++)
+        for (struct hnode *e = S.funcs.b[i]; e; e = e->next) {
+            const struct func *f = (const struct func *)e;
+            if (!f->owner) continue;
+            cl_fn_subject(f->ns, strlen(f->ns), f->id, strlen(f->id), subj);
+            size_t sl = strlen(subj);
+            struct fsub *fs = (struct fsub *)hm_get(&CL.fsubs, subj, sl);
+            if (!fs) {
+                if (!(fs = xcalloc(sizeof *fs + sl + 1))) continue;
+                memcpy(fs->subj, subj, sl);
+                if (hm_put(&CL.fsubs, &fs->h, fs->subj, sl) < 0) {
+                    xfree(fs);
+                    continue;
+                }
+                fs->sid = CL.next_sid++;
+                buf_printf(&CL.out, "SUB %s %s.q %lu\r\n", fs->subj, CL_PREFIX, fs->sid);
+            }
+            fs->gen = gen;
+        }
+    for (size_t i = 0; i < CL.fsubs.nb; i++)
+        for (struct hnode *e = CL.fsubs.b[i], *nx; e; e = nx) {
+            nx = e->next;
+            struct fsub *fs = (struct fsub *)e;
+            if (fs->gen == gen) continue;
+            buf_printf(&CL.out, "UNSUB %lu\r\n", fs->sid);
+            hm_del(&CL.fsubs, e), xfree(fs);
+        }
+    if (buf_check(&CL.out)) nats_drop("out of memory");
+}
+
+/* Forgets every subscription record (the link dropped: the server forgot them too). */
+static void cl_fsubs_clear(void)
+{
+    for (size_t i = 0; i < CL.fsubs.nb; i++)
+        for (struct hnode *e = CL.fsubs.b[i], *nx; e; e = nx) nx = e->next, xfree(e);
+    hm_free(&CL.fsubs);
+    CL.next_sid = 100;
+}
+
 /* Ready (the CONNECT's PONG): subscribe to the other nodes' heartbeats, snapshots and
  * goodbyes and to resync requests addressed to this node; the snapshot goes out next tick. */
 static void nats_on_ready(void)
@@ -10408,8 +10712,10 @@ static void nats_on_ready(void)
     LOG(LOG_INFO, "cluster: node %s connected to %s (max_payload %zu)", CL.node,
         S.cfg.cluster.urls[CL.url], CL.max_payload);
     buf_printf(&CL.out, "SUB %s.node.*.hb 1\r\nSUB %s.node.*.snap 2\r\nSUB %s.node.*.bye 3\r\n"
-                        "SUB %s.node.%s.sync 4\r\nSUB %s.call.%s 5\r\nSUB %s.reply.%s.* 6\r\n",
-               CL_PREFIX, CL_PREFIX, CL_PREFIX, CL_PREFIX, CL.tok, CL_PREFIX, CL.tok, CL_PREFIX, CL.tok);
+                        "SUB %s.node.%s.sync 4\r\nSUB %s.call.%s 5\r\nSUB %s.reply.%s.* 6\r\n"
+                        "SUB %s.node.%s.cancel 7\r\n",
+               CL_PREFIX, CL_PREFIX, CL_PREFIX, CL_PREFIX, CL.tok, CL_PREFIX, CL.tok, CL_PREFIX, CL.tok,
+               CL_PREFIX, CL.tok);
 }
 
 /* The subject token for a node name: [A-Za-z0-9_-] kept, anything else '_' (NATS subjects
@@ -10448,6 +10754,8 @@ static struct cnode *nats_node_of(const char *name, const char *iid)
         CL.snap_due = 1; /* so that it learns this node's registry at once */
     }
     if (strcmp(cn->iid, iid)) { /* new instance: what the old one had is gone */
+        if (cn->iid[0]) rcall_stop_all(cn->name, 0);
+        cnode_wk_events(cn, NULL, 0);
         cnode_clear(cn);
         snprintf(cn->iid, sizeof cn->iid, "%s", iid);
     }
@@ -10515,32 +10823,115 @@ static int nats_rfn(struct jdoc *d, int e, const char *node, struct rfn *r)
     return 0;
 }
 
-/* A snapshot: the node's functions replace what was held of it. */
+/* One row of a snapshot's workers array into w (its id, name and runtime; the row with
+ * "node" first). */
+static int nats_rwk(struct jdoc *d, int e, const char *node, struct rwk *w)
+{
+    if (JTYPE(d, e) != J_OBJECT || d->t[e].opaque || JLEN(d, e) < 2) return -1;
+    memset(w, 0, sizeof *w);
+    w->id = json_strdup(d, json_get(d, e, "id"), NULL);
+    w->name = json_strdup(d, json_get(d, e, "name"), NULL);
+    w->runtime = json_strdup(d, json_get(d, e, "runtime"), NULL);
+    struct buf b = {0};
+    buf_puts(&b, "{\"node\":");
+    json_put_cstr(&b, node);
+    buf_putc(&b, ',');
+    buf_append(&b, JRAW(d, e) + 1, JLEN(d, e) - 1);
+    buf_putc(&b, 0);
+    if (!w->id || !*w->id || strlen(w->id) > III_MAX_ID || buf_check(&b)) {
+        xfree(w->id), xfree(w->name), xfree(w->runtime), buf_free(&b);
+        return -1;
+    }
+    w->row = (char *)buf_data(&b);
+    return 0;
+}
+
+static int rwk_cmp(const void *a, const void *b)
+{
+    return strcmp(((const struct rwk *)a)->id, ((const struct rwk *)b)->id);
+}
+
+/* engine::workers-available for what differs between node cn's workers and the sorted set
+ * w[0..n): one merge pass over the two id-sorted arrays. */
+static void cnode_wk_events(const struct cnode *cn, const struct rwk *w, size_t n)
+{
+    size_t i = 0, j = 0;
+    while (i < cn->nwks || j < n) {
+        int c = i == cn->nwks ? 1 : j == n ? -1 : strcmp(cn->wks[i].id, w[j].id);
+        if (c < 0) ev_worker_remote("worker_disconnected", cn->wks[i++].id, cn->name);
+        else if (c > 0) ev_worker_remote("worker_connected", w[j++].id, cn->name);
+        else i++, j++;
+    }
+}
+
+/* The rows of array member `key` of snapshot d, each parsed by one(); *out gets the rows that
+ * parsed (n of them), *bad the count of those that did not. -1 on OOM or no such array. */
+static int nats_snap_rows(struct jdoc *d, const char *key, const char *node, size_t sz,
+                          int (*one)(struct jdoc *, int, const char *, void *), void **out,
+                          size_t *n, size_t *bad)
+{
+    int arr = json_get(d, 0, key);
+    *out = NULL, *n = 0, *bad = 0;
+    if (JABSENT(d, arr)) return 0; /* a node of an older version: no such rows */
+    if (JTYPE(d, arr) != J_ARRAY || d->t[arr].opaque) return -1;
+    size_t cnt = d->t[arr].n;
+    char *v = cnt ? xcalloc(cnt * sz) : NULL;
+    if (cnt && !v) return -1;
+    for (uint32_t j = 0, e = (uint32_t)arr + 1; j < cnt; j++, e = d->t[e].next)
+        if (one(d, (int)e, node, v + *n * sz) == 0) ++*n;
+        else ++*bad;
+    *out = v;
+    return 0;
+}
+
+static int nats_rfn_v(struct jdoc *d, int e, const char *node, void *r)
+{
+    return nats_rfn(d, e, node, (struct rfn *)r);
+}
+
+static int nats_rwk_v(struct jdoc *d, int e, const char *node, void *w)
+{
+    return nats_rwk(d, e, node, (struct rwk *)w);
+}
+
+/* A snapshot: the node's functions and workers replace what was held of it (the index is
+ * rebuilt for its rows, and workers that came or went are announced). */
 static void nats_on_snap(const struct nats_msg *m)
 {
     struct jdoc d = {0};
     char name[160], iid[24];
     uint64_t v = 0;
+    void *fv = NULL, *wv = NULL;
+    size_t nf = 0, nw = 0, bf = 0, bw = 0;
     d.max = m->pln / 2 + 64;
-    if (json_parse(&d, m->pl, m->pln, 4, 1) == 0 && nats_head(&d, name, iid, &v) == 0) {
-        struct cnode *cn = nats_node_of(name, iid);
-        int arr = json_get(&d, 0, "functions");
-        if (cn && JTYPE(&d, arr) == J_ARRAY && !d.t[arr].opaque) {
-            size_t n = d.t[arr].n, k = 0;
-            struct rfn *fns = n ? xcalloc(n * sizeof *fns) : NULL;
-            if (n && !fns) goto out;
-            for (uint32_t j = 0, e = (uint32_t)arr + 1; j < n; j++, e = d.t[e].next)
-                if (nats_rfn(&d, (int)e, cn->name, &fns[k]) == 0) k++;
-            cnode_clear(cn);
-            cn->fns = fns, cn->nfns = k, cn->v = v;
-            S.cl_nrfn += k, S.cl_rver++;
-            if (k < n)
-                LOG(LOG_WARN, "cluster: node %s: %zu malformed rows of its snapshot ignored",
-                    cn->name, n - k);
-        }
-    }
+    if (json_parse(&d, m->pl, m->pln, 4, 1) < 0 || nats_head(&d, name, iid, &v) < 0) goto out;
+    struct cnode *cn = nats_node_of(name, iid);
+    if (!cn || JABSENT(&d, json_get(&d, 0, "functions")) ||
+        nats_snap_rows(&d, "functions", cn->name, sizeof(struct rfn), nats_rfn_v, &fv, &nf, &bf) < 0 ||
+        nats_snap_rows(&d, "workers", cn->name, sizeof(struct rwk), nats_rwk_v, &wv, &nw, &bw) < 0)
+        goto out;
+    struct rfn *fns = fv;
+    struct rwk *wks = wv;
+    if (nw) qsort(wks, nw, sizeof *wks, rwk_cmp);
+    cnode_wk_events(cn, wks, nw);
+    cnode_clear(cn);
+    cn->fns = fns, cn->nfns = nf, cn->wks = wks, cn->nwks = nw, cn->v = v;
+    fv = wv = NULL;
+    for (size_t i = 0; i < nf; i++) rkey_add(&fns[i], cn);
+    S.cl_nrfn += nf, S.cl_rver++;
+    if (bf || bw)
+        LOG(LOG_WARN, "cluster: node %s: %zu malformed rows of its snapshot ignored", cn->name,
+            bf + bw);
 out:
-    xfree(d.t);
+    if (fv) {
+        struct rfn *f = fv;
+        for (size_t i = 0; i < nf; i++) xfree(f[i].id), xfree(f[i].ns), xfree(f[i].wname), xfree(f[i].row);
+    }
+    if (wv) {
+        struct rwk *w = wv;
+        for (size_t i = 0; i < nw; i++) xfree(w[i].id), xfree(w[i].name), xfree(w[i].runtime), xfree(w[i].row);
+    }
+    xfree(fv), xfree(wv), xfree(d.t);
 }
 
 /* A goodbye: the node shut down cleanly, so it leaves the view at once. */
@@ -10558,14 +10949,15 @@ static void nats_on_bye(const struct nats_msg *m)
 }
 
 /* This node's snapshot: {"node","iid","v","functions":[FunctionSummary of every function a
- * worker connected here provides]}, cut (with "truncated":true and a warning) where it would
- * pass the server's max_payload. */
+ * worker connected here provides],"workers":[WorkerInfo of every worker listed here]}, in
+ * chunks when it is larger than the server's max_payload. The function subscriptions are
+ * brought in step first, so a node that learns of a function can send to its subject. */
 static void nats_publish_snap(void)
 {
     struct buf b = {0};
-    char subj[256];
-    size_t n = 0, k = 0, cut = CL.max_payload > 256 ? CL.max_payload - 64 : CL.max_payload;
-    int trunc = 0;
+    char subj[256], key[37];
+    size_t n = 0, k = 0;
+    cl_fsubs_sync();
     struct hnode **v = hm_list(&S.funcs, &n);
     buf_puts(&b, "{\"node\":");
     json_put_cstr(&b, CL.node);
@@ -10573,21 +10965,20 @@ static void nats_publish_snap(void)
     for (size_t i = 0; v && i < n; i++) {
         const struct func *f = (const struct func *)v[i];
         if (!f->owner) continue; /* engine::* builtins exist on every node */
-        size_t mark = buf_used(&b);
-        if (k) buf_putc(&b, ',');
+        if (k++) buf_putc(&b, ',');
         fn_summary(&b, f);
-        if (buf_used(&b) > cut) {
-            b.len = b.off + mark, trunc = 1;
-            break;
-        }
-        k++;
     }
-    buf_puts(&b, trunc ? "],\"truncated\":true}" : "]}");
-    if (trunc)
-        LOG(LOG_WARN, "cluster: this node's registry is larger than the server's max_payload "
-            "(%zu bytes): %zu of %zu functions announced", CL.max_payload, k, S.funcs.n);
+    buf_puts(&b, "],\"workers\":[");
+    k = 0;
+    for (const struct conn *c = S.conns; c; c = c->next) {
+        if (c->kind != CK_WORKER || !c->has_pid || c->torn) continue; /* as the local listing */
+        if (k++) buf_putc(&b, ',');
+        worker_row(&b, c, 0);
+    }
+    buf_puts(&b, "]}");
     snprintf(subj, sizeof subj, "%s.node.%s.snap", CL_PREFIX, CL.tok);
-    if (v && !buf_check(&b)) nats_pub(subj, (const char *)buf_data(&b), buf_used(&b));
+    uuid_new(key);
+    if (v && !buf_check(&b)) nats_pub_big(subj, key, (const char *)buf_data(&b), buf_used(&b));
     else CL.snap_due = 1; /* out of memory: try again next time */
     xfree(v), buf_free(&b);
 }
@@ -10600,66 +10991,97 @@ static void nats_publish_snap(void)
  * _caller_worker_id is the real caller's), and publishes the invocationresult frame it gets to
  * the reply subject; this engine swaps the caller's id back in and passes the frame on. */
 
-/* The first occurrence of C string nd in h[0..n), or NULL. */
-static const char *strstr_n(const char *h, size_t n, const char *nd)
+/* The node a node-addressed call of key k goes to: with providers: one the first by name
+ * (every engine picks the same one), with many the next in turn. */
+static const struct cnode *rkey_pick(struct rkey *k, int many)
 {
-    size_t k = strlen(nd);
-    for (size_t i = 0; k && i + k <= n; i++)
-        if (h[i] == nd[0] && !memcmp(h + i, nd, k)) return h + i;
-    return NULL;
+    if (many) return k->nodes[k->rr++ % k->n];
+    const struct cnode *best = k->nodes[0];
+    for (size_t i = 1; i < k->n; i++)
+        if (strcmp(k->nodes[i]->name, best->name) < 0) best = k->nodes[i];
+    return best;
 }
 
-/* Sends the call in d to a node that has fid in ns: 1 sent, 0 no node has it (or no link),
- * -1 too large for the link. Void calls travel without a reply subject. */
+/* Sends the call in d to another node that provides fid in ns: 1 sent, 0 no node has it (or
+ * no link, or out of memory). With providers: many (this engine's routing rule) and providers
+ * on several nodes, the call goes to the function's queue-group subject and NATS picks the
+ * node (which acknowledges, so that its death stops the call); otherwise, and for a call too
+ * large for one message (its chunks must reach one node), to one node's call subject. Void
+ * calls travel without a reply subject. */
 static int cl_forward(struct conn *c, const struct jdoc *d, int iid, int fidt, const char *fid,
                       size_t fl, const char *ns, size_t nl, int reply)
 {
-    if (CL.state != NATS_READY || c == CL.vc || !S.cl_nrfn) return 0;
+    if (CL.state != NATS_READY || c == CL.vc || !CL.rkeys.n) return 0;
+    char kb[2 * III_MAX_ID + 2], subj[NATS_MAX_SUBJECT + 256], to_subj[NATS_MAX_SUBJECT], key[37];
+    if (nl + 1 + fl > sizeof kb) return 0;
+    memcpy(kb, ns, nl), kb[nl] = 0, memcpy(kb + nl + 1, fid, fl);
+    struct rkey *k = (struct rkey *)hm_get(&CL.rkeys, kb, nl + 1 + fl);
+    if (!k) return 0;
+    const struct cfg_route *ru = S.cfg.nroutes ? route_for(ns, nl, fid, fl) : NULL;
+    size_t n = JLEN(d, 0), multi = 0;
+    for (size_t i = 1; i < k->n; i++) multi |= k->nodes[i] != k->nodes[0];
     const struct cnode *to = NULL;
-    for (size_t i = 0; i < CL.nodes.nb && !to; i++)
-        for (struct hnode *e = CL.nodes.b[i]; e && !to; e = e->next) {
-            const struct cnode *cn = (const struct cnode *)e;
-            for (size_t j = 0; j < cn->nfns; j++)
-                if (strlen(cn->fns[j].id) == fl && !memcmp(cn->fns[j].id, fid, fl) &&
-                    strlen(cn->fns[j].ns) == nl && !memcmp(cn->fns[j].ns, ns, nl)) {
-                    to = cn;
-                    break;
-                }
-        }
-    if (!to) return 0;
-    size_t n = JLEN(d, 0);
-    if (n + 256 > CL.max_payload) return -1;
+    if (ru && ru->many && multi && n + 256 <= CL.max_payload) {
+        cl_fn_subject(ns, nl, fid, fl, to_subj);
+    } else {
+        char tok[160];
+        to = rkey_pick(k, ru && ru->many);
+        nats_token(to->name, tok, sizeof tok);
+        snprintf(to_subj, sizeof to_subj, "%s.call.%s", CL_PREFIX, tok);
+    }
     struct rcall *rc = NULL;
     struct buf b = {0};
-    char tok[160], subj[512];
-    nats_token(to->name, tok, sizeof tok);
     buf_printf(&b, "{\"cw\":\"%s\",\"f\":", c->wid);
     size_t at = buf_used(&b);
     buf_append(&b, JRAW(d, 0), n);
     buf_putc(&b, '}');
     if (buf_check(&b)) goto oom;
     if (reply) {
-        if (!(rc = xcalloc(sizeof *rc)) || !(rc->node = xstrdup(to->name)) ||
+        if (!(rc = xcalloc(sizeof *rc)) || (to && !(rc->node = xstrdup(to->name))) ||
             !(rc->fid = xstrndup((const char *)JRAW(d, fidt), JLEN(d, fidt))))
             goto oom;
         uuid_new(rc->rid);
         memcpy(rc->cid, JRAW(d, iid) + 1, 36);
         memcpy(rc->cw, c->wid, 36);
+        rc->sent = now_ms();
         /* the frame's invocation_id is the caller's: the fresh one takes its place */
         memcpy(b.p + b.off + at + (size_t)(JRAW(d, iid) + 1 - JRAW(d, 0)), rc->rid, 36);
         if (hm_put(&CL.rcalls, &rc->h, rc->rid, 36) < 0) goto oom;
-        snprintf(subj, sizeof subj, "%s.call.%s %s.reply.%s.%s", CL_PREFIX, tok, CL_PREFIX, CL.tok,
-                 rc->rid);
+        c->n_rcalls++, CL.n_unacked += !to;
+        memcpy(key, rc->rid, 37);
+        snprintf(subj, sizeof subj, "%s %s.reply.%s.%s", to_subj, CL_PREFIX, CL.tok, rc->rid);
     } else {
-        snprintf(subj, sizeof subj, "%s.call.%s", CL_PREFIX, tok);
+        uuid_new(key);
+        snprintf(subj, sizeof subj, "%s", to_subj);
     }
-    nats_pub(subj, (const char *)buf_data(&b), buf_used(&b));
+    nats_pub_big(subj, key, (const char *)buf_data(&b), buf_used(&b));
     buf_free(&b);
     return 1;
 oom:
     if (rc) xfree(rc->node), xfree(rc->fid), xfree(rc);
     buf_free(&b);
     return 0;
+}
+
+/* The caller c goes away: its calls waiting on other nodes are forgotten, and the nodes
+ * running them are told (PREFIX.node.NODE.cancel), so that their workers get
+ * invocationcancelled as they would for a caller of their own. */
+static void cl_caller_gone(const struct conn *c)
+{
+    for (size_t i = 0; c->n_rcalls && i < CL.rcalls.nb; i++)
+        for (struct hnode *x = CL.rcalls.b[i], *nx; x; x = nx) {
+            nx = x->next;
+            struct rcall *rc = (struct rcall *)x;
+            if (memcmp(rc->cw, c->wid, 36)) continue;
+            if (rc->node) {
+                char tok[160], subj[256], pl[64];
+                nats_token(rc->node, tok, sizeof tok);
+                snprintf(subj, sizeof subj, "%s.node.%s.cancel", CL_PREFIX, tok);
+                int n = snprintf(pl, sizeof pl, "{\"rid\":\"%s\"}", rc->rid);
+                nats_pub(subj, pl, (size_t)n);
+            }
+            rcall_end(rc, NULL);
+        }
 }
 
 /* Remembers where the answer to call rid (36 chars) goes (the entry, held by CL.rins; NULL
@@ -10708,6 +11130,15 @@ static void cl_on_call(const struct nats_msg *m)
         /* an id already running here (a replay) is not run twice */
         if (hm_get(&CL.rins, (const char *)JRAW(&f, iid) + 1, 36)) goto out;
         if (!rin_add((const char *)JRAW(&f, iid) + 1, m->reply, m->replyn)) goto out;
+        if (m->sid >= 100) { /* via a queue group: tell the caller's engine who took it */
+            struct buf a = {0};
+            buf_puts(&a, "{\"ack\":");
+            json_put_cstr(&a, CL.node);
+            buf_putc(&a, '}');
+            char *rs = xstrndup(m->reply, m->replyn);
+            if (rs && !buf_check(&a)) nats_pub(rs, (const char *)buf_data(&a), buf_used(&a));
+            xfree(rs), buf_free(&a);
+        }
     }
     /* the call is the remote caller's: its worker id is the one the target sees */
     memcpy(CL.vc->wid, JRAW(&d, cw) + 1, 36);
@@ -10735,7 +11166,7 @@ static void cl_vc_flush(struct conn *vc)
         if ((p[i] & 0x0f) == WS_TEXT && k && (size_t)(fr + len - k) > 17 + 36) {
             struct rin *r = (struct rin *)hm_get(&CL.rins, k + 17, 36);
             if (r) {
-                nats_pub(r->reply, fr, len);
+                nats_pub_big(r->reply, r->rid, fr, len);
                 rin_free(r);
             }
         }
@@ -10765,6 +11196,15 @@ static void cl_on_reply(const struct nats_msg *m)
                       "engine that had the function did not answer (no responders)\"}");
         return;
     }
+    if (m->pln > 8 && !memcmp(m->pl, "{\"ack\":", 7)) { /* the node a queue group picked */
+        struct jdoc d = {0};
+        d.max = 8;
+        if (!rc->node && json_parse(&d, m->pl, m->pln, 2, 1) == 0 &&
+            (rc->node = json_strdup(&d, json_get(&d, 0, "ack"), NULL)))
+            CL.n_unacked--;
+        xfree(d.t);
+        return;
+    }
     const char *k = strstr_n((const char *)m->pl, m->pln, "\"invocation_id\":\"");
     struct conn *c = (struct conn *)hm_get(&S.workers, rc->cw, 36);
     if (k && (size_t)((const char *)m->pl + m->pln - k) > 17 + 36 && !memcmp(k + 17, rc->rid, 36) &&
@@ -10778,6 +11218,42 @@ static void cl_on_reply(const struct nats_msg *m)
         buf_free(&b);
     }
     rcall_end(rc, NULL);
+}
+
+/* A call from another node's caller went away: its invocation here is cancelled as a local
+ * caller's would be (the worker gets invocationcancelled; no answer goes back). */
+static void cl_on_cancel(const struct nats_msg *m)
+{
+    struct jdoc d = {0};
+    d.max = 8;
+    if (json_parse(&d, m->pl, m->pln, 2, 1) == 0) {
+        int r = json_get(&d, 0, "rid");
+        struct rin *ri = JTYPE(&d, r) == J_STRING && JLEN(&d, r) == 38
+                             ? (struct rin *)hm_get(&CL.rins, (const char *)JRAW(&d, r) + 1, 36)
+                             : NULL;
+        if (ri) {
+            struct inv *v = inv_find(ri->rid);
+            if (v && v->caller == CL.vc) rt_cancel_notify(v, "caller_disconnected"), inv_free(v);
+            rin_free(ri);
+        }
+    }
+    xfree(d.t);
+}
+
+/* One message from the server, by the subscription it came on. */
+static void nats_dispatch(const struct nats_msg *m)
+{
+    switch (m->sid) {
+    case 1: nats_on_hb(m); break;
+    case 2: nats_on_snap(m); break;
+    case 3: nats_on_bye(m); break;
+    case 4: CL.snap_due = 1; break;
+    case 5: cl_on_call(m); break;
+    case 6: cl_on_reply(m); break;
+    case 7: cl_on_cancel(m); break;
+    default:
+        if (m->sid >= 100) cl_on_call(m); /* a function's queue-group subject */
+    }
 }
 
 /* Handles everything complete in CL.in. */
@@ -10795,13 +11271,16 @@ static void nats_input(void)
         else if (m.op == NOP_PING) buf_puts(&CL.out, "PONG\r\n");
         else if (m.op == NOP_PONG && CL.state == NATS_HANDSHAKE) nats_on_ready();
         else if (m.op == NOP_ERR) LOG(LOG_WARN, "cluster: server error: %.*s", (int)m.argn, m.arg);
-        else if (m.op == NOP_MSG || m.op == NOP_HMSG) {
-            if (m.sid == 1) nats_on_hb(&m);
-            else if (m.sid == 2) nats_on_snap(&m);
-            else if (m.sid == 3) nats_on_bye(&m);
-            else if (m.sid == 4) CL.snap_due = 1;
-            else if (m.sid == 5) cl_on_call(&m);
-            else if (m.sid == 6) cl_on_reply(&m);
+        else if (m.op == NOP_HMSG && strstr_n((const char *)m.hdr, m.hdrn, "Iii-Chunk: ")) {
+            struct chunks *ch = cl_chunk(&m);
+            if (ch) { /* the last chunk: the whole message, as if it had come in one */
+                m.op = NOP_MSG, m.hdr = NULL, m.hdrn = 0;
+                m.pl = buf_data(&ch->b), m.pln = buf_used(&ch->b);
+                nats_dispatch(&m);
+                chunks_free(ch);
+            }
+        } else if (m.op == NOP_MSG || m.op == NOP_HMSG) {
+            nats_dispatch(&m);
         }
         buf_consume(&CL.in, (size_t)r);
         if (CL.state == NATS_WAIT) return;
@@ -10865,7 +11344,7 @@ static void nats_tick(int64_t now, int64_t *next)
         return;
     }
     if (CL.state == NATS_OFF) {
-        CL.state = NATS_WAIT, CL.backoff = 250, CL.next_try = now, CL.url = 0;
+        CL.state = NATS_WAIT, CL.backoff = 250, CL.next_try = now, CL.url = 0, CL.next_sid = 100;
         CL.max_payload = 1 << 20;
         if (S.cfg.cluster.node) snprintf(CL.node, sizeof CL.node, "%s", S.cfg.cluster.node);
         else {
@@ -10884,8 +11363,8 @@ static void nats_tick(int64_t now, int64_t *next)
         else if (CL.next_try < *next) *next = CL.next_try;
     }
     if (CL.state == NATS_READY) {
-        if (S.fn_fp != CL.fp_pub || S.fn_n != CL.n_pub)
-            CL.v++, CL.fp_pub = S.fn_fp, CL.n_pub = S.fn_n, CL.snap_due = 1;
+        if (S.fn_fp != CL.fp_pub || S.fn_n != CL.n_pub || S.wk_ver != CL.wk_pub)
+            CL.v++, CL.fp_pub = S.fn_fp, CL.n_pub = S.fn_n, CL.wk_pub = S.wk_ver, CL.snap_due = 1;
         if (CL.snap_due && now >= CL.snap_at) {
             CL.snap_due = 0, CL.snap_at = now + NATS_SNAP_GAP_MS;
             nats_publish_snap();
@@ -10910,7 +11389,12 @@ static void nats_tick(int64_t now, int64_t *next)
             nx = e->next;
             if (now - cn->seen >= NATS_NODE_TTL_MS) cnode_drop(cn, "no heartbeat within the TTL");
         }
-    if (CL.nodes.n && now + 500 < *next) *next = now + 500;
+    if (now >= CL.sweep_at) { /* twice a second: calls never acknowledged, stale chunks */
+        CL.sweep_at = now + 500;
+        if (CL.n_unacked) rcall_stop_all(NULL, 1);
+        if (CL.chunks.n) cl_chunks_clear(now - NATS_CHUNK_TTL_MS);
+    }
+    if ((CL.nodes.n || CL.n_unacked || CL.chunks.n) && CL.sweep_at < *next) *next = CL.sweep_at;
 }
 
 /* A clean shutdown: a goodbye, so the other nodes drop this one at once rather than after the
@@ -10944,9 +11428,10 @@ static void nats_free(void)
             cnode_clear((struct cnode *)e);
             xfree(((struct cnode *)e)->name), xfree(e);
         }
-    hm_free(&CL.nodes);
-    rcall_stop_all(NULL);
+    hm_free(&CL.nodes), hm_free(&CL.rkeys);
+    rcall_stop_all(NULL, 0);
     hm_free(&CL.rcalls);
+    cl_fsubs_clear(), cl_chunks_clear(INT64_MAX);
     while (CL.rin_list) rin_free(CL.rin_list);
     hm_free(&CL.rins);
 }
@@ -10983,6 +11468,35 @@ static int cl_rows(const struct session *s, const char *prefix, const char *work
             }
         }
     return (int)k;
+}
+
+/* Workers of other nodes held, over all nodes (a bound for a listing's rows). */
+static size_t cl_nwks(void)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < CL.nodes.nb; i++)
+        for (struct hnode *e = CL.nodes.b[i]; e; e = e->next) n += ((struct cnode *)e)->nwks;
+    return n;
+}
+
+/* The remote workers engine::workers::list shows, appended to r from index k under the same
+ * filters as local ones (they are all "connected"); returns the new count. */
+static size_t cl_wrows(const struct isearch *q, const char *runtime, const char *status,
+                       struct ranked *r, size_t k)
+{
+    if (status && strcmp(status, "connected")) return k;
+    for (size_t i = 0; i < CL.nodes.nb; i++)
+        for (struct hnode *e = CL.nodes.b[i]; e; e = e->next) {
+            const struct cnode *cn = (const struct cnode *)e;
+            for (size_t j = 0; j < cn->nwks; j++) {
+                const struct rwk *w = &cn->wks[j];
+                if (q && q->nl && (!w->name || !isearch_in(q, w->name, strlen(w->name)))) continue;
+                if (runtime && strcmp(runtime, w->runtime ? w->runtime : "unknown")) continue;
+                r[k].rank = 0, r[k].a = w->name ? w->name : w->id, r[k].b = w->id;
+                r[k].p = NULL, r[k++].row = w->row;
+            }
+        }
+    return k;
 }
 
 /* The remote rows of a functions_changed payload (k: rows already written). */

@@ -210,4 +210,30 @@
 #define III_WATCH_INTERVAL_MS 250 /* how often config.yaml's stat is compared */
 #endif
 
+/* ---- cluster over NATS (README "Cluster", docs/CLUSTER.md) ---- */
+#ifndef NATS_MAX_LINE
+#define NATS_MAX_LINE 4096 /* a server control line longer than this is a protocol error */
+#endif
+#ifndef NATS_HB_MS
+#define NATS_HB_MS 1000 /* heartbeat period */
+#endif
+#ifndef NATS_NODE_TTL_MS
+#define NATS_NODE_TTL_MS 3000 /* a node not heard from for this long has left */
+#endif
+#ifndef NATS_SNAP_GAP_MS
+#define NATS_SNAP_GAP_MS 100 /* snapshots of this node at most this often */
+#endif
+#ifndef NATS_MAX_NODES
+#define NATS_MAX_NODES 1024 /* other nodes tracked; more are ignored (and logged) */
+#endif
+#ifndef NATS_MAX_CHUNKED
+#define NATS_MAX_CHUNKED 256 /* large messages reassembled at once; more are dropped */
+#endif
+#ifndef NATS_CHUNK_TTL_MS
+#define NATS_CHUNK_TTL_MS 10000 /* a reassembly not completed in this long is dropped */
+#endif
+#ifndef NATS_MAX_SUBJECT
+#define NATS_MAX_SUBJECT 512 /* a function subject longer than this is a hash of the id */
+#endif
+
 #endif /* III_H */

@@ -123,7 +123,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (c) fz_feed(c, buf_data(&b), buf_used(&b), mode == 4);
         break;
     case 6: /* the input as what a NATS server sent (cluster link ready): parser, heartbeats,
-             * snapshots (listed through functions::list and the discovery event), goodbyes */
+             * snapshots (listed through functions::list and the discovery event), goodbyes,
+             * chunks, acknowledgements, cancels, and a call routed to a remote node */
         {
             static char *urls[] = {"nats://127.0.0.1:4222"};
             S.cfg.cluster.urls = urls, S.cfg.cluster.nurls = 1;
@@ -134,6 +135,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             static const char lst[] = "{\"type\":\"invokefunction\",\"invocation_id\":\"x1\","
                                       "\"function_id\":\"engine::functions::list\",\"data\":{\"search\":\"a\"}}";
             worker_on_message(w1, (const unsigned char *)lst, sizeof lst - 1, 0);
+            /* a call routed to another node (the index), then the cluster-wide worker listing */
+            static const char rc[] = "{\"type\":\"invokefunction\",\"invocation_id\":"
+                                     "\"5b3b1b2e-1111-4222-8333-444455556666\",\"function_id\":\"a::b\",\"data\":{}}";
+            worker_on_message(w1, (const unsigned char *)rc, sizeof rc - 1, 0);
+            static const char wl[] = "{\"type\":\"invokefunction\",\"invocation_id\":\"x2\","
+                                     "\"function_id\":\"engine::workers::list\",\"data\":{}}";
+            worker_on_message(w1, (const unsigned char *)wl, sizeof wl - 1, 0);
             int64_t nx = INT64_MAX;
             ev_functions_tick(now_ms(), &nx);
             nats_free();
@@ -185,6 +193,8 @@ int main(int argc, char **argv)
         "MSG iii.node.b.snap 2 83\r\n{\"node\":\"b\",\"iid\":\"1\",\"v\":2,\"functions\":[{\"function_id\":\"a::b\",\"worker_name\":\"w\"}]}\r\n"
         "PING\r\nMSG iii.node.b.bye 3 12\r\n{\"node\":\"b\"}\r\n",
         "\x06MSG iii.call.me 5 iii.reply.b.1b3b1b2e-1111-4222-8333-444455556666 171\r\n{\"cw\":\"0b3b1b2e-1111-4222-8333-444455556666\",\"f\":{\"type\":\"invokefunction\",\"invocation_id\":\"1b3b1b2e-1111-4222-8333-444455556666\",\"function_id\":\"math::add\",\"data\":{\"a\":1}}}\r\nMSG iii.reply.me.2b3b1b2e-1111-4222-8333-444455556666 6 119\r\n{\"type\":\"invocationresult\",\"invocation_id\":\"2b3b1b2e-1111-4222-8333-444455556666\",\"function_id\":\"math::add\",\"result\":1}\r\nHMSG iii.reply.me.2b3b1b2e-1111-4222-8333-444455556666 6 16 16\r\nNATS/1.0 503\r\n\r\n\r\n",
+        "\x06HMSG iii.node.b.snap 2 65 125\r\nNATS/1.0\r\nIii-Chunk: 2b3b1b2e-1111-4222-8333-444455556666 0 2\r\n\r\n{\"node\":\"b\",\"iid\":\"1\",\"v\":3,\"functions\":[{\"function_id\":\"a::\r\nHMSG iii.node.b.snap 2 65 174\r\nNATS/1.0\r\nIii-Chunk: 2b3b1b2e-1111-4222-8333-444455556666 1 2\r\n\r\nb\",\"worker_name\":\"w\"}],\"workers\":[{\"name\":\"w\",\"id\":\"9b3b1b2e-1111-4222-8333-444455556666\",\"runtime\":\"node\"}]}\r\nMSG iii.node.b.hb 1 28\r\n{\"node\":\"b\",\"iid\":\"1\",\"v\":3}\r\n",
+        "\x06MSG iii.fn.default.math%3A%3Aadd 100 iii.reply.b.1b3b1b2e-1111-4222-8333-444455556666 171\r\n{\"cw\":\"0b3b1b2e-1111-4222-8333-444455556666\",\"f\":{\"type\":\"invokefunction\",\"invocation_id\":\"1b3b1b2e-1111-4222-8333-444455556666\",\"function_id\":\"math::add\",\"data\":{\"a\":1}}}\r\nMSG iii.node.me.cancel 7 46\r\n{\"rid\":\"1b3b1b2e-1111-4222-8333-444455556666\"}\r\nMSG iii.reply.me.2b3b1b2e-1111-4222-8333-444455556666 6 11\r\n{\"ack\":\"b\"}\r\n",
     };
     long runs = 0;
     while (now_ms() < end) {

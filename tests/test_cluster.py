@@ -509,6 +509,28 @@ def three_engines_cli_through_c(n, a, b):
 
 
 
+@with_cluster
+def payload_over_max_payload_travels_in_chunks(n, a, b):
+    """nats-server's max_payload is 1 MiB: a 1.2 MiB call and its 1.2 MiB answer each travel
+    in chunks and arrive whole (a void call too)."""
+    wa, cb = Client(a, "wa"), Client(b, "cb")
+    wa.register("x::big")
+    wait_until(lambda: remote(cb, "x::big", "a"), 5, "x::big on b")
+    blob = "".join(chr(48 + (i * 7) % 43) for i in range(1200 * 1024))
+    iid = send_call(cb.ws, "x::big", {"blob": blob})
+    inv = recv_invoke(wa.ws, "x::big", 10)
+    check(inv["data"].get("blob") == blob, "the 1.2 MiB argument arrives whole")
+    wa.ws.send_json({"type": "invocationresult", "invocation_id": inv["invocation_id"],
+                     "function_id": "x::big", "result": {"back": blob[::-1]}})
+    r = recv_result(cb.ws, iid, 10)
+    check((r.get("result") or {}).get("back") == blob[::-1],
+          "the 1.2 MiB answer arrives whole: %s" % str(r)[:200])
+    cb.ws.send_json({"type": "invokefunction", "function_id": "x::big", "data": {"v": blob},
+                     "action": {"type": "void"}})
+    inv = recv_invoke(wa.ws, "x::big", 10)
+    check(inv["data"].get("v") == blob, "a chunked void call arrives whole")
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers for the tests below: official-SDK workers, answering raw workers, the CLI
 
