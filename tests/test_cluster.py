@@ -587,8 +587,9 @@ class Responder(threading.Thread):
     """A raw worker on engine e providing fid: a thread reads its calls and (unless hang) answers
     each with {"by": name, "echo": data.s or None}. Counts and keeps the calls it got."""
 
-    def __init__(self, e, fid, name, hang=False, namespace=None):
+    def __init__(self, e, fid, name, hang=False, namespace=None, mult=1):
         super().__init__(daemon=True)
+        self.mult = mult  # the echo is data.s repeated mult times
         self.ws = WS(e.port)
         self.wid = worker_hello(self.ws, name, namespace=namespace)
         self.fid, self.name, self.hang = fid, name, hang
@@ -616,7 +617,9 @@ class Responder(threading.Thread):
                 try:
                     self.ws.send_json({"type": "invocationresult", "invocation_id": m["invocation_id"],
                                        "function_id": self.fid,
-                                       "result": {"by": self.name, "echo": d.get("s")}})
+                                       "result": {"by": self.name,
+                                                  "echo": d.get("s") if self.mult == 1
+                                                  else d.get("s", "") * self.mult}})
                 except OSError:
                     return
             else:
@@ -807,10 +810,13 @@ def remote_workers_listed_with_node(n, a, b):
         check(list(w)[0] == "node", "node is the row's first member: %s" % list(w))
     check(theirs[[k for k in theirs if theirs[k]["name"] == "sdk-wl"][0]].get("runtime") == "node",
           "the SDK worker's runtime: %s" % theirs)
-    # local rows carry no node; a's view does not list its own workers as remote
-    check(all("node" not in w for w in wlist(ca)), "a's own rows carry no node")
-    check(all(w.get("node") != "b" for w in wlist(ca) if w.get("name") in ("sdk-wl", "raw-wl")),
-          "a does not see its own workers through b")
+    # local rows carry no node; a's view does not list its own workers again as remote rows
+    # (it does list b's: cb, with node b)
+    own = [w for w in wlist(ca) if w.get("name") in ("sdk-wl", "raw-wl", "ca")]
+    check(len(own) == 3 and all("node" not in w for w in own), "a's own rows carry no node: %s" % own)
+    check(sorted(w.get("name") for w in wlist(ca) if w.get("node") == "b") == ["cb"],
+          "a lists b's worker cb with node b, and none of its own through b: %s"
+          % [w for w in wlist(ca) if w.get("node")])
     # filters apply to remote rows
     check(names(wrows(cb, "a", runtime="node")) == ["sdk-wl"], "runtime=node on b: %s"
           % wrows(cb, "a", runtime="node"))
@@ -1020,18 +1026,44 @@ def payload_over_max_message_size_is_refused_across_engines(n):
     t = time.time()
     iid = send_call(cb.ws, "big::echo", {"s": "x" * (6 << 20)})
     try:
-        r = recv_result(cb.ws, iid, 15)
+        r = recv_result(cb.ws, iid, 10)
     except TimeoutError:
-        raise Fail("no answer within 15 s to a call larger than a's max_message_bytes (a hang)")
+        raise Fail("no answer within 10 s to a call larger than a's max_message_bytes (a hang); "
+                   "a's log: %s" % [l for l in a.stderr().splitlines() if "cluster" in l][-3:])
     err = r.get("error") or {}
     check(err.get("code") and err.get("message"),
           "a clear error for a call larger than the target engine's max message size: %s"
           % str(r)[:300])
-    check(time.time() - t < 15, "answered in %.1fs" % (time.time() - t))
+    check(time.time() - t < 10, "answered in %.1fs" % (time.time() - t))
     check(not wa.got, "a's worker never got it")
     check(a.alive() and b.alive(), "both engines still serve")
     r = call(cb.ws, "big::echo", {"s": "small"}, 5)
     check((r.get("result") or {}).get("echo") == "small", "a small call after: %s" % r)
+    wa.close()
+
+
+@with_nats
+def answer_over_callers_max_message_size_is_an_error(n):
+    # the other direction: b (the caller's engine) takes messages up to 5 MiB; a's worker answers
+    # a 3 MiB call with 6 MiB
+    a = engine(n.port, "a")
+    b = engine(n.port, "b", listener="      max_message_bytes: 5242880\n")
+    wa = Responder(a, "big::twice", "pa", mult=2)
+    cb = Client(b, "cb")
+    wait_until(lambda: remote(cb, "big::twice", "a"), 5, "big::twice on b")
+    iid = send_call(cb.ws, "big::twice", {"s": "y" * (3 << 20)})
+    try:
+        r = recv_result(cb.ws, iid, 10)
+    except TimeoutError:
+        raise Fail("no answer within 10 s when the 6 MiB answer exceeds b's max_message_bytes "
+                   "(a hang); b's log: %s" % [l for l in b.stderr().splitlines() if "cluster" in l][-3:])
+    err = r.get("error") or {}
+    check(err.get("code") and err.get("message"),
+          "a clear error when the answer is larger than the caller engine's max message size: %s"
+          % str(r)[:300])
+    check(len(wa.got) == 1, "a's worker ran it once")
+    r = call(cb.ws, "big::twice", {"s": "ab"}, 5)
+    check((r.get("result") or {}).get("echo") == "abab", "a small call after: %s" % r)
     wa.close()
 
 
