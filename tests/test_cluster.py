@@ -1110,5 +1110,26 @@ def caller_disconnect_cancels_call_on_other_engine(n, a, b):
     wa.close()
 
 
+
+@with_nats
+def caller_disconnect_cancels_a_many_routed_call(n):
+    # the same through a queue group: the node NATS picked hears that the caller went away
+    a, b, c, cb, prov = three_with_x(n, "share::x", b_top=MANY, hang=True)
+    ws = WS(b.port)
+    worker_hello(ws, "leaver")
+    send_call(ws, "share::x", {"i": 1}, timeout_ms=30000)
+    node = wait_until(lambda: [k for k, p in prov.items() if p.got], 5,
+                      "the call reaching a's or c's worker")[0]
+    p = prov[node]
+    ws.close()
+    m = cancelled(p, p.got[0]["invocation_id"])
+    check(m == {"type": "invocationcancelled", "invocation_id": p.got[0]["invocation_id"],
+                "reason": "caller_disconnected"},
+          "%s's worker hears that the caller on b went away: %s (other frames: %s)"
+          % (node, m, p.extra))
+    for q in prov.values():
+        q.close()
+
+
 if __name__ == "__main__":
     sys.exit(suite.run())
