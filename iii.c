@@ -10404,22 +10404,22 @@ static void rkey_add(struct rfn *r, struct cnode *cn)
     if (nl + il + 1 > sizeof kb) return;
     memcpy(kb, r->ns, nl), kb[nl] = 0, memcpy(kb + nl + 1, r->id, il);
     struct rkey *k = (struct rkey *)hm_get(&CL.rkeys, kb, nl + 1 + il);
-    if (!k) {
-        if (!(k = xcalloc(sizeof *k + nl + 1 + il))) return;
+    if (!k) { /* a new entry, with room for two nodes, enters the map only when complete */
+        struct cnode **v = xmalloc(2 * sizeof *v);
+        if (!v || !(k = xcalloc(sizeof *k + nl + 1 + il))) {
+            xfree(v);
+            return;
+        }
         memcpy(k->key, kb, nl + 1 + il);
+        k->nodes = v, k->cap = 2;
         if (hm_put(&CL.rkeys, &k->h, k->key, nl + 1 + il) < 0) {
-            xfree(k);
+            xfree(v), xfree(k);
             return;
         }
-    }
-    if (k->n == k->cap) {
-        size_t nc = k->cap ? 2 * k->cap : 2;
-        struct cnode **v = xrealloc(k->nodes, nc * sizeof *v);
-        if (!v) {
-            if (!k->n) hm_del(&CL.rkeys, &k->h), xfree(k);
-            return;
-        }
-        k->nodes = v, k->cap = nc;
+    } else if (k->n == k->cap) {
+        struct cnode **v = xrealloc(k->nodes, 2 * k->cap * sizeof *v);
+        if (!v) return;
+        k->nodes = v, k->cap *= 2;
     }
     k->nodes[k->n++] = cn, r->k = k;
 }
@@ -11211,7 +11211,7 @@ static void cl_on_reply(const struct nats_msg *m)
         c && conn_open(c)) {
         struct buf b = {0};
         buf_append(&b, m->pl, m->pln);
-        if (!buf_check(&b)) {
+        if (!buf_check(&b) && b.p) {
             memcpy(b.p + b.off + (size_t)(k + 17 - (const char *)m->pl), rc->cid, 36);
             conn_frame(c, WS_TEXT, buf_data(&b), buf_used(&b));
         }
