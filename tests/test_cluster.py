@@ -1043,6 +1043,29 @@ def payload_over_max_message_size_is_refused_across_engines(n):
 
 
 @with_nats
+def call_over_own_max_message_size_is_closed_1009(n):
+    # a call larger than the caller's own engine's max_message_bytes never reaches the cluster:
+    # the WebSocket reader refuses it with close 1009, and the cluster keeps serving
+    a = engine(n.port, "a")
+    b = engine(n.port, "b", listener="      max_message_bytes: 5242880\n")
+    wa = Responder(a, "big::echo", "pa")
+    cb = Client(b, "cb")
+    wait_until(lambda: remote(cb, "big::echo", "a"), 5, "big::echo on b")
+    big = WS(b.port)
+    worker_hello(big, "big")
+    send_call(big, "big::echo", {"s": "z" * (6 << 20)})
+    try:
+        code = big.expect_close(10)
+    except (TimeoutError, Closed) as e:
+        raise Fail("no close 1009 for a 6 MiB call over b's 5 MiB max_message_bytes: %r" % e)
+    check(code == 1009, "close code %s" % code)
+    check(not wa.got, "a's worker never got it")
+    r = call(cb.ws, "big::echo", {"s": "small"}, 5)
+    check((r.get("result") or {}).get("echo") == "small", "a small call after: %s" % r)
+    wa.close()
+
+
+@with_nats
 def answer_over_callers_max_message_size_is_an_error(n):
     # the other direction: b (the caller's engine) takes messages up to 5 MiB; a's worker answers
     # a 3 MiB call with 6 MiB
