@@ -386,7 +386,10 @@ if [ "$MODE" = smoke ]; then
             FAILS=$((FAILS + 1))
         fi
     done
-    [ $FAILS -eq 0 ] || KEEP=1
+    if [ $FAILS -ne 0 ]; then
+        KEEP=1
+        say "#   logs kept in $W"
+    fi
     [ $FAILS -eq 0 ]
     exit
 fi
@@ -408,5 +411,8 @@ cp "$RES" "$B/build/cluster-results.txt"
 } >"$W/table.md"
 cp "$W/table.md" "$B/build/cluster-table.md"
 cat "$W/table.md"
-[ $FAILS -eq 0 ] || KEEP=1
+if [ $FAILS -ne 0 ]; then
+    KEEP=1
+    say "#   logs kept in $W"
+fi
 [ $FAILS -eq 0 ]
