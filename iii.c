@@ -10590,6 +10590,28 @@ static void cl_chunks_clear(int64_t before)
     if (!CL.chunks.n) hm_free(&CL.chunks);
 }
 
+static const char ERR_RTOOBIG[] =
+    "{\"code\":\"invocation_failed\",\"message\":\"The call or its answer is larger than the "
+    "receiving engine accepts (max_message_bytes), or the engine had no room to reassemble it\"}";
+static void cl_on_reply(const struct nats_msg *m);
+
+/* A chunked message that cannot be reassembled still gets its call answered: an answer is
+ * ended here with an error; a call is answered {"err":..} on its reply subject, which its
+ * caller's engine turns into the same error. */
+static void cl_chunk_failed(const struct nats_msg *m)
+{
+    static const char e[] = "{\"err\":1}";
+    if (m->sid == 6) {
+        struct nats_msg x = *m;
+        x.op = NOP_MSG, x.hdrn = 0, x.pl = (const unsigned char *)e, x.pln = sizeof e - 1;
+        cl_on_reply(&x);
+    } else if (m->reply && m->replyn < 512) {
+        char rs[512];
+        memcpy(rs, m->reply, m->replyn), rs[m->replyn] = 0;
+        nats_pub(rs, e, sizeof e - 1);
+    }
+}
+
 /* A chunk (HMSG with an Iii-Chunk header) appended to its message. Returns the reassembly
  * when m was its last chunk (the caller handles it, then frees it with chunks_free), else
  * NULL. A chunk out of order, a message over max_message_bytes, more than NATS_MAX_CHUNKED
@@ -10607,6 +10629,7 @@ static struct chunks *cl_chunk(const struct nats_msg *m)
     while (q < end && *q >= '0' && *q <= '9' && cnt < 1ul << 24) cnt = cnt * 10 + (unsigned long)(*q++ - '0');
     struct chunks *ch = (struct chunks *)hm_get(&CL.chunks, key, 36);
     const char *why = NULL;
+    int tail = !ch && seq; /* the rest of a message already dropped (or noise): said once */
     if (!ch) {
         if (seq || cnt < 2 || cnt >= 1ul << 24) why = "a chunk that starts no message";
         else if (CL.chunks.n >= NATS_MAX_CHUNKED) why = "too many large messages at once";
@@ -10623,8 +10646,10 @@ static struct chunks *cl_chunk(const struct nats_msg *m)
         why = "a message larger than max_message_bytes, or too many bytes in reassembly";
     if (!why && (buf_append(&ch->b, m->pl, m->pln), buf_check(&ch->b))) why = "out of memory";
     if (why) {
-        LOG(LOG_WARN, "cluster: chunked message on %.*s dropped: %s", (int)m->subjn, m->subj, why);
         if (ch) chunks_free(ch);
+        if (tail) return NULL;
+        LOG(LOG_WARN, "cluster: chunked message on %.*s dropped: %s", (int)m->subjn, m->subj, why);
+        cl_chunk_failed(m);
         return NULL;
     }
     CL.chunk_bytes += m->pln;
@@ -11194,6 +11219,10 @@ static void cl_on_reply(const struct nats_msg *m)
     if (m->op == NOP_HMSG && m->hdrn >= 12 && !memcmp(m->hdr, "NATS/1.0 503", 12)) {
         rcall_end(rc, "{\"code\":\"invocation_stopped\",\"message\":\"Invocation stopped: the "
                       "engine that had the function did not answer (no responders)\"}");
+        return;
+    }
+    if (m->pln == 9 && !memcmp(m->pl, "{\"err\":1}", 9)) { /* too large to reassemble */
+        rcall_end(rc, ERR_RTOOBIG);
         return;
     }
     if (m->pln > 8 && !memcmp(m->pl, "{\"ack\":", 7)) { /* the node a queue group picked */

@@ -161,6 +161,7 @@ fi
 if [ -f bench/replicas.sh ] && have python3; then
     III_BIN="$ROOT/iii" run_suite replicas_bench sh bench/replicas.sh --smoke
 fi
+if [ -f bench/cluster.sh ]; then run_suite cluster_bench sh bench/cluster.sh --smoke; fi # skips without nats-server
 
 say "$PASS passed, $FAIL failed, $SKIP skipped"
 [ "$FAIL" -eq 0 ]

@@ -17,6 +17,15 @@
  *                 --calls N --warmup N --secs S [--relay-exe PATH] [--scen NAME]
  *                 [--shared 1]  (every echo worker provides one function: the engine must
  *                 have a routing rule with providers: many for bench::echo.*)
+ *                 [--caller-port N]  (engine: the callers connect to another engine than the
+ *                 workers, e.g. a second engine of a cluster; default --port)
+ *                 [--wait-route S]  (before the warm-up, single calls are sent until every
+ *                 echo function answered; function_not_found is retried for up to S seconds:
+ *                 the time a cluster takes to announce the workers' functions)
+ *                 [--fn-prefix P]  (engine function ids P0, P1, ...; default bench::echo.)
+ *                 [--pids P,P,...]  (more server processes: their CPU is added up with --pid's)
+ *                 [--start-at T]  (the measured phase starts at Unix time T, after the warm-up:
+ *                 generators run side by side measure the same window)
  *   bench conns   --peer engine|nats --port N --pid N --n N [--conc K] [--secs S]
  *                 [--probe 1|2 --calls N]  (serial probe before and with the N connections
  *                 open; 2 = pinned to core 0 with taskset, like the table's serial runs)
@@ -325,6 +334,8 @@ static long g_nlat, g_caplat;
 static const char *fn_name = "bench::echo."; /* engine function ids: prefix + index */
 static char last_error[256];
 static int g_names; /* worker names are unique per generator: a live name is a lease (§5.9) */
+static int g_tolerate_nf; /* --wait-route: function_not_found answers are counted, not fatal */
+static long g_notfound;
 
 static struct bconn *conn_add(int fd, int role)
 {
@@ -468,10 +479,11 @@ static void ws_on_open(struct bconn *c)
     }
     snprintf(fr, sizeof fr,
              "{\"type\":\"invokefunction\",\"function_id\":\"engine::workers::register\",\"data\":{\"runtime\":\"c\","
-             "\"version\":\"0.1.0\",\"name\":\"bench-%s-%d\",\"os\":\"linux\",\"pid\":%d,\"isolation\":null,"
+             "\"version\":\"0.1.0\",\"name\":\"bench-%s-%d-%d\",\"os\":\"linux\",\"pid\":%d,\"isolation\":null,"
              "\"telemetry\":{\"language\":\"en-US\",\"project_name\":\"iii-bench\",\"framework\":\"iii-bench\"}},"
              "\"action\":{\"type\":\"void\"}}",
-             c->role == R_CALLER ? "caller" : c->role == R_IDLE ? "idle" : "worker", ++g_names, (int)getpid());
+             c->role == R_CALLER ? "caller" : c->role == R_IDLE ? "idle" : "worker", (int)getpid(), ++g_names,
+             (int)getpid());
     ws_text(c, fr);
     ws_text(c, "{\"type\":\"ping\"}");
 }
@@ -613,6 +625,11 @@ static void ws_message(struct bconn *c, const unsigned char *p, size_t n)
             if (bmem(JRAW(&jd, er), JLEN(&jd, er), "\"invocation_stopped\"", 20)) {
                 g_stopped++;
                 if (slot >= 0 && slot < c->depth) c->freel[c->nfree++] = (int)slot;
+                return;
+            }
+            if (g_tolerate_nf && bmem(JRAW(&jd, er), JLEN(&jd, er), "\"function_not_found\"", 20)) {
+                g_notfound++;
+                if (slot >= 0 && slot < c->depth) c->freel[c->nfree++] = (int)slot, g_done++;
                 return;
             }
             g_bad++;
@@ -1017,7 +1034,10 @@ static struct {
     double secs;
     char **argv;
     int shared; /* --shared 1: every echo worker provides the same function (routing replicas) */
-} O = {"engine", NULL, NULL, 0, 0, 1, 1, 1, 200, 3, 256, 0, 128, 10000, 1000, 1000, 5, NULL, 0};
+    int caller_port;                /* --caller-port: callers on another engine (a cluster) */
+    double wait_route, start_at;    /* --wait-route S, --start-at UNIX_TIME */
+    const char *fn_prefix, *pids;   /* --fn-prefix, --pids P,P,... */
+} O = {"engine", NULL, NULL, 0, 0, 1, 1, 1, 200, 3, 256, 0, 128, 10000, 1000, 1000, 5, NULL, 0, 0, 0, 0, NULL, NULL};
 
 static int peer_of(const char *s)
 {
@@ -1057,6 +1077,11 @@ static void parse_opts(int argc, char **argv)
         else if (!strcmp(a, "--relay-exe")) O.relay_exe = v;
         else if (!strcmp(a, "--scen")) O.scen = v;
         else if (!strcmp(a, "--shared")) O.shared = atoi(v);
+        else if (!strcmp(a, "--caller-port")) O.caller_port = atoi(v);
+        else if (!strcmp(a, "--wait-route")) O.wait_route = atof(v);
+        else if (!strcmp(a, "--start-at")) O.start_at = atof(v);
+        else if (!strcmp(a, "--fn-prefix")) O.fn_prefix = v;
+        else if (!strcmp(a, "--pids")) O.pids = v;
         else fail("unknown option %s", a);
     }
 }
@@ -1093,6 +1118,55 @@ static double pct_us(double q)
 
 /* ==== bench run ============================================================================= */
 
+/* CPU time of the processes listed in --pids (comma-separated), added up; 0 without any. */
+static uint64_t pids_cpu_ns(void)
+{
+    uint64_t sum = 0;
+    for (const char *p = O.pids; p && *p;) {
+        sum += proc_cpu_ns(atoi(p));
+        p = strchr(p, ',');
+        if (p) p++;
+    }
+    return sum;
+}
+
+/* --wait-route: single calls, round robin over the echo functions, until each of them answered
+ * in a row; function_not_found (the cluster has not announced them yet) is retried after 50 ms,
+ * for at most `secs`. Returns the seconds it took. */
+static double wait_route(double secs)
+{
+    uint64_t t0 = now_ns(), dl = t0 + (uint64_t)(secs * 1e9);
+    int ok = 0;
+    g_tolerate_nf = 1;
+    while (ok < g_nfuncs) {
+        if (now_ns() > dl) fail("the echo functions were not callable through the caller's engine within %.0f s", secs);
+        long nf = g_notfound;
+        run_calls(1, secs, 0);
+        if (g_notfound == nf) {
+            ok++;
+            continue;
+        }
+        ok = 0;
+        struct timespec ts = {0, 50000000};
+        nanosleep(&ts, NULL);
+    }
+    g_tolerate_nf = 0;
+    return (double)(now_ns() - t0) / 1e9;
+}
+
+/* --start-at: sleeps until the wall clock reaches T (at most 60 s away), so that generators
+ * started side by side measure the same seconds. */
+static void start_at(double t)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    double left = t - ((double)now.tv_sec + (double)now.tv_nsec / 1e9);
+    if (left > 60) fail("--start-at is more than 60 s away");
+    if (left <= 0) return;
+    struct timespec ts = {(time_t)left, (long)((left - (double)(time_t)left) * 1e9)};
+    nanosleep(&ts, NULL);
+}
+
 static int cmd_run(void)
 {
     peer = peer_of(O.peer);
@@ -1100,6 +1174,11 @@ static int cmd_run(void)
     int nats = peer == P_NATS;
     int port = O.port;
     int srv_pid = O.pid;
+    if (O.fn_prefix) {
+        if (strlen(O.fn_prefix) > 24) fail("--fn-prefix: at most 24 characters");
+        fn_name = O.fn_prefix;
+    }
+    if (O.caller_port && peer != P_ENGINE) fail("--caller-port is for the engine peer");
     g_caplat = O.calls;
     g_lat = malloc((size_t)g_caplat * sizeof *g_lat);
     if (!g_lat) fail("out of memory");
@@ -1123,13 +1202,15 @@ static int cmd_run(void)
         }
     }
     for (int k = 0; k < O.callers; k++) {
-        struct bconn *c = open_client(port, R_CALLER, nats);
+        struct bconn *c = open_client(O.caller_port ? O.caller_port : port, R_CALLER, nats);
         caller_init(c, O.depth);
     }
     wait_ready(R_CALLER, O.callers, 20, "callers");
 
-    /* warm-up, then the measured phase */
+    /* (functions announced through the cluster,) warm-up, then the measured phase */
+    double route_s = O.wait_route > 0 ? wait_route(O.wait_route) : -1;
     if (O.warmup > 0) run_calls(O.warmup, O.secs, 0);
+    if (O.start_at > 0) start_at(O.start_at);
     struct buf mt = {0};
     double inv0 = -1, mem0 = -1, al0 = -1;
     char alname[200] = "";
@@ -1138,13 +1219,13 @@ static int cmd_run(void)
         mem0 = metric((char *)buf_data(&mt), "iii_memory_bytes");
         al0 = metric_alloc((char *)buf_data(&mt), alname, sizeof alname);
     }
-    uint64_t cpu0 = proc_cpu_ns(srv_pid), m0 = machine_busy_ns();
+    uint64_t cpu0 = proc_cpu_ns(srv_pid), m0 = machine_busy_ns(), xcpu0 = pids_cpu_ns();
     double g0 = gen_cpu_s();
     uint64_t t0 = now_ns();
     long done = run_calls(O.calls, O.secs, 1);
     uint64_t t1 = now_ns();
     double g1 = gen_cpu_s();
-    uint64_t cpu1 = proc_cpu_ns(srv_pid), m1 = machine_busy_ns();
+    uint64_t cpu1 = proc_cpu_ns(srv_pid), m1 = machine_busy_ns(), xcpu1 = pids_cpu_ns();
     long rss = proc_status_kb(srv_pid, "VmRSS"), hwm = proc_status_kb(srv_pid, "VmHWM");
     double inv1 = -1, mem1 = -1, al1 = -1;
     if (peer == P_ENGINE && http_get(O.port, "/metrics", &mt) == 0) {
@@ -1164,8 +1245,12 @@ static int cmd_run(void)
     if (srv_pid > 0)
         printf(" srv_cpu_us_call=%.2f srv_cpu_pct=%.0f srv_rss_kb=%ld srv_hwm_kb=%ld",
                (double)(cpu1 - cpu0) / 1e3 / (double)done, 100.0 * (double)(cpu1 - cpu0) / 1e9 / secs, rss, hwm);
+    if (O.pids)
+        printf(" all_srv_cpu_us_call=%.2f all_srv_cpu_pct=%.0f", (double)(cpu1 - cpu0 + xcpu1 - xcpu0) / 1e3 / (double)done,
+               100.0 * (double)(cpu1 - cpu0 + xcpu1 - xcpu0) / 1e9 / secs);
+    if (route_s >= 0) printf(" route_wait_s=%.2f", route_s);
     if (m1 > m0) {
-        double other = (double)(m1 - m0) / 1e9 - (g1 - g0) - (double)(cpu1 - cpu0) / 1e9;
+        double other = (double)(m1 - m0) / 1e9 - (g1 - g0) - (double)(cpu1 - cpu0 + xcpu1 - xcpu0) / 1e9;
         printf(" other_cpu_pct=%.0f", other > 0 ? 100.0 * other / secs : 0.0);
     }
     if (inv0 >= 0 && inv1 >= 0) printf(" engine_invocations=%.0f", inv1 - inv0);
@@ -1432,7 +1517,11 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     setvbuf(stdout, NULL, _IOLBF, 0);
     {
+        /* every generator its own ids: without rnd_init the engine's rnd_bytes is a fixed
+         * stream, and two generators calling through one engine would send the same
+         * invocation_ids (the second one is refused as already in flight) */
         unsigned char seed[8];
+        (void)rnd_init();
         rnd_bytes(seed, 8);
         memcpy(&rng_s, seed, 8);
         rng_s |= 1;
