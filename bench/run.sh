@@ -223,6 +223,8 @@ stop_engine() {
 NPID=""
 NPORT=""
 start_nats() {
+    # emptied first: a restart must not read the previous server's "ready" line and port
+    : >"$W/nats.log"
     "$NATS" -a 127.0.0.1 -p -1 >"$W/nats.log" 2>&1 &
     NPID=$!
     track $NPID
