@@ -1,6 +1,8 @@
 # bench/table.awk - turns bench/build/results.txt (lines of key=value written by bench/bench and
 # bench/run.sh) into the markdown tables of BENCHMARKS.md. Repeated runs of one (scenario, peer,
-# size) are reduced to the median of each figure. Missing figures print as "—".
+# size) are reduced to the median of each figure, disturbed runs included (flagged ⚠; the
+# verdict of bench/verdict.awk uses undisturbed runs only). Missing figures print as "—".
+$1 == "verdict" { next }
 {
     scen = ""; peer = ""; size = ""
     for (i = 2; i <= NF; i++) {
@@ -78,14 +80,20 @@ END {
     row(s, "p50 latency µs", "serial-cross", 128, "p50_us", 1)
     row(s, "p99 latency µs", "serial-cross", 128, "p99_us", 1)
     row(s, "router CPU µs/call", "serial-cross", 128, "srv_cpu_us_call", 2)
-    p = "pipelined, 128 B, 4 callers × 32 in flight, 4 echo workers"
+    p = "pipelined, 128 B, 4 callers × 32 in flight, 4 echo workers, unpinned"
     row(p, "calls/s", "pipelined", 128, "cps", 0)
     row(p, "p50 latency µs", "pipelined", 128, "p50_us", 1)
     row(p, "p99 latency µs", "pipelined", 128, "p99_us", 1)
     row(p, "router CPU µs/call", "pipelined", 128, "srv_cpu_us_call", 2)
+    row(p, "router CPU µs/call, utime+stime", "pipelined", 128, "srv_stat_cpu_us_call", 2)
     row(p, "router CPU % of a core", "pipelined", 128, "srv_cpu_pct", 0)
     row(p, "generator CPU % of a core", "pipelined", 128, "gen_cpu_pct", 0)
     row(p, "router RSS kB after the run", "pipelined", 128, "srv_rss_kb", 0)
+    p = "pipelined, 128 B, 4 callers × 32 in flight, pinned (router on core 1, generator on core 0)"
+    row(p, "calls/s", "pipelined-pinned", 128, "cps", 0)
+    row(p, "p99 latency µs", "pipelined-pinned", 128, "p99_us", 1)
+    row(p, "router CPU µs/call, utime+stime", "pipelined-pinned", 128, "srv_stat_cpu_us_call", 2)
+    row(p, "router CPU % of a core", "pipelined-pinned", 128, "srv_cpu_pct", 0)
     split("128 1024 16384 1048576", S, " ")
     for (i = 1; i <= 4; i++) {
         z = S[i]
