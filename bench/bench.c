@@ -128,6 +128,27 @@ static void bput(struct buf *b, const void *p, size_t n)
 
 /* ==== /proc and HTTP probes ================================================================= */
 
+/* utime + stime of a process from /proc/PID/stat, in clock ticks (every thread, including the
+ * threads that have exited), -1 if unknown. */
+static long long proc_stat_ticks(int pid)
+{
+    if (pid <= 0) return -1;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    char line[2048];
+    size_t n = fread(line, 1, sizeof line - 1, f);
+    fclose(f);
+    line[n] = 0;
+    char *p = strrchr(line, ')');
+    if (!p) return -1;
+    unsigned long long ut = 0, st = 0;
+    /* fields after ")": state(3) ... utime(14) stime(15) */
+    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2) return -1;
+    return (long long)(ut + st);
+}
+
 /* CPU time of a process in ns: the sum of its threads' schedstat run time (ns precision), or
  * utime+stime from /proc/PID/stat (clock ticks) where schedstat is missing. */
 static uint64_t proc_cpu_ns(int pid)
@@ -153,19 +174,8 @@ static uint64_t proc_cpu_ns(int pid)
         closedir(d);
     }
     if (got) return sum;
-    snprintf(path, sizeof path, "/proc/%d/stat", pid);
-    FILE *f = fopen(path, "r");
-    if (!f) return 0;
-    char line[2048];
-    size_t n = fread(line, 1, sizeof line - 1, f);
-    fclose(f);
-    line[n] = 0;
-    char *p = strrchr(line, ')');
-    if (!p) return 0;
-    unsigned long long ut = 0, st = 0;
-    /* fields after ")": state(3) ... utime(14) stime(15) */
-    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2) return 0;
-    return (ut + st) * (1000000000ull / (unsigned long long)sysconf(_SC_CLK_TCK));
+    long long t = proc_stat_ticks(pid);
+    return t < 0 ? 0 : (uint64_t)t * (1000000000ull / (unsigned long long)sysconf(_SC_CLK_TCK));
 }
 
 /* A "Vm...:" line of /proc/PID/status in kB (VmRSS, VmHWM), -1 if unknown. */
@@ -1219,6 +1229,7 @@ static int cmd_run(void)
         mem0 = metric((char *)buf_data(&mt), "iii_memory_bytes");
         al0 = metric_alloc((char *)buf_data(&mt), alname, sizeof alname);
     }
+    long long tk0 = proc_stat_ticks(srv_pid);
     uint64_t cpu0 = proc_cpu_ns(srv_pid), m0 = machine_busy_ns(), xcpu0 = pids_cpu_ns();
     double g0 = gen_cpu_s();
     uint64_t t0 = now_ns();
@@ -1226,6 +1237,7 @@ static int cmd_run(void)
     uint64_t t1 = now_ns();
     double g1 = gen_cpu_s();
     uint64_t cpu1 = proc_cpu_ns(srv_pid), m1 = machine_busy_ns(), xcpu1 = pids_cpu_ns();
+    long long tk1 = proc_stat_ticks(srv_pid);
     long rss = proc_status_kb(srv_pid, "VmRSS"), hwm = proc_status_kb(srv_pid, "VmHWM");
     double inv1 = -1, mem1 = -1, al1 = -1;
     if (peer == P_ENGINE && http_get(O.port, "/metrics", &mt) == 0) {
@@ -1245,6 +1257,10 @@ static int cmd_run(void)
     if (srv_pid > 0)
         printf(" srv_cpu_us_call=%.2f srv_cpu_pct=%.0f srv_rss_kb=%ld srv_hwm_kb=%ld",
                (double)(cpu1 - cpu0) / 1e3 / (double)done, 100.0 * (double)(cpu1 - cpu0) / 1e9 / secs, rss, hwm);
+    /* the same CPU time as the kernel's utime + stime (clock ticks: 10 ms at 100 Hz) */
+    if (tk0 >= 0 && tk1 >= tk0)
+        printf(" srv_stat_ticks=%lld srv_stat_cpu_us_call=%.2f", tk1 - tk0,
+               (double)(tk1 - tk0) * 1e6 / (double)sysconf(_SC_CLK_TCK) / (double)done);
     if (O.pids)
         printf(" all_srv_cpu_us_call=%.2f all_srv_cpu_pct=%.0f", (double)(cpu1 - cpu0 + xcpu1 - xcpu0) / 1e3 / (double)done,
                100.0 * (double)(cpu1 - cpu0 + xcpu1 - xcpu0) / 1e9 / secs);

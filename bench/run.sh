@@ -1,13 +1,19 @@
 #!/bin/sh
-# bench/run.sh [--quick | --smoke]   The iii benchmarks: one command, one table.
+# bench/run.sh [--quick | --smoke | --verdict]   The iii benchmarks: one command, one table.
 #
-#   (no flag)  full run (about 5 minutes): every scenario against the engine, NATS, the relay
+#   (no flag)  full run (5 to 15 minutes): every scenario against the engine, NATS, the relay
 #              floor and the direct WebSocket hop, 3 interleaved repetitions (medians shown),
-#              plus the engine's profile (perf stat, callgrind) and binary sizes.
-#   --quick    the same table from 1 repetition of shorter phases (about 1.5 minutes).
+#              the verdict (below), the engine's profile (perf stat, callgrind), binary sizes.
+#   --quick    the same table from 1 repetition of shorter phases, 3 for the verdict.
+#   --verdict  only the verdict, with the full run's parameters (bench/build/verdict.md).
 #   --smoke    a few thousand calls per scenario, no timing claims: prints "ok - ..." per
 #              scenario ("skip - ..." for peers not installed) and exits 0 unless one failed.
 #              test.sh runs it; it uses $III_BIN when set (the sanitizer build there).
+# The verdict: pipelined 128 B, engine vs NATS vs the floor, unpinned and pinned (every server
+# thread on core 1, the generator on core 0), repeated (3 to 7 times, within a time bound) until
+# the spread (max - min) / median of engine/NATS calls/s and CPU per call (utime+stime from
+# /proc/PID/stat / calls) is under 10 %; a run during which other processes used 20 % of a core
+# or more is run again (twice at most) and, if still disturbed, gives no ratio (bench/verdict.awk).
 # Environment: CC (default cc); III_BIN (smoke only: the engine binary to drive);
 #   III_BENCH_NATS=PATH to a nats-server, or "none" to leave NATS out.
 #
@@ -29,16 +35,18 @@ set -u
 B=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$B")
 MODE=full
+ONLY_VERDICT=0
 case ${1:-} in
 "") ;;
 --quick) MODE=quick ;;
+--verdict) ONLY_VERDICT=1 ;;
 --smoke) MODE=smoke ;;
 -h | --help)
-    sed -n '2,27p' "$0"
+    sed -n '2,33p' "$0"
     exit 0
     ;;
 *)
-    echo "usage: sh bench/run.sh [--quick | --smoke]" >&2
+    echo "usage: sh bench/run.sh [--quick | --smoke | --verdict]" >&2
     exit 2
     ;;
 esac
@@ -54,6 +62,7 @@ else
     mkdir -p "$W"
 fi
 RES=$W/results.txt
+[ $ONLY_VERDICT -eq 1 ] && RES=$W/verdict-results.txt
 : >"$RES"
 PIDS=""
 FAILS=0
@@ -223,6 +232,8 @@ stop_engine() {
 NPID=""
 NPORT=""
 start_nats() {
+    # emptied first: a restart must not read the previous server's "ready" line and port
+    : >"$W/nats.log"
     "$NATS" -a 127.0.0.1 -p -1 >"$W/nats.log" 2>&1 &
     NPID=$!
     track $NPID
@@ -236,28 +247,33 @@ start_nats() {
 }
 
 # quiet_wait: before a measured run (not in smoke mode), waits until the machine has been
-# idle for half a second (under 10 % of one core busy, from /proc/stat), at most 30 s. The
+# idle for half a second (under 10 % of one core busy, from /proc/stat), at most QUIET_N half
+# seconds (30 s; 5 s in the verdict, whose repetitions have their own time bound). The
 # machine may be shared (a test suite running next to us); the generator reports what else
 # used the CPU during each run anyway (other_cpu_pct), and the table flags those cells.
 TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
 busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat 2>/dev/null; }
+QUIET_N=60
 quiet_wait() {
     [ "$MODE" = smoke ] && return 0
     [ -r /proc/stat ] || return 0
     i=0
-    while [ $i -lt 60 ]; do
+    while [ $i -lt $QUIET_N ]; do
         a=$(busy_ticks)
         sleep 0.5
         b=$(busy_ticks)
         [ $((b - a)) -le $((TCK / 20)) ] && return 0
         i=$((i + 1))
     done
-    log "the machine is still busy after 30 s; measuring anyway"
+    log "the machine is still busy after $((QUIET_N / 2)) s; measuring anyway"
 }
 
 # gen LABEL ARGS...: runs the generator; its "result" line goes to results.txt. Outside smoke
-# mode a run during which other processes used 20 % of a core or more is run again (twice at
-# most); the last attempt is kept, and the table flags it if it was still disturbed.
+# mode a run during which other processes used DISTURB (20) % of a core or more is run again
+# (twice at most); the last attempt is kept, and the table flags it if it was still disturbed.
+# GEN_TAG (e.g. " rep=2"), when set, is appended to the line with tries=N (attempts made).
+DISTURB=20
+GEN_TAG=""
 gen() {
     label=$1
     shift
@@ -269,16 +285,17 @@ gen() {
         line=$(printf '%s\n' "$out" | grep '^result ' | tail -n 1)
         [ "$MODE" = smoke ] || [ $rc -ne 0 ] || [ $try -ge 2 ] && break
         other=$(printf '%s\n' "$line" | sed -n 's/.* other_cpu_pct=\([0-9]*\).*/\1/p')
-        [ -n "$other" ] && [ "$other" -ge 20 ] || break
+        [ -n "$other" ] && [ "$other" -ge $DISTURB ] || break
         log "$label: other processes used $other % of a core meanwhile; running it again"
         try=$((try + 1))
     done
     if [ $rc -eq 0 ] && [ -n "$line" ]; then
+        if [ -n "$GEN_TAG" ]; then line="$line$GEN_TAG tries=$((try + 1))"; fi
         printf '%s\n' "$line" >>"$RES"
         if [ "$MODE" = smoke ]; then
             say "ok - bench: $label"
         else
-            log "$label: $(printf '%s' "$line" | tr ' ' '\n' | grep -E '^(cps|p50_us|p99_us|secs|stop_ms_p50|listen_ms_p50|first_call_ms_p50|rss_per_conn_b)=' | tr '\n' ' ')"
+            log "$label: $(printf '%s' "$line" | tr ' ' '\n' | grep -E '^(cps|p50_us|p99_us|secs|srv_stat_cpu_us_call|other_cpu_pct|stop_ms_p50|listen_ms_p50|first_call_ms_p50|rss_per_conn_b)=' | tr '\n' ' ')"
         fi
         return 0
     fi
@@ -294,16 +311,23 @@ case $MODE in
 full)
     REPS=3 S_SECS=3 S_CALLS=400000 P_SECS=4 P_CALLS=4000000 W_SECS=2 W_CALLS=400000
     CL_ROUNDS=7 ST_ROUNDS=15
+    V_MIN=3 V_MAX=7 V_BUDGET=240 V_SECS=4 V_CALLS=4000000
     ;;
 quick)
     REPS=1 S_SECS=2 S_CALLS=200000 P_SECS=2 P_CALLS=2000000 W_SECS=1 W_CALLS=200000
     CL_ROUNDS=3 ST_ROUNDS=5
+    V_MIN=3 V_MAX=3 V_BUDGET=90 V_SECS=2 V_CALLS=2000000
     ;;
 smoke)
     REPS=1 S_SECS=20 S_CALLS=2000 P_SECS=20 P_CALLS=4000 W_SECS=20 W_CALLS=200
     CL_ROUNDS=1 ST_ROUNDS=1
+    # one repetition per placement, enough calls for a few clock ticks of router CPU
+    V_MIN=1 V_MAX=1 V_BUDGET=60 V_SECS=20 V_CALLS=100000
     ;;
 esac
+# the verdict's rules (bench/verdict.awk): a ratio is steady when its spread over at least V_MIN
+# undisturbed repetitions is under V_SPREAD %
+V_SPREAD=10
 PEERS="engine floor direct"
 if [ -n "$NATS" ]; then PEERS="engine nats floor direct"; fi
 
@@ -344,11 +368,12 @@ run_peer() {
     shift 2
     relay=$RELAY
     [ "$PLACE" = cross ] && relay=$W/relay-core1
+    # the servers not under test are idle, but their CPU is the benchmark's, not other load
     case $p in
-    engine) gen "$label" run --peer engine --port "$EPORT" --pid "$EPID" "$@" ;;
-    nats) gen "$label" run --peer nats --port "$NPORT" --pid "$NPID" "$@" ;;
-    floor) gen "$label" run --peer floor --relay-exe "$relay" "$@" ;;
-    direct) gen "$label" run --peer direct "$@" ;;
+    engine) gen "$label" run --peer engine --port "$EPORT" --pid "$EPID" ${NPID:+--pids "$NPID"} "$@" ;;
+    nats) gen "$label" run --peer nats --port "$NPORT" --pid "$NPID" --pids "$EPID" "$@" ;;
+    floor) gen "$label" run --peer floor --relay-exe "$relay" --pids "$EPID${NPID:+,$NPID}" "$@" ;;
+    direct) gen "$label" run --peer direct --pids "$EPID${NPID:+,$NPID}" "$@" ;;
     esac
 }
 
@@ -358,7 +383,76 @@ log "mode $MODE; engine $ENGINE; peers: $PEERS${NATS_NOTE:+ (NATS: $NATS_NOTE)}"
 start_engine main
 if [ -n "$NATS" ]; then start_nats || { say "skip - bench: NATS peer: $NATS_NOTE"; PEERS="engine floor direct"; }; fi
 
-# serial and pipelined: the peers interleaved, REPS times (the machine's noise hits all alike)
+# the verdict: pipelined 128 B, engine vs NATS vs the floor (interleaved in every repetition),
+# in placement free (scen=pipelined) or cross (scen=pipelined-pinned: every server thread on
+# core 1, the generator on core 0). Repetitions go on until bench/verdict.awk finds both
+# engine/base ratios (calls/s, CPU per call) steady over V_MIN undisturbed repetitions, or V_MAX
+# repetitions were made, or V_BUDGET seconds have passed; a "verdict" line says which.
+VPEERS="engine floor"
+case " $PEERS " in *" nats "*) VPEERS="engine nats floor" ;; esac
+verdict_phase() {
+    vplace=$1 vscen=$2
+    place "$vplace"
+    if [ "$vplace" = cross ] && [ "$PLACE" != cross ]; then
+        log "verdict: no pinned comparison (taskset missing or one core)"
+        return 0
+    fi
+    vt0=$(date +%s)
+    vr=1
+    stop=reps
+    QUIET_N=10
+    while [ $vr -le $V_MAX ]; do
+        GEN_TAG=" rep=$vr"
+        for p in $VPEERS; do
+            run_peer "$p" "verdict $vscen $p (rep $vr)" --scen "$vscen" --size 128 --callers 4 --workers 4 --depth 32 \
+                --calls $V_CALLS --secs $V_SECS --warmup 20000
+        done
+        GEN_TAG=""
+        if [ "$MODE" = smoke ]; then
+            stop=smoke
+            break
+        fi
+        if [ $vr -ge $V_MIN ] && awk -v mode=check -v scen="$vscen" -v disturb=$DISTURB -v minreps=$V_MIN \
+            -v maxspread=$V_SPREAD -f "$B/verdict.awk" "$RES"; then
+            stop=steady
+            break
+        fi
+        if [ $(($(date +%s) - vt0)) -ge $V_BUDGET ] && [ $vr -lt $V_MAX ]; then
+            stop=time
+            break
+        fi
+        vr=$((vr + 1))
+    done
+    [ $vr -gt $V_MAX ] && vr=$V_MAX
+    QUIET_N=60
+    printf 'verdict scen=%s reps=%s stop=%s secs=%s\n' "$vscen" "$vr" "$stop" $(($(date +%s) - vt0)) >>"$RES"
+    log "verdict $vscen: $vr repetitions, stopped: $stop"
+    place free
+}
+verdict_table() {
+    awk -v mode="$1" -v disturb=$DISTURB -v minreps=$V_MIN -v maxspread=$V_SPREAD -f "$B/verdict.awk" "$RES"
+}
+
+if [ $ONLY_VERDICT -eq 1 ]; then
+    verdict_phase free pipelined
+    verdict_phase cross pipelined-pinned
+    stop_engine main
+    [ -n "$NPID" ] && stop_pid "$NPID"
+    {
+        echo "## iii engine vs NATS verdict (\`sh bench/run.sh --verdict\`, took $(($(date +%s) - START_TS)) s)"
+        echo
+        echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'); machine: $CORES cores ($(sed -n 's/^model name[^:]*: *//p' /proc/cpuinfo 2>/dev/null | head -n 1)), $(uname -sr); load average before / after: $LOAD0 / $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
+        echo "- engine: source git ${GIT_ID:-?}, iii.c sha1 $SRC_ID; ${NATS:+$("$NATS" --version 2>/dev/null | head -n 1)}"
+        echo
+        verdict_table table
+    } >"$W/verdict.md"
+    cat "$W/verdict.md"
+    [ $FAILS -eq 0 ]
+    exit
+fi
+
+# serial: the peers interleaved, REPS times (the machine's noise hits all alike); the direct
+# hop's pipelined runs (the other peers' are the verdict's, below)
 r=1
 while [ $r -le $REPS ]; do
     place same
@@ -372,12 +466,17 @@ while [ $r -le $REPS ]; do
         done
     fi
     place free
-    for p in $PEERS; do
-        run_peer "$p" "pipelined $p (rep $r)" --scen pipelined --size 128 --callers 4 --workers 4 --depth 32 \
-            --calls $P_CALLS --secs $P_SECS --warmup 20000
-    done
+    run_peer direct "pipelined direct (rep $r)" --scen pipelined --size 128 --callers 4 --workers 4 --depth 32 \
+        --calls $P_CALLS --secs $P_SECS --warmup 20000
     r=$((r + 1))
 done
+verdict_phase free pipelined
+verdict_phase cross pipelined-pinned
+if [ "$MODE" = smoke ]; then
+    vout=$(verdict_table smoke)
+    printf '%s\n' "$vout"
+    FAILS=$((FAILS + $(printf '%s\n' "$vout" | grep -c '^not ok')))
+fi
 # payload sweep: serial pinned to one core, pipelined free
 for s in $SIZES; do
     wc=$W_CALLS
@@ -520,14 +619,16 @@ ELAPSED=$(($(date +%s) - START_TS))
     echo "- machine: $CORES cores ($CPU), $MEM, $KERNEL; compiler: $COMPILER; load average before / after the run: $LOAD0 / $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
     echo "- engine: \`$CC $ENGINE_CFLAGS iii.c\` ($("$W/iii" --version 2>/dev/null); source: git ${GIT_ID:-?}, iii.c sha1 $SRC_ID); peers: ${NATSV:-NATS not run${NATS_NOTE:+ ($NATS_NOTE)}}; floor: bench/relay.c; generator: bench/bench.c (one thread, poll(), same for every peer)"
     if [ $PIN -eq 1 ]; then
-        echo "- placement: one-call-in-flight runs pinned with taskset (\"same core\": router and generator on core 0; \"cross core\": router on core 1), throughput runs unpinned; see the comment in bench/run.sh"
+        echo "- placement: one-call-in-flight runs pinned with taskset (\"same core\": router and generator on core 0; \"cross core\": router on core 1), throughput runs unpinned, the verdict's pipelined runs both unpinned and pinned (router on core 1, generator on core 0); see the comment in bench/run.sh"
     else
         echo "- placement: nothing pinned (taskset missing or one core): one-call-in-flight latencies are noisy"
     fi
-    echo "- a run disturbed by other processes (20 % of a core or more, measured from /proc/stat) is run again, twice at most; medians of $REPS interleaved repetitions for serial and pipelined; ratio = engine / peer (calls/s: above 1 is better for the engine; latency, CPU, memory, time: below 1 is better)"
+    echo "- a run disturbed by other processes (20 % of a core or more, measured from /proc/stat) is run again, twice at most; medians of $REPS interleaved repetitions for serial (and the direct hop's pipelined runs); the other pipelined figures come from the verdict's repetitions; every figure is the median over undisturbed runs, ⚠ marks a cell whose runs were all disturbed (no ratio from it); ratio = engine / peer (calls/s: above 1 is better for the engine; latency, CPU, memory, time: below 1 is better)"
     echo
     awk -f "$B/table.awk" "$RES"
     [ -n "$MUSL_NOTE" ] && echo "- static musl build: $MUSL_NOTE"
+    echo
+    verdict_table table
 } >"$W/table.md"
 cat "$W/table.md"
 [ $FAILS -eq 0 ]

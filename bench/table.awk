@@ -1,6 +1,9 @@
 # bench/table.awk - turns bench/build/results.txt (lines of key=value written by bench/bench and
 # bench/run.sh) into the markdown tables of BENCHMARKS.md. Repeated runs of one (scenario, peer,
-# size) are reduced to the median of each figure. Missing figures print as "—".
+# size) are reduced to the median of each figure over its undisturbed runs (other processes
+# used under 20 % of a core meanwhile); when every run of it was disturbed, over those, flagged
+# ⚠ and without a ratio (as in bench/verdict.awk). Missing figures print as "—".
+$1 == "verdict" { next }
 {
     scen = ""; peer = ""; size = ""
     for (i = 2; i <= NF; i++) {
@@ -8,29 +11,36 @@
         if (k == "scen") scen = v; else if (k == "peer") peer = v; else if (k == "size") size = v
     }
     id = scen "|" peer "|" size
+    d = 0
     for (i = 2; i <= NF; i++)
         if ($i ~ /^other_cpu_pct=/) {
             v = $i; sub(/^[^=]*=/, "", v); OTHER[++NO] = v + 0
-            if (v + 0 > OTH[id] + 0) OTH[id] = v + 0
+            if (v + 0 >= 20) d = 1
         }
+    if (d) NDIST[id]++; else NCLEAN[id]++
     for (i = 2; i <= NF; i++) {
         k = $i; sub(/=.*/, "", k); v = $i; sub(/^[^=]*=/, "", v)
         if (k == "scen" || k == "peer" || k == "size") continue
         if (k == "kind") { id = scen "|" peer "|" v; continue }
-        V[id, k] = (V[id, k] == "" ? v : V[id, k] " " v)
+        if (d) VD[id, k] = (VD[id, k] == "" ? v : VD[id, k] " " v)
+        else V[id, k] = (V[id, k] == "" ? v : V[id, k] " " v)
     }
 }
 
+# med(id, k): the median over the undisturbed runs, or over the disturbed ones when there are
+# no others (flag(id) marks those).
 function med(id, k,    n, a, i, j, t) {
-    if (!((id, k) in V)) return ""
-    n = split(V[id, k], a, " ")
+    if ((id, k) in V) n = split(V[id, k], a, " ")
+    else if ((id, k) in VD) n = split(VD[id, k], a, " ")
+    else return ""
     for (i = 2; i <= n; i++) { t = a[i] + 0; for (j = i - 1; j >= 1 && a[j] + 0 > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
     return a[int((n + 1) / 2)]
 }
 # str(id, k): a text figure (the first one recorded).
 function str(id, k,    a) {
-    if (!((id, k) in V)) return ""
-    split(V[id, k], a, " ")
+    if ((id, k) in V) split(V[id, k], a, " ")
+    else if ((id, k) in VD) split(VD[id, k], a, " ")
+    else return ""
     return a[1]
 }
 function fmt(v, d) {
@@ -39,17 +49,22 @@ function fmt(v, d) {
     return sprintf("%." d "f", v)
 }
 function ratio(a, b) {
-    if (a == "" || b == "" || b + 0 == 0) return "—"
+    if (a == "" || b == "" || b + 0 == 0 || a == "x" || b == "x") return "—"
     return sprintf("%.2f×", a / b)
 }
 # row(label, metric, scen, size, key, decimals): one line with the four peers and two ratios.
-# flag(id): a mark on figures from a run during which other processes used >= 20 % of a core.
-function flag(id) { if (OTH[id] + 0 >= 20) { FLAGGED = 1; return " ⚠" } return "" }
-function row(label, metric, scen, size, key, d,    e, n, f, x) {
-    e = med(scen "|engine|" size, key); n = med(scen "|nats|" size, key)
-    f = med(scen "|floor|" size, key); x = med(scen "|direct|" size, key)
-    printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", label, metric, fmt(e, d) flag(scen "|engine|" size), fmt(n, d) flag(scen "|nats|" size),
-        fmt(f, d) flag(scen "|floor|" size), fmt(x, d) flag(scen "|direct|" size), ratio(e, n), ratio(e, f)
+# flag(id): a mark on figures from runs during which other processes used >= 20 % of a core
+# (only when no undisturbed run of that cell is left).
+function dis(id) { return NDIST[id] > 0 && !NCLEAN[id] }
+function flag(id) { if (dis(id)) { FLAGGED = 1; return " ⚠" } return "" }
+# rv(id, v): v, or "x" (no ratio) for a figure from disturbed runs only
+function rv(id, v) { return dis(id) ? "x" : v }
+function row(label, metric, scen, size, key, d,    e, n, f, x, ie, in_, if_) {
+    ie = scen "|engine|" size; in_ = scen "|nats|" size; if_ = scen "|floor|" size
+    e = med(ie, key); n = med(in_, key)
+    f = med(if_, key); x = med(scen "|direct|" size, key)
+    printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", label, metric, fmt(e, d) flag(ie), fmt(n, d) flag(in_),
+        fmt(f, d) flag(if_), fmt(x, d) flag(scen "|direct|" size), ratio(rv(ie, e), rv(in_, n)), ratio(rv(ie, e), rv(if_, f))
 }
 function eng(label, v, note) {
     printf "| %s | %s | %s |\n", label, (v == "" ? "—" : v), note
@@ -78,14 +93,20 @@ END {
     row(s, "p50 latency µs", "serial-cross", 128, "p50_us", 1)
     row(s, "p99 latency µs", "serial-cross", 128, "p99_us", 1)
     row(s, "router CPU µs/call", "serial-cross", 128, "srv_cpu_us_call", 2)
-    p = "pipelined, 128 B, 4 callers × 32 in flight, 4 echo workers"
+    p = "pipelined, 128 B, 4 callers × 32 in flight, 4 echo workers, unpinned"
     row(p, "calls/s", "pipelined", 128, "cps", 0)
     row(p, "p50 latency µs", "pipelined", 128, "p50_us", 1)
     row(p, "p99 latency µs", "pipelined", 128, "p99_us", 1)
     row(p, "router CPU µs/call", "pipelined", 128, "srv_cpu_us_call", 2)
+    row(p, "router CPU µs/call, utime+stime", "pipelined", 128, "srv_stat_cpu_us_call", 2)
     row(p, "router CPU % of a core", "pipelined", 128, "srv_cpu_pct", 0)
     row(p, "generator CPU % of a core", "pipelined", 128, "gen_cpu_pct", 0)
     row(p, "router RSS kB after the run", "pipelined", 128, "srv_rss_kb", 0)
+    p = "pipelined, 128 B, 4 callers × 32 in flight, pinned (router on core 1, generator on core 0)"
+    row(p, "calls/s", "pipelined-pinned", 128, "cps", 0)
+    row(p, "p99 latency µs", "pipelined-pinned", 128, "p99_us", 1)
+    row(p, "router CPU µs/call, utime+stime", "pipelined-pinned", 128, "srv_stat_cpu_us_call", 2)
+    row(p, "router CPU % of a core", "pipelined-pinned", 128, "srv_cpu_pct", 0)
     split("128 1024 16384 1048576", S, " ")
     for (i = 1; i <= 4; i++) {
         z = S[i]
@@ -110,7 +131,9 @@ END {
     row(t, "exec → listening, ms", "startup", "", "listen_ms_p50", 2)
     row(t, "exec → first successful call, ms", "startup", "", "first_call_ms_p50", 2)
     print ""
-    if (FLAGGED) print "⚠ = during at least one run behind this figure, other processes used 20 % of a core or more (see other_cpu_pct in bench/build/results.txt).\n"
+    print "Figures are medians over the undisturbed runs (other processes under 20 % of a core meanwhile)."
+    if (FLAGGED) print "⚠ = every run behind this figure was disturbed (other processes used 20 % of a core or more, see other_cpu_pct in bench/build/results.txt): the median of those runs, and no ratio from it.\n"
+    else print ""
     print "NATS has no counterpart of the cleanup scenario (a request whose responder vanishes just times out"
     print "at the caller); the floor and the direct hop have no registry, so no connection or cleanup figures."
     print ""
