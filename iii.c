@@ -10129,18 +10129,24 @@ static void chan_sweep(int64_t now, int64_t *next)
 }
 
 /* ==== NATS client ===========================================================================
- * The engine's link to a NATS server (README "Cluster"), spoken here in the same poll loop:
- * the client protocol is text lines over TCP (INFO, CONNECT, PING/PONG, SUB, PUB, MSG, +OK,
- * -ERR). One non-blocking socket; a parser that returns bytes consumed / need more / error
- * over a bounded input buffer (a control line is at most NATS_MAX_LINE bytes, a payload at most
- * the server's max_payload); reconnect with backoff (250 ms doubling to 5 s) across the URL
- * list, resubscribing; output beyond NATS_OUT_MAX drops the link. What travels (docs/CLUSTER.md
- * has the subjects): a heartbeat every NATS_HB_MS with the version of this node's snapshot; the
- * snapshot (its workers' functions) when it changes, when a node joins or asks; a goodbye at
- * shutdown; calls with no local provider, and their answers. Invariants: a remote node's rows
+ * The engine's link to a NATS server (README "Cluster", docs/CLUSTER.md), spoken here in the
+ * same poll loop: the client protocol is text lines over TCP (INFO, CONNECT, PING/PONG, SUB,
+ * UNSUB, PUB, HPUB, MSG, HMSG, +OK, -ERR). One non-blocking socket; a parser that returns bytes
+ * consumed / need more / error over a bounded input buffer (a control line is at most
+ * NATS_MAX_LINE bytes, a payload at most the server's max_payload); reconnect with backoff
+ * (250 ms doubling to 5 s) across the URL list, resubscribing; output beyond NATS_OUT_MAX drops
+ * the link. What travels: a heartbeat every NATS_HB_MS with the version of this node's
+ * snapshot; the snapshot (its functions and workers) when it changes, when a node joins or
+ * asks; a goodbye at shutdown; calls with no local provider (to one node's subject, or to the
+ * function's queue-group subject), their acknowledgements, answers and cancels. A message over
+ * max_payload travels as ordered chunks and is reassembled under max_message_bytes.
+ * Invariants: a remote node's rows (and their entries in the (namespace, id) index CL.rkeys)
  * are replaced whole by each snapshot and dropped with the node (goodbye, TTL
- * NATS_NODE_TTL_MS, new instance id); every call sent to a node is answered to its caller
- * exactly once (the answer, or invocation_stopped when the node leaves or the link drops).
+ * NATS_NODE_TTL_MS, new instance id); every call sent to another node is answered to its
+ * caller exactly once (the answer, an error, or invocation_stopped when the node leaves, the
+ * link drops or a queue group's taker never acknowledges), unless the caller left first, in
+ * which case the node running it is told to cancel it; every subscription this engine holds
+ * is one of sids 1-7 or one CL.fsubs entry per function provided here.
  */
 /* unsent output beyond this drops the link (a server that stopped reading) */
 #define NATS_OUT_MAX (4 * CL.max_payload + 2 * S.set.max_message_bytes + 65536)
