@@ -11156,11 +11156,14 @@ static void http_metrics(struct buf *b)
 }
 
 /* ==== Event loop ============================================================================
- * One poll() per turn over: the signal self-pipe, the listener, supervised children's output
- * pipes, and every connection. Deadlines (handshake, grace, ping, idle, close flush) are
- * computed while the poll set is built, so no timer structure is needed. After dispatch each
- * dirty connection is written once, functions-available is checked, and closed connections
- * are torn down and freed (the reap pass).
+ * One wait per turn over: the signal self-pipe, the listener, supervised children's output
+ * pipes, and every connection. With epoll (Linux) the connections, the self-pipe and the
+ * listener live in the epoll set, and a turn with nothing else to watch blocks in epoll_wait
+ * alone; otherwise one poll() covers the rest and the epoll descriptor. Deadlines (handshake,
+ * grace, ping, idle, close flush) are computed while the poll set is built, so no timer
+ * structure is needed. After dispatch each dirty connection is written once,
+ * functions-available is checked, and closed connections are torn down and freed (the reap
+ * pass).
  */
 /* Async-signal-safe: sets a flag and writes one byte to the self-pipe so poll() wakes; errno is
  * preserved for the interrupted code. All real work happens in the loop. */
@@ -11416,6 +11419,39 @@ static void ep_sync(struct conn *c)
 #endif
 }
 
+/* epoll also carries the self-pipe and the listener, tagged by the addresses of ep_tag_sig and
+ * ep_tag_lfd instead of a conn: a turn with no other descriptor to watch (no worker pipe, no
+ * stdout backlog, no NATS) blocks in epoll_wait alone, one syscall per wake-up instead of poll()
+ * plus epoll_wait. ep_lfd is the listener registered now (-1: none); ep_listener drops it from
+ * the set before the listener is closed, so a descriptor number reused later by a connection is
+ * never mistaken for it. Either registration failing just puts that descriptor back in poll(). */
+static char ep_tag_sig, ep_tag_lfd;
+static int ep_lfd = -1, ep_sig;
+
+static int ep_add(int fd, void *tag)
+{
+#ifdef III_EPOLL
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN;
+    ev.data.ptr = tag;
+    return S.ep >= 0 && epoll_ctl(S.ep, EPOLL_CTL_ADD, fd, &ev) == 0 ? 0 : -1;
+#else
+    (void)fd, (void)tag;
+    return -1;
+#endif
+}
+
+/* Makes fd (-1: none) the listener in the epoll set; one epoll_ctl per change, none per turn. */
+static void ep_listener(int fd)
+{
+    if (fd == ep_lfd) return;
+#ifdef III_EPOLL
+    if (ep_lfd >= 0) epoll_ctl(S.ep, EPOLL_CTL_DEL, ep_lfd, NULL);
+#endif
+    ep_lfd = fd >= 0 && ep_add(fd, &ep_tag_lfd) == 0 ? fd : -1;
+}
+
 /* Writes what c->out holds and keeps the poll interest in step. A closing connection is
  * half-closed once its Close frame or HTTP answer is out: the peer reads EOF and closes, and we
  * keep reading until it does (RFC 6455 §7.1.1: ideally the server closes TCP first). */
@@ -11472,7 +11508,7 @@ static void drain_begin(void)
     S.draining = 1;
     S.drain_until = now_ms() + S.cfg.lis.drain_timeout_ms;
     timer_touch(S.drain_until);
-    if (S.lfd >= 0) close(S.lfd), S.lfd = -1;
+    if (S.lfd >= 0) ep_listener(-1), close(S.lfd), S.lfd = -1;
     LOG(LOG_INFO, "draining: %zu calls in flight get up to %lld ms", drain_busy(),
         (long long)S.cfg.lis.drain_timeout_ms);
 }
@@ -11484,7 +11520,7 @@ static void drain_begin(void)
 static void loop_shutdown(void)
 {
     LOG(LOG_INFO, "shutting down");
-    if (S.lfd >= 0) close(S.lfd), S.lfd = -1;
+    if (S.lfd >= 0) ep_listener(-1), close(S.lfd), S.lfd = -1;
     /* targets first: their teardown ends each call in flight with invocation_stopped to its
      * caller, which must not have been torn down (and its calls forgotten) before */
     for (struct conn *c = S.conns; c; c = c->next)
@@ -11576,6 +11612,14 @@ static void engine_free_all(void)
     buf_free(&S.tmp), buf_free(&S.tmp2);
 }
 
+/* Drains the self-pipe; the sig_* flags say which signals arrived. */
+static void sig_drain(void)
+{
+    unsigned char sink[64];
+    while (read(S.sigpipe[0], sink, sizeof sink) > 0) {
+    }
+}
+
 /* The engine's main loop until a shutdown is requested: flush and reap, build the poll set
  * (computing the next deadline on the way), poll, dispatch, then handle the signal flags and
  * the functions-available check. Ends with loop_shutdown. */
@@ -11585,6 +11629,7 @@ static void loop_run(void)
     struct conn **pc = NULL;
     size_t cap = 0;
     log_sink = out_log; /* from now on a log line never waits for stderr (out_write drains it) */
+    ep_sig = ep_add(S.sigpipe[0], &ep_tag_sig) == 0;
     while (!S.stop) {
         loop_flush();
         loop_reap();
@@ -11603,14 +11648,15 @@ static void loop_run(void)
             nanosleep(&ts, NULL);
             continue;
         }
-        size_t n = 0;
-        pf[n].fd = S.sigpipe[0], pf[n].events = POLLIN, pc[n++] = NULL;
-        size_t lidx = SIZE_MAX;
+        size_t n = 0, gidx = SIZE_MAX, lidx = SIZE_MAX;
+        if (!ep_sig) gidx = n, pf[n].fd = S.sigpipe[0], pf[n].events = POLLIN, pc[n++] = NULL;
         /* at max_connections the listener leaves the poll set: new peers wait in the backlog */
-        if (S.lfd >= 0 && S.nconns < S.set.max_connections && now >= S.accept_pause_until)
-            lidx = n, pf[n].fd = S.lfd, pf[n].events = POLLIN, pc[n++] = NULL;
-        else if (S.accept_pause_until > now && S.accept_pause_until < next)
+        int lwant = S.lfd >= 0 && S.nconns < S.set.max_connections && now >= S.accept_pause_until;
+        if (!lwant && S.accept_pause_until > now && S.accept_pause_until < next)
             next = S.accept_pause_until;
+        if (ep_sig) ep_listener(lwant ? S.lfd : -1);
+        if (lwant && ep_lfd != S.lfd)
+            lidx = n, pf[n].fd = S.lfd, pf[n].events = POLLIN, pc[n++] = NULL;
         size_t sidx = n;
         size_t ns = sup_pollfds(pf + n, cap - n);
         n += ns;
@@ -11647,18 +11693,24 @@ static void loop_run(void)
                       : next <= now        ? 0
                       : next - now > 60000 ? 60000
                                            : (int)(next - now);
-        int rc = poll(pf, (nfds_t)n, timeout);
+        int rc;
+#ifdef III_EPOLL
+        struct epoll_event evs[256];
+        int k = 0;
+        if (eidx == 0 && n == 1) {
+            /* only the epoll set to watch: wait in it directly */
+            k = epoll_wait(S.ep, evs, 256, timeout);
+            rc = 0;
+            if (k < 0 && errno != EINTR) LOG(LOG_ERROR, "epoll_wait: %s", strerror(errno));
+        } else
+#endif
+            rc = poll(pf, (nfds_t)n, timeout);
         if (rc < 0 && errno != EINTR) {
             LOG(LOG_ERROR, "poll: %s", strerror(errno));
             continue;
         }
         if (rc > 0) {
-            if (pf[0].revents & POLLIN) {
-                unsigned char sink[64];
-                /* drain the self-pipe; the sig_* flags say which signals arrived */
-                while (read(S.sigpipe[0], sink, sizeof sink) > 0) {
-                }
-            }
+            if (gidx != SIZE_MAX && (pf[gidx].revents & POLLIN)) sig_drain();
             if (lidx != SIZE_MAX && (pf[lidx].revents & POLLIN)) loop_accept();
             if (nidx != SIZE_MAX) nats_on_poll(pf[nidx].revents);
             sup_on_poll(pf + sidx, ns);
@@ -11669,19 +11721,26 @@ static void loop_run(void)
                 if (pf[i].revents & (POLLIN | POLLHUP | POLLERR)) loop_read(c);
             }
 #ifdef III_EPOLL
-            if (eidx != SIZE_MAX && (pf[eidx].revents & POLLIN)) {
-                /* only the ready connections: a turn costs nothing per idle one */
-                struct epoll_event evs[256];
-                int k = epoll_wait(S.ep, evs, 256, 0);
-                for (int i = 0; i < k; i++) {
-                    struct conn *c = evs[i].data.ptr;
-                    if (c->dead) continue; /* freed only by the next reap: the pointer is valid */
-                    if (evs[i].events & EPOLLOUT) conn_write(c);
-                    if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) loop_read(c);
-                }
-            }
+            if (eidx != SIZE_MAX && (pf[eidx].revents & POLLIN)) k = epoll_wait(S.ep, evs, 256, 0);
 #endif
         }
+#ifdef III_EPOLL
+        /* only the ready connections: a turn costs nothing per idle one */
+        for (int i = 0; i < k; i++) {
+            if (evs[i].data.ptr == &ep_tag_sig) {
+                sig_drain();
+                continue;
+            }
+            if (evs[i].data.ptr == &ep_tag_lfd) {
+                loop_accept();
+                continue;
+            }
+            struct conn *c = evs[i].data.ptr;
+            if (c->dead) continue; /* freed only by the next reap: the pointer is valid */
+            if (evs[i].events & EPOLLOUT) conn_write(c);
+            if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) loop_read(c);
+        }
+#endif
         drain_tick();
         resume_tick();
         if (S.qfuncs) route_tick();
@@ -12538,7 +12597,7 @@ static int listener_open(char *err, size_t errlen)
     int bound;
     int fd = net_listen(S.set.host, S.set.port, &bound, err, errlen);
     if (fd < 0) return -1;
-    if (S.lfd >= 0) close(S.lfd);
+    if (S.lfd >= 0) ep_listener(-1), close(S.lfd);
     S.lfd = fd;
     S.bound_port = bound;
     snprintf(S.listen_url, sizeof S.listen_url,
