@@ -464,6 +464,67 @@ struct buf {
     int err;              /* sticky BUF_ENOMEM / BUF_ELIMIT since the last check, else BUF_OK */
 };
 
+/* Large blocks (above III_BUF_SHRINK) are not given back to malloc the moment a buffer drains:
+ * a message of a megabyte would otherwise free and regrow its blocks, and fault their pages in
+ * again, on every message. A drained buffer parks its block here instead, and the next buffer
+ * that grows past III_BUF_SHRINK takes a parked block that fits. The blocks stay in
+ * mem_live_bytes. Bounds: at most III_BUF_CACHE_N blocks and bcache.limit bytes (set each loop
+ * turn from the memory budget, 0 under memory pressure: then nothing is parked and everything
+ * parked is freed), and a block unused for III_BUF_CACHE_MS is freed (buf_cache_trim). So
+ * connections themselves still hold no memory while idle. */
+static struct {
+    unsigned char *p[III_BUF_CACHE_N];
+    size_t cap[III_BUF_CACHE_N];
+    int n;
+    size_t bytes, limit; /* parked now; most that may be parked (0: parking off) */
+    unsigned stamp;      /* counts parks and takes: buf_cache_tick tells an unused cache by it */
+} bcache;
+
+/* Frees parked blocks until at most `keep` bytes are parked. */
+static void buf_cache_trim(size_t keep)
+{
+    while (bcache.n && bcache.bytes > keep) {
+        bcache.n--;
+        bcache.bytes -= bcache.cap[bcache.n];
+        xfree(bcache.p[bcache.n]);
+    }
+}
+
+/* Releases b's storage: a large block is parked when there is room, else freed. */
+static void buf_drop(struct buf *b)
+{
+    if (b->cap > III_BUF_SHRINK && bcache.n < III_BUF_CACHE_N &&
+        b->cap <= bcache.limit - (bcache.bytes < bcache.limit ? bcache.bytes : bcache.limit)) {
+        bcache.p[bcache.n] = b->p, bcache.cap[bcache.n++] = b->cap;
+        bcache.bytes += b->cap;
+        bcache.stamp++;
+    } else {
+        xfree(b->p);
+    }
+    b->p = NULL;
+    b->len = b->cap = b->off = 0;
+}
+
+/* Moves b's live bytes into a parked block of at least need and at most max bytes, if one is
+ * there. 1 done, 0 none fits. */
+static int buf_cache_take(struct buf *b, size_t need, size_t max)
+{
+    for (int i = bcache.n - 1; i >= 0; i--) {
+        if (bcache.cap[i] < need || bcache.cap[i] > max) continue;
+        unsigned char *p = bcache.p[i];
+        size_t cap = bcache.cap[i];
+        bcache.bytes -= cap;
+        bcache.n--;
+        bcache.stamp++;
+        bcache.p[i] = bcache.p[bcache.n], bcache.cap[i] = bcache.cap[bcache.n];
+        if (b->len > b->off) memcpy(p, b->p + b->off, b->len - b->off);
+        xfree(b->p);
+        b->p = p, b->cap = cap, b->len -= b->off, b->off = 0;
+        return 1;
+    }
+    return 0;
+}
+
 /* Ensures room for n more bytes after len. 0 ok, -1 OOM, overflow or over the cap (err set), or
  * an earlier failure not yet checked. */
 static int buf_reserve(struct buf *b, size_t n)
@@ -499,6 +560,10 @@ static int buf_reserve(struct buf *b, size_t n)
         cap *= 2;
     }
     if (b->lim && cap > b->off + b->lim) cap = need > b->off + b->lim ? need : b->off + b->lim;
+    /* a parked block up to twice the size we would grow to (a capped buffer: no bigger) */
+    if (cap > III_BUF_SHRINK && bcache.n &&
+        buf_cache_take(b, need - b->off, b->lim || cap > SIZE_MAX / 2 ? cap : 2 * cap))
+        return 0;
     unsigned char *p = xrealloc(b->p, cap);
     if (!p) {
         b->err = BUF_ENOMEM;
@@ -557,18 +622,15 @@ static size_t buf_used(const struct buf *b) { return b->len - b->off; }
 static unsigned char *buf_data(const struct buf *b) { return b->p ? b->p + b->off : b->p; }
 
 /* Marks n bytes consumed. Memory goes back after a burst: a large buffer is released once it is
- * drained, and one that is mostly drained moves its rest down into a block a quarter the size
- * (at most one move per halving, so the cost stays amortised O(1) per byte). */
+ * drained (its block parked for reuse, see bcache), and one that is mostly drained moves its
+ * rest down into a block a quarter the size (at most one move per halving, so the cost stays
+ * amortised O(1) per byte). */
 static void buf_consume(struct buf *b, size_t n)
 {
     b->off += n;
     if (b->off >= b->len) {
         b->off = b->len = 0;
-        if (b->cap > III_BUF_SHRINK) {
-            xfree(b->p);
-            b->p = NULL;
-            b->cap = 0;
-        }
+        if (b->cap > III_BUF_SHRINK) buf_drop(b);
     } else if (b->cap > III_BUF_SHRINK && b->len - b->off <= b->cap / 8) {
         size_t used = b->len - b->off, cap = b->cap / 4;
         memmove(b->p, b->p + b->off, used);
@@ -11291,7 +11353,7 @@ static void loop_read(struct conn *c)
         return;
     }
     int borrow = !buf_used(&c->in);
-    if (borrow) buf_free(&c->in);
+    if (borrow) buf_drop(&c->in);
     else if (buf_reserve(&c->in, III_READ_CHUNK) < 0) {
         conn_oom(c);
         return;
@@ -11309,7 +11371,7 @@ static void loop_read(struct conn *c)
     if (!borrow) {
         c->in.len += (size_t)r;
         loop_process(c);
-        if (!buf_used(&c->in)) buf_free(&c->in);
+        if (!buf_used(&c->in)) buf_drop(&c->in);
         return;
     }
     c->in.p = shared, c->in.len = (size_t)r, c->in.cap = sizeof shared, c->in.off = 0;
@@ -11610,6 +11672,28 @@ static void engine_free_all(void)
     }
     xfree(S.jd.t);
     buf_free(&S.tmp), buf_free(&S.tmp2);
+    buf_cache_trim(0);
+}
+
+/* The parked large blocks (bcache, Buffer): up to III_BUF_CACHE bytes and an eighth of
+ * max_memory_bytes, none once memory is over half the budget; all freed after III_BUF_CACHE_MS
+ * without a park or a take. */
+static void buf_cache_tick(int64_t now, int64_t *next)
+{
+    static unsigned seen;
+    static int64_t at;
+    size_t lim = III_BUF_CACHE, mm = S.set.max_memory_bytes;
+    if (mm && lim > mm / 8) lim = mm / 8;
+    if (mm && mem_live_bytes > mm / 2) lim = 0;
+    bcache.limit = lim;
+    buf_cache_trim(lim);
+    if (!bcache.n) return;
+    if (bcache.stamp != seen) seen = bcache.stamp, at = now;
+    else if (now - at >= III_BUF_CACHE_MS) {
+        buf_cache_trim(0);
+        return;
+    }
+    if (at + III_BUF_CACHE_MS < *next) *next = at + III_BUF_CACHE_MS;
 }
 
 /* Drains the self-pipe; the sig_* flags say which signals arrived. */
@@ -11687,6 +11771,7 @@ static void loop_run(void)
         cfg_watch_tick(now, &next);
         inv_timeouts(now, &next);
         chan_sweep(now, &next);
+        buf_cache_tick(now, &next);
         if (S.dirty || S.drain || S.resume) next = now;
         /* wake at least once a minute even with no deadline: cheap, and robust to a missed one */
         int timeout = next == INT64_MAX    ? -1
