@@ -4752,10 +4752,13 @@ static int ws_parse_hdr(const unsigned char *p, size_t avail, int server, size_t
     return (int)hl;
 }
 
-/* Unmasks n bytes in place; the key phase starts at 0. Word-at-a-time for long payloads. */
-static void ws_unmask(unsigned char *p, size_t n, const unsigned char k[4])
+/* Unmasks n bytes in place; the key phase starts at 0. Word-at-a-time for long payloads.
+ * Returns 1 when every unmasked byte is ASCII, noted in the same pass: such a text payload is
+ * valid UTF-8 without a second walk over it. */
+static int ws_unmask(unsigned char *p, size_t n, const unsigned char k[4])
 {
     size_t i = 0;
+    uint64_t acc = 0;
     if (n >= 16) {
         uint32_t k32;
         memcpy(&k32, k, 4); /* host order is fine: the same bytes XOR the same bytes */
@@ -4764,10 +4767,15 @@ static void ws_unmask(unsigned char *p, size_t n, const unsigned char k[4])
             uint64_t w;
             memcpy(&w, p + i, 8);
             w ^= k64;
+            acc |= w;
             memcpy(p + i, &w, 8);
         }
     }
-    for (; i < n; i++) p[i] ^= k[i & 3];
+    for (; i < n; i++) {
+        p[i] ^= k[i & 3];
+        acc |= p[i];
+    }
+    return !(acc & UINT64_C(0x8080808080808080));
 }
 
 /* ==== Connections ===========================================================================
@@ -5530,8 +5538,9 @@ static void ws_on_data(struct conn *c)
             return;
         }
         unsigned char *pl = p + hl;
-        /* §5.3: every client payload is masked; unmasked in place, inside the input buffer */
-        ws_unmask(pl, plen, mask);
+        /* §5.3: every client payload is masked; unmasked in place, inside the input buffer (and
+         * an all-ASCII payload needs no UTF-8 pass: noted on the way) */
+        int ascii = ws_unmask(pl, plen, mask);
         c->t_rx = now_ms();
         /* §5.5.2: a Ping is answered with a Pong carrying the same payload, even between fragments
          */
@@ -5563,7 +5572,7 @@ static void ws_on_data(struct conn *c)
             /* activity only (t_rx updated above) */
             /* an unfragmented message is delivered straight from the input buffer, with no copy */
         } else if (op != WS_CONT && fin) {
-            if (op == WS_TEXT && !utf8_valid(pl, plen)) {
+            if (op == WS_TEXT && !ascii && !utf8_valid(pl, plen)) {
                 conn_close(c, 1007, "invalid utf-8");
                 return;
             }
@@ -5575,7 +5584,7 @@ static void ws_on_data(struct conn *c)
                 buf_reset(&c->msg);
             }
             /* §8.1: invalid UTF-8 fails the connection with 1007 as soon as it is seen */
-            if (c->msg_op == WS_TEXT && utf8_feed(&c->u8, pl, plen) < 0) {
+            if (c->msg_op == WS_TEXT && (!ascii || c->u8.need) && utf8_feed(&c->u8, pl, plen) < 0) {
                 conn_close(c, 1007, "invalid utf-8");
                 return;
             }
