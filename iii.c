@@ -80,6 +80,11 @@
 #include <sys/types.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
+/* SSE2 (every x86_64) scans JSON strings 16 bytes a step; elsewhere the portable word loop */
+#if defined(__SSE2__) && (defined(__GNUC__) || defined(__clang__)) && !defined(III_NO_SIMD)
+#include <emmintrin.h>
+#define III_SSE2 1
+#endif
 /* Connections in an epoll set on Linux; -DIII_USE_POLL keeps plain poll(). Not with a non-GNU
  * compiler on x86_64: there the kernel's struct epoll_event is packed (12 bytes, data at offset
  * 4), but glibc's sys/cdefs.h drops __attribute__ for compilers without __GNUC__ (tcc), which
@@ -904,6 +909,26 @@ static int json_scan_str(const unsigned char *s, size_t n, size_t *pos, int chec
     *esc = 0;
     for (;;) {
         size_t st = i;
+#ifdef III_SSE2
+        /* sixteen bytes at a time while none is '"', '\\' or a control (<= 0x1F: max(v, 0x1F)
+         * equals 0x1F) or, when validating, a non-ASCII byte (its sign bit) */
+        {
+            const __m128i dq = _mm_set1_epi8('"'), bs = _mm_set1_epi8('\\'),
+                          c1f = _mm_set1_epi8(0x1F);
+            while (i + 16 <= n) {
+                __m128i v = _mm_loadu_si128((const __m128i *)(const void *)(s + i));
+                __m128i m = _mm_or_si128(_mm_cmpeq_epi8(v, dq), _mm_cmpeq_epi8(v, bs));
+                m = _mm_or_si128(m, _mm_cmpeq_epi8(_mm_max_epu8(v, c1f), c1f));
+                unsigned hit = (unsigned)_mm_movemask_epi8(m);
+                if (check_utf8) hit |= (unsigned)_mm_movemask_epi8(v);
+                if (hit) { /* straight to the first such byte: the loops below stop there */
+                    i += (size_t)__builtin_ctz(hit);
+                    break;
+                }
+                i += 16;
+            }
+        }
+#endif
         /* eight bytes at a time while none is '"', '\\' or a control (or, when validating, a
          * non-ASCII byte): the classic "has a zero byte" test on the word XORed with each */
         while (i + 8 <= n) {
