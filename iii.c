@@ -11373,13 +11373,16 @@ static void resume_tick(void)
 
 /* Reads what the socket has and processes it. A connection with no partial frame pending reads
  * into one shared buffer and is handled from there: only a trailing partial frame is copied into
- * the connection's own buffer. So an idle connection holds no input memory, and a steady stream
- * of whole frames costs no allocation. A closing connection's input is read and discarded
- * (lingering close: the peer gets our Close instead of a reset). */
+ * the connection's own buffer. The shared buffer (III_READ_SHARED) is larger than the step a
+ * connection's own buffer grows by (III_READ_CHUNK), so a message of up to about that size
+ * arrives whole in one read() and is never copied. So an idle connection holds no input memory,
+ * and a steady stream of whole frames costs no allocation. A closing connection's input is read
+ * and discarded (lingering close: the peer gets our Close instead of a reset). */
 static void loop_read(struct conn *c)
 {
     /* static is safe: one thread, and nothing keeps a pointer into it after loop_process */
-    static unsigned char shared[III_READ_CHUNK];
+    static unsigned char
+        shared[III_READ_SHARED > III_READ_CHUNK ? III_READ_SHARED : III_READ_CHUNK];
     if (c->closing) {
         ssize_t r = read(c->fd, shared, sizeof shared);
         if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))

@@ -140,6 +140,9 @@
 #ifndef III_READ_CHUNK
 #define III_READ_CHUNK 65536 /* bytes asked of one read(): many frames per call */
 #endif
+#ifndef III_READ_SHARED
+#define III_READ_SHARED (4 * III_READ_CHUNK) /* ... into the shared buffer: 64 KiB messages whole */
+#endif
 #ifndef III_MAX_ID
 #define III_MAX_ID 1024 /* bytes of an id or namespace: routing keys, not documents */
 #endif
