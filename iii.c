@@ -80,6 +80,12 @@
 #include <sys/types.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
+/* SSE2 (every x86_64) unmasks frames and scans JSON strings 16 bytes a step; elsewhere the
+ * portable word loops */
+#if defined(__SSE2__) && (defined(__GNUC__) || defined(__clang__)) && !defined(III_NO_SIMD)
+#include <emmintrin.h>
+#define III_SSE2 1
+#endif
 /* Connections in an epoll set on Linux; -DIII_USE_POLL keeps plain poll(). Not with a non-GNU
  * compiler on x86_64: there the kernel's struct epoll_event is packed (12 bytes, data at offset
  * 4), but glibc's sys/cdefs.h drops __attribute__ for compilers without __GNUC__ (tcc), which
@@ -464,6 +470,67 @@ struct buf {
     int err;              /* sticky BUF_ENOMEM / BUF_ELIMIT since the last check, else BUF_OK */
 };
 
+/* Large blocks (above III_BUF_SHRINK) are not given back to malloc the moment a buffer drains:
+ * a message of a megabyte would otherwise free and regrow its blocks, and fault their pages in
+ * again, on every message. A drained buffer parks its block here instead, and the next buffer
+ * that grows past III_BUF_SHRINK takes a parked block that fits. The blocks stay in
+ * mem_live_bytes. Bounds: at most III_BUF_CACHE_N blocks and bcache.limit bytes (set each loop
+ * turn from the memory budget, 0 under memory pressure: then nothing is parked and everything
+ * parked is freed), and a block unused for III_BUF_CACHE_MS is freed (buf_cache_trim). So
+ * connections themselves still hold no memory while idle. */
+static struct {
+    unsigned char *p[III_BUF_CACHE_N];
+    size_t cap[III_BUF_CACHE_N];
+    int n;
+    size_t bytes, limit; /* parked now; most that may be parked (0: parking off) */
+    unsigned stamp;      /* counts parks and takes: buf_cache_tick tells an unused cache by it */
+} bcache;
+
+/* Frees parked blocks until at most `keep` bytes are parked. */
+static void buf_cache_trim(size_t keep)
+{
+    while (bcache.n && bcache.bytes > keep) {
+        bcache.n--;
+        bcache.bytes -= bcache.cap[bcache.n];
+        xfree(bcache.p[bcache.n]);
+    }
+}
+
+/* Releases b's storage: a large block is parked when there is room, else freed. */
+static void buf_drop(struct buf *b)
+{
+    if (b->cap > III_BUF_SHRINK && bcache.n < III_BUF_CACHE_N &&
+        b->cap <= bcache.limit - (bcache.bytes < bcache.limit ? bcache.bytes : bcache.limit)) {
+        bcache.p[bcache.n] = b->p, bcache.cap[bcache.n++] = b->cap;
+        bcache.bytes += b->cap;
+        bcache.stamp++;
+    } else {
+        xfree(b->p);
+    }
+    b->p = NULL;
+    b->len = b->cap = b->off = 0;
+}
+
+/* Moves b's live bytes into a parked block of at least need and at most max bytes, if one is
+ * there. 1 done, 0 none fits. */
+static int buf_cache_take(struct buf *b, size_t need, size_t max)
+{
+    for (int i = bcache.n - 1; i >= 0; i--) {
+        if (bcache.cap[i] < need || bcache.cap[i] > max) continue;
+        unsigned char *p = bcache.p[i];
+        size_t cap = bcache.cap[i];
+        bcache.bytes -= cap;
+        bcache.n--;
+        bcache.stamp++;
+        bcache.p[i] = bcache.p[bcache.n], bcache.cap[i] = bcache.cap[bcache.n];
+        if (b->len > b->off) memcpy(p, b->p + b->off, b->len - b->off);
+        xfree(b->p);
+        b->p = p, b->cap = cap, b->len -= b->off, b->off = 0;
+        return 1;
+    }
+    return 0;
+}
+
 /* Ensures room for n more bytes after len. 0 ok, -1 OOM, overflow or over the cap (err set), or
  * an earlier failure not yet checked. */
 static int buf_reserve(struct buf *b, size_t n)
@@ -499,6 +566,10 @@ static int buf_reserve(struct buf *b, size_t n)
         cap *= 2;
     }
     if (b->lim && cap > b->off + b->lim) cap = need > b->off + b->lim ? need : b->off + b->lim;
+    /* a parked block up to twice the size we would grow to (a capped buffer: no bigger) */
+    if (cap > III_BUF_SHRINK && bcache.n &&
+        buf_cache_take(b, need - b->off, b->lim || cap > SIZE_MAX / 2 ? cap : 2 * cap))
+        return 0;
     unsigned char *p = xrealloc(b->p, cap);
     if (!p) {
         b->err = BUF_ENOMEM;
@@ -557,18 +628,15 @@ static size_t buf_used(const struct buf *b) { return b->len - b->off; }
 static unsigned char *buf_data(const struct buf *b) { return b->p ? b->p + b->off : b->p; }
 
 /* Marks n bytes consumed. Memory goes back after a burst: a large buffer is released once it is
- * drained, and one that is mostly drained moves its rest down into a block a quarter the size
- * (at most one move per halving, so the cost stays amortised O(1) per byte). */
+ * drained (its block parked for reuse, see bcache), and one that is mostly drained moves its
+ * rest down into a block a quarter the size (at most one move per halving, so the cost stays
+ * amortised O(1) per byte). */
 static void buf_consume(struct buf *b, size_t n)
 {
     b->off += n;
     if (b->off >= b->len) {
         b->off = b->len = 0;
-        if (b->cap > III_BUF_SHRINK) {
-            xfree(b->p);
-            b->p = NULL;
-            b->cap = 0;
-        }
+        if (b->cap > III_BUF_SHRINK) buf_drop(b);
     } else if (b->cap > III_BUF_SHRINK && b->len - b->off <= b->cap / 8) {
         size_t used = b->len - b->off, cap = b->cap / 4;
         memmove(b->p, b->p + b->off, used);
@@ -842,6 +910,26 @@ static int json_scan_str(const unsigned char *s, size_t n, size_t *pos, int chec
     *esc = 0;
     for (;;) {
         size_t st = i;
+#ifdef III_SSE2
+        /* sixteen bytes at a time while none is '"', '\\' or a control (<= 0x1F: max(v, 0x1F)
+         * equals 0x1F) or, when validating, a non-ASCII byte (its sign bit) */
+        {
+            const __m128i dq = _mm_set1_epi8('"'), bs = _mm_set1_epi8('\\'),
+                          c1f = _mm_set1_epi8(0x1F);
+            while (i + 16 <= n) {
+                __m128i v = _mm_loadu_si128((const __m128i *)(const void *)(s + i));
+                __m128i m = _mm_or_si128(_mm_cmpeq_epi8(v, dq), _mm_cmpeq_epi8(v, bs));
+                m = _mm_or_si128(m, _mm_cmpeq_epi8(_mm_max_epu8(v, c1f), c1f));
+                unsigned hit = (unsigned)_mm_movemask_epi8(m);
+                if (check_utf8) hit |= (unsigned)_mm_movemask_epi8(v);
+                if (hit) { /* straight to the first such byte: the loops below stop there */
+                    i += (size_t)__builtin_ctz(hit);
+                    break;
+                }
+                i += 16;
+            }
+        }
+#endif
         /* eight bytes at a time while none is '"', '\\' or a control (or, when validating, a
          * non-ASCII byte): the classic "has a zero byte" test on the word XORed with each */
         while (i + 8 <= n) {
@@ -4692,22 +4780,40 @@ static int ws_parse_hdr(const unsigned char *p, size_t avail, int server, size_t
     return (int)hl;
 }
 
-/* Unmasks n bytes in place; the key phase starts at 0. Word-at-a-time for long payloads. */
-static void ws_unmask(unsigned char *p, size_t n, const unsigned char k[4])
+/* Unmasks n bytes in place; the key phase starts at 0. Word-at-a-time for long payloads.
+ * Returns 1 when every unmasked byte is ASCII, noted in the same pass: such a text payload is
+ * valid UTF-8 without a second walk over it. */
+static int ws_unmask(unsigned char *p, size_t n, const unsigned char k[4])
 {
     size_t i = 0;
+    uint64_t acc = 0;
     if (n >= 16) {
         uint32_t k32;
         memcpy(&k32, k, 4); /* host order is fine: the same bytes XOR the same bytes */
         uint64_t k64 = (uint64_t)k32 << 32 | k32;
+#ifdef III_SSE2
+        /* sixteen bytes a step (i stays a multiple of 4: the key phase is unchanged) */
+        __m128i km = _mm_set1_epi32((int)k32), any = _mm_setzero_si128();
+        for (; i + 16 <= n; i += 16) {
+            __m128i v = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(const void *)(p + i)), km);
+            any = _mm_or_si128(any, v);
+            _mm_storeu_si128((__m128i *)(void *)(p + i), v);
+        }
+        if (_mm_movemask_epi8(any)) acc = UINT64_C(0x80);
+#endif
         for (; i + 8 <= n; i += 8) {
             uint64_t w;
             memcpy(&w, p + i, 8);
             w ^= k64;
+            acc |= w;
             memcpy(p + i, &w, 8);
         }
     }
-    for (; i < n; i++) p[i] ^= k[i & 3];
+    for (; i < n; i++) {
+        p[i] ^= k[i & 3];
+        acc |= p[i];
+    }
+    return !(acc & UINT64_C(0x8080808080808080));
 }
 
 /* ==== Connections ===========================================================================
@@ -5470,8 +5576,9 @@ static void ws_on_data(struct conn *c)
             return;
         }
         unsigned char *pl = p + hl;
-        /* §5.3: every client payload is masked; unmasked in place, inside the input buffer */
-        ws_unmask(pl, plen, mask);
+        /* §5.3: every client payload is masked; unmasked in place, inside the input buffer (and
+         * an all-ASCII payload needs no UTF-8 pass: noted on the way) */
+        int ascii = ws_unmask(pl, plen, mask);
         c->t_rx = now_ms();
         /* §5.5.2: a Ping is answered with a Pong carrying the same payload, even between fragments
          */
@@ -5503,7 +5610,7 @@ static void ws_on_data(struct conn *c)
             /* activity only (t_rx updated above) */
             /* an unfragmented message is delivered straight from the input buffer, with no copy */
         } else if (op != WS_CONT && fin) {
-            if (op == WS_TEXT && !utf8_valid(pl, plen)) {
+            if (op == WS_TEXT && !ascii && !utf8_valid(pl, plen)) {
                 conn_close(c, 1007, "invalid utf-8");
                 return;
             }
@@ -5515,7 +5622,7 @@ static void ws_on_data(struct conn *c)
                 buf_reset(&c->msg);
             }
             /* §8.1: invalid UTF-8 fails the connection with 1007 as soon as it is seen */
-            if (c->msg_op == WS_TEXT && utf8_feed(&c->u8, pl, plen) < 0) {
+            if (c->msg_op == WS_TEXT && (!ascii || c->u8.need) && utf8_feed(&c->u8, pl, plen) < 0) {
                 conn_close(c, 1007, "invalid utf-8");
                 return;
             }
@@ -11705,11 +11812,14 @@ static void http_metrics(struct buf *b)
 }
 
 /* ==== Event loop ============================================================================
- * One poll() per turn over: the signal self-pipe, the listener, supervised children's output
- * pipes, and every connection. Deadlines (handshake, grace, ping, idle, close flush) are
- * computed while the poll set is built, so no timer structure is needed. After dispatch each
- * dirty connection is written once, functions-available is checked, and closed connections
- * are torn down and freed (the reap pass).
+ * One wait per turn over: the signal self-pipe, the listener, supervised children's output
+ * pipes, and every connection. With epoll (Linux) the connections, the self-pipe and the
+ * listener live in the epoll set, and a turn with nothing else to watch blocks in epoll_wait
+ * alone; otherwise one poll() covers the rest and the epoll descriptor. Deadlines (handshake,
+ * grace, ping, idle, close flush) are computed while the poll set is built, so no timer
+ * structure is needed. After dispatch each dirty connection is written once,
+ * functions-available is checked, and closed connections are torn down and freed (the reap
+ * pass).
  */
 /* Async-signal-safe: sets a flag and writes one byte to the self-pipe so poll() wakes; errno is
  * preserved for the interrupted code. All real work happens in the loop. */
@@ -11823,13 +11933,16 @@ static void resume_tick(void)
 
 /* Reads what the socket has and processes it. A connection with no partial frame pending reads
  * into one shared buffer and is handled from there: only a trailing partial frame is copied into
- * the connection's own buffer. So an idle connection holds no input memory, and a steady stream
- * of whole frames costs no allocation. A closing connection's input is read and discarded
- * (lingering close: the peer gets our Close instead of a reset). */
+ * the connection's own buffer. The shared buffer (III_READ_SHARED) is larger than the step a
+ * connection's own buffer grows by (III_READ_CHUNK), so a message of up to about that size
+ * arrives whole in one read() and is never copied. So an idle connection holds no input memory,
+ * and a steady stream of whole frames costs no allocation. A closing connection's input is read
+ * and discarded (lingering close: the peer gets our Close instead of a reset). */
 static void loop_read(struct conn *c)
 {
     /* static is safe: one thread, and nothing keeps a pointer into it after loop_process */
-    static unsigned char shared[III_READ_CHUNK];
+    static unsigned char
+        shared[III_READ_SHARED > III_READ_CHUNK ? III_READ_SHARED : III_READ_CHUNK];
     if (c->closing) {
         ssize_t r = read(c->fd, shared, sizeof shared);
         if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
@@ -11837,7 +11950,7 @@ static void loop_read(struct conn *c)
         return;
     }
     int borrow = !buf_used(&c->in);
-    if (borrow) buf_free(&c->in);
+    if (borrow) buf_drop(&c->in);
     else if (buf_reserve(&c->in, III_READ_CHUNK) < 0) {
         conn_oom(c);
         return;
@@ -11855,7 +11968,7 @@ static void loop_read(struct conn *c)
     if (!borrow) {
         c->in.len += (size_t)r;
         loop_process(c);
-        if (!buf_used(&c->in)) buf_free(&c->in);
+        if (!buf_used(&c->in)) buf_drop(&c->in);
         return;
     }
     c->in.p = shared, c->in.len = (size_t)r, c->in.cap = sizeof shared, c->in.off = 0;
@@ -11965,6 +12078,39 @@ static void ep_sync(struct conn *c)
 #endif
 }
 
+/* epoll also carries the self-pipe and the listener, tagged by the addresses of ep_tag_sig and
+ * ep_tag_lfd instead of a conn: a turn with no other descriptor to watch (no worker pipe, no
+ * stdout backlog, no NATS) blocks in epoll_wait alone, one syscall per wake-up instead of poll()
+ * plus epoll_wait. ep_lfd is the listener registered now (-1: none); ep_listener drops it from
+ * the set before the listener is closed, so a descriptor number reused later by a connection is
+ * never mistaken for it. Either registration failing just puts that descriptor back in poll(). */
+static char ep_tag_sig, ep_tag_lfd;
+static int ep_lfd = -1, ep_sig;
+
+static int ep_add(int fd, void *tag)
+{
+#ifdef III_EPOLL
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN;
+    ev.data.ptr = tag;
+    return S.ep >= 0 && epoll_ctl(S.ep, EPOLL_CTL_ADD, fd, &ev) == 0 ? 0 : -1;
+#else
+    (void)fd, (void)tag;
+    return -1;
+#endif
+}
+
+/* Makes fd (-1: none) the listener in the epoll set; one epoll_ctl per change, none per turn. */
+static void ep_listener(int fd)
+{
+    if (fd == ep_lfd) return;
+#ifdef III_EPOLL
+    if (ep_lfd >= 0) epoll_ctl(S.ep, EPOLL_CTL_DEL, ep_lfd, NULL);
+#endif
+    ep_lfd = fd >= 0 && ep_add(fd, &ep_tag_lfd) == 0 ? fd : -1;
+}
+
 /* Writes what c->out holds and keeps the poll interest in step. A closing connection is
  * half-closed once its Close frame or HTTP answer is out: the peer reads EOF and closes, and we
  * keep reading until it does (RFC 6455 §7.1.1: ideally the server closes TCP first). */
@@ -12021,7 +12167,7 @@ static void drain_begin(void)
     S.draining = 1;
     S.drain_until = now_ms() + S.cfg.lis.drain_timeout_ms;
     timer_touch(S.drain_until);
-    if (S.lfd >= 0) close(S.lfd), S.lfd = -1;
+    if (S.lfd >= 0) ep_listener(-1), close(S.lfd), S.lfd = -1;
     LOG(LOG_INFO, "draining: %zu calls in flight get up to %lld ms", drain_busy(),
         (long long)S.cfg.lis.drain_timeout_ms);
 }
@@ -12033,7 +12179,7 @@ static void drain_begin(void)
 static void loop_shutdown(void)
 {
     LOG(LOG_INFO, "shutting down");
-    if (S.lfd >= 0) close(S.lfd), S.lfd = -1;
+    if (S.lfd >= 0) ep_listener(-1), close(S.lfd), S.lfd = -1;
     /* targets first: their teardown ends each call in flight with invocation_stopped to its
      * caller, which must not have been torn down (and its calls forgotten) before */
     for (struct conn *c = S.conns; c; c = c->next)
@@ -12123,6 +12269,36 @@ static void engine_free_all(void)
     }
     xfree(S.jd.t);
     buf_free(&S.tmp), buf_free(&S.tmp2);
+    buf_cache_trim(0);
+}
+
+/* The parked large blocks (bcache, Buffer): up to III_BUF_CACHE bytes and an eighth of
+ * max_memory_bytes, none once memory is over half the budget; all freed after III_BUF_CACHE_MS
+ * without a park or a take. */
+static void buf_cache_tick(int64_t now, int64_t *next)
+{
+    static unsigned seen;
+    static int64_t at;
+    size_t lim = III_BUF_CACHE, mm = S.set.max_memory_bytes;
+    if (mm && lim > mm / 8) lim = mm / 8;
+    if (mm && mem_live_bytes > mm / 2) lim = 0;
+    bcache.limit = lim;
+    buf_cache_trim(lim);
+    if (!bcache.n) return;
+    if (bcache.stamp != seen) seen = bcache.stamp, at = now;
+    else if (now - at >= III_BUF_CACHE_MS) {
+        buf_cache_trim(0);
+        return;
+    }
+    if (at + III_BUF_CACHE_MS < *next) *next = at + III_BUF_CACHE_MS;
+}
+
+/* Drains the self-pipe; the sig_* flags say which signals arrived. */
+static void sig_drain(void)
+{
+    unsigned char sink[64];
+    while (read(S.sigpipe[0], sink, sizeof sink) > 0) {
+    }
 }
 
 /* The engine's main loop until a shutdown is requested: flush and reap, build the poll set
@@ -12134,6 +12310,7 @@ static void loop_run(void)
     struct conn **pc = NULL;
     size_t cap = 0;
     log_sink = out_log; /* from now on a log line never waits for stderr (out_write drains it) */
+    ep_sig = ep_add(S.sigpipe[0], &ep_tag_sig) == 0;
     while (!S.stop) {
         loop_flush();
         loop_reap();
@@ -12152,14 +12329,15 @@ static void loop_run(void)
             nanosleep(&ts, NULL);
             continue;
         }
-        size_t n = 0;
-        pf[n].fd = S.sigpipe[0], pf[n].events = POLLIN, pc[n++] = NULL;
-        size_t lidx = SIZE_MAX;
+        size_t n = 0, gidx = SIZE_MAX, lidx = SIZE_MAX;
+        if (!ep_sig) gidx = n, pf[n].fd = S.sigpipe[0], pf[n].events = POLLIN, pc[n++] = NULL;
         /* at max_connections the listener leaves the poll set: new peers wait in the backlog */
-        if (S.lfd >= 0 && S.nconns < S.set.max_connections && now >= S.accept_pause_until)
-            lidx = n, pf[n].fd = S.lfd, pf[n].events = POLLIN, pc[n++] = NULL;
-        else if (S.accept_pause_until > now && S.accept_pause_until < next)
+        int lwant = S.lfd >= 0 && S.nconns < S.set.max_connections && now >= S.accept_pause_until;
+        if (!lwant && S.accept_pause_until > now && S.accept_pause_until < next)
             next = S.accept_pause_until;
+        if (ep_sig) ep_listener(lwant ? S.lfd : -1);
+        if (lwant && ep_lfd != S.lfd)
+            lidx = n, pf[n].fd = S.lfd, pf[n].events = POLLIN, pc[n++] = NULL;
         size_t sidx = n;
         size_t ns = sup_pollfds(pf + n, cap - n);
         n += ns;
@@ -12190,24 +12368,31 @@ static void loop_run(void)
         cfg_watch_tick(now, &next);
         inv_timeouts(now, &next);
         chan_sweep(now, &next);
+        buf_cache_tick(now, &next);
         if (S.dirty || S.drain || S.resume) next = now;
         /* wake at least once a minute even with no deadline: cheap, and robust to a missed one */
         int timeout = next == INT64_MAX    ? -1
                       : next <= now        ? 0
                       : next - now > 60000 ? 60000
                                            : (int)(next - now);
-        int rc = poll(pf, (nfds_t)n, timeout);
+        int rc;
+#ifdef III_EPOLL
+        struct epoll_event evs[256];
+        int k = 0;
+        if (eidx == 0 && n == 1) {
+            /* only the epoll set to watch: wait in it directly */
+            k = epoll_wait(S.ep, evs, 256, timeout);
+            rc = 0;
+            if (k < 0 && errno != EINTR) LOG(LOG_ERROR, "epoll_wait: %s", strerror(errno));
+        } else
+#endif
+            rc = poll(pf, (nfds_t)n, timeout);
         if (rc < 0 && errno != EINTR) {
             LOG(LOG_ERROR, "poll: %s", strerror(errno));
             continue;
         }
         if (rc > 0) {
-            if (pf[0].revents & POLLIN) {
-                unsigned char sink[64];
-                /* drain the self-pipe; the sig_* flags say which signals arrived */
-                while (read(S.sigpipe[0], sink, sizeof sink) > 0) {
-                }
-            }
+            if (gidx != SIZE_MAX && (pf[gidx].revents & POLLIN)) sig_drain();
             if (lidx != SIZE_MAX && (pf[lidx].revents & POLLIN)) loop_accept();
             if (nidx != SIZE_MAX) nats_on_poll(pf[nidx].revents);
             sup_on_poll(pf + sidx, ns);
@@ -12218,19 +12403,26 @@ static void loop_run(void)
                 if (pf[i].revents & (POLLIN | POLLHUP | POLLERR)) loop_read(c);
             }
 #ifdef III_EPOLL
-            if (eidx != SIZE_MAX && (pf[eidx].revents & POLLIN)) {
-                /* only the ready connections: a turn costs nothing per idle one */
-                struct epoll_event evs[256];
-                int k = epoll_wait(S.ep, evs, 256, 0);
-                for (int i = 0; i < k; i++) {
-                    struct conn *c = evs[i].data.ptr;
-                    if (c->dead) continue; /* freed only by the next reap: the pointer is valid */
-                    if (evs[i].events & EPOLLOUT) conn_write(c);
-                    if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) loop_read(c);
-                }
-            }
+            if (eidx != SIZE_MAX && (pf[eidx].revents & POLLIN)) k = epoll_wait(S.ep, evs, 256, 0);
 #endif
         }
+#ifdef III_EPOLL
+        /* only the ready connections: a turn costs nothing per idle one */
+        for (int i = 0; i < k; i++) {
+            if (evs[i].data.ptr == &ep_tag_sig) {
+                sig_drain();
+                continue;
+            }
+            if (evs[i].data.ptr == &ep_tag_lfd) {
+                loop_accept();
+                continue;
+            }
+            struct conn *c = evs[i].data.ptr;
+            if (c->dead) continue; /* freed only by the next reap: the pointer is valid */
+            if (evs[i].events & EPOLLOUT) conn_write(c);
+            if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) loop_read(c);
+        }
+#endif
         drain_tick();
         resume_tick();
         if (S.qfuncs) route_tick();
@@ -13087,7 +13279,7 @@ static int listener_open(char *err, size_t errlen)
     int bound;
     int fd = net_listen(S.set.host, S.set.port, &bound, err, errlen);
     if (fd < 0) return -1;
-    if (S.lfd >= 0) close(S.lfd);
+    if (S.lfd >= 0) ep_listener(-1), close(S.lfd);
     S.lfd = fd;
     S.bound_port = bound;
     snprintf(S.listen_url, sizeof S.listen_url,

@@ -51,6 +51,9 @@
 #ifndef III_BUF_SHRINK
 #define III_BUF_SHRINK (256u << 10)
 #endif
+#ifndef III_BUF_CACHE
+#define III_BUF_CACHE (2u << 20)
+#endif
 #endif
 
 /* ---- listener defaults (DECISIONS.md item 7) ---------------------------------------------- */
@@ -137,6 +140,9 @@
 #ifndef III_READ_CHUNK
 #define III_READ_CHUNK 65536 /* bytes asked of one read(): many frames per call */
 #endif
+#ifndef III_READ_SHARED
+#define III_READ_SHARED (4 * III_READ_CHUNK) /* ... into the shared buffer: 64 KiB messages whole */
+#endif
 #ifndef III_MAX_ID
 #define III_MAX_ID 1024 /* bytes of an id or namespace: routing keys, not documents */
 #endif
@@ -147,7 +153,16 @@
 #define III_MAX_NAME 280 /* worker name/description cap, as the reference engine sanitises */
 #endif
 #ifndef III_BUF_SHRINK
-#define III_BUF_SHRINK (1u << 20) /* a buffer grown past this is released once drained */
+#define III_BUF_SHRINK (1u << 20) /* a buffer grown past this is released once drained ... */
+#endif
+#ifndef III_BUF_CACHE
+#define III_BUF_CACHE (16u << 20) /* ... its block kept for the next large message, this much */
+#endif
+#ifndef III_BUF_CACHE_N
+#define III_BUF_CACHE_N 8 /* ... in at most this many blocks (and an 8th of max_memory_bytes) */
+#endif
+#ifndef III_BUF_CACHE_MS
+#define III_BUF_CACHE_MS 1000 /* ... and freed after this long unused */
 #endif
 #ifndef III_CHANNEL_TTL_MS
 #define III_CHANNEL_TTL_MS 300000 /* a channel not fully connected after 5 min is swept */

@@ -465,6 +465,39 @@ static void t_alloc_failures(void)
     PASS();
 }
 
+/* Large drained blocks are parked and reused (Buffer, bcache), within the limit, and freed
+ * when the limit drops to 0 (memory pressure) or by buf_cache_trim. */
+static void t_buf_cache(void)
+{
+    const char *test_name = "buffer_large_block_parked_and_reused";
+    size_t big = (size_t)III_BUF_SHRINK + 1, live0 = mem_live_bytes;
+    static unsigned char z[1 << 16];
+    struct buf a = {0}, b = {0};
+    bcache.limit = 4 * (size_t)III_BUF_SHRINK + 4 * 4096;
+    for (size_t i = 0; i < big; i += sizeof z)
+        buf_append(&a, z, big - i < sizeof z ? big - i : sizeof z);
+    CHECK(!a.err && a.cap > III_BUF_SHRINK, "grew to %zu", a.cap);
+    unsigned char *blk = a.p;
+    size_t cap = a.cap;
+    buf_consume(&a, buf_used(&a));
+    CHECK(!a.p && !a.cap && bcache.n == 1 && bcache.p[0] == blk, "drained block not parked");
+    CHECK(mem_live_bytes == live0 + cap, "parked block not counted as live");
+    buf_append(&b, "xy", 2);
+    CHECK(buf_reserve(&b, big) == 0 && b.p == blk && b.cap == cap && !bcache.n, "not reused");
+    CHECK(buf_used(&b) == 2 && !memcmp(buf_data(&b), "xy", 2), "live bytes lost in the move");
+    b.len = b.off + big;
+    bcache.limit = 0; /* memory pressure: nothing is parked */
+    buf_consume(&b, buf_used(&b));
+    CHECK(!bcache.n && !b.p && mem_live_bytes == live0, "parked under pressure");
+    bcache.limit = 4 * (size_t)III_BUF_SHRINK + 4 * 4096;
+    buf_append(&a, z, 1), buf_reserve(&a, big), buf_consume(&a, buf_used(&a));
+    CHECK(bcache.n == 1, "second park");
+    buf_cache_trim(0);
+    CHECK(!bcache.n && !bcache.bytes && mem_live_bytes == live0, "trim left %d blocks", bcache.n);
+    bcache.limit = 0;
+    PASS();
+}
+
 static void t_registry(void)
 {
     const char *test_name = "registry_fingerprint_and_ownership";
@@ -521,6 +554,7 @@ int main(int argc, char **argv)
     t_json_api();
     t_json_suite(argc > 1 ? argv[1] : NULL);
     t_alloc_failures();
+    t_buf_cache();
     t_registry();
     return failed ? 1 : 0;
 }
