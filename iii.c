@@ -4549,7 +4549,7 @@ static struct {
     int64_t fn_event_at;          /* discovery: no functions_changed before this (pacing) */
     uint64_t cl_rver, cl_rver_sent; /* cluster: bumped when the remote view changes; announced */
     size_t cl_nrfn;               /* cluster: remote functions held, over all nodes */
-    uint64_t wk_ver;              /* bumped when a worker connects, leaves or changes */
+    uint64_t reg_ver;             /* bumped when a worker or a trigger type comes, goes or changes */
     int64_t chan_sweep_at;        /* next sweep of unclaimed channels */
     size_t fn_n, fn_n_sent;       /* function count now / at the last event */
     struct jdoc jd;               /* scratch envelope tokens, reused: no allocation per message */
@@ -7775,6 +7775,7 @@ static struct ttype *tt_register(struct conn *p, const char *ns, const char *id,
     tt->treq_raw = treq_raw ? xstrdup(treq_raw) : NULL;
     tt->creq_raw = creq_raw ? xstrdup(creq_raw) : NULL;
     tt_set_provider(tt, p);
+    S.reg_ver++; /* the cluster snapshot lists trigger types */
     /* §2.4 steps 1-3: replay live bindings that resolve here, activate parked ones, and re-home
      * bindings that had fallen back to default (the old provider is told to drop them) */
     for (struct trig *t = tg_first(id); t; t = t->type_next) {
@@ -7791,6 +7792,7 @@ static struct ttype *tt_register(struct conn *p, const char *ns, const char *id,
  * Walks only the bindings of its id; allocates nothing. */
 static void tt_remove(struct ttype *tt)
 {
+    S.reg_ver++; /* the cluster snapshot lists trigger types */
     hm_del(&S.ttypes, &tt->h);
     tt_set_provider(tt, NULL);
     for (struct trig *t = tg_first(tt->id); t; t = t->type_next) {
@@ -7831,7 +7833,7 @@ static void ev_worker(const char *event, const struct conn *w)
 {
     char data[128];
     int n = snprintf(data, sizeof data, "{\"event\":\"%s\",\"worker_id\":\"%s\"}", event, w->wid);
-    S.wk_ver++; /* the cluster snapshot lists workers */
+    S.reg_ver++; /* the cluster snapshot lists workers */
     trig_fire(TT_WORKERS, (unsigned char *)data, (size_t)n, w, 0);
 }
 
@@ -9826,6 +9828,10 @@ out:
 
 /* engine::triggers::list (§5.3): trigger *types*; engine::* ids hidden unless
  * include_internal; filters search (id or description), prefix, worker; sorted by id, ns. */
+static size_t cl_ntts(void);
+static size_t cl_ttrows(const struct isearch *q, const char *prefix, const char *worker,
+                        struct ranked *r, size_t k);
+
 static void bi_triggers_list(BI_ARGS)
 {
     (void)err;
@@ -9836,7 +9842,7 @@ static void bi_triggers_list(BI_ARGS)
     int incl = bi_bool(d, in, "include_internal");
     size_t n = 0, k = 0;
     struct hnode **v = hm_list(&S.ttypes, &n);
-    struct ranked *r = xmalloc((n ? n : 1) * sizeof *r);
+    struct ranked *r = xmalloc((n + cl_ntts() + 1) * sizeof *r);
     for (size_t i = 0; v && r && i < n; i++) {
         struct ttype *tt = (struct ttype *)v[i];
         if (!incl && str_prefix(tt->id, "engine::")) continue;
@@ -9850,13 +9856,16 @@ static void bi_triggers_list(BI_ARGS)
             xfree(ds);
             if (!m) continue;
         }
-        r[k].rank = 0, r[k].a = tt->id, r[k].b = tt->ns, r[k++].p = tt;
+        r[k].rank = 0, r[k].a = tt->id, r[k].b = tt->ns, r[k].row = NULL, r[k++].p = tt;
     }
+    if (r && (!caller || !caller->sess || caller->sess->full || !caller->sess->restricted))
+        k = cl_ttrows(q, prefix, worker, r, k);
     if (r) qsort(r, k, sizeof *r, ranked_cmp);
     buf_puts(res, "{\"triggers\":[");
     for (size_t i = 0; i < k; i++) {
         if (i) buf_putc(res, ',');
-        tt_row(res, r[i].p);
+        if (r[i].row) buf_puts(res, r[i].row);
+        else tt_row(res, r[i].p);
     }
     buf_puts(res, "]}");
     xfree(v), xfree(r), bi_search_free(q), xfree(prefix), xfree(worker);
@@ -10383,8 +10392,14 @@ struct rwk {
     char *row;                 /* its WorkerInfo with "node" first */
 };
 
+/* A trigger type another node's workers provide, as engine::triggers::list shows it. */
+struct rtt {
+    char *id, *wname; /* for the listing's filters */
+    char *row;        /* its TriggerTypeSummary with "node" first */
+};
+
 /* A node heard from over the cluster: its name, its engine instance, when it was last heard
- * (the TTL) and the functions and workers of its last snapshot (workers sorted by id, so two
+ * (the TTL) and the functions, workers and trigger types of its last snapshot (workers sorted by id, so two
  * snapshots are compared in one merge pass). */
 struct cnode {
     struct hnode h;      /* CL.nodes, keyed by name */
@@ -10397,6 +10412,8 @@ struct cnode {
     size_t nfns;
     struct rwk *wks;
     size_t nwks;
+    struct rtt *tts;
+    size_t ntts;
 };
 
 /* A call this engine sent to another node, waiting for its answer. */
@@ -10448,7 +10465,7 @@ static struct {
     struct hmap nodes;            /* other engines heard from (struct cnode) */
     uint64_t v;                   /* version of the local snapshot (bumped when the set changes) */
     uint64_t fp_pub;              /* the function-set fingerprint v was taken from */
-    uint64_t wk_pub;              /* ... and the worker-set version (S.wk_ver) */
+    uint64_t wk_pub;              /* ... and the worker-set version (S.reg_ver) */
     int64_t sweep_at;             /* next sweep of unacknowledged calls and stale chunks */
     size_t n_pub;
     int snap_due;                 /* publish the snapshot (changed, a node joined or asked) */
@@ -10562,6 +10579,9 @@ static void cnode_clear(struct cnode *cn)
     }
     if (cn->nfns) S.cl_rver++;
     S.cl_nrfn -= cn->nfns;
+    for (size_t i = 0; i < cn->ntts; i++)
+        xfree(cn->tts[i].id), xfree(cn->tts[i].wname), xfree(cn->tts[i].row);
+    xfree(cn->tts), cn->tts = NULL, cn->ntts = 0;
     xfree(cn->fns), cn->fns = NULL, cn->nfns = 0, cn->v = 0;
     for (size_t i = 0; i < cn->nwks; i++) {
         struct rwk *w = &cn->wks[i];
@@ -10984,6 +11004,28 @@ static int nats_rwk(struct jdoc *d, int e, const char *node, struct rwk *w)
     return 0;
 }
 
+/* One row of a snapshot's trigger_types array into t (its id and worker_name; the row with
+ * "node" first). */
+static int nats_rtt(struct jdoc *d, int e, const char *node, struct rtt *t)
+{
+    if (JTYPE(d, e) != J_OBJECT || d->t[e].opaque || JLEN(d, e) < 2) return -1;
+    memset(t, 0, sizeof *t);
+    t->id = json_strdup(d, json_get(d, e, "id"), NULL);
+    t->wname = json_strdup(d, json_get(d, e, "worker_name"), NULL);
+    struct buf b = {0};
+    buf_puts(&b, "{\"node\":");
+    json_put_cstr(&b, node);
+    buf_putc(&b, ',');
+    buf_append(&b, JRAW(d, e) + 1, JLEN(d, e) - 1);
+    buf_putc(&b, 0);
+    if (!t->id || !id_ok(t->id, strlen(t->id)) || buf_check(&b)) {
+        xfree(t->id), xfree(t->wname), buf_free(&b);
+        return -1;
+    }
+    t->row = (char *)buf_data(&b);
+    return 0;
+}
+
 static int rwk_cmp(const void *a, const void *b)
 {
     return strcmp(((const struct rwk *)a)->id, ((const struct rwk *)b)->id);
@@ -11032,6 +11074,11 @@ static int nats_rwk_v(struct jdoc *d, int e, const char *node, void *w)
     return nats_rwk(d, e, node, (struct rwk *)w);
 }
 
+static int nats_rtt_v(struct jdoc *d, int e, const char *node, void *t)
+{
+    return nats_rtt(d, e, node, (struct rtt *)t);
+}
+
 /* A snapshot: the node's functions and workers replace what was held of it (the index is
  * rebuilt for its rows, and workers that came or went are announced). */
 static void nats_on_snap(const struct nats_msg *m)
@@ -11039,14 +11086,16 @@ static void nats_on_snap(const struct nats_msg *m)
     struct jdoc d = {0};
     char name[160], iid[24];
     uint64_t v = 0;
-    void *fv = NULL, *wv = NULL;
-    size_t nf = 0, nw = 0, bf = 0, bw = 0;
+    void *fv = NULL, *wv = NULL, *tv = NULL;
+    size_t nf = 0, nw = 0, nt = 0, bf = 0, bw = 0, bt = 0;
     d.max = m->pln / 2 + 64;
     if (json_parse(&d, m->pl, m->pln, 4, 1) < 0 || nats_head(&d, name, iid, &v) < 0) goto out;
     struct cnode *cn = nats_node_of(name, iid);
     if (!cn || JABSENT(&d, json_get(&d, 0, "functions")) ||
         nats_snap_rows(&d, "functions", cn->name, sizeof(struct rfn), nats_rfn_v, &fv, &nf, &bf) < 0 ||
-        nats_snap_rows(&d, "workers", cn->name, sizeof(struct rwk), nats_rwk_v, &wv, &nw, &bw) < 0)
+        nats_snap_rows(&d, "workers", cn->name, sizeof(struct rwk), nats_rwk_v, &wv, &nw, &bw) < 0 ||
+        nats_snap_rows(&d, "trigger_types", cn->name, sizeof(struct rtt), nats_rtt_v, &tv, &nt,
+                       &bt) < 0)
         goto out;
     struct rfn *fns = fv;
     struct rwk *wks = wv;
@@ -11054,12 +11103,13 @@ static void nats_on_snap(const struct nats_msg *m)
     cnode_wk_events(cn, wks, nw);
     cnode_clear(cn);
     cn->fns = fns, cn->nfns = nf, cn->wks = wks, cn->nwks = nw, cn->v = v;
-    fv = wv = NULL;
+    cn->tts = tv, cn->ntts = nt;
+    fv = wv = tv = NULL;
     for (size_t i = 0; i < nf; i++) rkey_add(&fns[i], cn);
     S.cl_nrfn += nf, S.cl_rver++;
-    if (bf || bw)
+    if (bf || bw || bt)
         LOG(LOG_WARN, "cluster: node %s: %zu malformed rows of its snapshot ignored", cn->name,
-            bf + bw);
+            bf + bw + bt);
 out:
     if (fv) {
         struct rfn *f = fv;
@@ -11069,7 +11119,11 @@ out:
         struct rwk *w = wv;
         for (size_t i = 0; i < nw; i++) xfree(w[i].id), xfree(w[i].name), xfree(w[i].runtime), xfree(w[i].row);
     }
-    xfree(fv), xfree(wv), xfree(d.t);
+    if (tv) {
+        struct rtt *t = tv;
+        for (size_t i = 0; i < nt; i++) xfree(t[i].id), xfree(t[i].wname), xfree(t[i].row);
+    }
+    xfree(fv), xfree(wv), xfree(tv), xfree(d.t);
 }
 
 /* A goodbye: the node shut down cleanly, so it leaves the view at once. */
@@ -11113,6 +11167,15 @@ static void nats_publish_snap(void)
         if (k++) buf_putc(&b, ',');
         worker_row(&b, c, 0);
     }
+    buf_puts(&b, "],\"trigger_types\":[");
+    k = 0;
+    for (size_t i = 0; i < S.ttypes.nb; i++)
+        for (struct hnode *e = S.ttypes.b[i]; e; e = e->next) {
+            const struct ttype *tt = (const struct ttype *)e;
+            if (!tt->provider) continue; /* engine::* types exist on every node */
+            if (k++) buf_putc(&b, ',');
+            tt_row(&b, tt);
+        }
     buf_puts(&b, "]}");
     snprintf(subj, sizeof subj, "%s.node.%s.snap", CL_PREFIX, CL.tok);
     uuid_new(key);
@@ -11141,11 +11204,12 @@ static const struct cnode *rkey_pick(struct rkey *k, int many)
 }
 
 /* Sends the call in d to another node that provides fid in ns: 1 sent, 0 no node has it (or
- * no link, or out of memory). With providers: many (this engine's routing rule) and providers
- * on several nodes, the call goes to the function's queue-group subject and NATS picks the
- * node (which acknowledges, so that its death stops the call); otherwise, and for a call too
- * large for one message (its chunks must reach one node), to one node's call subject. Void
- * calls travel without a reply subject. */
+ * no link, or out of memory). It goes to the function's subject (every node providing it
+ * subscribes there in one queue group) when one node provides it, or several and this engine's
+ * routing rule says providers: many: NATS picks the taker, which is asked to acknowledge when
+ * it is not known here, so that its death still stops the call. Otherwise (providers: one
+ * among several nodes, or a call too large for one message, whose chunks must all reach one
+ * node) it goes to one node's call subject. Void calls travel without a reply subject. */
 static int cl_forward(struct conn *c, const struct jdoc *d, int iid, int fidt, const char *fid,
                       size_t fl, const char *ns, size_t nl, int reply)
 {
@@ -11159,17 +11223,22 @@ static int cl_forward(struct conn *c, const struct jdoc *d, int iid, int fidt, c
     size_t n = JLEN(d, 0), multi = 0;
     for (size_t i = 1; i < k->n; i++) multi |= k->nodes[i] != k->nodes[0];
     const struct cnode *to = NULL;
-    if (ru && ru->many && multi && n + 256 <= CL.max_payload) {
+    int many = ru && ru->many;
+    if (n + 256 <= CL.max_payload && (!multi || many)) {
+        /* the function's own subject: with one node providing it, that node (known: no
+         * acknowledgement needed); with several, NATS picks one of them */
         cl_fn_subject(ns, nl, fid, fl, to_subj);
+        if (!multi) to = k->nodes[0];
     } else {
         char tok[160];
-        to = rkey_pick(k, ru && ru->many);
+        to = rkey_pick(k, many);
         nats_token(to->name, tok, sizeof tok);
         snprintf(to_subj, sizeof to_subj, "%s.call.%s", CL_PREFIX, tok);
     }
     struct rcall *rc = NULL;
     struct buf b = {0};
-    buf_printf(&b, "{\"cw\":\"%s\",\"f\":", c->wid);
+    /* "ack": the taker is not known here, so it says who it is before it answers */
+    buf_printf(&b, "{\"cw\":\"%s\",%s\"f\":", c->wid, !to && reply ? "\"ack\":1," : "");
     size_t at = buf_used(&b);
     buf_append(&b, JRAW(d, 0), n);
     buf_putc(&b, '}');
@@ -11268,7 +11337,7 @@ static void cl_on_call(const struct nats_msg *m)
         /* an id already running here (a replay) is not run twice */
         if (hm_get(&CL.rins, (const char *)JRAW(&f, iid) + 1, 36)) goto out;
         if (!rin_add((const char *)JRAW(&f, iid) + 1, m->reply, m->replyn)) goto out;
-        if (m->sid >= 100) { /* via a queue group: tell the caller's engine who took it */
+        if (!JABSENT(&d, json_get(&d, 0, "ack"))) { /* the caller's engine asks who took it */
             struct buf a = {0};
             buf_puts(&a, "{\"ack\":");
             json_put_cstr(&a, CL.node);
@@ -11505,8 +11574,8 @@ static void nats_tick(int64_t now, int64_t *next)
         else if (CL.next_try < *next) *next = CL.next_try;
     }
     if (CL.state == NATS_READY) {
-        if (S.fn_fp != CL.fp_pub || S.fn_n != CL.n_pub || S.wk_ver != CL.wk_pub)
-            CL.v++, CL.fp_pub = S.fn_fp, CL.n_pub = S.fn_n, CL.wk_pub = S.wk_ver, CL.snap_due = 1;
+        if (S.fn_fp != CL.fp_pub || S.fn_n != CL.n_pub || S.reg_ver != CL.wk_pub)
+            CL.v++, CL.fp_pub = S.fn_fp, CL.n_pub = S.fn_n, CL.wk_pub = S.reg_ver, CL.snap_due = 1;
         if (CL.snap_due && now >= CL.snap_at) {
             CL.snap_due = 0, CL.snap_at = now + NATS_SNAP_GAP_MS;
             nats_publish_snap();
@@ -11636,6 +11705,35 @@ static size_t cl_wrows(const struct isearch *q, const char *runtime, const char 
                 if (runtime && strcmp(runtime, w->runtime ? w->runtime : "unknown")) continue;
                 r[k].rank = 0, r[k].a = w->name ? w->name : w->id, r[k].b = w->id;
                 r[k].p = NULL, r[k++].row = w->row;
+            }
+        }
+    return k;
+}
+
+/* Trigger types of other nodes held, over all nodes (a bound for a listing's rows). */
+static size_t cl_ntts(void)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < CL.nodes.nb; i++)
+        for (struct hnode *e = CL.nodes.b[i]; e; e = e->next) n += ((struct cnode *)e)->ntts;
+    return n;
+}
+
+/* The remote trigger types engine::triggers::list shows, appended to r from index k under the
+ * local filters (a search matches the id only); returns the new count. */
+static size_t cl_ttrows(const struct isearch *q, const char *prefix, const char *worker,
+                        struct ranked *r, size_t k)
+{
+    for (size_t i = 0; i < CL.nodes.nb; i++)
+        for (struct hnode *e = CL.nodes.b[i]; e; e = e->next) {
+            const struct cnode *cn = (const struct cnode *)e;
+            for (size_t j = 0; j < cn->ntts; j++) {
+                const struct rtt *t = &cn->tts[j];
+                if (prefix && !str_prefix(t->id, prefix)) continue;
+                if (worker && (!t->wname || strcmp(worker, t->wname))) continue;
+                if (q && q->nl && !isearch_in(q, t->id, strlen(t->id))) continue;
+                r[k].rank = 0, r[k].a = t->id, r[k].b = cn->name, r[k].p = NULL;
+                r[k++].row = t->row;
             }
         }
     return k;

@@ -142,6 +142,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             static const char wl[] = "{\"type\":\"invokefunction\",\"invocation_id\":\"x2\","
                                      "\"function_id\":\"engine::workers::list\",\"data\":{}}";
             worker_on_message(w1, (const unsigned char *)wl, sizeof wl - 1, 0);
+            static const char tl[] = "{\"type\":\"invokefunction\",\"invocation_id\":\"x3\","
+                                     "\"function_id\":\"engine::triggers::list\",\"data\":{\"search\":\"t\"}}";
+            worker_on_message(w1, (const unsigned char *)tl, sizeof tl - 1, 0);
             int64_t nx = INT64_MAX;
             ev_functions_tick(now_ms(), &nx);
             nats_free();
@@ -195,6 +198,7 @@ int main(int argc, char **argv)
         "\x06MSG iii.call.me 5 iii.reply.b.1b3b1b2e-1111-4222-8333-444455556666 171\r\n{\"cw\":\"0b3b1b2e-1111-4222-8333-444455556666\",\"f\":{\"type\":\"invokefunction\",\"invocation_id\":\"1b3b1b2e-1111-4222-8333-444455556666\",\"function_id\":\"math::add\",\"data\":{\"a\":1}}}\r\nMSG iii.reply.me.2b3b1b2e-1111-4222-8333-444455556666 6 119\r\n{\"type\":\"invocationresult\",\"invocation_id\":\"2b3b1b2e-1111-4222-8333-444455556666\",\"function_id\":\"math::add\",\"result\":1}\r\nHMSG iii.reply.me.2b3b1b2e-1111-4222-8333-444455556666 6 16 16\r\nNATS/1.0 503\r\n\r\n\r\n",
         "\x06HMSG iii.node.b.snap 2 65 125\r\nNATS/1.0\r\nIii-Chunk: 2b3b1b2e-1111-4222-8333-444455556666 0 2\r\n\r\n{\"node\":\"b\",\"iid\":\"1\",\"v\":3,\"functions\":[{\"function_id\":\"a::\r\nHMSG iii.node.b.snap 2 65 174\r\nNATS/1.0\r\nIii-Chunk: 2b3b1b2e-1111-4222-8333-444455556666 1 2\r\n\r\nb\",\"worker_name\":\"w\"}],\"workers\":[{\"name\":\"w\",\"id\":\"9b3b1b2e-1111-4222-8333-444455556666\",\"runtime\":\"node\"}]}\r\nMSG iii.node.b.hb 1 28\r\n{\"node\":\"b\",\"iid\":\"1\",\"v\":3}\r\n",
         "\x06MSG iii.fn.default.math%3A%3Aadd 100 iii.reply.b.1b3b1b2e-1111-4222-8333-444455556666 171\r\n{\"cw\":\"0b3b1b2e-1111-4222-8333-444455556666\",\"f\":{\"type\":\"invokefunction\",\"invocation_id\":\"1b3b1b2e-1111-4222-8333-444455556666\",\"function_id\":\"math::add\",\"data\":{\"a\":1}}}\r\nMSG iii.node.me.cancel 7 46\r\n{\"rid\":\"1b3b1b2e-1111-4222-8333-444455556666\"}\r\nMSG iii.reply.me.2b3b1b2e-1111-4222-8333-444455556666 6 11\r\n{\"ack\":\"b\"}\r\n",
+        "\x06MSG iii.node.c.snap 2 155\r\n{\"node\":\"c\",\"iid\":\"2\",\"v\":1,\"functions\":[],\"workers\":[],\"trigger_types\":[{\"id\":\"t::x\",\"namespace\":\"default\",\"worker_name\":\"w\",\"description\":\"d\"},{\"id\":1}]}\r\n",
     };
     long runs = 0;
     while (now_ms() < end) {

@@ -1171,5 +1171,34 @@ def caller_disconnect_cancels_a_many_routed_call(n):
         q.close()
 
 
+@with_cluster
+def remote_trigger_types_listed_with_node(n, a, b):
+    """A trigger type a worker on A provides shows in B's engine::triggers::list with node
+    "a" (its own fields as A lists it; prefix/worker/search apply) and leaves with its worker."""
+    wa, cb = Client(a, "wa"), Client(b, "cb")
+    wa.ws.send_json({"type": "registertriggertype", "id": "x::tick", "description": "ticks"})
+    wa.ws.send_json({"type": "ping"})
+    wa.ws.recv_json_until(lambda x: x.get("type") == "pong", 3)
+
+    def tts(c, **inp):
+        r = call(c.ws, "engine::triggers::list", inp, 5)
+        check("result" in r, "triggers::list failed: %s" % r)
+        return [t for t in r["result"]["triggers"] if t.get("id") == "x::tick"]
+
+    rows_b = wait_until(lambda: [t for t in tts(cb) if t.get("node") == "a"], 5, "x::tick on b")
+    own = tts(wa)
+    check(len(own) == 1 and "node" not in own[0], "a lists its own type without node: %s" % own)
+    row = rows_b[0]
+    check(list(row)[0] == "node", "node is the first member: %s" % row)
+    check({k: v for k, v in row.items() if k != "node"} == own[0],
+          "b's row is a's row plus node: %s vs %s" % (row, own[0]))
+    check(tts(cb, prefix="x::"), "prefix filter keeps it")
+    check(not tts(cb, prefix="y::"), "prefix filter drops it")
+    check(tts(cb, search="tic"), "search on the id finds it")
+    check(not tts(cb, search="zzz"), "search drops it")
+    wa.close()
+    wait_until(lambda: not [t for t in tts(cb) if t.get("node") == "a"], 5, "x::tick gone from b")
+
+
 if __name__ == "__main__":
     sys.exit(suite.run())
