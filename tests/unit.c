@@ -418,6 +418,13 @@ static void t_json_api(void)
     }
     CHECK(JTYPE(&d, json_get(&d, 0, "t")) == J_TRUE, "true");
     CHECK(json_get(&d, 0, "missing") < 0, "missing");
+    CHECK(uuid_valid("0123abcd-EF45-6789-aBcD-0123456789ef", 36), "uuid");
+    CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-0123456789eg", 36), "uuid: g");
+    CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-0123456789e", 35), "uuid: short");
+    CHECK(!uuid_valid("0123abcd0EF45-6789-aBcD-0123456789ef", 36), "uuid: no hyphen");
+    CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-01234567-9ef", 36), "uuid: hyphen in hex");
+    CHECK(!uuid_valid("0123abc:-EF45-6789-aBcD-0123456789ef", 36), "uuid: ':'");
+    CHECK(!uuid_valid("0123abc\0-EF45-6789-aBcD-0123456789ef", 36), "uuid: NUL");
     /* writer escapes */
     struct buf b = {0};
     json_put_str(&b, "a\"b\\c\n\x01\xc3\xa9", 9);
