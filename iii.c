@@ -298,13 +298,28 @@ static uint64_t siphash(uint64_t k0, uint64_t k1, const void *data, size_t n, in
     uint64_t b = (uint64_t)n << 56, w;
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        w = 0;
-        for (int k = 7; k >= 0; k--) w = w << 8 | m[i + (size_t)k];
+#if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__) &&                              \
+    __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        memcpy(&w, m + i, 8); /* the host's order is the word's: one load */
+#else
+        w = (uint64_t)m[i] | (uint64_t)m[i + 1] << 8 | (uint64_t)m[i + 2] << 16 |
+            (uint64_t)m[i + 3] << 24 | (uint64_t)m[i + 4] << 32 | (uint64_t)m[i + 5] << 40 |
+            (uint64_t)m[i + 6] << 48 | (uint64_t)m[i + 7] << 56;
+#endif
         v3 ^= w;
         for (int r = 0; r < c; r++) SIP_ROUND(v0, v1, v2, v3);
         v0 ^= w;
     }
-    for (size_t k = 0; i + k < n; k++) b |= (uint64_t)m[i + k] << (8 * k);
+    switch (n - i) { /* the last 0..7 bytes, low byte first, under the length byte */
+    case 7: b |= (uint64_t)m[i + 6] << 48; /* fall through */
+    case 6: b |= (uint64_t)m[i + 5] << 40; /* fall through */
+    case 5: b |= (uint64_t)m[i + 4] << 32; /* fall through */
+    case 4: b |= (uint64_t)m[i + 3] << 24; /* fall through */
+    case 3: b |= (uint64_t)m[i + 2] << 16; /* fall through */
+    case 2: b |= (uint64_t)m[i + 1] << 8;  /* fall through */
+    case 1: b |= (uint64_t)m[i]; break;
+    default: break;
+    }
     v3 ^= b;
     for (int r = 0; r < c; r++) SIP_ROUND(v0, v1, v2, v3);
     v0 ^= b;
@@ -313,6 +328,7 @@ static uint64_t siphash(uint64_t k0, uint64_t k1, const void *data, size_t n, in
     return v0 ^ v1 ^ v2 ^ v3;
 }
 
+/* The hash maps' key function (several per routed call). */
 static uint64_t siphash13(uint64_t k0, uint64_t k1, const void *data, size_t n)
 {
     return siphash(k0, k1, data, n, 1, 3);

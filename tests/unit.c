@@ -539,6 +539,30 @@ static void t_siphash(void)
     CHECK(siphash(k0, k1, "", 0, 2, 4) == UINT64_C(0x726fdb47dd0e0e31), "SipHash-2-4 empty");
     CHECK(siphash13(1, 2, "abc", 3) == siphash13(1, 2, "abc", 3), "deterministic");
     CHECK(siphash13(1, 2, "abc", 3) != siphash13(1, 3, "abc", 3), "keyed");
+    {
+        /* the word load and the tail switch against a byte-at-a-time reference, every length */
+        unsigned char big[70];
+        for (int i = 0; i < 70; i++) big[i] = (unsigned char)(i * 37 + 11);
+        for (size_t l = 0; l <= 70; l++)
+            for (int v = 0; v < 2; v++) {
+                int c = v ? 2 : 1, dr = v ? 4 : 3;
+                uint64_t v0 = k0 ^ UINT64_C(0x736f6d6570736575), v1 = k1 ^ UINT64_C(0x646f72616e646f6d);
+                uint64_t v2 = k0 ^ UINT64_C(0x6c7967656e657261), v3 = k1 ^ UINT64_C(0x7465646279746573);
+                size_t i = 0;
+                for (; i <= l; i += 8) { /* the last word carries the length byte */
+                    uint64_t w = 0;
+                    for (int k = 7; k >= 0; k--)
+                        w = w << 8 | (i + (size_t)k < l ? big[i + (size_t)k] : k == 7 ? (uint64_t)(l & 255) : 0);
+                    v3 ^= w;
+                    for (int r = 0; r < c; r++) SIP_ROUND(v0, v1, v2, v3);
+                    v0 ^= w;
+                }
+                v2 ^= 0xff;
+                for (int r = 0; r < dr; r++) SIP_ROUND(v0, v1, v2, v3);
+                CHECK(siphash(k0, k1, big, l, c, dr) == (v0 ^ v1 ^ v2 ^ v3), "siphash-%d-%d len %zu", c, dr, l);
+            }
+        CHECK(siphash13(k0, k1, big, 70) == siphash(k0, k1, big, 70, 1, 3), "siphash13");
+    }
     hm_k0 = 1, hm_k1 = 2;
     uint32_t a = hm_hash("default\0x", 9);
     hm_k0 = 3;
