@@ -917,7 +917,22 @@ struct jdoc {
     uint32_t nt, cap;         /* tokens in use / allocated */
     uint32_t max;             /* token cap for this parse */
     int cwid_key;             /* a "_caller_worker_id" key was seen at depth 2 (rt_put_data) */
+    /* Index of the top-level object's keys, built by json_parse so that json_get on token 0 (the
+     * envelope: a dozen lookups per routed frame) is one probe instead of a walk of the members.
+     * Invariant when kidx is 1: every top-level key is unescaped and kslot[JKEY_HASH(key)] holds
+     * its key token, bit JKEY_HASH(key) of kmask set; so a key whose slot is empty or holds
+     * another key is absent. Two keys sharing a slot (a duplicate key included) or any escaped
+     * key clear kidx, and json_get_n walks the members as before (first match wins). */
+    int kidx;
+    uint32_t kmask;
+    uint32_t kslot[32];
 };
+
+/* Slot of key k[0..n) (raw, unescaped bytes) in jdoc's key index: the common envelope keys
+ * (type, invocation_id, function_id, data, result, error, action, namespace, traceparent,
+ * baggage, metadata, timeout_ms, id, code, message, stacktrace) all land in distinct slots. */
+#define JKEY_HASH(k, n)                                                                            \
+    ((n) ? (uint32_t)((n) + (unsigned char)(k)[0] + 7u * (unsigned char)(k)[(n) - 1]) & 31u : 0u)
 
 /* Validates one string starting at the opening quote s[*pos]; advances *pos past the closing
  * quote. Control characters are rejected, escapes checked (\uXXXX needs four hex digits; lone
@@ -1112,6 +1127,7 @@ static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokd
     size_t i = 0;
     int expect_key = 0; /* inside an object, a key (string) comes next */
     d->src = s, d->len = n, d->nt = 0, d->cwid_key = 0;
+    d->kidx = 1, d->kmask = 0;
     if (!d->max) d->max = III_JSON_MAX_TOKENS;
     /* token offsets are 32-bit (half the token size); frame limits keep real input far below */
     if (n > UINT32_MAX - 1) return -1;
@@ -1157,6 +1173,12 @@ static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokd
             if (expect_key) {
                 /* object key: count the member, then expect ':' and the value */
                 if (tokenize) d->t[stack[depth - 1]].n++;
+                /* a member of the top-level object (token 0): into the key index */
+                if (tokenize && depth == 1 && d->kidx) {
+                    uint32_t h = JKEY_HASH(s + st + 1, i - st - 2);
+                    if (esc || (d->kmask >> h & 1)) d->kidx = 0;
+                    else d->kmask |= UINT32_C(1) << h, d->kslot[h] = (uint32_t)ti;
+                }
                 /* the one key of a payload the router cares about, noted on the way past: a
                  * routed `data` object is then never scanned again for it (rt_put_data) */
                 if (depth == 2 && (esc ? json_key_is_cwid(s + st, i - st)
@@ -1276,6 +1298,14 @@ static int json_unescape(const struct jdoc *d, int ti, struct buf *out)
 static int json_get_n(const struct jdoc *d, int obj, const char *key, size_t klen)
 {
     if (obj < 0 || d->t[obj].type != J_OBJECT || d->t[obj].opaque) return -1;
+    if (obj == 0 && d->kidx) { /* the top-level object: one probe of the key index */
+        uint32_t h = JKEY_HASH(key, klen);
+        if (!(d->kmask >> h & 1)) return -1;
+        const struct jtok *kt = &d->t[d->kslot[h]];
+        return kt->end - kt->start - 2 == klen && !memcmp(d->src + kt->start + 1, key, klen)
+                   ? (int)d->kslot[h] + 1
+                   : -1;
+    }
     uint32_t i = (uint32_t)obj + 1;
     for (uint32_t k = 0; k < d->t[obj].n; k++) {
         const struct jtok *kt = &d->t[i];

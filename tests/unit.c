@@ -418,6 +418,46 @@ static void t_json_api(void)
     }
     CHECK(JTYPE(&d, json_get(&d, 0, "t")) == J_TRUE, "true");
     CHECK(json_get(&d, 0, "missing") < 0, "missing");
+    {
+        /* the top-level key index agrees with the member walk: plain keys use it, a duplicate key
+         * (first wins), two keys sharing a slot, or an escaped key fall back to the walk */
+        static const char *docs[] = {
+            "{\"type\":\"a\",\"invocation_id\":1,\"function_id\":2,\"data\":3,\"result\":4,"
+            "\"error\":5,\"action\":6,\"namespace\":7,\"traceparent\":8,\"baggage\":9,"
+            "\"metadata\":10,\"timeout_ms\":11,\"\":12}",
+            "{\"data\":1,\"type\":\"x\",\"data\":2}",
+            "{\"type\":\"x\",\"tzpe\":2,\"tyze\":3}",
+            "{\"typ\\u0065\":\"x\",\"data\":5}",
+            "{\"a\":{\"type\":1},\"b\":[{\"type\":2}]}",
+        };
+        static const char *keys[] = {"type", "invocation_id", "function_id", "data", "result",
+                                     "error", "action", "namespace", "traceparent", "baggage",
+                                     "metadata", "timeout_ms", "", "tzpe", "tyze", "a", "b",
+                                     "typf", "datb", "missing", "typ"};
+        struct jdoc h = {0};
+        h.max = 64;
+        for (size_t i = 0; i < sizeof docs / sizeof docs[0]; i++) {
+            CHECK(json_parse(&h, (const unsigned char *)docs[i], strlen(docs[i]), 2, 1) == 0,
+                  "index doc %zu", i);
+            int saved = h.kidx;
+            for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++) {
+                h.kidx = saved;
+                int fast = json_get(&h, 0, keys[k]);
+                h.kidx = 0;
+                int walk = json_get(&h, 0, keys[k]);
+                CHECK(fast == walk, "index doc %zu key %s: %d, walk %d", i, keys[k], fast, walk);
+            }
+        }
+        CHECK(json_parse(&h, (const unsigned char *)docs[0], strlen(docs[0]), 2, 1) == 0 && h.kidx,
+              "envelope keys share no slot");
+        CHECK(json_parse(&h, (const unsigned char *)docs[1], strlen(docs[1]), 2, 1) == 0 && !h.kidx &&
+                  JLEN(&h, json_get(&h, 0, "data")) == 1 && *JRAW(&h, json_get(&h, 0, "data")) == '1',
+              "duplicate key: the first wins");
+        CHECK(json_parse(&h, (const unsigned char *)docs[3], strlen(docs[3]), 2, 1) == 0 && !h.kidx &&
+                  json_get(&h, 0, "type") > 0,
+              "escaped key found by the walk");
+        xfree(h.t);
+    }
     CHECK(uuid_valid("0123abcd-EF45-6789-aBcD-0123456789ef", 36), "uuid");
     CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-0123456789eg", 36), "uuid: g");
     CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-0123456789e", 35), "uuid: short");
