@@ -957,8 +957,11 @@ static int json_scan_str(const unsigned char *s, size_t n, size_t *pos, int chec
                 m = _mm_or_si128(m, _mm_cmpeq_epi8(_mm_max_epu8(v, c1f), c1f));
                 unsigned hit = (unsigned)_mm_movemask_epi8(m);
                 if (check_utf8) hit |= (unsigned)_mm_movemask_epi8(v);
-                if (hit) { /* straight to the first such byte: the loops below stop there */
+                if (hit) { /* straight to the first such byte */
                     i += (size_t)__builtin_ctz(hit);
+                    /* without validation it is '"', '\\' or a control: the loops below would
+                     * stop on it at once, so skip them; a non-ASCII byte goes through them */
+                    if (!check_utf8) goto special;
                     break;
                 }
                 i += 16;
@@ -978,6 +981,9 @@ static int json_scan_str(const unsigned char *s, size_t n, size_t *pos, int chec
         }
         /* RFC 8259 §7: U+0000..U+001F must be escaped, so a raw one ends the scan as an error */
         while (i < n && s[i] != '"' && s[i] != '\\' && s[i] >= 0x20) i++;
+#ifdef III_SSE2
+    special: /* s[i] (i < n) is '"', '\\' or a control, or i == n */
+#endif
         if (check_utf8 && utf8_feed(&u, s + st, i - st) < 0) return -1;
         if (i >= n || s[i] < 0x20) return -1;
         if (s[i] == '"') break;
@@ -1038,18 +1044,24 @@ static int json_scan_num(const unsigned char *s, size_t n, size_t *pos)
     return 0;
 }
 
-/* Appends a token of `type` starting at byte `start`, growing d->t geometrically up to d->max.
- * Returns its index, or -1 when the token cap is reached or on OOM. */
-static int json_push(struct jdoc *d, int type, size_t start)
+/* Grows d->t geometrically up to d->max. 0 ok, -1 OOM. */
+static int json_grow(struct jdoc *d)
+{
+    uint32_t nc = d->cap ? d->cap * 2 : 64;
+    if (nc > d->max) nc = d->max;
+    struct jtok *t = xrealloc(d->t, (size_t)nc * sizeof *t);
+    if (!t) return -1;
+    d->t = t, d->cap = nc;
+    return 0;
+}
+
+/* Appends a token of `type` starting at byte `start`, growing d->t when full. Returns its
+ * index, or -1 when the token cap is reached or on OOM. */
+static inline int json_push(struct jdoc *d, int type, size_t start)
 {
     if (d->nt >= d->max) return -1;
-    if (d->nt == d->cap) {
-        uint32_t nc = d->cap ? d->cap * 2 : 64;
-        if (nc > d->max) nc = d->max;
-        struct jtok *t = xrealloc(d->t, (size_t)nc * sizeof *t);
-        if (!t) return -1;
-        d->t = t, d->cap = nc;
-    }
+    /* the array is reused between parses: growth (json_grow, out of line) is rare */
+    if (d->nt == d->cap && json_grow(d) < 0) return -1;
     struct jtok *t = &d->t[d->nt];
     t->type = (unsigned char)type, t->esc = 0, t->opaque = 0;
     t->start = (uint32_t)start, t->end = (uint32_t)start, t->next = d->nt + 1, t->n = 0;
