@@ -4228,18 +4228,25 @@ struct hmap {
  * computed in advance (65,536 ids with one FNV-1a hash made every lookup a list walk). */
 static uint32_t hm_hash(const char *k, size_t n) { return (uint32_t)siphash13(hm_k0, hm_k1, k, n); }
 
-/* Looks up key k[0..n); returns the node (embedded in its object) or NULL. */
-static struct hnode *hm_get(const struct hmap *m, const char *k, size_t n)
+/* Looks up key k[0..n) whose hm_hash is h (a caller about to insert the key it looked up
+ * hashes it once: hm_put_h); returns the node (embedded in its object) or NULL. */
+static struct hnode *hm_get_h(const struct hmap *m, const char *k, size_t n, uint32_t h)
 {
     if (!m->nb) return NULL;
-    uint32_t h = hm_hash(k, n);
     for (struct hnode *e = m->b[h & (m->nb - 1)]; e; e = e->next)
         if (e->hash == h && e->klen == n && !memcmp(e->key, k, n)) return e;
     return NULL;
 }
 
-/* Inserts e under key k[0..n) (k must stay valid while e is in the map). 0 ok, -1 OOM. */
-static int hm_put(struct hmap *m, struct hnode *e, const char *k, size_t n)
+/* Looks up key k[0..n); returns the node (embedded in its object) or NULL. */
+static struct hnode *hm_get(const struct hmap *m, const char *k, size_t n)
+{
+    return m->nb ? hm_get_h(m, k, n, hm_hash(k, n)) : NULL;
+}
+
+/* Inserts e under key k[0..n), whose hm_hash is h (k must stay valid while e is in the map).
+ * 0 ok, -1 OOM. */
+static int hm_put_h(struct hmap *m, struct hnode *e, const char *k, size_t n, uint32_t h)
 {
     if (m->n >= m->nb) {
         size_t nb = m->nb ? m->nb * 2 : 16;
@@ -4256,11 +4263,17 @@ static int hm_put(struct hmap *m, struct hnode *e, const char *k, size_t n)
         xfree(m->b);
         m->b = b, m->nb = nb;
     }
-    e->key = k, e->klen = (uint32_t)n, e->hash = hm_hash(k, n);
+    e->key = k, e->klen = (uint32_t)n, e->hash = h;
     e->next = m->b[e->hash & (m->nb - 1)];
     m->b[e->hash & (m->nb - 1)] = e;
     m->n++;
     return 0;
+}
+
+/* hm_put_h with the hash computed here. */
+static int hm_put(struct hmap *m, struct hnode *e, const char *k, size_t n)
+{
+    return hm_put_h(m, e, k, n, hm_hash(k, n));
 }
 
 /* Unlinks e if it is in m (a node not in the map is a no-op). Frees nothing: the owner of the
@@ -6406,12 +6419,21 @@ static void inv_fold(const char *id, char out[37])
     out[36] = 0;
 }
 
-/* The call in flight under id (36 characters, any case), or NULL. */
-static struct inv *inv_find(const char *id)
+/* The call in flight under id (36 characters, any case), or NULL; *h gets the hash of its
+ * key, for inv_new_h when the id is free and about to be used. */
+static struct inv *inv_find_h(const char *id, uint32_t *h)
 {
     char k[37];
     inv_fold(id, k);
-    return (struct inv *)hm_get(&S.invs, k, 36);
+    *h = hm_hash(k, 36);
+    return (struct inv *)hm_get_h(&S.invs, k, 36, *h);
+}
+
+/* The call in flight under id (36 characters, any case), or NULL. */
+static struct inv *inv_find(const char *id)
+{
+    uint32_t h;
+    return inv_find_h(id, &h);
 }
 
 /* The deadline heap (S.timed): every call record with a deadline, earliest first, so the
@@ -6465,8 +6487,9 @@ static void timed_del(struct inv *v)
 
 /* A call record for id (36 chars, copied) of the given kind, from the free list when possible,
  * inserted into S.invs. Fields up to fid_small are zeroed. NULL on OOM. The caller checks that
- * id is not already in flight. Release with inv_free. */
-static struct inv *inv_new(const char *id, int kind)
+ * id is not already in flight. Release with inv_free. h: the hash of id's key from that
+ * check (inv_find_h), or NULL to compute it here. */
+static struct inv *inv_new_h(const char *id, int kind, const uint32_t *h)
 {
     struct inv *v = S.inv_free;
     if (v) {
@@ -6481,11 +6504,16 @@ static struct inv *inv_new(const char *id, int kind)
     v->id[36] = 0;
     inv_fold(id, v->key);
     v->kind = kind;
-    if (hm_put(&S.invs, &v->h, v->key, 36) < 0) {
+    if (hm_put_h(&S.invs, &v->h, v->key, 36, h ? *h : hm_hash(v->key, 36)) < 0) {
         v->free_next = S.inv_free, S.inv_free = v, S.inv_free_n++;
         return NULL;
     }
     return v;
+}
+
+static struct inv *inv_new(const char *id, int kind)
+{
+    return inv_new_h(id, kind, NULL);
 }
 
 /* Stores a copy of s[0..n) in inline storage when it fits, else allocates. */
@@ -7164,9 +7192,10 @@ static void rt_invoke_worker(struct conn *c, struct func *f, const struct jdoc *
 {
     struct conn *t = f->owner;
     char mint[37];
+    uint32_t h = 0; /* the hash of cid's key: computed by the check, reused by the insert */
     if (!cid) uuid_new(mint);
     /* a caller's id is the key of the call record (§3.2 step 6), so it must be unique in flight */
-    if (!conn_open(t) || (cid && inv_find(cid))) {
+    if (!conn_open(t) || (cid && inv_find_h(cid, &h))) {
         S.n_inv_errors++;
         if (!cid) return;
         if (!conn_open(t))
@@ -7178,7 +7207,7 @@ static void rt_invoke_worker(struct conn *c, struct func *f, const struct jdoc *
                          "invocation_id %.36s is already in flight", cid);
         return;
     }
-    struct inv *v = inv_new(cid ? cid : mint, cid ? INV_CALL : INV_VOID);
+    struct inv *v = inv_new_h(cid ? cid : mint, cid ? INV_CALL : INV_VOID, cid ? &h : NULL);
     if (!v) {
         conn_oom(c);
         return;
