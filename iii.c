@@ -410,21 +410,41 @@ static void uuid_new(char out[37])
     out[36] = 0;
 }
 
-/* 1 if s[0..n) is a hyphenated UUID (8-4-4-4-12 hex digits, any case). */
+/* Eight bytes at a time, one bit per byte (0x80 in a byte's position, the same in memory order
+ * on any host, as every step is bytewise without carries): SWAR_GE(w, c) marks bytes >= c of
+ * w's low seven bits (c in 1..0x80), ASCII bytes only being meaningful; the caller masks out
+ * bytes with the high bit set. */
+#define SWAR_ONES UINT64_C(0x0101010101010101)
+#define SWAR_HIGH UINT64_C(0x8080808080808080)
+#define SWAR_GE(w7, c) (((w7) + SWAR_ONES * (0x80 - (c))) & SWAR_HIGH)
+
+/* The bytes of w that are ASCII hex digits (0-9, a-f, A-F), marked 0x80. */
+static uint64_t swar_hex(uint64_t w)
+{
+    uint64_t h = w & ~SWAR_HIGH, l = h | SWAR_ONES * 0x20; /* low seven bits; letters folded */
+    uint64_t digit = SWAR_GE(h, '0') & ~SWAR_GE(h, '9' + 1);
+    uint64_t alpha = SWAR_GE(l, 'a') & ~SWAR_GE(l, 'f' + 1);
+    return (digit | alpha) & ~w & SWAR_HIGH;
+}
+
+/* 1 if s[0..n) is a hyphenated UUID (8-4-4-4-12 hex digits, any case): the four hyphens, then
+ * the 32 digits as five (overlapping) words checked against the positions that must be hex. */
 static int uuid_valid(const char *s, size_t n)
 {
-    /* the class of every byte (1 hex digit, 2 '-', 0 anything else) and the class each of the
-     * 36 positions wants: one table load per byte, no branch until the end */
-    static const unsigned char cls[256] = {
-        ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,
-        ['8'] = 1, ['9'] = 1, ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1,
-        ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['-'] = 2};
-    static const unsigned char want[36] = {1, 1, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1, 2, 1, 1, 1, 1,
-                                           2, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-    unsigned bad = 0;
-    if (n != 36) return 0;
-    for (size_t i = 0; i < 36; i++) bad |= cls[(unsigned char)s[i]] ^ want[i];
-    return !bad;
+    /* 0x80 where a hex digit must be: every position but 8, 13, 18 and 23 */
+    static const unsigned char want[36] = {
+        0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0,    0x80, 0x80, 0x80,
+        0x80, 0,    0x80, 0x80, 0x80, 0x80, 0,    0x80, 0x80, 0x80, 0x80, 0,
+        0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80};
+    static const unsigned char at[5] = {0, 8, 16, 24, 28};
+    if (n != 36 || s[8] != '-' || s[13] != '-' || s[18] != '-' || s[23] != '-') return 0;
+    for (int k = 0; k < 5; k++) {
+        uint64_t w, m;
+        memcpy(&w, s + at[k], 8);
+        memcpy(&m, want + at[k], 8);
+        if ((swar_hex(w) & m) != m) return 0;
+    }
+    return 1;
 }
 
 /* 1 if a[0..n) equals b[0..n) ignoring ASCII case (no locale involved). */
@@ -6412,9 +6432,15 @@ oom:
  * case-insensitively, as UUIDs are (RFC 4122 §3), so "A1..." answered as "a1..." still matches. */
 static void inv_fold(const char *id, char out[37])
 {
-    for (int i = 0; i < 36; i++) {
-        unsigned char ch = (unsigned char)id[i];
-        out[i] = (char)(ch >= 'A' && ch <= 'Z' ? ch | 0x20 : ch);
+    /* eight bytes at a time (the last word overlaps the one before: folding is idempotent);
+     * 0x20 is added to the bytes in A..Z, ASCII only */
+    static const unsigned char at[5] = {0, 8, 16, 24, 28};
+    for (int k = 0; k < 5; k++) {
+        uint64_t w, h;
+        memcpy(&w, id + at[k], 8);
+        h = w & ~SWAR_HIGH;
+        w |= (SWAR_GE(h, 'A') & ~SWAR_GE(h, 'Z' + 1) & ~w) >> 2;
+        memcpy(out + at[k], &w, 8);
     }
     out[36] = 0;
 }

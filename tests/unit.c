@@ -464,6 +464,14 @@ static void t_json_api(void)
     CHECK(!uuid_valid("0123abcd0EF45-6789-aBcD-0123456789ef", 36), "uuid: no hyphen");
     CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-01234567-9ef", 36), "uuid: hyphen in hex");
     CHECK(!uuid_valid("0123abc:-EF45-6789-aBcD-0123456789ef", 36), "uuid: ':'");
+    CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-0123456789e\xe6", 36), "uuid: non-ASCII");
+    CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-0123456789eG", 36), "uuid: G");
+    CHECK(!uuid_valid("/123abcd-EF45-6789-aBcD-0123456789e`", 36), "uuid: / and `");
+    {
+        char f[37];
+        inv_fold("0123ABCD-EF45-6789-aBcD-@[Z`{\xc1\xdaQRSTU", f);
+        CHECK(!memcmp(f, "0123abcd-ef45-6789-abcd-@[z`{\xc1\xdaqrstu", 37), "inv_fold");
+    }
     CHECK(!uuid_valid("0123abc\0-EF45-6789-aBcD-0123456789ef", 36), "uuid: NUL");
     /* writer escapes */
     struct buf b = {0};
