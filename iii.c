@@ -8598,7 +8598,7 @@ static const struct msg_field {
     const char *type, *field; /* message type and member name */
     int kind;                 /* F_* shape, | F_REQ when required */
     unsigned char tl, fl;     /* their lengths (MF computes them at compile time) */
-} MSG_FIELDS[] = {
+} MSG_FIELDS[] = { /* the rows of one type are adjacent: msg_valid stops after its last */
     MF("registerfunction", "id", F_STR | F_REQ),
     MF("registerfunction", "description", F_STR),
     MF("registerfunction", "invocation", F_OBJ),
@@ -8646,9 +8646,14 @@ static int msg_errbody(const struct jdoc *d, int ti)
 /* 1 if frame d of message type t[0..tl) has every field in the right shape. */
 static int msg_valid(const struct jdoc *d, const char *t, size_t tl)
 {
+    int seen = 0; /* a row of this type was reached: the next other type ends the rows */
     for (size_t i = 0; i < sizeof MSG_FIELDS / sizeof MSG_FIELDS[0]; i++) {
         const struct msg_field *f = &MSG_FIELDS[i];
-        if (f->tl != tl || memcmp(f->type, t, tl)) continue;
+        if (f->tl != tl || f->type[0] != t[0] || memcmp(f->type, t, tl)) {
+            if (seen) break;
+            continue;
+        }
+        seen = 1;
         int v = json_get_n(d, 0, f->field, f->fl);
         if (v < 0 || (d->t[v].type == J_NULL && (f->kind & 15) != F_ANY)) {
             if (f->kind & F_REQ) return 0;

@@ -464,6 +464,12 @@ static void t_json_api(void)
     CHECK(!uuid_valid("0123abcd0EF45-6789-aBcD-0123456789ef", 36), "uuid: no hyphen");
     CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-01234567-9ef", 36), "uuid: hyphen in hex");
     CHECK(!uuid_valid("0123abc:-EF45-6789-aBcD-0123456789ef", 36), "uuid: ':'");
+    /* msg_valid stops after the last row of the frame's type: the rows of a type are adjacent */
+    for (size_t i = 1; i < sizeof MSG_FIELDS / sizeof MSG_FIELDS[0]; i++)
+        if (strcmp(MSG_FIELDS[i].type, MSG_FIELDS[i - 1].type))
+            for (size_t j = 0; j < i; j++)
+                CHECK(strcmp(MSG_FIELDS[i].type, MSG_FIELDS[j].type), "MSG_FIELDS: %s rows apart",
+                      MSG_FIELDS[i].type);
     CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-0123456789e\xe6", 36), "uuid: non-ASCII");
     CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-0123456789eG", 36), "uuid: G");
     CHECK(!uuid_valid("/123abcd-EF45-6789-aBcD-0123456789e`", 36), "uuid: / and `");
