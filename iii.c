@@ -298,13 +298,28 @@ static uint64_t siphash(uint64_t k0, uint64_t k1, const void *data, size_t n, in
     uint64_t b = (uint64_t)n << 56, w;
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        w = 0;
-        for (int k = 7; k >= 0; k--) w = w << 8 | m[i + (size_t)k];
+#if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__) &&                              \
+    __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        memcpy(&w, m + i, 8); /* the host's order is the word's: one load */
+#else
+        w = (uint64_t)m[i] | (uint64_t)m[i + 1] << 8 | (uint64_t)m[i + 2] << 16 |
+            (uint64_t)m[i + 3] << 24 | (uint64_t)m[i + 4] << 32 | (uint64_t)m[i + 5] << 40 |
+            (uint64_t)m[i + 6] << 48 | (uint64_t)m[i + 7] << 56;
+#endif
         v3 ^= w;
         for (int r = 0; r < c; r++) SIP_ROUND(v0, v1, v2, v3);
         v0 ^= w;
     }
-    for (size_t k = 0; i + k < n; k++) b |= (uint64_t)m[i + k] << (8 * k);
+    switch (n - i) { /* the last 0..7 bytes, low byte first, under the length byte */
+    case 7: b |= (uint64_t)m[i + 6] << 48; /* fall through */
+    case 6: b |= (uint64_t)m[i + 5] << 40; /* fall through */
+    case 5: b |= (uint64_t)m[i + 4] << 32; /* fall through */
+    case 4: b |= (uint64_t)m[i + 3] << 24; /* fall through */
+    case 3: b |= (uint64_t)m[i + 2] << 16; /* fall through */
+    case 2: b |= (uint64_t)m[i + 1] << 8;  /* fall through */
+    case 1: b |= (uint64_t)m[i]; break;
+    default: break;
+    }
     v3 ^= b;
     for (int r = 0; r < c; r++) SIP_ROUND(v0, v1, v2, v3);
     v0 ^= b;
@@ -313,6 +328,7 @@ static uint64_t siphash(uint64_t k0, uint64_t k1, const void *data, size_t n, in
     return v0 ^ v1 ^ v2 ^ v3;
 }
 
+/* The hash maps' key function (several per routed call). */
 static uint64_t siphash13(uint64_t k0, uint64_t k1, const void *data, size_t n)
 {
     return siphash(k0, k1, data, n, 1, 3);
@@ -394,16 +410,40 @@ static void uuid_new(char out[37])
     out[36] = 0;
 }
 
-/* 1 if s[0..n) is a hyphenated UUID (8-4-4-4-12 hex digits, any case). */
+/* Eight bytes at a time, one bit per byte (0x80 in a byte's position, the same in memory order
+ * on any host, as every step is bytewise without carries): SWAR_GE(w, c) marks bytes >= c of
+ * w's low seven bits (c in 1..0x80), ASCII bytes only being meaningful; the caller masks out
+ * bytes with the high bit set. */
+#define SWAR_ONES UINT64_C(0x0101010101010101)
+#define SWAR_HIGH UINT64_C(0x8080808080808080)
+#define SWAR_GE(w7, c) (((w7) + SWAR_ONES * (0x80 - (c))) & SWAR_HIGH)
+
+/* The bytes of w that are ASCII hex digits (0-9, a-f, A-F), marked 0x80. */
+static uint64_t swar_hex(uint64_t w)
+{
+    uint64_t h = w & ~SWAR_HIGH, l = h | SWAR_ONES * 0x20; /* low seven bits; letters folded */
+    uint64_t digit = SWAR_GE(h, '0') & ~SWAR_GE(h, '9' + 1);
+    uint64_t alpha = SWAR_GE(l, 'a') & ~SWAR_GE(l, 'f' + 1);
+    return (digit | alpha) & ~w & SWAR_HIGH;
+}
+
+/* 1 if s[0..n) is a hyphenated UUID (8-4-4-4-12 hex digits, any case): the four hyphens, then
+ * the 32 digits as five (overlapping) words checked against the positions that must be hex. */
 static int uuid_valid(const char *s, size_t n)
 {
-    static const unsigned char seg[] = {0, 8, 9, 13, 14, 18, 19, 23, 24, 36}; /* hex runs */
+    /* 0x80 where a hex digit must be: every position but 8, 13, 18 and 23 */
+    static const unsigned char want[36] = {
+        0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0,    0x80, 0x80, 0x80,
+        0x80, 0,    0x80, 0x80, 0x80, 0x80, 0,    0x80, 0x80, 0x80, 0x80, 0,
+        0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80};
+    static const unsigned char at[5] = {0, 8, 16, 24, 28};
     if (n != 36 || s[8] != '-' || s[13] != '-' || s[18] != '-' || s[23] != '-') return 0;
-    for (size_t k = 0; k < sizeof seg; k += 2)
-        for (size_t i = seg[k]; i < seg[k + 1]; i++) {
-            unsigned c = (unsigned char)s[i], l = c | 0x20; /* ASCII fold, no locale call */
-            if (!((c >= '0' && c <= '9') || (l >= 'a' && l <= 'f'))) return 0;
-        }
+    for (int k = 0; k < 5; k++) {
+        uint64_t w, m;
+        memcpy(&w, s + at[k], 8);
+        memcpy(&m, want + at[k], 8);
+        if ((swar_hex(w) & m) != m) return 0;
+    }
     return 1;
 }
 
@@ -897,7 +937,22 @@ struct jdoc {
     uint32_t nt, cap;         /* tokens in use / allocated */
     uint32_t max;             /* token cap for this parse */
     int cwid_key;             /* a "_caller_worker_id" key was seen at depth 2 (rt_put_data) */
+    /* Index of the top-level object's keys, built by json_parse so that json_get on token 0 (the
+     * envelope: a dozen lookups per routed frame) is one probe instead of a walk of the members.
+     * Invariant when kidx is 1: every top-level key is unescaped and kslot[JKEY_HASH(key)] holds
+     * its key token, bit JKEY_HASH(key) of kmask set; so a key whose slot is empty or holds
+     * another key is absent. Two keys sharing a slot (a duplicate key included) or any escaped
+     * key clear kidx, and json_get_n walks the members as before (first match wins). */
+    int kidx;
+    uint32_t kmask;
+    uint32_t kslot[32];
 };
+
+/* Slot of key k[0..n) (raw, unescaped bytes) in jdoc's key index: the common envelope keys
+ * (type, invocation_id, function_id, data, result, error, action, namespace, traceparent,
+ * baggage, metadata, timeout_ms, id, code, message, stacktrace) all land in distinct slots. */
+#define JKEY_HASH(k, n)                                                                            \
+    ((n) ? (uint32_t)((n) + (unsigned char)(k)[0] + 7u * (unsigned char)(k)[(n) - 1]) & 31u : 0u)
 
 /* Validates one string starting at the opening quote s[*pos]; advances *pos past the closing
  * quote. Control characters are rejected, escapes checked (\uXXXX needs four hex digits; lone
@@ -922,8 +977,11 @@ static int json_scan_str(const unsigned char *s, size_t n, size_t *pos, int chec
                 m = _mm_or_si128(m, _mm_cmpeq_epi8(_mm_max_epu8(v, c1f), c1f));
                 unsigned hit = (unsigned)_mm_movemask_epi8(m);
                 if (check_utf8) hit |= (unsigned)_mm_movemask_epi8(v);
-                if (hit) { /* straight to the first such byte: the loops below stop there */
+                if (hit) { /* straight to the first such byte */
                     i += (size_t)__builtin_ctz(hit);
+                    /* without validation it is '"', '\\' or a control: the loops below would
+                     * stop on it at once, so skip them; a non-ASCII byte goes through them */
+                    if (!check_utf8) goto special;
                     break;
                 }
                 i += 16;
@@ -943,6 +1001,9 @@ static int json_scan_str(const unsigned char *s, size_t n, size_t *pos, int chec
         }
         /* RFC 8259 §7: U+0000..U+001F must be escaped, so a raw one ends the scan as an error */
         while (i < n && s[i] != '"' && s[i] != '\\' && s[i] >= 0x20) i++;
+#ifdef III_SSE2
+    special: /* s[i] (i < n) is '"', '\\' or a control, or i == n */
+#endif
         if (check_utf8 && utf8_feed(&u, s + st, i - st) < 0) return -1;
         if (i >= n || s[i] < 0x20) return -1;
         if (s[i] == '"') break;
@@ -1003,18 +1064,24 @@ static int json_scan_num(const unsigned char *s, size_t n, size_t *pos)
     return 0;
 }
 
-/* Appends a token of `type` starting at byte `start`, growing d->t geometrically up to d->max.
- * Returns its index, or -1 when the token cap is reached or on OOM. */
-static int json_push(struct jdoc *d, int type, size_t start)
+/* Grows d->t geometrically up to d->max. 0 ok, -1 OOM. */
+static int json_grow(struct jdoc *d)
+{
+    uint32_t nc = d->cap ? d->cap * 2 : 64;
+    if (nc > d->max) nc = d->max;
+    struct jtok *t = xrealloc(d->t, (size_t)nc * sizeof *t);
+    if (!t) return -1;
+    d->t = t, d->cap = nc;
+    return 0;
+}
+
+/* Appends a token of `type` starting at byte `start`, growing d->t when full. Returns its
+ * index, or -1 when the token cap is reached or on OOM. */
+static inline int json_push(struct jdoc *d, int type, size_t start)
 {
     if (d->nt >= d->max) return -1;
-    if (d->nt == d->cap) {
-        uint32_t nc = d->cap ? d->cap * 2 : 64;
-        if (nc > d->max) nc = d->max;
-        struct jtok *t = xrealloc(d->t, (size_t)nc * sizeof *t);
-        if (!t) return -1;
-        d->t = t, d->cap = nc;
-    }
+    /* the array is reused between parses: growth (json_grow, out of line) is rare */
+    if (d->nt == d->cap && json_grow(d) < 0) return -1;
     struct jtok *t = &d->t[d->nt];
     t->type = (unsigned char)type, t->esc = 0, t->opaque = 0;
     t->start = (uint32_t)start, t->end = (uint32_t)start, t->next = d->nt + 1, t->n = 0;
@@ -1092,6 +1159,7 @@ static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokd
     size_t i = 0;
     int expect_key = 0; /* inside an object, a key (string) comes next */
     d->src = s, d->len = n, d->nt = 0, d->cwid_key = 0;
+    d->kidx = 1, d->kmask = 0;
     if (!d->max) d->max = III_JSON_MAX_TOKENS;
     /* token offsets are 32-bit (half the token size); frame limits keep real input far below */
     if (n > UINT32_MAX - 1) return -1;
@@ -1137,6 +1205,12 @@ static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokd
             if (expect_key) {
                 /* object key: count the member, then expect ':' and the value */
                 if (tokenize) d->t[stack[depth - 1]].n++;
+                /* a member of the top-level object (token 0): into the key index */
+                if (tokenize && depth == 1 && d->kidx) {
+                    uint32_t h = JKEY_HASH(s + st + 1, i - st - 2);
+                    if (esc || (d->kmask >> h & 1)) d->kidx = 0;
+                    else d->kmask |= UINT32_C(1) << h, d->kslot[h] = (uint32_t)ti;
+                }
                 /* the one key of a payload the router cares about, noted on the way past: a
                  * routed `data` object is then never scanned again for it (rt_put_data) */
                 if (depth == 2 && (esc ? json_key_is_cwid(s + st, i - st)
@@ -1256,6 +1330,14 @@ static int json_unescape(const struct jdoc *d, int ti, struct buf *out)
 static int json_get_n(const struct jdoc *d, int obj, const char *key, size_t klen)
 {
     if (obj < 0 || d->t[obj].type != J_OBJECT || d->t[obj].opaque) return -1;
+    if (obj == 0 && d->kidx) { /* the top-level object: one probe of the key index */
+        uint32_t h = JKEY_HASH(key, klen);
+        if (!(d->kmask >> h & 1)) return -1;
+        const struct jtok *kt = &d->t[d->kslot[h]];
+        return kt->end - kt->start - 2 == klen && !memcmp(d->src + kt->start + 1, key, klen)
+                   ? (int)d->kslot[h] + 1
+                   : -1;
+    }
     uint32_t i = (uint32_t)obj + 1;
     for (uint32_t k = 0; k < d->t[obj].n; k++) {
         const struct jtok *kt = &d->t[i];
@@ -4166,18 +4248,25 @@ struct hmap {
  * computed in advance (65,536 ids with one FNV-1a hash made every lookup a list walk). */
 static uint32_t hm_hash(const char *k, size_t n) { return (uint32_t)siphash13(hm_k0, hm_k1, k, n); }
 
-/* Looks up key k[0..n); returns the node (embedded in its object) or NULL. */
-static struct hnode *hm_get(const struct hmap *m, const char *k, size_t n)
+/* Looks up key k[0..n) whose hm_hash is h (a caller about to insert the key it looked up
+ * hashes it once: hm_put_h); returns the node (embedded in its object) or NULL. */
+static struct hnode *hm_get_h(const struct hmap *m, const char *k, size_t n, uint32_t h)
 {
     if (!m->nb) return NULL;
-    uint32_t h = hm_hash(k, n);
     for (struct hnode *e = m->b[h & (m->nb - 1)]; e; e = e->next)
         if (e->hash == h && e->klen == n && !memcmp(e->key, k, n)) return e;
     return NULL;
 }
 
-/* Inserts e under key k[0..n) (k must stay valid while e is in the map). 0 ok, -1 OOM. */
-static int hm_put(struct hmap *m, struct hnode *e, const char *k, size_t n)
+/* Looks up key k[0..n); returns the node (embedded in its object) or NULL. */
+static struct hnode *hm_get(const struct hmap *m, const char *k, size_t n)
+{
+    return m->nb ? hm_get_h(m, k, n, hm_hash(k, n)) : NULL;
+}
+
+/* Inserts e under key k[0..n), whose hm_hash is h (k must stay valid while e is in the map).
+ * 0 ok, -1 OOM. */
+static int hm_put_h(struct hmap *m, struct hnode *e, const char *k, size_t n, uint32_t h)
 {
     if (m->n >= m->nb) {
         size_t nb = m->nb ? m->nb * 2 : 16;
@@ -4194,11 +4283,17 @@ static int hm_put(struct hmap *m, struct hnode *e, const char *k, size_t n)
         xfree(m->b);
         m->b = b, m->nb = nb;
     }
-    e->key = k, e->klen = (uint32_t)n, e->hash = hm_hash(k, n);
+    e->key = k, e->klen = (uint32_t)n, e->hash = h;
     e->next = m->b[e->hash & (m->nb - 1)];
     m->b[e->hash & (m->nb - 1)] = e;
     m->n++;
     return 0;
+}
+
+/* hm_put_h with the hash computed here. */
+static int hm_put(struct hmap *m, struct hnode *e, const char *k, size_t n)
+{
+    return hm_put_h(m, e, k, n, hm_hash(k, n));
 }
 
 /* Unlinks e if it is in m (a node not in the map is a no-op). Frees nothing: the owner of the
@@ -6337,19 +6432,34 @@ oom:
  * case-insensitively, as UUIDs are (RFC 4122 §3), so "A1..." answered as "a1..." still matches. */
 static void inv_fold(const char *id, char out[37])
 {
-    for (int i = 0; i < 36; i++) {
-        unsigned char ch = (unsigned char)id[i];
-        out[i] = (char)(ch >= 'A' && ch <= 'Z' ? ch | 0x20 : ch);
+    /* eight bytes at a time (the last word overlaps the one before: folding is idempotent);
+     * 0x20 is added to the bytes in A..Z, ASCII only */
+    static const unsigned char at[5] = {0, 8, 16, 24, 28};
+    for (int k = 0; k < 5; k++) {
+        uint64_t w, h;
+        memcpy(&w, id + at[k], 8);
+        h = w & ~SWAR_HIGH;
+        w |= (SWAR_GE(h, 'A') & ~SWAR_GE(h, 'Z' + 1) & ~w) >> 2;
+        memcpy(out + at[k], &w, 8);
     }
     out[36] = 0;
+}
+
+/* The call in flight under id (36 characters, any case), or NULL; *h gets the hash of its
+ * key, for inv_new_h when the id is free and about to be used. */
+static struct inv *inv_find_h(const char *id, uint32_t *h)
+{
+    char k[37];
+    inv_fold(id, k);
+    *h = hm_hash(k, 36);
+    return (struct inv *)hm_get_h(&S.invs, k, 36, *h);
 }
 
 /* The call in flight under id (36 characters, any case), or NULL. */
 static struct inv *inv_find(const char *id)
 {
-    char k[37];
-    inv_fold(id, k);
-    return (struct inv *)hm_get(&S.invs, k, 36);
+    uint32_t h;
+    return inv_find_h(id, &h);
 }
 
 /* The deadline heap (S.timed): every call record with a deadline, earliest first, so the
@@ -6403,8 +6513,9 @@ static void timed_del(struct inv *v)
 
 /* A call record for id (36 chars, copied) of the given kind, from the free list when possible,
  * inserted into S.invs. Fields up to fid_small are zeroed. NULL on OOM. The caller checks that
- * id is not already in flight. Release with inv_free. */
-static struct inv *inv_new(const char *id, int kind)
+ * id is not already in flight. Release with inv_free. h: the hash of id's key from that
+ * check (inv_find_h), or NULL to compute it here. */
+static struct inv *inv_new_h(const char *id, int kind, const uint32_t *h)
 {
     struct inv *v = S.inv_free;
     if (v) {
@@ -6419,11 +6530,16 @@ static struct inv *inv_new(const char *id, int kind)
     v->id[36] = 0;
     inv_fold(id, v->key);
     v->kind = kind;
-    if (hm_put(&S.invs, &v->h, v->key, 36) < 0) {
+    if (hm_put_h(&S.invs, &v->h, v->key, 36, h ? *h : hm_hash(v->key, 36)) < 0) {
         v->free_next = S.inv_free, S.inv_free = v, S.inv_free_n++;
         return NULL;
     }
     return v;
+}
+
+static struct inv *inv_new(const char *id, int kind)
+{
+    return inv_new_h(id, kind, NULL);
 }
 
 /* Stores a copy of s[0..n) in inline storage when it fits, else allocates. */
@@ -7102,9 +7218,10 @@ static void rt_invoke_worker(struct conn *c, struct func *f, const struct jdoc *
 {
     struct conn *t = f->owner;
     char mint[37];
+    uint32_t h = 0; /* the hash of cid's key: computed by the check, reused by the insert */
     if (!cid) uuid_new(mint);
     /* a caller's id is the key of the call record (§3.2 step 6), so it must be unique in flight */
-    if (!conn_open(t) || (cid && inv_find(cid))) {
+    if (!conn_open(t) || (cid && inv_find_h(cid, &h))) {
         S.n_inv_errors++;
         if (!cid) return;
         if (!conn_open(t))
@@ -7116,7 +7233,7 @@ static void rt_invoke_worker(struct conn *c, struct func *f, const struct jdoc *
                          "invocation_id %.36s is already in flight", cid);
         return;
     }
-    struct inv *v = inv_new(cid ? cid : mint, cid ? INV_CALL : INV_VOID);
+    struct inv *v = inv_new_h(cid ? cid : mint, cid ? INV_CALL : INV_VOID, cid ? &h : NULL);
     if (!v) {
         conn_oom(c);
         return;
@@ -8483,7 +8600,7 @@ static const struct msg_field {
     const char *type, *field; /* message type and member name */
     int kind;                 /* F_* shape, | F_REQ when required */
     unsigned char tl, fl;     /* their lengths (MF computes them at compile time) */
-} MSG_FIELDS[] = {
+} MSG_FIELDS[] = { /* the rows of one type are adjacent: msg_valid stops after its last */
     MF("registerfunction", "id", F_STR | F_REQ),
     MF("registerfunction", "description", F_STR),
     MF("registerfunction", "invocation", F_OBJ),
@@ -8531,9 +8648,14 @@ static int msg_errbody(const struct jdoc *d, int ti)
 /* 1 if frame d of message type t[0..tl) has every field in the right shape. */
 static int msg_valid(const struct jdoc *d, const char *t, size_t tl)
 {
+    int seen = 0; /* a row of this type was reached: the next other type ends the rows */
     for (size_t i = 0; i < sizeof MSG_FIELDS / sizeof MSG_FIELDS[0]; i++) {
         const struct msg_field *f = &MSG_FIELDS[i];
-        if (f->tl != tl || memcmp(f->type, t, tl)) continue;
+        if (f->tl != tl || f->type[0] != t[0] || memcmp(f->type, t, tl)) {
+            if (seen) break;
+            continue;
+        }
+        seen = 1;
         int v = json_get_n(d, 0, f->field, f->fl);
         if (v < 0 || (d->t[v].type == J_NULL && (f->kind & 15) != F_ANY)) {
             if (f->kind & F_REQ) return 0;

@@ -418,6 +418,67 @@ static void t_json_api(void)
     }
     CHECK(JTYPE(&d, json_get(&d, 0, "t")) == J_TRUE, "true");
     CHECK(json_get(&d, 0, "missing") < 0, "missing");
+    {
+        /* the top-level key index agrees with the member walk: plain keys use it, a duplicate key
+         * (first wins), two keys sharing a slot, or an escaped key fall back to the walk */
+        static const char *docs[] = {
+            "{\"type\":\"a\",\"invocation_id\":1,\"function_id\":2,\"data\":3,\"result\":4,"
+            "\"error\":5,\"action\":6,\"namespace\":7,\"traceparent\":8,\"baggage\":9,"
+            "\"metadata\":10,\"timeout_ms\":11,\"\":12}",
+            "{\"data\":1,\"type\":\"x\",\"data\":2}",
+            "{\"type\":\"x\",\"tzpe\":2,\"tyze\":3}",
+            "{\"typ\\u0065\":\"x\",\"data\":5}",
+            "{\"a\":{\"type\":1},\"b\":[{\"type\":2}]}",
+        };
+        static const char *keys[] = {"type", "invocation_id", "function_id", "data", "result",
+                                     "error", "action", "namespace", "traceparent", "baggage",
+                                     "metadata", "timeout_ms", "", "tzpe", "tyze", "a", "b",
+                                     "typf", "datb", "missing", "typ"};
+        struct jdoc h = {0};
+        h.max = 64;
+        for (size_t i = 0; i < sizeof docs / sizeof docs[0]; i++) {
+            CHECK(json_parse(&h, (const unsigned char *)docs[i], strlen(docs[i]), 2, 1) == 0,
+                  "index doc %zu", i);
+            int saved = h.kidx;
+            for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++) {
+                h.kidx = saved;
+                int fast = json_get(&h, 0, keys[k]);
+                h.kidx = 0;
+                int walk = json_get(&h, 0, keys[k]);
+                CHECK(fast == walk, "index doc %zu key %s: %d, walk %d", i, keys[k], fast, walk);
+            }
+        }
+        CHECK(json_parse(&h, (const unsigned char *)docs[0], strlen(docs[0]), 2, 1) == 0 && h.kidx,
+              "envelope keys share no slot");
+        CHECK(json_parse(&h, (const unsigned char *)docs[1], strlen(docs[1]), 2, 1) == 0 && !h.kidx &&
+                  JLEN(&h, json_get(&h, 0, "data")) == 1 && *JRAW(&h, json_get(&h, 0, "data")) == '1',
+              "duplicate key: the first wins");
+        CHECK(json_parse(&h, (const unsigned char *)docs[3], strlen(docs[3]), 2, 1) == 0 && !h.kidx &&
+                  json_get(&h, 0, "type") > 0,
+              "escaped key found by the walk");
+        xfree(h.t);
+    }
+    CHECK(uuid_valid("0123abcd-EF45-6789-aBcD-0123456789ef", 36), "uuid");
+    CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-0123456789eg", 36), "uuid: g");
+    CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-0123456789e", 35), "uuid: short");
+    CHECK(!uuid_valid("0123abcd0EF45-6789-aBcD-0123456789ef", 36), "uuid: no hyphen");
+    CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-01234567-9ef", 36), "uuid: hyphen in hex");
+    CHECK(!uuid_valid("0123abc:-EF45-6789-aBcD-0123456789ef", 36), "uuid: ':'");
+    /* msg_valid stops after the last row of the frame's type: the rows of a type are adjacent */
+    for (size_t i = 1; i < sizeof MSG_FIELDS / sizeof MSG_FIELDS[0]; i++)
+        if (strcmp(MSG_FIELDS[i].type, MSG_FIELDS[i - 1].type))
+            for (size_t j = 0; j < i; j++)
+                CHECK(strcmp(MSG_FIELDS[i].type, MSG_FIELDS[j].type), "MSG_FIELDS: %s rows apart",
+                      MSG_FIELDS[i].type);
+    CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-0123456789e\xe6", 36), "uuid: non-ASCII");
+    CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-0123456789eG", 36), "uuid: G");
+    CHECK(!uuid_valid("/123abcd-EF45-6789-aBcD-0123456789e`", 36), "uuid: / and `");
+    {
+        char f[37];
+        inv_fold("0123ABCD-EF45-6789-aBcD-@[Z`{\xc1\xdaQRSTU", f);
+        CHECK(!memcmp(f, "0123abcd-ef45-6789-abcd-@[z`{\xc1\xdaqrstu", 37), "inv_fold");
+    }
+    CHECK(!uuid_valid("0123abc\0-EF45-6789-aBcD-0123456789ef", 36), "uuid: NUL");
     /* writer escapes */
     struct buf b = {0};
     json_put_str(&b, "a\"b\\c\n\x01\xc3\xa9", 9);
@@ -532,6 +593,30 @@ static void t_siphash(void)
     CHECK(siphash(k0, k1, "", 0, 2, 4) == UINT64_C(0x726fdb47dd0e0e31), "SipHash-2-4 empty");
     CHECK(siphash13(1, 2, "abc", 3) == siphash13(1, 2, "abc", 3), "deterministic");
     CHECK(siphash13(1, 2, "abc", 3) != siphash13(1, 3, "abc", 3), "keyed");
+    {
+        /* the word load and the tail switch against a byte-at-a-time reference, every length */
+        unsigned char big[70];
+        for (int i = 0; i < 70; i++) big[i] = (unsigned char)(i * 37 + 11);
+        for (size_t l = 0; l <= 70; l++)
+            for (int v = 0; v < 2; v++) {
+                int c = v ? 2 : 1, dr = v ? 4 : 3;
+                uint64_t v0 = k0 ^ UINT64_C(0x736f6d6570736575), v1 = k1 ^ UINT64_C(0x646f72616e646f6d);
+                uint64_t v2 = k0 ^ UINT64_C(0x6c7967656e657261), v3 = k1 ^ UINT64_C(0x7465646279746573);
+                size_t i = 0;
+                for (; i <= l; i += 8) { /* the last word carries the length byte */
+                    uint64_t w = 0;
+                    for (int k = 7; k >= 0; k--)
+                        w = w << 8 | (i + (size_t)k < l ? big[i + (size_t)k] : k == 7 ? (uint64_t)(l & 255) : 0);
+                    v3 ^= w;
+                    for (int r = 0; r < c; r++) SIP_ROUND(v0, v1, v2, v3);
+                    v0 ^= w;
+                }
+                v2 ^= 0xff;
+                for (int r = 0; r < dr; r++) SIP_ROUND(v0, v1, v2, v3);
+                CHECK(siphash(k0, k1, big, l, c, dr) == (v0 ^ v1 ^ v2 ^ v3), "siphash-%d-%d len %zu", c, dr, l);
+            }
+        CHECK(siphash13(k0, k1, big, 70) == siphash(k0, k1, big, 70, 1, 3), "siphash13");
+    }
     hm_k0 = 1, hm_k1 = 2;
     uint32_t a = hm_hash("default\0x", 9);
     hm_k0 = 3;
