@@ -11078,6 +11078,24 @@ static void nats_on_hb(const struct nats_msg *m)
     xfree(d.t);
 }
 
+/* Row e of a snapshot (an object) as this engine lists it: {"node":NODE, then the row's own
+ * members}. A malloc'd C string, or NULL when e is no non-empty object or on OOM. */
+static char *nats_row(struct jdoc *d, int e, const char *node)
+{
+    if (JTYPE(d, e) != J_OBJECT || d->t[e].opaque || JLEN(d, e) < 3) return NULL;
+    struct buf b = {0};
+    buf_puts(&b, "{\"node\":");
+    json_put_cstr(&b, node);
+    buf_putc(&b, ','); /* the row has a member, so a ',' joins the rest of it */
+    buf_append(&b, JRAW(d, e) + 1, JLEN(d, e) - 1);
+    buf_putc(&b, 0);
+    if (buf_check(&b)) {
+        buf_free(&b);
+        return NULL;
+    }
+    return (char *)buf_data(&b);
+}
+
 /* One row of a snapshot's functions array into r (its fields and the row with "node" first). */
 static int nats_rfn(struct jdoc *d, int e, const char *node, struct rfn *r)
 {
@@ -11088,18 +11106,11 @@ static int nats_rfn(struct jdoc *d, int e, const char *node, struct rfn *r)
     r->wname = json_strdup(d, json_get(d, e, "worker_name"), NULL);
     if (r->id && !r->ns) r->ns = xstrdup("default");
     if (r->id && r->ns && !r->wname) r->wname = xstrdup("");
-    struct buf b = {0};
-    buf_puts(&b, "{\"node\":");
-    json_put_cstr(&b, node);
-    /* a row is an object with at least function_id, so a ',' joins the rest of it */
-    buf_putc(&b, ',');
-    buf_append(&b, JRAW(d, e) + 1, JLEN(d, e) - 1);
-    buf_putc(&b, 0);
-    if (!r->id || !r->ns || !r->wname || !id_ok(r->id, strlen(r->id)) || buf_check(&b)) {
-        xfree(r->id), xfree(r->ns), xfree(r->wname), buf_free(&b);
+    r->row = nats_row(d, e, node);
+    if (!r->id || !r->ns || !r->wname || !id_ok(r->id, strlen(r->id)) || !r->row) {
+        xfree(r->id), xfree(r->ns), xfree(r->wname), xfree(r->row);
         return -1;
     }
-    r->row = (char *)buf_data(&b);
     return 0;
 }
 
@@ -11112,17 +11123,11 @@ static int nats_rwk(struct jdoc *d, int e, const char *node, struct rwk *w)
     w->id = json_strdup(d, json_get(d, e, "id"), NULL);
     w->name = json_strdup(d, json_get(d, e, "name"), NULL);
     w->runtime = json_strdup(d, json_get(d, e, "runtime"), NULL);
-    struct buf b = {0};
-    buf_puts(&b, "{\"node\":");
-    json_put_cstr(&b, node);
-    buf_putc(&b, ',');
-    buf_append(&b, JRAW(d, e) + 1, JLEN(d, e) - 1);
-    buf_putc(&b, 0);
-    if (!w->id || !*w->id || strlen(w->id) > III_MAX_ID || buf_check(&b)) {
-        xfree(w->id), xfree(w->name), xfree(w->runtime), buf_free(&b);
+    w->row = nats_row(d, e, node);
+    if (!w->id || !*w->id || strlen(w->id) > III_MAX_ID || !w->row) {
+        xfree(w->id), xfree(w->name), xfree(w->runtime), xfree(w->row);
         return -1;
     }
-    w->row = (char *)buf_data(&b);
     return 0;
 }
 
@@ -11134,17 +11139,11 @@ static int nats_rtt(struct jdoc *d, int e, const char *node, struct rtt *t)
     memset(t, 0, sizeof *t);
     t->id = json_strdup(d, json_get(d, e, "id"), NULL);
     t->wname = json_strdup(d, json_get(d, e, "worker_name"), NULL);
-    struct buf b = {0};
-    buf_puts(&b, "{\"node\":");
-    json_put_cstr(&b, node);
-    buf_putc(&b, ',');
-    buf_append(&b, JRAW(d, e) + 1, JLEN(d, e) - 1);
-    buf_putc(&b, 0);
-    if (!t->id || !id_ok(t->id, strlen(t->id)) || buf_check(&b)) {
-        xfree(t->id), xfree(t->wname), buf_free(&b);
+    t->row = nats_row(d, e, node);
+    if (!t->id || !id_ok(t->id, strlen(t->id)) || !t->row) {
+        xfree(t->id), xfree(t->wname), xfree(t->row);
         return -1;
     }
-    t->row = (char *)buf_data(&b);
     return 0;
 }
 
