@@ -20,7 +20,7 @@
 # Scenarios (bench/bench.c plays every worker and caller over real sockets on 127.0.0.1):
 #   serial     one caller, one echo worker, one call in flight
 #   pipelined  4 caller connections x 32 calls in flight, 4 echo workers
-#   sweep      payloads of 128 B, 1 KiB, 16 KiB, 1 MiB (serial, and 2 callers x 8 in flight)
+#   sweep      payloads of 128 B, 1 KiB, 16 KiB, 64 KiB, 1 MiB (serial, and 2 callers x 8 in flight)
 #   conns      10,000 idle worker connections, each registered with one function
 #   cleanup    a worker with 200 functions and 1,000 calls in flight to it disconnects
 #   startup    exec -> listening line -> first successful call
@@ -306,7 +306,7 @@ gen() {
 }
 
 # ---- parameters per mode --------------------------------------------------------------------
-SIZES="128 1024 16384 1048576"
+SIZES="128 1024 16384 65536 1048576"
 case $MODE in
 full)
     REPS=3 S_SECS=3 S_CALLS=400000 P_SECS=4 P_CALLS=4000000 W_SECS=2 W_CALLS=400000

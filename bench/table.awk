@@ -107,8 +107,8 @@ END {
     row(p, "p99 latency µs", "pipelined-pinned", 128, "p99_us", 1)
     row(p, "router CPU µs/call, utime+stime", "pipelined-pinned", 128, "srv_stat_cpu_us_call", 2)
     row(p, "router CPU % of a core", "pipelined-pinned", 128, "srv_cpu_pct", 0)
-    split("128 1024 16384 1048576", S, " ")
-    for (i = 1; i <= 4; i++) {
+    split("128 1024 16384 65536 1048576", S, " ")
+    for (i = 1; i <= 5; i++) {
         z = S[i]
         row("sweep " human(z) ", serial, same core", "calls/s", "sweep-serial", z, "cps", 0)
         row("sweep " human(z) ", serial, same core", "p50 latency µs", "sweep-serial", z, "p50_us", 1)
