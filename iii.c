@@ -4401,7 +4401,7 @@ struct conn {
     struct conn *rsnext;              /* S.resume list: its held input is processed next turn */
     struct inv *calls_out, *calls_in; /* calls it made / calls dispatched to it */
     size_t n_out, n_in;               /* lengths of calls_out / calls_in (bounded by limits) */
-    size_t n_rcalls;                  /* its calls waiting on other nodes (README "Cluster") */
+    struct rcall *rcalls;             /* its calls waiting on other nodes (README "Cluster") */
     struct chan *chan;                /* channel side */
     uint64_t otel_frames;             /* /otel frames received and dropped (docs/§10) */
 };
@@ -7349,7 +7349,7 @@ static void rt_invoke_mw(struct conn *c, struct func *mw, const struct jdoc *d, 
 /* Handles an invokefunction frame from worker c (§3). Malformed frames are dropped silently. */
 static int cl_forward(struct conn *c, const struct jdoc *d, int iid, int fidt, const char *fid,
                       size_t fl, const char *ns, size_t nl, int reply);
-static void cl_caller_gone(const struct conn *c);
+static void cl_caller_gone(struct conn *c);
 
 static void rt_invoke(struct conn *c, const struct jdoc *d)
 {
@@ -8941,6 +8941,7 @@ static void worker_teardown(struct conn *c)
     c->torn = 1;
     if (!c->wid[0]) { /* refused or gone while the auth function decided: never a worker */
         for (struct inv *v = c->calls_out, *nx; v; v = nx) nx = v->cnext, inv_free(v);
+        if (c->rcalls) cl_caller_gone(c);
         return;
     }
     c->ns_state = NS_ABORTED;
@@ -8971,7 +8972,7 @@ static void worker_teardown(struct conn *c)
     /* calls it made: the targets may still answer; those results find no record and are ignored */
     for (struct inv *v = c->calls_out, *nx; v; v = nx)
         nx = v->cnext, rt_cancel_notify(v, "caller_disconnected"), inv_free(v);
-    if (c->n_rcalls) cl_caller_gone(c); /* ... and so are its calls on other nodes */
+    if (c->rcalls) cl_caller_gone(c); /* ... and so are its calls on other nodes */
     /* its calls still waiting in routing queues are dropped when they are reached */
     for (struct qcall *q = c->queued; q; q = q->cnext) q->caller = NULL;
     c->queued = NULL;
@@ -10543,7 +10544,8 @@ struct rcall {
     struct hnode h; /* CL.rcalls, keyed by rid */
     char rid[37];   /* the id it travels under: fresh, so ids from many callers never collide */
     char cid[37];   /* the caller's own invocation id */
-    char cw[37];    /* the caller's worker id (looked up again: the caller may have gone) */
+    struct conn *caller;          /* the caller: its teardown ends the call first */
+    struct rcall *cprev, *cnext;  /* caller->rcalls */
     char *node;     /* the node it went to (NULL: sent to a queue group, not yet acknowledged) */
     char *fid;      /* raw JSON string of the function id, for an error answer */
     int64_t sent;   /* when it was sent (an unacknowledged one is stopped after the TTL) */
@@ -10616,8 +10618,10 @@ static void cl_chunks_clear(int64_t before);
 /* Ends remote call rc: err (an ErrorBody) to its caller when non-NULL, then frees it. */
 static void rcall_end(struct rcall *rc, const char *err)
 {
-    struct conn *c = (struct conn *)hm_get(&S.workers, rc->cw, 36);
-    if (c && c->n_rcalls) c->n_rcalls--;
+    struct conn *c = rc->caller;
+    if (rc->cprev) rc->cprev->cnext = rc->cnext;
+    else if (c) c->rcalls = rc->cnext; /* (c is never NULL once the call is in CL.rcalls) */
+    if (rc->cnext) rc->cnext->cprev = rc->cprev;
     if (err && c && conn_open(c))
         rt_send_result(c, rc->cid, 36, rc->fid, strlen(rc->fid), NULL, 0,
                        (const unsigned char *)err, strlen(err), "", 0);
@@ -11370,12 +11374,13 @@ static int cl_forward(struct conn *c, const struct jdoc *d, int iid, int fidt, c
             goto oom;
         uuid_new(rc->rid);
         memcpy(rc->cid, JRAW(d, iid) + 1, 36);
-        memcpy(rc->cw, c->wid, 36);
         rc->sent = now_ms();
         /* the frame's invocation_id is the caller's: the fresh one takes its place */
         memcpy(b.p + b.off + at + (size_t)(JRAW(d, iid) + 1 - JRAW(d, 0)), rc->rid, 36);
         if (hm_put(&CL.rcalls, &rc->h, rc->rid, 36) < 0) goto oom;
-        c->n_rcalls++, CL.n_unacked += !to;
+        rc->caller = c, rc->cnext = c->rcalls, CL.n_unacked += !to;
+        if (c->rcalls) c->rcalls->cprev = rc;
+        c->rcalls = rc;
         memcpy(key, rc->rid, 37);
         snprintf(subj, sizeof subj, "%s %s.reply.%s.%s", to_subj, CL_PREFIX, CL.tok, rc->rid);
     } else {
@@ -11394,22 +11399,19 @@ oom:
 /* The caller c goes away: its calls waiting on other nodes are forgotten, and the nodes
  * running them are told (PREFIX.node.NODE.cancel), so that their workers get
  * invocationcancelled as they would for a caller of their own. */
-static void cl_caller_gone(const struct conn *c)
+static void cl_caller_gone(struct conn *c)
 {
-    for (size_t i = 0; c->n_rcalls && i < CL.rcalls.nb; i++)
-        for (struct hnode *x = CL.rcalls.b[i], *nx; x; x = nx) {
-            nx = x->next;
-            struct rcall *rc = (struct rcall *)x;
-            if (memcmp(rc->cw, c->wid, 36)) continue;
-            if (rc->node) {
-                char tok[160], subj[256], pl[64];
-                nats_token(rc->node, tok, sizeof tok);
-                snprintf(subj, sizeof subj, "%s.node.%s.cancel", CL_PREFIX, tok);
-                int n = snprintf(pl, sizeof pl, "{\"rid\":\"%s\"}", rc->rid);
-                nats_pub(subj, pl, (size_t)n);
-            }
-            rcall_end(rc, NULL);
+    while (c->rcalls) { /* its own list: the cost is its calls, not every call in flight */
+        struct rcall *rc = c->rcalls;
+        if (rc->node) {
+            char tok[160], subj[256], pl[64];
+            nats_token(rc->node, tok, sizeof tok);
+            snprintf(subj, sizeof subj, "%s.node.%s.cancel", CL_PREFIX, tok);
+            int n = snprintf(pl, sizeof pl, "{\"rid\":\"%s\"}", rc->rid);
+            nats_pub(subj, pl, (size_t)n);
         }
+        rcall_end(rc, NULL);
+    }
 }
 
 /* Remembers where the answer to call rid (36 chars) goes (the entry, held by CL.rins; NULL
@@ -11538,7 +11540,7 @@ static void cl_on_reply(const struct nats_msg *m)
         return;
     }
     const char *k = strstr_n((const char *)m->pl, m->pln, "\"invocation_id\":\"");
-    struct conn *c = (struct conn *)hm_get(&S.workers, rc->cw, 36);
+    struct conn *c = rc->caller;
     if (k && (size_t)((const char *)m->pl + m->pln - k) > 17 + 36 && !memcmp(k + 17, rc->rid, 36) &&
         c && conn_open(c)) {
         struct buf b = {0};
