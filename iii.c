@@ -571,12 +571,21 @@ static int buf_cache_take(struct buf *b, size_t need, size_t max)
     return 0;
 }
 
+/* buf_reserve's slow path: the cap check, compaction and growth (below). */
+static int buf_grow(struct buf *b, size_t n);
+
 /* Ensures room for n more bytes after len. 0 ok, -1 OOM, overflow or over the cap (err set), or
- * an earlier failure not yet checked. */
-static int buf_reserve(struct buf *b, size_t n)
+ * an earlier failure not yet checked. Inline: nearly every append finds room already (a few
+ * dozen per routed call), so that test costs no call; the rest is out of line. */
+static inline int buf_reserve(struct buf *b, size_t n)
 {
     if (b->err) return -1; /* sticky: after one failure nothing more is appended until checked */
     if (b->cap - b->len >= n && (!b->lim || b->len - b->off + n <= b->lim)) return 0;
+    return buf_grow(b, n);
+}
+
+static int buf_grow(struct buf *b, size_t n)
+{
     if (b->lim && (n > b->lim || b->len - b->off > b->lim - n)) {
         b->err = BUF_ELIMIT;
         return -1;
@@ -622,7 +631,7 @@ static int buf_reserve(struct buf *b, size_t n)
 
 /* Appends d[0..n). 0 ok, -1 OOM (b unchanged). The "check a cap" rule is the caller's: it
  * compares buf_used() with its limit before appending. */
-static int buf_append(struct buf *b, const void *d, size_t n)
+static inline int buf_append(struct buf *b, const void *d, size_t n)
 {
     if (!n) return 0;
     if (buf_reserve(b, n) < 0) return -1;
@@ -634,7 +643,7 @@ static int buf_append(struct buf *b, const void *d, size_t n)
 /* a macro, so that appending a literal costs no strlen at run time */
 #define buf_puts(b, s) buf_append((b), (s), strlen(s))
 
-static int buf_putc(struct buf *b, int c)
+static inline int buf_putc(struct buf *b, int c)
 {
     if (buf_reserve(b, 1) < 0) return -1;
     b->p[b->len++] = (unsigned char)c;
