@@ -1271,7 +1271,24 @@ static int json_parse(struct jdoc *d, const unsigned char *s, size_t n, int tokd
 
 /* Finds member `key` of object token obj. Returns the value's token index or -1. Keys with
  * escapes are compared after decoding (rare; the common path is a memcmp). */
-static int json_get_n(const struct jdoc *d, int obj, const char *key, size_t klen);
+static int json_get_walk(const struct jdoc *d, int obj, const char *key, size_t klen);
+
+/* json_get_walk with the envelope's case inline: on token 0 with the key index on, one probe.
+ * A routed call makes two dozen such lookups with literal keys, whose slot and compare the
+ * compiler then folds. The index holds only keys of a top-level object (an array or an opaque
+ * top value has none), so an absent slot is an absent key. */
+static inline int json_get_n(const struct jdoc *d, int obj, const char *key, size_t klen)
+{
+    if (obj == 0 && d->kidx) {
+        uint32_t h = JKEY_HASH(key, klen);
+        if (!(d->kmask >> h & 1)) return -1;
+        const struct jtok *kt = &d->t[d->kslot[h]];
+        return kt->end - kt->start - 2 == klen && !memcmp(d->src + kt->start + 1, key, klen)
+                   ? (int)d->kslot[h] + 1
+                   : -1;
+    }
+    return json_get_walk(d, obj, key, klen);
+}
 /* a macro, so that the length of a literal key is known at compile time */
 #define json_get(d, obj, key) json_get_n((d), (obj), (key), strlen(key))
 
@@ -1334,19 +1351,12 @@ static int json_unescape(const struct jdoc *d, int ti, struct buf *out)
     return 0;
 }
 
-/* json_get with an explicit key length. Returns the first match: with duplicate keys the first
- * one wins (RFC 8259 §4 leaves it to the implementation). Opaque objects never match. */
-static int json_get_n(const struct jdoc *d, int obj, const char *key, size_t klen)
+/* json_get without the index: a walk of obj's members. Returns the first match: with duplicate
+ * keys the first one wins (RFC 8259 §4 leaves it to the implementation). Opaque objects never
+ * match. */
+static int json_get_walk(const struct jdoc *d, int obj, const char *key, size_t klen)
 {
     if (obj < 0 || d->t[obj].type != J_OBJECT || d->t[obj].opaque) return -1;
-    if (obj == 0 && d->kidx) { /* the top-level object: one probe of the key index */
-        uint32_t h = JKEY_HASH(key, klen);
-        if (!(d->kmask >> h & 1)) return -1;
-        const struct jtok *kt = &d->t[d->kslot[h]];
-        return kt->end - kt->start - 2 == klen && !memcmp(d->src + kt->start + 1, key, klen)
-                   ? (int)d->kslot[h] + 1
-                   : -1;
-    }
     uint32_t i = (uint32_t)obj + 1;
     for (uint32_t k = 0; k < d->t[obj].n; k++) {
         const struct jtok *kt = &d->t[i];
