@@ -963,13 +963,52 @@ struct jdoc {
 #define JKEY_HASH(k, n)                                                                            \
     ((n) ? (uint32_t)((n) + (unsigned char)(k)[0] + 7u * (unsigned char)(k)[(n) - 1]) & 31u : 0u)
 
+static int json_scan_str_from(const unsigned char *s, size_t n, size_t *pos, size_t i,
+                              int check_utf8, int *esc);
+
 /* Validates one string starting at the opening quote s[*pos]; advances *pos past the closing
  * quote. Control characters are rejected, escapes checked (\uXXXX needs four hex digits; lone
  * surrogates are syntactically valid JSON and accepted), raw bytes must be valid UTF-8 unless
- * the caller already validated the whole input. Sets *esc when a backslash was seen. */
-static int json_scan_str(const unsigned char *s, size_t n, size_t *pos, int check_utf8, int *esc)
+ * the caller already validated the whole input. Sets *esc when a backslash was seen.
+ * Inline, the common short string (every key and id of an envelope) costs one
+ * SSE2 step when its closing quote is the first special byte among the next sixteen; anything
+ * else (longer, escaped, non-ASCII to validate, near the end of the input) takes the full scan
+ * (json_scan_str_from), which resumes at the first byte this step did not pass as plain ASCII. */
+static inline int json_scan_str(const unsigned char *s, size_t n, size_t *pos, int check_utf8,
+                                int *esc)
 {
+#ifdef III_SSE2
     size_t i = *pos + 1;
+    if (i + 16 <= n) {
+        const __m128i c1f = _mm_set1_epi8(0x1F);
+        __m128i v = _mm_loadu_si128((const __m128i *)(const void *)(s + i));
+        __m128i m = _mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('"')),
+                                 _mm_cmpeq_epi8(v, _mm_set1_epi8('\\')));
+        m = _mm_or_si128(m, _mm_cmpeq_epi8(_mm_max_epu8(v, c1f), c1f));
+        unsigned hit = (unsigned)_mm_movemask_epi8(m);
+        if (check_utf8) hit |= (unsigned)_mm_movemask_epi8(v);
+        if (hit) {
+            i += (size_t)__builtin_ctz(hit);
+            if (s[i] == '"') {
+                *esc = 0;
+                *pos = i + 1;
+                return 0;
+            }
+        } else {
+            i += 16;
+        }
+    }
+    return json_scan_str_from(s, n, pos, i, check_utf8, esc);
+#else
+    return json_scan_str_from(s, n, pos, *pos + 1, check_utf8, esc);
+#endif
+}
+
+/* The full scan; s[*pos + 1 .. i) are already known to be plain ASCII (no '"', '\\' or
+ * control), so the UTF-8 validator's state is clean at i. */
+static int json_scan_str_from(const unsigned char *s, size_t n, size_t *pos, size_t i,
+                              int check_utf8, int *esc)
+{
     struct utf8 u = {0, 0, 0};
     *esc = 0;
     for (;;) {

@@ -503,6 +503,42 @@ static void t_json_api(void)
 }
 
 /* Every allocation in a message round trip made to fail in turn: no crash, no leak. */
+/* json_scan_str's inline step (one 16-byte look for the closing quote) against the full scan
+ * from the opening quote: every string length 0-40, each with one special byte (quote,
+ * escape, bad escape, control, valid and invalid UTF-8) at every position, cut at every
+ * length, with and without UTF-8 validation: same verdict, same end, same escape flag. */
+static void t_json_scan_fast(void)
+{
+    const char *test_name = "json_scan_str_inline_step_matches_full_scan";
+    static const char *specials[] = {"\"", "\\n", "\\x", "\\u00e9", "\x01", "\xc3\xa9", "\xff", "\xe2\x82"};
+    unsigned char s[64];
+    long cases = 0;
+    for (size_t len = 0; len <= 40; len++)
+        for (size_t sp = 0; sp < sizeof specials / sizeof *specials; sp++)
+            for (size_t at = 0; at <= len; at++) {
+                size_t k = 0, sl = strlen(specials[sp]);
+                s[k++] = '"';
+                for (size_t j = 0; j < len; j++) {
+                    if (j == at && k + sl < sizeof s) memcpy(s + k, specials[sp], sl), k += sl;
+                    s[k++] = 'a';
+                }
+                if (k < sizeof s) s[k++] = '"';
+                for (size_t n = 1; n <= k; n++)
+                    for (int u = 0; u <= 1; u++) {
+                        size_t p1 = 0, p2 = 0;
+                        int e1 = -1, e2 = -1;
+                        int r1 = json_scan_str(s, n, &p1, u, &e1);
+                        int r2 = json_scan_str_from(s, n, &p2, 1, u, &e2);
+                        CHECK(r1 == r2 && (r1 < 0 || (p1 == p2 && e1 == e2)),
+                              "len %zu special %zu at %zu n %zu utf8 %d: %d/%zu/%d vs %d/%zu/%d",
+                              len, sp, at, n, u, r1, p1, e1, r2, p2, e2);
+                        cases++;
+                    }
+            }
+    CHECK(cases > 10000, "only %ld cases", cases);
+    PASS();
+}
+
 static void t_alloc_failures(void)
 {
     const char *test_name = "allocation_failure_sweep_json_and_buffers";
@@ -637,6 +673,7 @@ int main(int argc, char **argv)
     t_frames();
     t_frame_violations();
     t_json_api();
+    t_json_scan_fast();
     t_json_suite(argc > 1 ? argv[1] : NULL);
     t_alloc_failures();
     t_buf_cache();
