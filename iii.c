@@ -966,6 +966,17 @@ struct jdoc {
 static int json_scan_str_from(const unsigned char *s, size_t n, size_t *pos, size_t i,
                               int check_utf8, int *esc);
 
+/* Nonzero when one of the eight bytes of w may be '"', '\\' or a control (< 0x20): the classic
+ * "has a zero byte" test on w XORed with each. A borrow can flag a byte after the first real
+ * one, never miss one, so callers go byte by byte through a flagged word. Bytes >= 0x80 are
+ * not flagged. */
+static inline uint64_t json_word_special(uint64_t w)
+{
+    const uint64_t ones = UINT64_C(0x0101010101010101), high = UINT64_C(0x8080808080808080);
+    uint64_t q = w ^ (ones * '"'), b = w ^ (ones * '\\');
+    return (((q - ones) & ~q) | ((b - ones) & ~b) | ((w - ones * 0x20) & ~w)) & high;
+}
+
 /* Validates one string starting at the opening quote s[*pos]; advances *pos past the closing
  * quote. Control characters are rejected, escapes checked (\uXXXX needs four hex digits; lone
  * surrogates are syntactically valid JSON and accepted), raw bytes must be valid UTF-8 unless
@@ -1039,12 +1050,9 @@ static int json_scan_str_from(const unsigned char *s, size_t n, size_t *pos, siz
         /* eight bytes at a time while none is '"', '\\' or a control (or, when validating, a
          * non-ASCII byte): the classic "has a zero byte" test on the word XORed with each */
         while (i + 8 <= n) {
-            uint64_t w, q, b;
-            const uint64_t ones = UINT64_C(0x0101010101010101), high = UINT64_C(0x8080808080808080);
+            uint64_t w;
             memcpy(&w, s + i, 8);
-            q = w ^ (ones * '"'), b = w ^ (ones * '\\');
-            uint64_t hit = ((q - ones) & ~q) | ((b - ones) & ~b) | ((w - ones * 0x20) & ~w);
-            if ((hit & high) || (check_utf8 && (w & high))) break;
+            if (json_word_special(w) || (check_utf8 && (w & UINT64_C(0x8080808080808080)))) break;
             i += 8;
         }
         /* RFC 8259 §7: U+0000..U+001F must be escaped, so a raw one ends the scan as an error */
@@ -1495,6 +1503,12 @@ static int json_put_str(struct buf *b, const char *s, size_t n)
     b->p[b->len++] = '"';
     size_t st = 0;
     for (size_t i = 0; i < n; i++) {
+        /* eight bytes at a time while none needs an escape (an id, a name: all of them) */
+        uint64_t w;
+        if (i + 8 <= n && (memcpy(&w, s + i, 8), !json_word_special(w))) {
+            i += 7;
+            continue;
+        }
         unsigned char c = (unsigned char)s[i];
         if (c >= 0x20 && c != '"' && c != '\\') continue;
         if (buf_append(b, s + st, i - st) < 0) return -1;

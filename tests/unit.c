@@ -539,6 +539,37 @@ static void t_json_scan_fast(void)
     PASS();
 }
 
+/* json_put_str's eight-byte skip against a byte-at-a-time escaper: every length 0-40 with each
+ * byte that needs an escape (and bytes that do not: 0x1F/0x20 edges, 0x7F, 0x80, 0xFF) at
+ * every position, and the word-test's false positives (0x21 next to a borrow, 0x5D..). */
+static void t_json_put_words(void)
+{
+    const char *test_name = "json_put_str_word_skip_matches_byte_escaper";
+    static const unsigned char odd[] = {'"', '\\', 0, 1, '\n', 0x1F, 0x20, 0x21, 0x5B, 0x5D, 0x7F, 0x80, 0xFF};
+    char s[48];
+    struct buf b = {0}, r = {0};
+    for (size_t len = 0; len <= 40; len++)
+        for (size_t o = 0; o < sizeof odd; o++)
+            for (size_t at = 0; at < len || (at == 0 && len == 0); at++) {
+                for (size_t j = 0; j < len; j++) s[j] = (char)(j == at ? odd[o] : 'a' + j % 26);
+                buf_reset(&b), buf_reset(&r);
+                CHECK(json_put_str(&b, s, len) == 0, "append");
+                buf_putc(&r, '"');
+                for (size_t j = 0; j < len; j++) {
+                    unsigned char c = (unsigned char)s[j];
+                    if (c == '"' || c == '\\') buf_putc(&r, '\\'), buf_putc(&r, c);
+                    else if (c == '\n') buf_puts(&r, "\\n");
+                    else if (c < 0x20) buf_printf(&r, "\\u%04x", c);
+                    else buf_putc(&r, c);
+                }
+                buf_putc(&r, '"');
+                CHECK(buf_used(&b) == buf_used(&r) && !memcmp(buf_data(&b), buf_data(&r), buf_used(&r)),
+                      "len %zu byte 0x%02x at %zu: %.*s", len, odd[o], at, (int)buf_used(&b), buf_data(&b));
+            }
+    buf_free(&b), buf_free(&r);
+    PASS();
+}
+
 static void t_alloc_failures(void)
 {
     const char *test_name = "allocation_failure_sweep_json_and_buffers";
@@ -674,6 +705,7 @@ int main(int argc, char **argv)
     t_frame_violations();
     t_json_api();
     t_json_scan_fast();
+    t_json_put_words();
     t_json_suite(argc > 1 ? argv[1] : NULL);
     t_alloc_failures();
     t_buf_cache();
