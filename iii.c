@@ -634,7 +634,8 @@ static int buf_grow(struct buf *b, size_t n)
 static int buf_append(struct buf *b, const void *d, size_t n)
 {
     if (!n) return 0;
-    if (buf_reserve(b, n) < 0) return -1;
+    /* (p is never NULL once n > 0 bytes fit; the test says so to the static analyzer) */
+    if (buf_reserve(b, n) < 0 || !b->p) return -1;
     memcpy(b->p + b->len, d, n);
     b->len += n;
     return 0;
@@ -645,8 +646,7 @@ static int buf_append(struct buf *b, const void *d, size_t n)
 static inline int buf_put_lit(struct buf *b, const char *s, size_t n)
 {
     if (buf_reserve(b, n) < 0) return -1;
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
+    if (n) memcpy(b->p + b->len, s, n), b->len += n; /* n is 0: p may still be NULL */
     return 0;
 }
 
