@@ -1384,16 +1384,21 @@ static int json_streq(const struct jdoc *d, int ti, const char *lit)
 }
 
 /* Returns a newly allocated decoded copy of string token ti (caller frees), NULL if not a
- * string or OOM. The copy may contain NUL bytes from \u0000; *len gets the true length. */
+ * string or OOM. The copy may contain NUL bytes from \u0000; *len gets the true length.
+ * Decoding never lengthens a string (an escape takes at least as many bytes as the UTF-8 it
+ * stands for), so the block is sized once from the raw text plus the NUL: copies that are kept
+ * (a worker's runtime, version, os...) hold no growth slack (a buf's first block is 256 bytes). */
 static char *json_strdup(const struct jdoc *d, int ti, size_t *len)
 {
+    if (JTYPE(d, ti) != J_STRING) return NULL;
     struct buf tmp = {0};
-    if (JTYPE(d, ti) != J_STRING || json_unescape(d, ti, &tmp) < 0 || !buf_cstr(&tmp)) {
+    tmp.cap = JLEN(d, ti) - 1; /* the text between the quotes, and the NUL */
+    if (!(tmp.p = xmalloc(tmp.cap))) return NULL;
+    if (json_unescape(d, ti, &tmp) < 0 || !buf_cstr(&tmp)) {
         buf_free(&tmp);
         return NULL;
     }
     if (len) *len = buf_used(&tmp);
-    if (!tmp.p) return xstrdup("");
     return (char *)tmp.p;
 }
 
