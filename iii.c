@@ -8520,6 +8520,9 @@ static void worker_drain(struct conn *c)
         frames++, bytes += n;
     }
     xfree(d.t);
+    /* an empty queue gives its block back (its cap, pendq.lim, stays): nearly every worker
+     * queues a few frames before its announce and none after, so an idle worker keeps none */
+    if (!buf_used(&c->pendq)) buf_free(&c->pendq);
     int more = buf_used(&c->pendq) && c->ns_state == NS_RESOLVED && conn_open(c);
     if (more && !c->draining) c->draining = 1, c->drnext = S.drain, S.drain = c;
     else if (!more) drain_unlink(c);
