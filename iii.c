@@ -4366,6 +4366,8 @@ struct inv;
 struct chan;
 struct session;
 
+/* One per connection for its lifetime, the largest part of an idle worker's memory: flags are
+ * bits of one word and 4-byte fields sit in pairs, so little of it is padding. */
 struct conn {
     struct hnode h;           /* in S.workers, keyed by wid (worker connections only) */
     struct conn *prev, *next; /* S.conns list */
@@ -4378,6 +4380,10 @@ struct conn {
     unsigned in_borrowed : 1; /* c->in points at the shared read buffer (see loop_read) */
     unsigned ep_out : 1;      /* epoll: registered for EPOLLOUT too */
     unsigned reapq : 1;       /* on S.reap: closing or dead, looked at by the reap pass */
+    unsigned draining : 1;    /* on S.drain: its queue is applied a slice per turn */
+    unsigned retiring : 1;    /* a rolling reload drains it: no new calls */
+    unsigned auth_wait : 1;   /* upgraded, waiting for the auth function: no frame is
+                                 processed, input is held (bounded) */
     unsigned log_n;           /* log lines about this connection in the current window */
     unsigned log_dropped;     /* ... and those suppressed (LOG_LIMITED) */
     int64_t log_win;          /* start of the current rate-limit window (monotonic ms) */
@@ -4392,13 +4398,12 @@ struct conn {
     /* metadata from engine::workers::register (NULL = not reported) */
     char *name, *desc, *runtime, *version, *os, *isolation, *telemetry;
     uint32_t pid;                     /* worker's reported process id (valid when has_pid) */
+    int ns_state;                     /* enum ns_state (next to pid: no padding after either) */
     char *ns;                         /* resolved namespace (NULL while pending) */
-    int ns_state;                     /* enum ns_state */
     int64_t grace_at;                 /* when buffered registrations land in default */
     struct buf pendq;                 /* queued frames: [u32 length][bytes]... (worker_queue) */
     size_t pend_frames;               /* records in pendq */
     struct conn *drnext;              /* S.drain list link */
-    int draining;                     /* on S.drain: its queue is applied a slice per turn */
     struct func *funcs;               /* functions this connection owns (f->cnext list) */
     size_t n_funcs;                   /* length of funcs */
     struct trig *trigs;               /* bindings counted against it (t->acct == c) */
@@ -4407,11 +4412,8 @@ struct conn {
     struct lease *lease;              /* its (namespace, name) lease, or NULL */
     char *refusal;                    /* its last registrationrejected, as JSON (workers::info) */
     struct qcall *queued;             /* its calls waiting in routing queues */
-    int retiring;                     /* a rolling reload drains it: no new calls */
     const char *why;                  /* why it closes (static text), for the disconnect log */
     struct session *sess;             /* what it may do (NULL: everything); a reference */
-    int auth_wait;                    /* upgraded, waiting for the auth function: no frame is
-                                         processed, input is held (bounded) */
     struct conn *rsnext;              /* S.resume list: its held input is processed next turn */
     struct inv *calls_out, *calls_in; /* calls it made / calls dispatched to it */
     size_t n_out, n_in;               /* lengths of calls_out / calls_in (bounded by limits) */
