@@ -4533,10 +4533,11 @@ struct fstat {
 };
 
 /* The functions that share one id across namespaces (S.fids, keyed by the id): what the
- * function_not_found hint and functions::info name, found without a walk over all functions. */
+ * function_not_found hint and functions::info name, found without a walk over all functions.
+ * The group owns no copy of the id: its key is its head's (g->h.key == g->head->id, moved by
+ * ig_rekey whenever the head changes), as every member's id is the same bytes. */
 struct idgroup {
     struct hnode h;
-    char *key;         /* the id, owned */
     struct func *head; /* f->inext chain */
     size_t n;
 };
@@ -5837,6 +5838,13 @@ static void fstat_end(struct fstat *s, int64_t t0, int err)
     s->inflight--;
 }
 
+/* Points g's key at its head's id (the invariant of struct idgroup); a group with no head left
+ * is being freed. The hash and length stay: the bytes are the same. */
+static void ig_rekey(struct idgroup *g)
+{
+    if (g->head) g->h.key = g->head->id;
+}
+
 /* Creates function (ns, id) owned by owner (NULL = builtin). Strings are copied. */
 static struct func *func_add(struct conn *owner, const char *ns, size_t nl, const char *id,
                              size_t il)
@@ -5846,12 +5854,12 @@ static struct func *func_add(struct conn *owner, const char *ns, size_t nl, cons
     if (!f) return NULL;
     f->key = reg_key(NULL, 0, ns, nl, id, il, &kl);
     struct idgroup *g = (struct idgroup *)hm_get(&S.fids, id, il);
-    if (f->key && !g && (g = xcalloc(sizeof *g))) {
-        if (!(g->key = xstrndup(id, il)) || hm_put(&S.fids, &g->h, g->key, il) < 0)
-            xfree(g->key), xfree(g), g = NULL;
-    }
+    /* a new group is keyed by f's copy of the id: f becomes its head below */
+    if (f->key && !g && (g = xcalloc(sizeof *g)) &&
+        hm_put(&S.fids, &g->h, f->key + nl + 1, il) < 0)
+        xfree(g), g = NULL;
     if (!f->key || !g || hm_put(&S.funcs, &f->h, f->key, kl) < 0) {
-        if (g && !g->n) hm_del(&S.fids, &g->h), xfree(g->key), xfree(g);
+        if (g && !g->n) hm_del(&S.fids, &g->h), xfree(g);
         xfree(f->key);
         xfree(f);
         return NULL;
@@ -5864,6 +5872,7 @@ static struct func *func_add(struct conn *owner, const char *ns, size_t nl, cons
     f->ig = g, f->inext = g->head;
     if (g->head) g->head->iprev = f;
     g->head = f, g->n++;
+    ig_rekey(g);
     if (owner) {
         f->cnext = owner->funcs;
         if (owner->funcs) owner->funcs->cprev = f;
@@ -5940,6 +5949,7 @@ static void func_remove_provider(struct func *f)
         if (f->iprev) f->iprev->inext = r;
         else g->head = r;
         if (f->inext) f->inext->iprev = r;
+        ig_rekey(g); /* f's id is freed below */
     }
     func_clear_meta(f);
     xfree(f->key);
@@ -5975,7 +5985,8 @@ static void func_remove(struct func *f)
     if (f->iprev) f->iprev->inext = f->inext;
     else g->head = f->inext;
     if (f->inext) f->inext->iprev = f->iprev;
-    if (!--g->n) hm_del(&S.fids, &g->h), xfree(g->key), xfree(g);
+    if (!--g->n) hm_del(&S.fids, &g->h), xfree(g);
+    else ig_rekey(g); /* f's id is freed below */
     S.fn_fp -= reg_fp_hash(f->key, f->klen);
     S.fn_n--;
     func_clear_meta(f);
