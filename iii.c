@@ -1451,16 +1451,21 @@ static int json_streq(const struct jdoc *d, int ti, const char *lit)
 }
 
 /* Returns a newly allocated decoded copy of string token ti (caller frees), NULL if not a
- * string or OOM. The copy may contain NUL bytes from \u0000; *len gets the true length. */
+ * string or OOM. The copy may contain NUL bytes from \u0000; *len gets the true length.
+ * Decoding never lengthens a string (an escape takes at least as many bytes as the UTF-8 it
+ * stands for), so the block is sized once from the raw text plus the NUL: copies that are kept
+ * (a worker's runtime, version, os...) hold no growth slack (a buf's first block is 256 bytes). */
 static char *json_strdup(const struct jdoc *d, int ti, size_t *len)
 {
+    if (JTYPE(d, ti) != J_STRING) return NULL;
     struct buf tmp = {0};
-    if (JTYPE(d, ti) != J_STRING || json_unescape(d, ti, &tmp) < 0 || !buf_cstr(&tmp)) {
+    tmp.cap = JLEN(d, ti) - 1; /* the text between the quotes, and the NUL */
+    if (!(tmp.p = xmalloc(tmp.cap))) return NULL;
+    if (json_unescape(d, ti, &tmp) < 0 || !buf_cstr(&tmp)) {
         buf_free(&tmp);
         return NULL;
     }
     if (len) *len = buf_used(&tmp);
-    if (!tmp.p) return xstrdup("");
     return (char *)tmp.p;
 }
 
@@ -4434,6 +4439,8 @@ struct inv;
 struct chan;
 struct session;
 
+/* One per connection for its lifetime, the largest part of an idle worker's memory: flags are
+ * bits of one word and 4-byte fields sit in pairs, so little of it is padding. */
 struct conn {
     struct hnode h;           /* in S.workers, keyed by wid (worker connections only) */
     struct conn *prev, *next; /* S.conns list */
@@ -4446,6 +4453,10 @@ struct conn {
     unsigned in_borrowed : 1; /* c->in points at the shared read buffer (see loop_read) */
     unsigned ep_out : 1;      /* epoll: registered for EPOLLOUT too */
     unsigned reapq : 1;       /* on S.reap: closing or dead, looked at by the reap pass */
+    unsigned draining : 1;    /* on S.drain: its queue is applied a slice per turn */
+    unsigned retiring : 1;    /* a rolling reload drains it: no new calls */
+    unsigned auth_wait : 1;   /* upgraded, waiting for the auth function: no frame is
+                                 processed, input is held (bounded) */
     unsigned log_n;           /* log lines about this connection in the current window */
     unsigned log_dropped;     /* ... and those suppressed (LOG_LIMITED) */
     int64_t log_win;          /* start of the current rate-limit window (monotonic ms) */
@@ -4460,13 +4471,12 @@ struct conn {
     /* metadata from engine::workers::register (NULL = not reported) */
     char *name, *desc, *runtime, *version, *os, *isolation, *telemetry;
     uint32_t pid;                     /* worker's reported process id (valid when has_pid) */
+    int ns_state;                     /* enum ns_state (next to pid: no padding after either) */
     char *ns;                         /* resolved namespace (NULL while pending) */
-    int ns_state;                     /* enum ns_state */
     int64_t grace_at;                 /* when buffered registrations land in default */
     struct buf pendq;                 /* queued frames: [u32 length][bytes]... (worker_queue) */
     size_t pend_frames;               /* records in pendq */
     struct conn *drnext;              /* S.drain list link */
-    int draining;                     /* on S.drain: its queue is applied a slice per turn */
     struct func *funcs;               /* functions this connection owns (f->cnext list) */
     size_t n_funcs;                   /* length of funcs */
     struct trig *trigs;               /* bindings counted against it (t->acct == c) */
@@ -4475,11 +4485,8 @@ struct conn {
     struct lease *lease;              /* its (namespace, name) lease, or NULL */
     char *refusal;                    /* its last registrationrejected, as JSON (workers::info) */
     struct qcall *queued;             /* its calls waiting in routing queues */
-    int retiring;                     /* a rolling reload drains it: no new calls */
     const char *why;                  /* why it closes (static text), for the disconnect log */
     struct session *sess;             /* what it may do (NULL: everything); a reference */
-    int auth_wait;                    /* upgraded, waiting for the auth function: no frame is
-                                         processed, input is held (bounded) */
     struct conn *rsnext;              /* S.resume list: its held input is processed next turn */
     struct inv *calls_out, *calls_in; /* calls it made / calls dispatched to it */
     size_t n_out, n_in;               /* lengths of calls_out / calls_in (bounded by limits) */
@@ -4599,10 +4606,11 @@ struct fstat {
 };
 
 /* The functions that share one id across namespaces (S.fids, keyed by the id): what the
- * function_not_found hint and functions::info name, found without a walk over all functions. */
+ * function_not_found hint and functions::info name, found without a walk over all functions.
+ * The group owns no copy of the id: its key is its head's (g->h.key == g->head->id, moved by
+ * ig_rekey whenever the head changes), as every member's id is the same bytes. */
 struct idgroup {
     struct hnode h;
-    char *key;         /* the id, owned */
     struct func *head; /* f->inext chain */
     size_t n;
 };
@@ -5903,6 +5911,13 @@ static void fstat_end(struct fstat *s, int64_t t0, int err)
     s->inflight--;
 }
 
+/* Points g's key at its head's id (the invariant of struct idgroup); a group with no head left
+ * is being freed. The hash and length stay: the bytes are the same. */
+static void ig_rekey(struct idgroup *g)
+{
+    if (g->head) g->h.key = g->head->id;
+}
+
 /* Creates function (ns, id) owned by owner (NULL = builtin). Strings are copied. */
 static struct func *func_add(struct conn *owner, const char *ns, size_t nl, const char *id,
                              size_t il)
@@ -5912,12 +5927,12 @@ static struct func *func_add(struct conn *owner, const char *ns, size_t nl, cons
     if (!f) return NULL;
     f->key = reg_key(NULL, 0, ns, nl, id, il, &kl);
     struct idgroup *g = (struct idgroup *)hm_get(&S.fids, id, il);
-    if (f->key && !g && (g = xcalloc(sizeof *g))) {
-        if (!(g->key = xstrndup(id, il)) || hm_put(&S.fids, &g->h, g->key, il) < 0)
-            xfree(g->key), xfree(g), g = NULL;
-    }
+    /* a new group is keyed by f's copy of the id: f becomes its head below */
+    if (f->key && !g && (g = xcalloc(sizeof *g)) &&
+        hm_put(&S.fids, &g->h, f->key + nl + 1, il) < 0)
+        xfree(g), g = NULL;
     if (!f->key || !g || hm_put(&S.funcs, &f->h, f->key, kl) < 0) {
-        if (g && !g->n) hm_del(&S.fids, &g->h), xfree(g->key), xfree(g);
+        if (g && !g->n) hm_del(&S.fids, &g->h), xfree(g);
         xfree(f->key);
         xfree(f);
         return NULL;
@@ -5930,6 +5945,7 @@ static struct func *func_add(struct conn *owner, const char *ns, size_t nl, cons
     f->ig = g, f->inext = g->head;
     if (g->head) g->head->iprev = f;
     g->head = f, g->n++;
+    ig_rekey(g);
     if (owner) {
         f->cnext = owner->funcs;
         if (owner->funcs) owner->funcs->cprev = f;
@@ -6006,6 +6022,7 @@ static void func_remove_provider(struct func *f)
         if (f->iprev) f->iprev->inext = r;
         else g->head = r;
         if (f->inext) f->inext->iprev = r;
+        ig_rekey(g); /* f's id is freed below */
     }
     func_clear_meta(f);
     xfree(f->key);
@@ -6041,7 +6058,8 @@ static void func_remove(struct func *f)
     if (f->iprev) f->iprev->inext = f->inext;
     else g->head = f->inext;
     if (f->inext) f->inext->iprev = f->iprev;
-    if (!--g->n) hm_del(&S.fids, &g->h), xfree(g->key), xfree(g);
+    if (!--g->n) hm_del(&S.fids, &g->h), xfree(g);
+    else ig_rekey(g); /* f's id is freed below */
     S.fn_fp -= reg_fp_hash(f->key, f->klen);
     S.fn_n--;
     func_clear_meta(f);
@@ -8588,6 +8606,9 @@ static void worker_drain(struct conn *c)
         frames++, bytes += n;
     }
     xfree(d.t);
+    /* an empty queue gives its block back (its cap, pendq.lim, stays): nearly every worker
+     * queues a few frames before its announce and none after, so an idle worker keeps none */
+    if (!buf_used(&c->pendq)) buf_free(&c->pendq);
     int more = buf_used(&c->pendq) && c->ns_state == NS_RESOLVED && conn_open(c);
     if (more && !c->draining) c->draining = 1, c->drnext = S.drain, S.drain = c;
     else if (!more) drain_unlink(c);

@@ -286,6 +286,13 @@ static void fz_check_invariants(void)
             fz_check_key("function", f->key, f->klen, f->ns, f->id);
             fp += reg_fp_hash(f->key, f->klen);
             FZ_CHECK("func-bi", f->owner || f->bi, "ownerless function %s without a builtin", f->id);
+            /* its id group is mapped under its id and keyed by the group head's copy of it */
+            size_t il = f->klen - (size_t)(f->id - f->key);
+            FZ_CHECK("func-ig",
+                     f->ig && f->ig->n && f->ig->head && hm_get(&S.fids, f->id, il) == &f->ig->h &&
+                         f->ig->h.key == f->ig->head->id,
+                     "function %s: id group not mapped under its id, or not keyed by its head's id",
+                     f->id);
             fz_check_ref("owner", f->owner, 1, f->id);
             if (f->owner && fz_in_conns(f->owner)) {
                 struct func *x = f->owner->funcs;

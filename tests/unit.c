@@ -641,6 +641,30 @@ static void t_registry(void)
     func_remove(f);
     CHECK(S.fn_fp == fp0 && S.fn_n == n0, "fingerprint restored");
     CHECK(!c->funcs, "owner list emptied");
+    {
+        /* the id group (S.fids) is keyed by its head's copy of the id, whichever function made
+         * it and whichever goes first: the same id in two namespaces, then as two providers */
+        struct conn *c2 = fake_conn(CK_WORKER);
+        struct func *f1 = func_add(c, "orders", 6, "a::b", 4);
+        struct func *f2 = func_add(c2, "billing", 7, "a::b", 4);
+        struct idgroup *g = (struct idgroup *)hm_get(&S.fids, "a::b", 4);
+        CHECK(f1 && f2 && g && f1->ig == g && f2->ig == g && g->n == 2 && g->h.key == g->head->id,
+              "one group for both namespaces, keyed by its head");
+        func_remove(f1); /* the function whose id the group was first keyed by */
+        g = (struct idgroup *)hm_get(&S.fids, "a::b", 4);
+        CHECK(g && g->n == 1 && g->head == f2 && g->h.key == f2->id,
+              "key moved to the remaining head");
+        struct func *r = func_add_replica(f2, c);
+        CHECK(r && r->ig == g && g->n == 1, "a replica joins no group");
+        func_remove(f2); /* the primary: its replica takes its place, in S.funcs and the group */
+        g = (struct idgroup *)hm_get(&S.fids, "a::b", 4);
+        CHECK(g && g->n == 1 && g->head == r && g->h.key == r->id &&
+                  func_find_c("billing", "a::b") == r,
+              "key moved to the replica that took the primary's place");
+        func_remove(r);
+        CHECK(!hm_get(&S.fids, "a::b", 4) && S.fn_n == n0, "group freed with its last function");
+        fake_free(c2);
+    }
     xfree(c->ns);
     fake_free(c);
     PASS();
