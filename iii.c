@@ -963,6 +963,35 @@ struct jdoc {
 #define JKEY_HASH(k, n)                                                                            \
     ((n) ? (uint32_t)((n) + (unsigned char)(k)[0] + 7u * (unsigned char)(k)[(n) - 1]) & 31u : 0u)
 
+#ifdef III_SSE2
+/* json_scan_str's test of sixteen bytes: 0xFF where a byte is '"', '\\' or a control (and, with
+ * flip 0x02 / lim 0x21, also where it is non-ASCII; with 0x82 / 0xA1 not). One signed compare
+ * finds '"' and the controls: x = v ^ 0x02 maps '"' to 0x20 and keeps the controls below it, so
+ * they are the bytes with x <= 0x20 unsigned, i.e. (x ^ 0x80) < (signed char)0xA1; left without
+ * the ^ 0x80, the signed compare takes every byte >= 0x80 as well. */
+static inline __m128i json_special16(__m128i v, __m128i flip, __m128i lim)
+{
+    return _mm_or_si128(_mm_cmplt_epi8(_mm_xor_si128(v, flip), lim),
+                        _mm_cmpeq_epi8(v, _mm_set1_epi8('\\')));
+}
+
+/* The bit mask of those bytes among p[0..16), and whether there is one among p[0..64). */
+static inline unsigned json_special_mask(const unsigned char *p, __m128i flip, __m128i lim)
+{
+    __m128i v = _mm_loadu_si128((const __m128i *)(const void *)p);
+    return (unsigned)_mm_movemask_epi8(json_special16(v, flip, lim));
+}
+static inline int json_special_mask64(const unsigned char *p, __m128i flip, __m128i lim)
+{
+    const __m128i *q = (const __m128i *)(const void *)p;
+    __m128i a = _mm_or_si128(json_special16(_mm_loadu_si128(q), flip, lim),
+                             json_special16(_mm_loadu_si128(q + 1), flip, lim));
+    __m128i b = _mm_or_si128(json_special16(_mm_loadu_si128(q + 2), flip, lim),
+                             json_special16(_mm_loadu_si128(q + 3), flip, lim));
+    return _mm_movemask_epi8(_mm_or_si128(a, b)) != 0;
+}
+#endif
+
 /* Validates one string starting at the opening quote s[*pos]; advances *pos past the closing
  * quote. Control characters are rejected, escapes checked (\uXXXX needs four hex digits; lone
  * surrogates are syntactically valid JSON and accepted), raw bytes must be valid UTF-8 unless
@@ -975,25 +1004,26 @@ static int json_scan_str(const unsigned char *s, size_t n, size_t *pos, int chec
     for (;;) {
         size_t st = i;
 #ifdef III_SSE2
-        /* sixteen bytes at a time while none is '"', '\\' or a control (<= 0x1F: max(v, 0x1F)
-         * equals 0x1F) or, when validating, a non-ASCII byte (its sign bit) */
-        {
-            const __m128i dq = _mm_set1_epi8('"'), bs = _mm_set1_epi8('\\'),
-                          c1f = _mm_set1_epi8(0x1F);
-            while (i + 16 <= n) {
-                __m128i v = _mm_loadu_si128((const __m128i *)(const void *)(s + i));
-                __m128i m = _mm_or_si128(_mm_cmpeq_epi8(v, dq), _mm_cmpeq_epi8(v, bs));
-                m = _mm_or_si128(m, _mm_cmpeq_epi8(_mm_max_epu8(v, c1f), c1f));
-                unsigned hit = (unsigned)_mm_movemask_epi8(m);
-                if (check_utf8) hit |= (unsigned)_mm_movemask_epi8(v);
-                if (hit) { /* straight to the first such byte */
-                    i += (size_t)__builtin_ctz(hit);
-                    /* without validation it is '"', '\\' or a control: the loops below would
-                     * stop on it at once, so skip them; a non-ASCII byte goes through them */
-                    if (!check_utf8) goto special;
-                    break;
-                }
+        /* sixteen bytes a step while none is '"', '\\' or a control (or, when validating, a
+         * non-ASCII byte: json_special16): the first 64 bytes sixteen at a time (most strings
+         * of an envelope end there), then sixty-four a step (a payload), the rest sixteen; then
+         * straight to the first such byte */
+        if (i + 16 <= n) { /* (shorter strings need no set-up) */
+            const __m128i flip = check_utf8 ? _mm_set1_epi8(0x02) : _mm_set1_epi8((char)0x82),
+                          lim = check_utf8 ? _mm_set1_epi8(0x21) : _mm_set1_epi8((char)0xA1);
+            unsigned hit = json_special_mask(s + i, flip, lim);
+            for (int k = 1; !hit && k < 4 && i + 32 <= n; k++)
+                hit = json_special_mask(s + (i += 16), flip, lim);
+            if (!hit) {
                 i += 16;
+                while (i + 64 <= n && !json_special_mask64(s + i, flip, lim)) i += 64;
+                while (i + 16 <= n && !(hit = json_special_mask(s + i, flip, lim))) i += 16;
+            }
+            if (hit) {
+                i += (size_t)__builtin_ctz(hit);
+                /* without validation it is '"', '\\' or a control: the loops below would stop on
+                 * it at once, so skip them; a non-ASCII byte goes through them */
+                if (!check_utf8) goto special;
             }
         }
 #endif

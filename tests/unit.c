@@ -625,6 +625,47 @@ static void t_siphash(void)
     PASS();
 }
 
+/* The string scanner (json_scan_str) against what it must find, for one byte of each class put
+ * at every position of strings of every length up to 200 (so each lands in the 64-byte step, the
+ * 16-byte step, the word step and the byte tail), validating (binary input) or not (text input
+ * already validated): '"' ends the string there, a control or a bad escape fails it, a
+ * non-ASCII byte fails only the validating scan (a lone byte is never valid UTF-8), and a valid
+ * two-byte sequence passes both. */
+static void t_json_scan(void)
+{
+    const char *test_name = "json_string_scan_every_position";
+    static const unsigned char cls[] = {0x00, 0x01, 0x1f, 0x20, 0x21, '"',  0x23, '\\',
+                                        0x5b, 0x5d, 0x7f, 0x80, 0xa1, 0xc3, 0xdd, 0xff};
+    unsigned char s[260];
+    for (size_t len = 0; len <= 200; len++)
+        for (size_t at = 0; at < len; at++)
+            for (size_t k = 0; k <= sizeof cls; k++)
+                for (int cu = 0; cu < 2; cu++) {
+                    /* s = '"' + len filler bytes (one of them replaced) + '"' */
+                    s[0] = '"';
+                    /* filler: capitals, none of them an escape letter */
+                    for (size_t j = 0; j < len; j++) s[1 + j] = (unsigned char)('A' + j % 26);
+                    s[1 + len] = '"';
+                    size_t n = len + 2, end = len + 2;
+                    int want = 0;
+                    if (k == sizeof cls) { /* a valid two-byte sequence (needs two bytes) */
+                        if (at + 1 >= len) continue;
+                        s[1 + at] = 0xc3, s[2 + at] = 0xa9;
+                    } else {
+                        unsigned char b = cls[k];
+                        s[1 + at] = b;
+                        if (b == '"') end = at + 2;
+                        else if (b < 0x20 || b == '\\' || (b >= 0x80 && cu)) want = -1;
+                    }
+                    size_t pos = 0;
+                    int esc = -1, rc = json_scan_str(s, n, &pos, cu, &esc);
+                    CHECK(rc == want && (rc < 0 || (pos == end && esc == 0)),
+                          "len %zu, byte %zu of class %zu, check_utf8 %d: rc %d pos %zu (want %d %zu)",
+                          len, at, k, cu, rc, pos, want, end);
+                }
+    PASS();
+}
+
 int main(int argc, char **argv)
 {
     cfg_defaults(&S.cfg);
@@ -637,6 +678,7 @@ int main(int argc, char **argv)
     t_frames();
     t_frame_violations();
     t_json_api();
+    t_json_scan();
     t_json_suite(argc > 1 ? argv[1] : NULL);
     t_alloc_failures();
     t_buf_cache();
