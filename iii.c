@@ -78,6 +78,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 /* SSE2 (every x86_64) unmasks frames and scans JSON strings 16 bytes a step; elsewhere the
@@ -110,9 +111,11 @@ static const char *log_names[] = {"error", "warn", "info", "debug", "trace"};
 #ifdef __GNUC__
 #define III_PRINTF(a, b) __attribute__((format(printf, a, b)))
 #define III_NORETURN     __attribute__((noreturn))
+#define III_NOINLINE     __attribute__((noinline)) /* a rarer path, kept out of its callers */
 #else
 #define III_PRINTF(a, b)
 #define III_NORETURN
+#define III_NOINLINE
 #endif
 
 static void log_write(int level, const char *fmt, ...) III_PRINTF(2, 3);
@@ -4789,6 +4792,16 @@ enum { WS_CONT = 0, WS_TEXT = 1, WS_BIN = 2, WS_CLOSE = 8, WS_PING = 9, WS_PONG 
 /* Header bytes for an unmasked payload of n bytes: 7-bit, 16-bit or 64-bit length (§5.2). */
 static size_t ws_hdr_len(size_t n) { return n < 126 ? 2 : n < 65536 ? 4 : 10; }
 
+/* The bulk of a frame being built that is not in its buffer (conn_put_big, conn_frame_end): n
+ * bytes at p that belong at offset `at` (from b->off) of b's data. At most one exists, and only
+ * inside one frame builder's call: from conn_put_big to the conn_frame_end of the same frame,
+ * which writes or copies it; p is never kept past that. ws_end counts it in the frame length. */
+static struct {
+    struct buf *b; /* NULL: none */
+    size_t at, n;
+    const unsigned char *p;
+} wsplice;
+
 /* Starts a frame in b for a payload of about est bytes; returns a position token for ws_end,
  * or SIZE_MAX when even the estimate does not fit (b->err is then set). The token is relative
  * to b->off, so buffer compaction cannot break it. mask: room for a masking key (client frames).
@@ -4817,20 +4830,25 @@ static int ws_end(struct buf *b, size_t at, int op, int mask)
     if (at == SIZE_MAX || b->err) {
         int e = buf_check(b);
         if (at != SIZE_MAX) b->len = b->off + at;
+        if (wsplice.b == b) wsplice.b = NULL;
         return e == BUF_ELIMIT ? -BUF_ELIMIT : -BUF_ENOMEM;
     }
-    size_t pos = b->off + at, hl0 = b->p[pos], n = b->len - pos - hl0;
+    /* out: bytes of the payload held outside b (wsplice), counted in the length only */
+    size_t out = wsplice.b == b ? wsplice.n : 0;
+    size_t pos = b->off + at, hl0 = b->p[pos], in = b->len - pos - hl0, n = in + out;
     size_t hl = ws_hdr_len(n) + (mask ? 4 : 0);
     /* the estimate chose another length encoding: slide the payload to fit the real header */
     if (hl != hl0) {
         if (hl > hl0 && buf_reserve(b, hl - hl0) < 0) {
             int e = buf_check(b);
             b->len = b->off + at;
+            if (out) wsplice.b = NULL; /* (the frame is gone: so is its note) */
             return e == BUF_ELIMIT ? -BUF_ELIMIT : -BUF_ENOMEM;
         }
         pos = b->off + at;
-        memmove(b->p + pos + hl, b->p + pos + hl0, n);
-        b->len = pos + hl + n;
+        memmove(b->p + pos + hl, b->p + pos + hl0, in);
+        b->len = pos + hl + in;
+        if (out) wsplice.at = wsplice.at + hl - hl0;
     }
     unsigned char *h = b->p + pos;
     unsigned char mb = mask ? 0x80 : 0;
@@ -5106,8 +5124,83 @@ static void conn_frame(struct conn *c, int op, const void *p, size_t n)
     conn_dirty(c);
 }
 
+/* Large payloads written from where they lie. A routed call's data, or a worker's result, is
+ * nearly all of its frame, and it already sits (unmasked, validated) in the input of the
+ * connection it came from. Copying it into the target's c->out to write it from there at the
+ * end of the turn costs one more pass over every byte. Instead a frame builder hands such a
+ * payload to conn_put_big, which only notes where it lies (wsplice), and conn_frame_end writes
+ * the frame at once with one writev: c->out up to the payload, the payload, the rest of c->out.
+ * Only what the socket does not take is copied into c->out, in order, and waits there as usual.
+ * Invariants: the payload is referenced only until the conn_frame_end of its frame (inside one
+ * builder call), so it never outlives the input it points into; the bytes that do not go out at
+ * once are the ones that would have been queued anyway, and they go through c->out's cap (a
+ * payload that could never fit in the cap is appended, and refused, as before); a payload is
+ * only spliced when the frame is all c->out holds (queued output first means a full socket:
+ * the copy it saves would be made anyway) and when it has III_SPLICE_MIN bytes or more (smaller
+ * ones are cheap to copy, and coalesce with other frames into one write). */
+
+/* conn_put_big's half for a large payload: notes it, unless the cap refuses it anyway. */
+static int conn_splice_note(struct conn *c, const void *p, size_t n)
+{
+    struct buf *b = &c->out;
+    if (b->err || (b->lim && (n > b->lim || buf_used(b) > b->lim - n))) return buf_append(b, p, n);
+    wsplice.b = b, wsplice.at = buf_used(b), wsplice.p = p, wsplice.n = n;
+    return 0;
+}
+
+/* Appends p[0..n) to the frame that ws_begin started at `at` in c->out, or notes it (above).
+ * 0, or -1 with c->out's sticky error set, like buf_append. */
+static inline int conn_put_big(struct conn *c, size_t at, const void *p, size_t n)
+{
+    if (n < III_SPLICE_MIN || at != 0 || wsplice.b) return buf_append(&c->out, p, n);
+    return conn_splice_note(c, p, n);
+}
+
+/* conn_frame_end's half for a frame with a noted payload: one writev of the frame (c->out holds
+ * nothing else), then whatever the socket did not take copied into c->out in order. 0, or -1
+ * when c was dropped. */
+static int conn_splice_write(struct conn *c) III_NOINLINE;
+static int conn_splice_write(struct conn *c)
+{
+    struct buf *b = &c->out;
+    const unsigned char *p = wsplice.p;
+    size_t n = wsplice.n, at = wsplice.at, used = buf_used(b), w = 0;
+    wsplice.b = NULL;
+    if (conn_open(c) && c->fd >= 0 && c->kind != CK_CLUSTER) {
+        struct iovec v[3];
+        v[0].iov_base = buf_data(b), v[0].iov_len = at;
+        v[1].iov_base = (void *)(uintptr_t)p, v[1].iov_len = n;
+        v[2].iov_base = buf_data(b) + at, v[2].iov_len = used - at;
+        ssize_t r;
+        do r = writev(c->fd, v, 3);
+        while (r < 0 && errno == EINTR);
+        if (r > 0) w = (size_t)r;
+        else if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+            conn_abort(c, "write error");
+            return -1;
+        }
+    }
+    if (w >= at + n) {
+        buf_consume(b, w - n);
+        return 0;
+    }
+    /* the part of the payload not written goes where it belongs: between the two parts of c->out */
+    size_t sent = w > at ? w - at : 0, left = n - sent;
+    if (buf_reserve(b, left) < 0) {
+        conn_fail(c, buf_check(b) == BUF_ELIMIT ? -BUF_ELIMIT : -BUF_ENOMEM);
+        return -1;
+    }
+    unsigned char *q = b->p + b->off + at;
+    memmove(q + left, q, used - at);
+    memcpy(q, p + sent, left);
+    b->len += left;
+    buf_consume(b, w - sent);
+    return 0;
+}
+
 /* Ends a frame built by hand in c->out since ws_begin returned `at`: checks every append at
- * once (the buffer's sticky error), rolls a failed frame back and drops c, else marks c dirty.
+ * once (the buffer's sticky error), rolls a failed frame back and drops c, else marks c dirty
+ * (a frame with a payload noted by conn_put_big is written at once, the rest queued).
  * 0 ok, -1 when c was dropped. */
 static int conn_frame_end(struct conn *c, size_t at)
 {
@@ -5115,6 +5208,10 @@ static int conn_frame_end(struct conn *c, size_t at)
     if (rc < 0) {
         conn_fail(c, rc);
         return -1;
+    }
+    if (wsplice.b == &c->out) {
+        if (conn_splice_write(c) < 0) return -1;
+        if (!buf_used(&c->out)) return 0; /* all written */
     }
     conn_dirty(c);
     return 0;
@@ -6662,7 +6759,7 @@ static void rt_send_result(struct conn *c, const char *id, size_t idlen, const c
     json_put_str(b, id, idlen);
     buf_puts(b, ",\"function_id\":");
     buf_append(b, fid, fidlen);
-    if (res) buf_puts(b, ",\"result\":"), buf_append(b, res, rlen);
+    if (res) buf_puts(b, ",\"result\":"), conn_put_big(c, at, res, rlen);
     if (err) buf_puts(b, ",\"error\":"), buf_append(b, err, elen);
     buf_append(b, ctx, ctxlen);
     buf_putc(b, '}');
@@ -6729,16 +6826,18 @@ static void rt_ns_hint(const char *id, size_t il, char *out, size_t cap)
     if (cnt) snprintf(out, cap, " It is registered in namespace(s): %s.", list);
 }
 
-/* Appends data with "_caller_worker_id" set (§3.2 step 3): objects get the member added last
- * (replacing any caller-supplied one), anything else passes unchanged. Fast path: no copy of
- * the payload beyond the single append into the target's buffer. */
+/* Appends data to the frame started at `at` in t->out with "_caller_worker_id" set (§3.2 step
+ * 3): objects get the member added last (replacing any caller-supplied one), anything else
+ * passes unchanged. Fast path: the payload is not copied at all when large (conn_put_big), else
+ * once, into the target's buffer. */
 /* Returns 0, or -1 on OOM. data must be a complete valid JSON value (it came through the
  * parser). The byte search for the key may give a false positive (the text appears inside a
  * nested value or a string); the slow path then rebuilds and gets it right. */
-static int rt_put_data(struct buf *b, const unsigned char *data, size_t dl, const char *wid,
-                       int maybe_key)
+static int rt_put_data(struct conn *t, size_t at, const unsigned char *data, size_t dl,
+                       const char *wid, int maybe_key)
 {
-    if (!wid || dl < 2 || data[0] != '{') return buf_append(b, data, dl);
+    struct buf *b = &t->out;
+    if (!wid || dl < 2 || data[0] != '{') return conn_put_big(t, at, data, dl);
     size_t close = dl - 1; /* the parser guarantees data[dl-1] == '}' for objects */
     size_t i = 1;
     while (i < close && JSON_WS(data[i])) i++;
@@ -6770,7 +6869,7 @@ static int rt_put_data(struct buf *b, const unsigned char *data, size_t dl, cons
         buf_puts(b, wid);
         return buf_puts(b, "\"}");
     }
-    if (buf_append(b, data, close) < 0) return -1;
+    if (conn_put_big(t, at, data, close) < 0) return -1;
     if (!empty && buf_putc(b, ',') < 0) return -1;
     return buf_puts(b, "\"_caller_worker_id\":\"") < 0 || buf_puts(b, wid) < 0 ||
                    buf_puts(b, "\"}") < 0
@@ -6793,7 +6892,7 @@ static int rt_send_invoke(struct conn *t, const char *id, const char *fid, size_
     buf_puts(b, "\",\"function_id\":");
     buf_append(b, fid, fidlen);
     buf_puts(b, ",\"data\":");
-    rt_put_data(b, data, dl, caller_wid, maybe_key);
+    rt_put_data(t, at, data, dl, caller_wid, maybe_key);
     buf_append(b, ctx, ctxlen);
     if (meta) buf_puts(b, ",\"metadata\":"), buf_append(b, meta, metalen);
     buf_putc(b, '}');

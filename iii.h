@@ -143,6 +143,9 @@
 #ifndef III_READ_SHARED
 #define III_READ_SHARED (4 * III_READ_CHUNK) /* ... into the shared buffer: 64 KiB messages whole */
 #endif
+#ifndef III_SPLICE_MIN
+#define III_SPLICE_MIN 32768 /* a payload this large is written from the input, not copied */
+#endif
 #ifndef III_MAX_ID
 #define III_MAX_ID 1024 /* bytes of an id or namespace: routing keys, not documents */
 #endif

@@ -666,6 +666,87 @@ static void t_json_scan(void)
     PASS();
 }
 
+/* Reads what the socket has into b (non-blocking); 1 when nothing more came. */
+static int drain_into(int fd, struct buf *b)
+{
+    unsigned char tmp[8192];
+    ssize_t r = read(fd, tmp, sizeof tmp);
+    if (r > 0) buf_append(b, tmp, (size_t)r);
+    return r <= 0;
+}
+
+/* Large payloads written from where they lie (conn_put_big): whatever the socket takes at once
+ * and what is queued after it make exactly the frames the copying path builds, in order, also
+ * when the socket takes only part of the frame (a small send buffer); a frame queued behind
+ * pending output, a connection with no socket, and a payload over the outbound cap take the
+ * copying path (the last one drops the connection as a slow reader, writing nothing). */
+static void t_splice(void)
+{
+    const char *test_name = "large_payload_written_from_the_input";
+    int ep0 = S.ep, ll0 = log_level, sv[2];
+    S.ep = -1, log_level = -1; /* (the slow reader's warning) */
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0, "socketpair");
+    int small = 4096;
+    setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+    fcntl(sv[0], F_SETFL, fcntl(sv[0], F_GETFL) | O_NONBLOCK);
+    fcntl(sv[1], F_SETFL, fcntl(sv[1], F_GETFL) | O_NONBLOCK);
+    size_t n = 3 * (size_t)III_SPLICE_MIN + 7;
+    unsigned char *pay = malloc(n);
+    CHECK(pay, "malloc");
+    pay[0] = '"', pay[n - 1] = '"';
+    for (size_t i = 1; i + 1 < n; i++) pay[i] = (unsigned char)('a' + i % 23);
+    const char *id = "0f0e0d0c-0b0a-4908-8706-050403020100";
+    /* the frames the copying path makes: one with the payload, then a small one */
+    struct buf want = {0}, got = {0};
+    size_t f1 = 0;
+    for (int k = 0; k < 3; k++) {
+        if (k == 1) f1 = buf_used(&want);
+        size_t at = ws_begin(&want, 100 + n, 0);
+        buf_puts(&want, "{\"type\":\"invocationresult\",\"invocation_id\":");
+        json_put_str(&want, id, 36);
+        buf_puts(&want, ",\"function_id\":\"f\"");
+        if (k < 2) buf_puts(&want, ",\"result\":"), buf_append(&want, pay, n);
+        buf_putc(&want, '}');
+        ws_end(&want, at, WS_TEXT, 0);
+    }
+    struct conn *c = conn_new(sv[0], "127.0.0.1");
+    CHECK(c, "conn_new");
+    c->kind = CK_WORKER, c->ws = 1;
+    /* spliced (c->out empty), then queued behind its unwritten rest, then a small one */
+    rt_send_result(c, id, 36, "\"f\"", 3, pay, n, NULL, 0, "", 0);
+    CHECK(!c->dead && !wsplice.b, "first frame");
+    CHECK(buf_used(&c->out) > 0 && buf_used(&c->out) < f1, "nothing written at once");
+    rt_send_result(c, id, 36, "\"f\"", 3, pay, n, NULL, 0, "", 0);
+    rt_send_result(c, id, 36, "\"f\"", 3, NULL, 0, NULL, 0, "", 0);
+    CHECK(!c->dead && !wsplice.b, "later frames");
+    for (int spins = 0; spins < 100000 && (buf_used(&c->out) || !drain_into(sv[1], &got)); spins++) {
+        conn_flush(c);
+        drain_into(sv[1], &got);
+    }
+    CHECK(buf_used(&got) == buf_used(&want) && !memcmp(buf_data(&got), buf_data(&want), buf_used(&got)),
+          "stream differs: %zu bytes, want %zu", buf_used(&got), buf_used(&want));
+    /* no socket: the whole frame is queued */
+    struct conn *x = conn_new(-1, "127.0.0.1");
+    CHECK(x, "conn_new");
+    x->kind = CK_WORKER, x->ws = 1;
+    rt_send_result(x, id, 36, "\"f\"", 3, pay, n, NULL, 0, "", 0);
+    CHECK(!x->dead && buf_used(&x->out) == f1 && !memcmp(buf_data(&x->out), buf_data(&want), f1),
+          "queued frame differs");
+    /* over the cap: refused as before, and nothing written */
+    buf_reset(&got);
+    c->out.lim = n / 2;
+    rt_send_result(c, id, 36, "\"f\"", 3, pay, n, NULL, 0, "", 0);
+    CHECK(c->dead && !wsplice.b && buf_used(&c->out) == 0, "payload over the cap not refused");
+    drain_into(sv[1], &got);
+    CHECK(!buf_used(&got), "%zu bytes written past the cap", buf_used(&got));
+    S.dirty = NULL, S.reap = NULL, S.reap_now = 0;
+    conn_free(c), conn_free(x);
+    close(sv[1]);
+    buf_free(&want), buf_free(&got), free(pay);
+    S.ep = ep0, log_level = ll0;
+    PASS();
+}
+
 int main(int argc, char **argv)
 {
     cfg_defaults(&S.cfg);
@@ -682,6 +763,7 @@ int main(int argc, char **argv)
     t_json_suite(argc > 1 ? argv[1] : NULL);
     t_alloc_failures();
     t_buf_cache();
+    t_splice();
     t_registry();
     return failed ? 1 : 0;
 }
