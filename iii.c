@@ -966,6 +966,21 @@ struct jdoc {
 #define JKEY_HASH(k, n)                                                                            \
     ((n) ? (uint32_t)((n) + (unsigned char)(k)[0] + 7u * (unsigned char)(k)[(n) - 1]) & 31u : 0u)
 
+/* A note on the text being parsed, made by the pass that unmasked it (ws_unmask_note): bit k of
+ * bits clear means bytes [64k, 64k + 64) of s hold no '"', '\\' or control byte (nor, when ascii,
+ * a byte >= 0x80: then it holds for the validating scan as well). json_scan_str uses it to step
+ * over a long string's clean blocks without reading them again. Invariants: s is set only
+ * around the delivery of that one message (ws_on_data), whose bytes nothing changes meanwhile,
+ * and the note is used only for that exact text (s and n); the bits past nb are zero. */
+static struct {
+    const unsigned char *s; /* NULL: no note */
+    size_t n, nb;           /* the text's length; blocks noted (its first nb * 64 bytes) */
+    int ascii;
+#ifdef III_SSE2
+    uint64_t bits[(III_SCAN_NOTE_MAX / 64 + 63) / 64];
+#endif
+} jnote;
+
 #ifdef III_SSE2
 /* json_scan_str's test of sixteen bytes: 0xFF where a byte is '"', '\\' or a control (and, with
  * flip 0x02 / lim 0x21, also where it is non-ASCII; with 0x82 / 0xA1 not). One signed compare
@@ -993,6 +1008,22 @@ static inline int json_special_mask64(const unsigned char *p, __m128i flip, __m1
                              json_special16(_mm_loadu_si128(q + 3), flip, lim));
     return _mm_movemask_epi8(_mm_or_si128(a, b)) != 0;
 }
+
+/* The first position at or after i (in the noted text) that is not inside a clean block. */
+static size_t json_note_skip(size_t i)
+{
+    size_t b = i / 64;
+    while (b < jnote.nb) {
+        uint64_t w = jnote.bits[b / 64] >> (b % 64);
+        if (w) {
+            b += (size_t)__builtin_ctzll(w);
+            break;
+        }
+        b = (b / 64 + 1) * 64;
+    }
+    if (b > jnote.nb) b = jnote.nb;
+    return b * 64 > i ? b * 64 : i;
+}
 #endif
 
 /* Validates one string starting at the opening quote s[*pos]; advances *pos past the closing
@@ -1019,6 +1050,8 @@ static int json_scan_str(const unsigned char *s, size_t n, size_t *pos, int chec
                 hit = json_special_mask(s + (i += 16), flip, lim);
             if (!hit) {
                 i += 16;
+                if (s == jnote.s && n == jnote.n && (!check_utf8 || jnote.ascii))
+                    i = json_note_skip(i); /* past the clean blocks the unmask noted */
                 while (i + 64 <= n && !json_special_mask64(s + i, flip, lim)) i += 64;
                 while (i + 16 <= n && !(hit = json_special_mask(s + i, flip, lim))) i += 16;
             }
@@ -4935,7 +4968,7 @@ static int ws_parse_hdr(const unsigned char *p, size_t avail, int server, size_t
 /* Unmasks n bytes in place; the key phase starts at 0. Word-at-a-time for long payloads.
  * Returns 1 when every unmasked byte is ASCII, noted in the same pass: such a text payload is
  * valid UTF-8 without a second walk over it. */
-static int ws_unmask(unsigned char *p, size_t n, const unsigned char k[4])
+static inline int ws_unmask(unsigned char *p, size_t n, const unsigned char k[4])
 {
     size_t i = 0;
     uint64_t acc = 0;
@@ -4966,6 +4999,63 @@ static int ws_unmask(unsigned char *p, size_t n, const unsigned char k[4])
         acc |= p[i];
     }
     return !(acc & UINT64_C(0x8080808080808080));
+}
+
+#ifdef III_SSE2
+/* ws_unmask for a large message about to be parsed: the same pass notes its clean 64-byte blocks
+ * (jnote's bits, nb and ascii; the caller sets jnote.s around the delivery), so the string scan
+ * reads the payload's bytes once instead of twice. Returns what ws_unmask returns. */
+static int ws_unmask_note(unsigned char *p, size_t n, const unsigned char k[4]) III_NOINLINE;
+static int ws_unmask_note(unsigned char *p, size_t n, const unsigned char k[4])
+{
+    size_t nb = (n < III_SCAN_NOTE_MAX ? n : III_SCAN_NOTE_MAX) / 64;
+    uint32_t k32;
+    memcpy(&k32, k, 4);
+    const __m128i km = _mm_set1_epi32((int)k32), flip = _mm_set1_epi8((char)0x82),
+                  lim = _mm_set1_epi8((char)0xA1);
+    __m128i any = _mm_setzero_si128();
+    /* 64 blocks (4 KiB) a word of bits; each block: unmask, store, note (json_special16) */
+    for (size_t b = 0; b < nb; b += 64) {
+        size_t e = nb - b < 64 ? nb - b : 64;
+        uint64_t w = 0;
+        for (size_t j = 0; j < e; j++) {
+            __m128i *q = (__m128i *)(void *)(p + 64 * (b + j));
+            __m128i v0 = _mm_xor_si128(_mm_loadu_si128(q), km),
+                    v1 = _mm_xor_si128(_mm_loadu_si128(q + 1), km),
+                    v2 = _mm_xor_si128(_mm_loadu_si128(q + 2), km),
+                    v3 = _mm_xor_si128(_mm_loadu_si128(q + 3), km);
+            _mm_storeu_si128(q, v0), _mm_storeu_si128(q + 1, v1);
+            _mm_storeu_si128(q + 2, v2), _mm_storeu_si128(q + 3, v3);
+            any = _mm_or_si128(any, _mm_or_si128(_mm_or_si128(v0, v1), _mm_or_si128(v2, v3)));
+            __m128i sp = _mm_or_si128(
+                _mm_or_si128(json_special16(v0, flip, lim), json_special16(v1, flip, lim)),
+                _mm_or_si128(json_special16(v2, flip, lim), json_special16(v3, flip, lim)));
+            w |= (uint64_t)(_mm_movemask_epi8(sp) != 0) << j;
+        }
+        jnote.bits[b / 64] = w;
+    }
+    /* the tail (the key phase at 64 * nb is 0 again) */
+    int tail = ws_unmask(p + 64 * nb, n - 64 * nb, k);
+    jnote.nb = nb, jnote.ascii = !_mm_movemask_epi8(any) && tail;
+    return jnote.ascii;
+}
+#endif
+
+/* Unmasks a data frame's payload: ws_unmask, or for a large whole message to a worker
+ * ws_unmask_note (*noted set). */
+static inline int ws_unmask_msg(const struct conn *c, int op, int fin, unsigned char *p,
+                                size_t n, const unsigned char k[4], int *noted)
+{
+#ifdef III_SSE2
+    if (n >= III_SCAN_NOTE_MIN && fin && (op == WS_TEXT || op == WS_BIN) && c->kind == CK_WORKER) {
+        *noted = 1;
+        return ws_unmask_note(p, n, k);
+    }
+#else
+    (void)c, (void)op, (void)fin;
+#endif
+    *noted = 0;
+    return ws_unmask(p, n, k);
 }
 
 /* ==== Connections ===========================================================================
@@ -5808,8 +5898,9 @@ static void ws_on_data(struct conn *c)
         }
         unsigned char *pl = p + hl;
         /* §5.3: every client payload is masked; unmasked in place, inside the input buffer (and
-         * an all-ASCII payload needs no UTF-8 pass: noted on the way) */
-        int ascii = ws_unmask(pl, plen, mask);
+         * an all-ASCII payload needs no UTF-8 pass: noted on the way, as are a large message's
+         * clean blocks for its parser) */
+        int noted, ascii = ws_unmask_msg(c, op, fin, pl, plen, mask, &noted);
         c->t_rx = now_ms();
         /* §5.5.2: a Ping is answered with a Pong carrying the same payload, even between fragments
          */
@@ -5845,7 +5936,9 @@ static void ws_on_data(struct conn *c)
                 conn_close(c, 1007, "invalid utf-8");
                 return;
             }
+            if (noted) jnote.s = pl, jnote.n = plen;
             ws_on_message(c, op, pl, plen);
+            jnote.s = NULL; /* the note was about these bytes only */
         } else {
             if (op != WS_CONT) {
                 c->msg_op = op;

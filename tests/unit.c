@@ -747,6 +747,76 @@ static void t_splice(void)
     PASS();
 }
 
+static uint64_t rng_state = 1;
+static uint64_t test_rand(void)
+{
+    rng_state ^= rng_state << 13, rng_state ^= rng_state >> 7, rng_state ^= rng_state << 17;
+    return rng_state;
+}
+
+/* The clean-block note made while unmasking (ws_unmask_msg): the same bytes and ASCII verdict as
+ * ws_unmask, every bit right (set exactly when its 64-byte block holds '"', '\\' or a control),
+ * and the string scan over a noted text ends exactly where it ends without the note, for
+ * strings with escapes, quotes, controls and non-ASCII bytes at random places, validating or
+ * not, message lengths around the block and word boundaries. */
+static void t_scan_note(void)
+{
+    const char *test_name = "unmask_note_and_noted_string_scan";
+#ifdef III_SSE2
+    struct conn w;
+    memset(&w, 0, sizeof w);
+    w.kind = CK_WORKER;
+    static const size_t lens[] = {III_SCAN_NOTE_MIN, III_SCAN_NOTE_MIN + 1, III_SCAN_NOTE_MIN + 63,
+                                  4096 + 64 * 64, 4096 + 64 * 64 + 17, 70001, 131072};
+    size_t cap = 131072 + 64;
+    unsigned char *a = malloc(cap), *m = malloc(cap), *r = malloc(cap);
+    CHECK(a && m && r, "malloc");
+    const unsigned char key[4] = {0x5a, 0xc3, 0x01, 0x80};
+    rng_state = 12345;
+    for (size_t li = 0; li < sizeof lens / sizeof *lens; li++)
+        for (int round = 0; round < 40; round++) {
+            size_t n = lens[li];
+            /* a JSON string spanning the text: filler, a few special bytes at random places */
+            a[0] = '"';
+            for (size_t i = 1; i < n; i++) a[i] = (unsigned char)('A' + i % 26);
+            a[n - 1] = '"';
+            int kinds = round % 5; /* 0: clean, 1: escapes, 2: an early quote, 3: a control, 4: UTF-8 */
+            for (int e = 0; e < 1 + round % 4 && kinds; e++) {
+                size_t at = 1 + (size_t)(test_rand() % (n - 4));
+                if (kinds == 1) a[at] = '\\', a[at + 1] = 'n';
+                else if (kinds == 2) a[at] = '"';
+                else if (kinds == 3) a[at] = 0x09;
+                else a[at] = 0xc3, a[at + 1] = 0xa9;
+            }
+            for (size_t i = 0; i < n; i++) m[i] = a[i] ^ key[i & 3];
+            memcpy(r, m, n);
+            int noted = 0, asc = ws_unmask_msg(&w, WS_TEXT, 1, m, n, key, &noted);
+            int asc_ref = ws_unmask(r, n, key);
+            CHECK(noted && !memcmp(m, a, n) && !memcmp(r, a, n) && asc == asc_ref,
+                  "len %zu round %d: unmask differs (ascii %d vs %d)", n, round, asc, asc_ref);
+            for (size_t b = 0; b < jnote.nb; b++) {
+                int sp = 0;
+                for (size_t i = 64 * b; i < 64 * b + 64; i++) sp |= a[i] == '"' || a[i] == '\\' || a[i] < 0x20;
+                CHECK(sp == (int)(jnote.bits[b / 64] >> (b % 64) & 1), "len %zu round %d: bit %zu", n, round, b);
+            }
+            for (int cu = 0; cu < 2; cu++) {
+                size_t p0 = 0, p1 = 0;
+                int e0, e1;
+                jnote.s = NULL;
+                int rc0 = json_scan_str(m, n, &p0, cu, &e0);
+                jnote.s = m, jnote.n = n;
+                int rc1 = json_scan_str(m, n, &p1, cu, &e1);
+                jnote.s = NULL;
+                CHECK(rc0 == rc1 && (rc0 < 0 || (p0 == p1 && e0 == e1)),
+                      "len %zu round %d check_utf8 %d: %d/%zu with the note, %d/%zu without", n,
+                      round, cu, rc1, p1, rc0, p0);
+            }
+        }
+    free(a), free(m), free(r);
+#endif
+    PASS();
+}
+
 int main(int argc, char **argv)
 {
     cfg_defaults(&S.cfg);
@@ -760,6 +830,7 @@ int main(int argc, char **argv)
     t_frame_violations();
     t_json_api();
     t_json_scan();
+    t_scan_note();
     t_json_suite(argc > 1 ? argv[1] : NULL);
     t_alloc_failures();
     t_buf_cache();
