@@ -773,6 +773,12 @@ static void t_scan_note(void)
     CHECK(a && m && r, "malloc");
     const unsigned char key[4] = {0x5a, 0xc3, 0x01, 0x80};
     rng_state = 12345;
+#ifdef III_AVX2
+    /* both loops: SSE2, then AVX2 where the CPU has it */
+    int has_avx2 = __builtin_cpu_supports("avx2") != 0;
+    for (int simd = 0; simd <= has_avx2; simd++) {
+        ws_avx2 = simd;
+#endif
     for (size_t li = 0; li < sizeof lens / sizeof *lens; li++)
         for (int round = 0; round < 40; round++) {
             size_t n = lens[li];
@@ -812,6 +818,10 @@ static void t_scan_note(void)
                       round, cu, rc1, p1, rc0, p0);
             }
         }
+#ifdef III_AVX2
+    }
+    ws_avx2 = -1;
+#endif
     free(a), free(m), free(r);
 #endif
     PASS();
