@@ -976,14 +976,14 @@ struct jdoc {
     ((n) ? (uint32_t)((n) + (unsigned char)(k)[0] + 7u * (unsigned char)(k)[(n) - 1]) & 31u : 0u)
 
 /* A note on the text being parsed, made by the pass that unmasked it (ws_unmask_note): bit k of
- * bits clear means bytes [64k, 64k + 64) of s hold no '"', '\\' or control byte (nor, when ascii,
- * a byte >= 0x80: then it holds for the validating scan as well). json_scan_str uses it to step
- * over a long string's clean blocks without reading them again. Invariants: s is set only
- * around the delivery of that one message (ws_on_data), whose bytes nothing changes meanwhile,
- * and the note is used only for that exact text (s and n); the bits past nb are zero. */
+ * bits clear means bytes [h + 64k, h + 64k + 64) of s hold no '"', '\\' or control byte (nor,
+ * when ascii, a byte >= 0x80: then it holds for the validating scan as well). json_scan_str uses
+ * it to step over a long string's clean blocks without reading them again. Invariants: s is set
+ * only around the delivery of that one message (ws_on_data), whose bytes nothing changes
+ * meanwhile, and the note is used only for that exact text (s and n); the bits past nb are 0. */
 static struct {
     const unsigned char *s; /* NULL: no note */
-    size_t n, nb;           /* the text's length; blocks noted (its first nb * 64 bytes) */
+    size_t n, h, nb;        /* the text's length; nb blocks noted, the first at byte h */
     int ascii;
 #ifdef III_SSE2
     uint64_t bits[(III_SCAN_NOTE_MAX / 64 + 63) / 64];
@@ -1021,7 +1021,8 @@ static inline int json_special_mask64(const unsigned char *p, __m128i flip, __m1
 /* The first position at or after i (in the noted text) that is not inside a clean block. */
 static size_t json_note_skip(size_t i)
 {
-    size_t b = i / 64;
+    if (i < jnote.h) return i;
+    size_t b = (i - jnote.h) / 64;
     while (b < jnote.nb) {
         uint64_t w = jnote.bits[b / 64] >> (b % 64);
         if (w) {
@@ -1031,7 +1032,7 @@ static size_t json_note_skip(size_t i)
         b = (b / 64 + 1) * 64;
     }
     if (b > jnote.nb) b = jnote.nb;
-    return b * 64 > i ? b * 64 : i;
+    return jnote.h + 64 * b > i ? jnote.h + 64 * b : i;
 }
 #endif
 
@@ -5080,20 +5081,24 @@ static int ws_avx2 = -1;
 static int ws_unmask_note(unsigned char *p, size_t n, const unsigned char k[4]) III_NOINLINE;
 static int ws_unmask_note(unsigned char *p, size_t n, const unsigned char k[4])
 {
-    size_t nb = (n < III_SCAN_NOTE_MAX ? n : III_SCAN_NOTE_MAX) / 64;
+    /* the blocks start at the first 64-byte boundary of memory, h bytes in: no load or store
+     * splits a cache line; the h bytes before are unmasked on their own */
+    size_t h = (size_t)(-(uintptr_t)p & 63),
+           nb = ((n < III_SCAN_NOTE_MAX ? n : III_SCAN_NOTE_MAX) - h) / 64, t = h + 64 * nb;
+    const unsigned char kh[4] = {k[h & 3], k[(h + 1) & 3], k[(h + 2) & 3], k[(h + 3) & 3]};
     uint32_t k32;
-    memcpy(&k32, k, 4); /* host order is fine: the same bytes XOR the same bytes */
-    int ascii;
+    memcpy(&k32, kh, 4); /* the key in its phase at byte h; host order is fine (XOR) */
+    int ascii = ws_unmask(p, h, k);
 #ifdef III_AVX2
     if (ws_avx2 < 0) ws_avx2 = __builtin_cpu_supports("avx2") != 0;
-    if (ws_avx2) ascii = ws_note_blocks_avx2(p, nb, k32);
+    if (ws_avx2) ascii &= ws_note_blocks_avx2(p + h, nb, k32);
     else
 #endif
-        ascii = ws_note_blocks(p, nb, k32);
-    /* the tail (the key phase at 64 * nb is 0 again) */
-    int tail = ws_unmask(p + 64 * nb, n - 64 * nb, k);
-    jnote.nb = nb, jnote.ascii = ascii && tail;
-    return jnote.ascii;
+        ascii &= ws_note_blocks(p + h, nb, k32);
+    /* the tail, in the same key phase as byte h (64 * nb is a multiple of 4) */
+    ascii &= ws_unmask(p + t, n - t, kh);
+    jnote.h = h, jnote.nb = nb, jnote.ascii = ascii;
+    return ascii;
 }
 #endif
 
