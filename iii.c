@@ -21,7 +21,10 @@
  *   look up (namespace, function_id), record the pending call on both connections, append one
  *   invokefunction frame to the target's output buffer with data copied once as raw bytes
  *   --> target --invocationresult--> engine: find the call by id, append one invocationresult
- *   frame to the caller's output --> caller. Output is written once per connection per turn.
+ *   frame to the caller's output --> caller. Output is written once per connection per turn,
+ *   except a large payload (III_SPLICE_MIN) into an empty output: that frame is written at once
+ *   from the input the payload arrived in (one writev), and only what the socket does not take
+ *   is copied into the output buffer (conn_put_big).
  *
  * MEMORY AND LIMITS
  * All allocation goes through xmalloc/xrealloc/xfree (counted, fail-injectable in tests). Every
@@ -78,6 +81,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 /* SSE2 (every x86_64) unmasks frames and scans JSON strings 16 bytes a step; elsewhere the
@@ -85,6 +89,15 @@
 #if defined(__SSE2__) && (defined(__GNUC__) || defined(__clang__)) && !defined(III_NO_SIMD)
 #include <emmintrin.h>
 #define III_SSE2 1
+#endif
+/* AVX2 on x86_64 with gcc or clang: the pass that unmasks a large message and notes its clean
+ * blocks (ws_unmask_note) takes 32 bytes a step when the CPU has AVX2, checked once at run time;
+ * that one function is compiled for AVX2 by an attribute, so the binary still runs on any
+ * x86_64. -DIII_NO_AVX2 (or -DIII_NO_SIMD) leaves it out. */
+#if defined(III_SSE2) && defined(__x86_64__) && !defined(III_NO_AVX2) &&                           \
+    ((defined(__GNUC__) && __GNUC__ >= 5) || defined(__clang__))
+#include <immintrin.h>
+#define III_AVX2 1
 #endif
 /* Connections in an epoll set on Linux; -DIII_USE_POLL keeps plain poll(). Not with a non-GNU
  * compiler on x86_64: there the kernel's struct epoll_event is packed (12 bytes, data at offset
@@ -110,9 +123,11 @@ static const char *log_names[] = {"error", "warn", "info", "debug", "trace"};
 #ifdef __GNUC__
 #define III_PRINTF(a, b) __attribute__((format(printf, a, b)))
 #define III_NORETURN     __attribute__((noreturn))
+#define III_NOINLINE     __attribute__((noinline)) /* a rarer path, kept out of its callers */
 #else
 #define III_PRINTF(a, b)
 #define III_NORETURN
+#define III_NOINLINE
 #endif
 
 static void log_write(int level, const char *fmt, ...) III_PRINTF(2, 3);
@@ -987,6 +1002,67 @@ static inline uint64_t json_word_special(uint64_t w)
     return (((q - ones) & ~q) | ((b - ones) & ~b) | ((w - ones * 0x20) & ~w)) & high;
 }
 
+/* A note on the text being parsed, made by the pass that unmasked it (ws_unmask_note): bit k of
+ * bits clear means bytes [h + 64k, h + 64k + 64) of s hold no '"', '\\' or control byte (nor,
+ * when ascii, a byte >= 0x80: then it holds for the validating scan as well). json_scan_str uses
+ * it to step over a long string's clean blocks without reading them again. Invariants: s is set
+ * only around the delivery of that one message (ws_on_data), whose bytes nothing changes
+ * meanwhile, and the note is used only for that exact text (s and n); the bits past nb are 0. */
+static struct {
+    const unsigned char *s; /* NULL: no note */
+    size_t n, h, nb;        /* the text's length; nb blocks noted, the first at byte h */
+    int ascii;
+#ifdef III_SSE2
+    uint64_t bits[(III_SCAN_NOTE_MAX / 64 + 63) / 64];
+#endif
+} jnote;
+
+#ifdef III_SSE2
+/* json_scan_str's test of sixteen bytes: 0xFF where a byte is '"', '\\' or a control (and, with
+ * flip 0x02 / lim 0x21, also where it is non-ASCII; with 0x82 / 0xA1 not). One signed compare
+ * finds '"' and the controls: x = v ^ 0x02 maps '"' to 0x20 and keeps the controls below it, so
+ * they are the bytes with x <= 0x20 unsigned, i.e. (x ^ 0x80) < (signed char)0xA1; left without
+ * the ^ 0x80, the signed compare takes every byte >= 0x80 as well. */
+static inline __m128i json_special16(__m128i v, __m128i flip, __m128i lim)
+{
+    return _mm_or_si128(_mm_cmplt_epi8(_mm_xor_si128(v, flip), lim),
+                        _mm_cmpeq_epi8(v, _mm_set1_epi8('\\')));
+}
+
+/* The bit mask of those bytes among p[0..16), and whether there is one among p[0..64). */
+static inline unsigned json_special_mask(const unsigned char *p, __m128i flip, __m128i lim)
+{
+    __m128i v = _mm_loadu_si128((const __m128i *)(const void *)p);
+    return (unsigned)_mm_movemask_epi8(json_special16(v, flip, lim));
+}
+static inline int json_special_mask64(const unsigned char *p, __m128i flip, __m128i lim)
+{
+    const __m128i *q = (const __m128i *)(const void *)p;
+    __m128i a = _mm_or_si128(json_special16(_mm_loadu_si128(q), flip, lim),
+                             json_special16(_mm_loadu_si128(q + 1), flip, lim));
+    __m128i b = _mm_or_si128(json_special16(_mm_loadu_si128(q + 2), flip, lim),
+                             json_special16(_mm_loadu_si128(q + 3), flip, lim));
+    return _mm_movemask_epi8(_mm_or_si128(a, b)) != 0;
+}
+
+/* The first position at or after i (in the noted text) that is not inside a clean block. */
+static size_t json_note_skip(size_t i)
+{
+    if (i < jnote.h) return i;
+    size_t b = (i - jnote.h) / 64;
+    while (b < jnote.nb) {
+        uint64_t w = jnote.bits[b / 64] >> (b % 64);
+        if (w) {
+            b += (size_t)__builtin_ctzll(w);
+            break;
+        }
+        b = (b / 64 + 1) * 64;
+    }
+    if (b > jnote.nb) b = jnote.nb;
+    return jnote.h + 64 * b > i ? jnote.h + 64 * b : i;
+}
+#endif
+
 /* Validates one string starting at the opening quote s[*pos]; advances *pos past the closing
  * quote. Control characters are rejected, escapes checked (\uXXXX needs four hex digits; lone
  * surrogates are syntactically valid JSON and accepted), raw bytes must be valid UTF-8 unless
@@ -1001,13 +1077,9 @@ static inline int json_scan_str(const unsigned char *s, size_t n, size_t *pos, i
 #ifdef III_SSE2
     size_t i = *pos + 1;
     if (i + 16 <= n) {
-        const __m128i c1f = _mm_set1_epi8(0x1F);
-        __m128i v = _mm_loadu_si128((const __m128i *)(const void *)(s + i));
-        __m128i m = _mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('"')),
-                                 _mm_cmpeq_epi8(v, _mm_set1_epi8('\\')));
-        m = _mm_or_si128(m, _mm_cmpeq_epi8(_mm_max_epu8(v, c1f), c1f));
-        unsigned hit = (unsigned)_mm_movemask_epi8(m);
-        if (check_utf8) hit |= (unsigned)_mm_movemask_epi8(v);
+        unsigned hit = check_utf8 ? json_special_mask(s + i, _mm_set1_epi8(0x02), _mm_set1_epi8(0x21))
+                                  : json_special_mask(s + i, _mm_set1_epi8((char)0x82),
+                                                      _mm_set1_epi8((char)0xA1));
         if (hit) {
             i += (size_t)__builtin_ctz(hit);
             if (s[i] == '"') {
@@ -1035,25 +1107,28 @@ static int json_scan_str_from(const unsigned char *s, size_t n, size_t *pos, siz
     for (;;) {
         size_t st = i;
 #ifdef III_SSE2
-        /* sixteen bytes at a time while none is '"', '\\' or a control (<= 0x1F: max(v, 0x1F)
-         * equals 0x1F) or, when validating, a non-ASCII byte (its sign bit) */
-        {
-            const __m128i dq = _mm_set1_epi8('"'), bs = _mm_set1_epi8('\\'),
-                          c1f = _mm_set1_epi8(0x1F);
-            while (i + 16 <= n) {
-                __m128i v = _mm_loadu_si128((const __m128i *)(const void *)(s + i));
-                __m128i m = _mm_or_si128(_mm_cmpeq_epi8(v, dq), _mm_cmpeq_epi8(v, bs));
-                m = _mm_or_si128(m, _mm_cmpeq_epi8(_mm_max_epu8(v, c1f), c1f));
-                unsigned hit = (unsigned)_mm_movemask_epi8(m);
-                if (check_utf8) hit |= (unsigned)_mm_movemask_epi8(v);
-                if (hit) { /* straight to the first such byte */
-                    i += (size_t)__builtin_ctz(hit);
-                    /* without validation it is '"', '\\' or a control: the loops below would
-                     * stop on it at once, so skip them; a non-ASCII byte goes through them */
-                    if (!check_utf8) goto special;
-                    break;
-                }
+        /* sixteen bytes a step while none is '"', '\\' or a control (or, when validating, a
+         * non-ASCII byte: json_special16): the first 64 bytes sixteen at a time (most strings
+         * of an envelope end there), then sixty-four a step (a payload), the rest sixteen; then
+         * straight to the first such byte */
+        if (i + 16 <= n) { /* (shorter strings need no set-up) */
+            const __m128i flip = check_utf8 ? _mm_set1_epi8(0x02) : _mm_set1_epi8((char)0x82),
+                          lim = check_utf8 ? _mm_set1_epi8(0x21) : _mm_set1_epi8((char)0xA1);
+            unsigned hit = json_special_mask(s + i, flip, lim);
+            for (int k = 1; !hit && k < 4 && i + 32 <= n; k++)
+                hit = json_special_mask(s + (i += 16), flip, lim);
+            if (!hit) {
                 i += 16;
+                if (s == jnote.s && n == jnote.n && (!check_utf8 || jnote.ascii))
+                    i = json_note_skip(i); /* past the clean blocks the unmask noted */
+                while (i + 64 <= n && !json_special_mask64(s + i, flip, lim)) i += 64;
+                while (i + 16 <= n && !(hit = json_special_mask(s + i, flip, lim))) i += 16;
+            }
+            if (hit) {
+                i += (size_t)__builtin_ctz(hit);
+                /* without validation it is '"', '\\' or a control: the loops below would stop on
+                 * it at once, so skip them; a non-ASCII byte goes through them */
+                if (!check_utf8) goto special;
             }
         }
 #endif
@@ -4840,6 +4915,16 @@ enum { WS_CONT = 0, WS_TEXT = 1, WS_BIN = 2, WS_CLOSE = 8, WS_PING = 9, WS_PONG 
 /* Header bytes for an unmasked payload of n bytes: 7-bit, 16-bit or 64-bit length (§5.2). */
 static size_t ws_hdr_len(size_t n) { return n < 126 ? 2 : n < 65536 ? 4 : 10; }
 
+/* The bulk of a frame being built that is not in its buffer (conn_put_big, conn_frame_end): n
+ * bytes at p that belong at offset `at` (from b->off) of b's data. At most one exists, and only
+ * inside one frame builder's call: from conn_put_big to the conn_frame_end of the same frame,
+ * which writes or copies it; p is never kept past that. ws_end counts it in the frame length. */
+static struct {
+    struct buf *b; /* NULL: none */
+    size_t at, n;
+    const unsigned char *p;
+} wsplice;
+
 /* Starts a frame in b for a payload of about est bytes; returns a position token for ws_end,
  * or SIZE_MAX when even the estimate does not fit (b->err is then set). The token is relative
  * to b->off, so buffer compaction cannot break it. mask: room for a masking key (client frames).
@@ -4868,20 +4953,25 @@ static int ws_end(struct buf *b, size_t at, int op, int mask)
     if (at == SIZE_MAX || b->err) {
         int e = buf_check(b);
         if (at != SIZE_MAX) b->len = b->off + at;
+        if (wsplice.b == b) wsplice.b = NULL;
         return e == BUF_ELIMIT ? -BUF_ELIMIT : -BUF_ENOMEM;
     }
-    size_t pos = b->off + at, hl0 = b->p[pos], n = b->len - pos - hl0;
+    /* out: bytes of the payload held outside b (wsplice), counted in the length only */
+    size_t out = wsplice.b == b ? wsplice.n : 0;
+    size_t pos = b->off + at, hl0 = b->p[pos], in = b->len - pos - hl0, n = in + out;
     size_t hl = ws_hdr_len(n) + (mask ? 4 : 0);
     /* the estimate chose another length encoding: slide the payload to fit the real header */
     if (hl != hl0) {
         if (hl > hl0 && buf_reserve(b, hl - hl0) < 0) {
             int e = buf_check(b);
             b->len = b->off + at;
+            if (out) wsplice.b = NULL; /* (the frame is gone: so is its note) */
             return e == BUF_ELIMIT ? -BUF_ELIMIT : -BUF_ENOMEM;
         }
         pos = b->off + at;
-        memmove(b->p + pos + hl, b->p + pos + hl0, n);
-        b->len = pos + hl + n;
+        memmove(b->p + pos + hl, b->p + pos + hl0, in);
+        b->len = pos + hl + in;
+        if (out) wsplice.at = wsplice.at + hl - hl0;
     }
     unsigned char *h = b->p + pos;
     unsigned char mb = mask ? 0x80 : 0;
@@ -4968,7 +5058,7 @@ static int ws_parse_hdr(const unsigned char *p, size_t avail, int server, size_t
 /* Unmasks n bytes in place; the key phase starts at 0. Word-at-a-time for long payloads.
  * Returns 1 when every unmasked byte is ASCII, noted in the same pass: such a text payload is
  * valid UTF-8 without a second walk over it. */
-static int ws_unmask(unsigned char *p, size_t n, const unsigned char k[4])
+static inline int ws_unmask(unsigned char *p, size_t n, const unsigned char k[4])
 {
     size_t i = 0;
     uint64_t acc = 0;
@@ -4999,6 +5089,114 @@ static int ws_unmask(unsigned char *p, size_t n, const unsigned char k[4])
         acc |= p[i];
     }
     return !(acc & UINT64_C(0x8080808080808080));
+}
+
+#ifdef III_SSE2
+/* ws_unmask_note's loop over nb 64-byte blocks at p (key k32, phase 0): unmasks them, sets
+ * jnote.bits, and returns 1 when every byte is ASCII. */
+static int ws_note_blocks(unsigned char *p, size_t nb, uint32_t k32)
+{
+    const __m128i km = _mm_set1_epi32((int)k32), flip = _mm_set1_epi8((char)0x82),
+                  lim = _mm_set1_epi8((char)0xA1);
+    __m128i any = _mm_setzero_si128();
+    /* 64 blocks (4 KiB) a word of bits; each block: unmask, store, note (json_special16) */
+    for (size_t b = 0; b < nb; b += 64) {
+        size_t e = nb - b < 64 ? nb - b : 64;
+        uint64_t w = 0;
+        for (size_t j = 0; j < e; j++) {
+            __m128i *q = (__m128i *)(void *)(p + 64 * (b + j));
+            __m128i v0 = _mm_xor_si128(_mm_loadu_si128(q), km),
+                    v1 = _mm_xor_si128(_mm_loadu_si128(q + 1), km),
+                    v2 = _mm_xor_si128(_mm_loadu_si128(q + 2), km),
+                    v3 = _mm_xor_si128(_mm_loadu_si128(q + 3), km);
+            _mm_storeu_si128(q, v0), _mm_storeu_si128(q + 1, v1);
+            _mm_storeu_si128(q + 2, v2), _mm_storeu_si128(q + 3, v3);
+            any = _mm_or_si128(any, _mm_or_si128(_mm_or_si128(v0, v1), _mm_or_si128(v2, v3)));
+            __m128i sp = _mm_or_si128(
+                _mm_or_si128(json_special16(v0, flip, lim), json_special16(v1, flip, lim)),
+                _mm_or_si128(json_special16(v2, flip, lim), json_special16(v3, flip, lim)));
+            w |= (uint64_t)(_mm_movemask_epi8(sp) != 0) << j;
+        }
+        jnote.bits[b / 64] = w;
+    }
+    return !_mm_movemask_epi8(any);
+}
+
+#ifdef III_AVX2
+/* ws_note_blocks 32 bytes a step (the same test as json_special16, on 32 bytes); the same bits
+ * and result. Only called when the CPU has AVX2 (ws_avx2). */
+__attribute__((target("avx2"))) static int ws_note_blocks_avx2(unsigned char *p, size_t nb,
+                                                               uint32_t k32)
+{
+    const __m256i km = _mm256_set1_epi32((int)k32), flip = _mm256_set1_epi8((char)0x82),
+                  lim = _mm256_set1_epi8((char)0xA1), bs = _mm256_set1_epi8('\\');
+    __m256i any = _mm256_setzero_si256();
+    for (size_t b = 0; b < nb; b += 64) {
+        size_t e = nb - b < 64 ? nb - b : 64;
+        uint64_t w = 0;
+        for (size_t j = 0; j < e; j++) {
+            __m256i *q = (__m256i *)(void *)(p + 64 * (b + j));
+            __m256i v0 = _mm256_xor_si256(_mm256_loadu_si256(q), km),
+                    v1 = _mm256_xor_si256(_mm256_loadu_si256(q + 1), km);
+            _mm256_storeu_si256(q, v0), _mm256_storeu_si256(q + 1, v1);
+            any = _mm256_or_si256(any, _mm256_or_si256(v0, v1));
+            __m256i s0 = _mm256_or_si256(_mm256_cmpgt_epi8(lim, _mm256_xor_si256(v0, flip)),
+                                         _mm256_cmpeq_epi8(v0, bs)),
+                    s1 = _mm256_or_si256(_mm256_cmpgt_epi8(lim, _mm256_xor_si256(v1, flip)),
+                                         _mm256_cmpeq_epi8(v1, bs));
+            w |= (uint64_t)(_mm256_movemask_epi8(_mm256_or_si256(s0, s1)) != 0) << j;
+        }
+        jnote.bits[b / 64] = w;
+    }
+    return !_mm256_movemask_epi8(any);
+}
+
+/* 1 when ws_note_blocks_avx2 may run (the CPU and the OS support AVX2), -1 until asked. */
+static int ws_avx2 = -1;
+#endif
+
+/* ws_unmask for a large message about to be parsed: the same pass notes its clean 64-byte blocks
+ * (jnote's bits, nb and ascii; the caller sets jnote.s around the delivery), so the string scan
+ * reads the payload's bytes once instead of twice. Returns what ws_unmask returns. */
+static int ws_unmask_note(unsigned char *p, size_t n, const unsigned char k[4]) III_NOINLINE;
+static int ws_unmask_note(unsigned char *p, size_t n, const unsigned char k[4])
+{
+    /* the blocks start at the first 64-byte boundary of memory, h bytes in: no load or store
+     * splits a cache line; the h bytes before are unmasked on their own */
+    size_t h = (size_t)(-(uintptr_t)p & 63),
+           nb = ((n < III_SCAN_NOTE_MAX ? n : III_SCAN_NOTE_MAX) - h) / 64, t = h + 64 * nb;
+    const unsigned char kh[4] = {k[h & 3], k[(h + 1) & 3], k[(h + 2) & 3], k[(h + 3) & 3]};
+    uint32_t k32;
+    memcpy(&k32, kh, 4); /* the key in its phase at byte h; host order is fine (XOR) */
+    int ascii = ws_unmask(p, h, k);
+#ifdef III_AVX2
+    if (ws_avx2 < 0) ws_avx2 = __builtin_cpu_supports("avx2") != 0;
+    if (ws_avx2) ascii &= ws_note_blocks_avx2(p + h, nb, k32);
+    else
+#endif
+        ascii &= ws_note_blocks(p + h, nb, k32);
+    /* the tail, in the same key phase as byte h (64 * nb is a multiple of 4) */
+    ascii &= ws_unmask(p + t, n - t, kh);
+    jnote.h = h, jnote.nb = nb, jnote.ascii = ascii;
+    return ascii;
+}
+#endif
+
+/* Unmasks a data frame's payload: ws_unmask, or for a large whole message to a worker
+ * ws_unmask_note (*noted set). */
+static inline int ws_unmask_msg(const struct conn *c, int op, int fin, unsigned char *p,
+                                size_t n, const unsigned char k[4], int *noted)
+{
+#ifdef III_SSE2
+    if (n >= III_SCAN_NOTE_MIN && fin && (op == WS_TEXT || op == WS_BIN) && c->kind == CK_WORKER) {
+        *noted = 1;
+        return ws_unmask_note(p, n, k);
+    }
+#else
+    (void)c, (void)op, (void)fin;
+#endif
+    *noted = 0;
+    return ws_unmask(p, n, k);
 }
 
 /* ==== Connections ===========================================================================
@@ -5157,8 +5355,83 @@ static void conn_frame(struct conn *c, int op, const void *p, size_t n)
     conn_dirty(c);
 }
 
+/* Large payloads written from where they lie. A routed call's data, or a worker's result, is
+ * nearly all of its frame, and it already sits (unmasked, validated) in the input of the
+ * connection it came from. Copying it into the target's c->out to write it from there at the
+ * end of the turn costs one more pass over every byte. Instead a frame builder hands such a
+ * payload to conn_put_big, which only notes where it lies (wsplice), and conn_frame_end writes
+ * the frame at once with one writev: c->out up to the payload, the payload, the rest of c->out.
+ * Only what the socket does not take is copied into c->out, in order, and waits there as usual.
+ * Invariants: the payload is referenced only until the conn_frame_end of its frame (inside one
+ * builder call), so it never outlives the input it points into; the bytes that do not go out at
+ * once are the ones that would have been queued anyway, and they go through c->out's cap (a
+ * payload that could never fit in the cap is appended, and refused, as before); a payload is
+ * only spliced when the frame is all c->out holds (queued output first means a full socket:
+ * the copy it saves would be made anyway) and when it has III_SPLICE_MIN bytes or more (smaller
+ * ones are cheap to copy, and coalesce with other frames into one write). */
+
+/* conn_put_big's half for a large payload: notes it, unless the cap refuses it anyway. */
+static int conn_splice_note(struct conn *c, const void *p, size_t n)
+{
+    struct buf *b = &c->out;
+    if (b->err || (b->lim && (n > b->lim || buf_used(b) > b->lim - n))) return buf_append(b, p, n);
+    wsplice.b = b, wsplice.at = buf_used(b), wsplice.p = p, wsplice.n = n;
+    return 0;
+}
+
+/* Appends p[0..n) to the frame that ws_begin started at `at` in c->out, or notes it (above).
+ * 0, or -1 with c->out's sticky error set, like buf_append. */
+static inline int conn_put_big(struct conn *c, size_t at, const void *p, size_t n)
+{
+    if (n < III_SPLICE_MIN || at != 0 || wsplice.b) return buf_append(&c->out, p, n);
+    return conn_splice_note(c, p, n);
+}
+
+/* conn_frame_end's half for a frame with a noted payload: one writev of the frame (c->out holds
+ * nothing else), then whatever the socket did not take copied into c->out in order. 0, or -1
+ * when c was dropped. */
+static int conn_splice_write(struct conn *c) III_NOINLINE;
+static int conn_splice_write(struct conn *c)
+{
+    struct buf *b = &c->out;
+    const unsigned char *p = wsplice.p;
+    size_t n = wsplice.n, at = wsplice.at, used = buf_used(b), w = 0;
+    wsplice.b = NULL;
+    if (conn_open(c) && c->fd >= 0 && c->kind != CK_CLUSTER) {
+        struct iovec v[3];
+        v[0].iov_base = buf_data(b), v[0].iov_len = at;
+        v[1].iov_base = (void *)(uintptr_t)p, v[1].iov_len = n;
+        v[2].iov_base = buf_data(b) + at, v[2].iov_len = used - at;
+        ssize_t r;
+        do r = writev(c->fd, v, 3);
+        while (r < 0 && errno == EINTR);
+        if (r > 0) w = (size_t)r;
+        else if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+            conn_abort(c, "write error");
+            return -1;
+        }
+    }
+    if (w >= at + n) {
+        buf_consume(b, w - n);
+        return 0;
+    }
+    /* the part of the payload not written goes where it belongs: between the two parts of c->out */
+    size_t sent = w > at ? w - at : 0, left = n - sent;
+    if (buf_reserve(b, left) < 0) {
+        conn_fail(c, buf_check(b) == BUF_ELIMIT ? -BUF_ELIMIT : -BUF_ENOMEM);
+        return -1;
+    }
+    unsigned char *q = b->p + b->off + at;
+    memmove(q + left, q, used - at);
+    memcpy(q, p + sent, left);
+    b->len += left;
+    buf_consume(b, w - sent);
+    return 0;
+}
+
 /* Ends a frame built by hand in c->out since ws_begin returned `at`: checks every append at
- * once (the buffer's sticky error), rolls a failed frame back and drops c, else marks c dirty.
+ * once (the buffer's sticky error), rolls a failed frame back and drops c, else marks c dirty
+ * (a frame with a payload noted by conn_put_big is written at once, the rest queued).
  * 0 ok, -1 when c was dropped. */
 static int conn_frame_end(struct conn *c, size_t at)
 {
@@ -5166,6 +5439,10 @@ static int conn_frame_end(struct conn *c, size_t at)
     if (rc < 0) {
         conn_fail(c, rc);
         return -1;
+    }
+    if (wsplice.b == &c->out) {
+        if (conn_splice_write(c) < 0) return -1;
+        if (!buf_used(&c->out)) return 0; /* all written */
     }
     conn_dirty(c);
     return 0;
@@ -5762,8 +6039,9 @@ static void ws_on_data(struct conn *c)
         }
         unsigned char *pl = p + hl;
         /* §5.3: every client payload is masked; unmasked in place, inside the input buffer (and
-         * an all-ASCII payload needs no UTF-8 pass: noted on the way) */
-        int ascii = ws_unmask(pl, plen, mask);
+         * an all-ASCII payload needs no UTF-8 pass: noted on the way, as are a large message's
+         * clean blocks for its parser) */
+        int noted, ascii = ws_unmask_msg(c, op, fin, pl, plen, mask, &noted);
         c->t_rx = now_ms();
         /* §5.5.2: a Ping is answered with a Pong carrying the same payload, even between fragments
          */
@@ -5799,7 +6077,9 @@ static void ws_on_data(struct conn *c)
                 conn_close(c, 1007, "invalid utf-8");
                 return;
             }
+            if (noted) jnote.s = pl, jnote.n = plen;
             ws_on_message(c, op, pl, plen);
+            jnote.s = NULL; /* the note was about these bytes only */
         } else {
             if (op != WS_CONT) {
                 c->msg_op = op;
@@ -6723,7 +7003,7 @@ static void rt_send_result(struct conn *c, const char *id, size_t idlen, const c
     json_put_str(b, id, idlen);
     buf_puts(b, ",\"function_id\":");
     buf_append(b, fid, fidlen);
-    if (res) buf_puts(b, ",\"result\":"), buf_append(b, res, rlen);
+    if (res) buf_puts(b, ",\"result\":"), conn_put_big(c, at, res, rlen);
     if (err) buf_puts(b, ",\"error\":"), buf_append(b, err, elen);
     buf_append(b, ctx, ctxlen);
     buf_putc(b, '}');
@@ -6790,16 +7070,18 @@ static void rt_ns_hint(const char *id, size_t il, char *out, size_t cap)
     if (cnt) snprintf(out, cap, " It is registered in namespace(s): %s.", list);
 }
 
-/* Appends data with "_caller_worker_id" set (§3.2 step 3): objects get the member added last
- * (replacing any caller-supplied one), anything else passes unchanged. Fast path: no copy of
- * the payload beyond the single append into the target's buffer. */
+/* Appends data to the frame started at `at` in t->out with "_caller_worker_id" set (§3.2 step
+ * 3): objects get the member added last (replacing any caller-supplied one), anything else
+ * passes unchanged. Fast path: the payload is not copied at all when large (conn_put_big), else
+ * once, into the target's buffer. */
 /* Returns 0, or -1 on OOM. data must be a complete valid JSON value (it came through the
  * parser). The byte search for the key may give a false positive (the text appears inside a
  * nested value or a string); the slow path then rebuilds and gets it right. */
-static int rt_put_data(struct buf *b, const unsigned char *data, size_t dl, const char *wid,
-                       int maybe_key)
+static int rt_put_data(struct conn *t, size_t at, const unsigned char *data, size_t dl,
+                       const char *wid, int maybe_key)
 {
-    if (!wid || dl < 2 || data[0] != '{') return buf_append(b, data, dl);
+    struct buf *b = &t->out;
+    if (!wid || dl < 2 || data[0] != '{') return conn_put_big(t, at, data, dl);
     size_t close = dl - 1; /* the parser guarantees data[dl-1] == '}' for objects */
     size_t i = 1;
     while (i < close && JSON_WS(data[i])) i++;
@@ -6831,7 +7113,7 @@ static int rt_put_data(struct buf *b, const unsigned char *data, size_t dl, cons
         buf_puts(b, wid);
         return buf_puts(b, "\"}");
     }
-    if (buf_append(b, data, close) < 0) return -1;
+    if (conn_put_big(t, at, data, close) < 0) return -1;
     if (!empty && buf_putc(b, ',') < 0) return -1;
     return buf_puts(b, "\"_caller_worker_id\":\"") < 0 || buf_puts(b, wid) < 0 ||
                    buf_puts(b, "\"}") < 0
@@ -6854,7 +7136,7 @@ static int rt_send_invoke(struct conn *t, const char *id, const char *fid, size_
     buf_puts(b, "\",\"function_id\":");
     buf_append(b, fid, fidlen);
     buf_puts(b, ",\"data\":");
-    rt_put_data(b, data, dl, caller_wid, maybe_key);
+    rt_put_data(t, at, data, dl, caller_wid, maybe_key);
     buf_append(b, ctx, ctxlen);
     if (meta) buf_puts(b, ",\"metadata\":"), buf_append(b, meta, metalen);
     buf_putc(b, '}');

@@ -143,6 +143,15 @@
 #ifndef III_READ_SHARED
 #define III_READ_SHARED (4 * III_READ_CHUNK) /* ... into the shared buffer: 64 KiB messages whole */
 #endif
+#ifndef III_SCAN_NOTE_MIN
+#define III_SCAN_NOTE_MIN 4096 /* a message this large to a worker: the unmask notes clean blocks */
+#endif
+#ifndef III_SCAN_NOTE_MAX
+#define III_SCAN_NOTE_MAX (4u << 20) /* ... of its first this many bytes (a static 8 KiB bitmap) */
+#endif
+#ifndef III_SPLICE_MIN
+#define III_SPLICE_MIN 32768 /* a payload this large is written from the input, not copied */
+#endif
 #ifndef III_MAX_ID
 #define III_MAX_ID 1024 /* bytes of an id or namespace: routing keys, not documents */
 #endif

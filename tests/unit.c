@@ -716,6 +716,210 @@ static void t_siphash(void)
     PASS();
 }
 
+/* The string scanner (json_scan_str) against what it must find, for one byte of each class put
+ * at every position of strings of every length up to 200 (so each lands in the 64-byte step, the
+ * 16-byte step, the word step and the byte tail), validating (binary input) or not (text input
+ * already validated): '"' ends the string there, a control or a bad escape fails it, a
+ * non-ASCII byte fails only the validating scan (a lone byte is never valid UTF-8), and a valid
+ * two-byte sequence passes both. */
+static void t_json_scan(void)
+{
+    const char *test_name = "json_string_scan_every_position";
+    static const unsigned char cls[] = {0x00, 0x01, 0x1f, 0x20, 0x21, '"',  0x23, '\\',
+                                        0x5b, 0x5d, 0x7f, 0x80, 0xa1, 0xc3, 0xdd, 0xff};
+    unsigned char s[260];
+    for (size_t len = 0; len <= 200; len++)
+        for (size_t at = 0; at < len; at++)
+            for (size_t k = 0; k <= sizeof cls; k++)
+                for (int cu = 0; cu < 2; cu++) {
+                    /* s = '"' + len filler bytes (one of them replaced) + '"' */
+                    s[0] = '"';
+                    /* filler: capitals, none of them an escape letter */
+                    for (size_t j = 0; j < len; j++) s[1 + j] = (unsigned char)('A' + j % 26);
+                    s[1 + len] = '"';
+                    size_t n = len + 2, end = len + 2;
+                    int want = 0;
+                    if (k == sizeof cls) { /* a valid two-byte sequence (needs two bytes) */
+                        if (at + 1 >= len) continue;
+                        s[1 + at] = 0xc3, s[2 + at] = 0xa9;
+                    } else {
+                        unsigned char b = cls[k];
+                        s[1 + at] = b;
+                        if (b == '"') end = at + 2;
+                        else if (b < 0x20 || b == '\\' || (b >= 0x80 && cu)) want = -1;
+                    }
+                    size_t pos = 0;
+                    int esc = -1, rc = json_scan_str(s, n, &pos, cu, &esc);
+                    CHECK(rc == want && (rc < 0 || (pos == end && esc == 0)),
+                          "len %zu, byte %zu of class %zu, check_utf8 %d: rc %d pos %zu (want %d %zu)",
+                          len, at, k, cu, rc, pos, want, end);
+                }
+    PASS();
+}
+
+/* Reads what the socket has into b (non-blocking); 1 when nothing more came. */
+static int drain_into(int fd, struct buf *b)
+{
+    unsigned char tmp[8192];
+    ssize_t r = read(fd, tmp, sizeof tmp);
+    if (r > 0) buf_append(b, tmp, (size_t)r);
+    return r <= 0;
+}
+
+/* Large payloads written from where they lie (conn_put_big): whatever the socket takes at once
+ * and what is queued after it make exactly the frames the copying path builds, in order, also
+ * when the socket takes only part of the frame (a small send buffer); a frame queued behind
+ * pending output, a connection with no socket, and a payload over the outbound cap take the
+ * copying path (the last one drops the connection as a slow reader, writing nothing). */
+static void t_splice(void)
+{
+    const char *test_name = "large_payload_written_from_the_input";
+    int ep0 = S.ep, ll0 = log_level, sv[2];
+    S.ep = -1, log_level = -1; /* (the slow reader's warning) */
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0, "socketpair");
+    int small = 4096;
+    setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+    fcntl(sv[0], F_SETFL, fcntl(sv[0], F_GETFL) | O_NONBLOCK);
+    fcntl(sv[1], F_SETFL, fcntl(sv[1], F_GETFL) | O_NONBLOCK);
+    size_t n = 3 * (size_t)III_SPLICE_MIN + 7;
+    unsigned char *pay = malloc(n);
+    CHECK(pay, "malloc");
+    pay[0] = '"', pay[n - 1] = '"';
+    for (size_t i = 1; i + 1 < n; i++) pay[i] = (unsigned char)('a' + i % 23);
+    const char *id = "0f0e0d0c-0b0a-4908-8706-050403020100";
+    /* the frames the copying path makes: one with the payload, then a small one */
+    struct buf want = {0}, got = {0};
+    size_t f1 = 0;
+    for (int k = 0; k < 3; k++) {
+        if (k == 1) f1 = buf_used(&want);
+        size_t at = ws_begin(&want, 100 + n, 0);
+        buf_puts(&want, "{\"type\":\"invocationresult\",\"invocation_id\":");
+        json_put_str(&want, id, 36);
+        buf_puts(&want, ",\"function_id\":\"f\"");
+        if (k < 2) buf_puts(&want, ",\"result\":"), buf_append(&want, pay, n);
+        buf_putc(&want, '}');
+        ws_end(&want, at, WS_TEXT, 0);
+    }
+    struct conn *c = conn_new(sv[0], "127.0.0.1");
+    CHECK(c, "conn_new");
+    c->kind = CK_WORKER, c->ws = 1;
+    /* spliced (c->out empty), then queued behind its unwritten rest, then a small one */
+    rt_send_result(c, id, 36, "\"f\"", 3, pay, n, NULL, 0, "", 0);
+    CHECK(!c->dead && !wsplice.b, "first frame");
+    CHECK(buf_used(&c->out) > 0 && buf_used(&c->out) < f1, "nothing written at once");
+    rt_send_result(c, id, 36, "\"f\"", 3, pay, n, NULL, 0, "", 0);
+    rt_send_result(c, id, 36, "\"f\"", 3, NULL, 0, NULL, 0, "", 0);
+    CHECK(!c->dead && !wsplice.b, "later frames");
+    for (int spins = 0; spins < 100000 && (buf_used(&c->out) || !drain_into(sv[1], &got)); spins++) {
+        conn_flush(c);
+        drain_into(sv[1], &got);
+    }
+    CHECK(buf_used(&got) == buf_used(&want) && !memcmp(buf_data(&got), buf_data(&want), buf_used(&got)),
+          "stream differs: %zu bytes, want %zu", buf_used(&got), buf_used(&want));
+    /* no socket: the whole frame is queued */
+    struct conn *x = conn_new(-1, "127.0.0.1");
+    CHECK(x, "conn_new");
+    x->kind = CK_WORKER, x->ws = 1;
+    rt_send_result(x, id, 36, "\"f\"", 3, pay, n, NULL, 0, "", 0);
+    CHECK(!x->dead && buf_used(&x->out) == f1 && !memcmp(buf_data(&x->out), buf_data(&want), f1),
+          "queued frame differs");
+    /* over the cap: refused as before, and nothing written */
+    buf_reset(&got);
+    c->out.lim = n / 2;
+    rt_send_result(c, id, 36, "\"f\"", 3, pay, n, NULL, 0, "", 0);
+    CHECK(c->dead && !wsplice.b && buf_used(&c->out) == 0, "payload over the cap not refused");
+    drain_into(sv[1], &got);
+    CHECK(!buf_used(&got), "%zu bytes written past the cap", buf_used(&got));
+    S.dirty = NULL, S.reap = NULL, S.reap_now = 0;
+    conn_free(c), conn_free(x);
+    close(sv[1]);
+    buf_free(&want), buf_free(&got), free(pay);
+    S.ep = ep0, log_level = ll0;
+    PASS();
+}
+
+static uint64_t rng_state = 1;
+static uint64_t test_rand(void)
+{
+    rng_state ^= rng_state << 13, rng_state ^= rng_state >> 7, rng_state ^= rng_state << 17;
+    return rng_state;
+}
+
+/* The clean-block note made while unmasking (ws_unmask_msg): the same bytes and ASCII verdict as
+ * ws_unmask, every bit right (set exactly when its 64-byte block holds '"', '\\' or a control),
+ * and the string scan over a noted text ends exactly where it ends without the note, for
+ * strings with escapes, quotes, controls and non-ASCII bytes at random places, validating or
+ * not, message lengths around the block and word boundaries. */
+static void t_scan_note(void)
+{
+    const char *test_name = "unmask_note_and_noted_string_scan";
+#ifdef III_SSE2
+    struct conn w;
+    memset(&w, 0, sizeof w);
+    w.kind = CK_WORKER;
+    static const size_t lens[] = {III_SCAN_NOTE_MIN, III_SCAN_NOTE_MIN + 1, III_SCAN_NOTE_MIN + 63,
+                                  4096 + 64 * 64, 4096 + 64 * 64 + 17, 70001, 131072};
+    size_t cap = 131072 + 64;
+    unsigned char *a = malloc(cap), *m0 = malloc(cap + 64), *r = malloc(cap), *m;
+    CHECK(a && m0 && r, "malloc");
+    const unsigned char key[4] = {0x5a, 0xc3, 0x01, 0x80};
+    rng_state = 12345;
+#ifdef III_AVX2
+    /* both loops: SSE2, then AVX2 where the CPU has it */
+    int has_avx2 = __builtin_cpu_supports("avx2") != 0;
+    for (int simd = 0; simd <= has_avx2; simd++) {
+        ws_avx2 = simd;
+#endif
+    for (size_t li = 0; li < sizeof lens / sizeof *lens; li++)
+        for (int round = 0; round < 40; round++) {
+            size_t n = lens[li];
+            /* a JSON string spanning the text: filler, a few special bytes at random places */
+            a[0] = '"';
+            for (size_t i = 1; i < n; i++) a[i] = (unsigned char)('A' + i % 26);
+            a[n - 1] = '"';
+            int kinds = round % 5; /* 0: clean, 1: escapes, 2: an early quote, 3: a control, 4: UTF-8 */
+            for (int e = 0; e < 1 + round % 4 && kinds; e++) {
+                size_t at = 1 + (size_t)(test_rand() % (n - 4));
+                if (kinds == 1) a[at] = '\\', a[at + 1] = 'n';
+                else if (kinds == 2) a[at] = '"';
+                else if (kinds == 3) a[at] = 0x09;
+                else a[at] = 0xc3, a[at + 1] = 0xa9;
+            }
+            m = m0 + (size_t)(round * 7 + (int)li) % 64; /* every alignment of the blocks */
+            for (size_t i = 0; i < n; i++) m[i] = a[i] ^ key[i & 3];
+            memcpy(r, m, n);
+            int noted = 0, asc = ws_unmask_msg(&w, WS_TEXT, 1, m, n, key, &noted);
+            int asc_ref = ws_unmask(r, n, key);
+            CHECK(noted && !memcmp(m, a, n) && !memcmp(r, a, n) && asc == asc_ref,
+                  "len %zu round %d: unmask differs (ascii %d vs %d)", n, round, asc, asc_ref);
+            for (size_t b = 0; b < jnote.nb; b++) {
+                int sp = 0;
+                for (size_t i = jnote.h + 64 * b; i < jnote.h + 64 * b + 64; i++)
+                    sp |= a[i] == '"' || a[i] == '\\' || a[i] < 0x20;
+                CHECK(sp == (int)(jnote.bits[b / 64] >> (b % 64) & 1), "len %zu round %d: bit %zu", n, round, b);
+            }
+            for (int cu = 0; cu < 2; cu++) {
+                size_t p0 = 0, p1 = 0;
+                int e0, e1;
+                jnote.s = NULL;
+                int rc0 = json_scan_str(m, n, &p0, cu, &e0);
+                jnote.s = m, jnote.n = n;
+                int rc1 = json_scan_str(m, n, &p1, cu, &e1);
+                jnote.s = NULL;
+                CHECK(rc0 == rc1 && (rc0 < 0 || (p0 == p1 && e0 == e1)),
+                      "len %zu round %d check_utf8 %d: %d/%zu with the note, %d/%zu without", n,
+                      round, cu, rc1, p1, rc0, p0);
+            }
+        }
+#ifdef III_AVX2
+    }
+    ws_avx2 = -1;
+#endif
+    free(a), free(m0), free(r);
+#endif
+    PASS();
+}
+
 int main(int argc, char **argv)
 {
     cfg_defaults(&S.cfg);
@@ -730,9 +934,12 @@ int main(int argc, char **argv)
     t_json_api();
     t_json_scan_fast();
     t_json_put_words();
+    t_json_scan();
+    t_scan_note();
     t_json_suite(argc > 1 ? argv[1] : NULL);
     t_alloc_failures();
     t_buf_cache();
+    t_splice();
     t_registry();
     return failed ? 1 : 0;
 }
