@@ -149,6 +149,9 @@
 #ifndef III_SCAN_NOTE_MAX
 #define III_SCAN_NOTE_MAX (4u << 20) /* ... of its first this many bytes (a static 8 KiB bitmap) */
 #endif
+#if III_SCAN_NOTE_MIN < 128 || III_SCAN_NOTE_MAX < 128
+#error "III_SCAN_NOTE_MIN and III_SCAN_NOTE_MAX must be at least 128: the note's blocks start up to 63 bytes in"
+#endif
 #ifndef III_SPLICE_MIN
 #define III_SPLICE_MIN 32768 /* a payload this large is written from the input, not copied */
 #endif
