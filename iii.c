@@ -1067,19 +1067,21 @@ static size_t json_note_skip(size_t i)
  * quote. Control characters are rejected, escapes checked (\uXXXX needs four hex digits; lone
  * surrogates are syntactically valid JSON and accepted), raw bytes must be valid UTF-8 unless
  * the caller already validated the whole input. Sets *esc when a backslash was seen.
- * Inline, the common short string (every key and id of an envelope) costs one
- * SSE2 step when its closing quote is the first special byte among the next sixteen; anything
- * else (longer, escaped, non-ASCII to validate, near the end of the input) takes the full scan
- * (json_scan_str_from), which resumes at the first byte this step did not pass as plain ASCII. */
+ * Inline, the common short string (every key and id of an envelope) costs one SSE2 step when
+ * its closing quote is the first special byte among the next sixteen; anything else (longer,
+ * escaped, non-ASCII to validate, near the end of the input) takes the full scan
+ * (json_scan_str_from), which resumes at the first byte this step did not pass. */
 static inline int json_scan_str(const unsigned char *s, size_t n, size_t *pos, int check_utf8,
                                 int *esc)
 {
 #ifdef III_SSE2
     size_t i = *pos + 1;
     if (i + 16 <= n) {
-        unsigned hit = check_utf8 ? json_special_mask(s + i, _mm_set1_epi8(0x02), _mm_set1_epi8(0x21))
-                                  : json_special_mask(s + i, _mm_set1_epi8((char)0x82),
-                                                      _mm_set1_epi8((char)0xA1));
+        /* json_special16's two settings: with and without the non-ASCII bytes */
+        unsigned hit = check_utf8
+                           ? json_special_mask(s + i, _mm_set1_epi8(0x02), _mm_set1_epi8(0x21))
+                           : json_special_mask(s + i, _mm_set1_epi8((char)0x82),
+                                               _mm_set1_epi8((char)0xA1));
         if (hit) {
             i += (size_t)__builtin_ctz(hit);
             if (s[i] == '"') {
@@ -1097,8 +1099,8 @@ static inline int json_scan_str(const unsigned char *s, size_t n, size_t *pos, i
 #endif
 }
 
-/* The full scan; s[*pos + 1 .. i) are already known to be plain ASCII (no '"', '\\' or
- * control), so the UTF-8 validator's state is clean at i. */
+/* The full scan; s[*pos + 1 .. i) are already known to hold no '"', '\\' or control (and, when
+ * validating, no byte >= 0x80), so the UTF-8 validator's state is clean at i. */
 static int json_scan_str_from(const unsigned char *s, size_t n, size_t *pos, size_t i,
                               int check_utf8, int *esc)
 {
