@@ -96,6 +96,7 @@
  * x86_64. -DIII_NO_AVX2 (or -DIII_NO_SIMD) leaves it out. */
 #if defined(III_SSE2) && defined(__x86_64__) && !defined(III_NO_AVX2) &&                           \
     ((defined(__GNUC__) && __GNUC__ >= 5) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define III_AVX2 1
 #endif
@@ -5155,6 +5156,22 @@ __attribute__((target("avx2"))) static int ws_note_blocks_avx2(unsigned char *p,
 
 /* 1 when ws_note_blocks_avx2 may run (the CPU and the OS support AVX2), -1 until asked. */
 static int ws_avx2 = -1;
+
+/* Asks the CPU, once: AVX2 (CPUID leaf 7, EBX bit 5) is usable only when the OS saves the AVX
+ * registers too (leaf 1: OSXSAVE and AVX, ECX bits 27 and 28; XCR0: the SSE and AVX state, bits
+ * 1 and 2). cpuid.h's macros and one xgetbv, rather than __builtin_cpu_supports, which links
+ * libgcc's 4.5 KB CPU-model table into the binary. */
+static int ws_cpu_avx2(void)
+{
+    unsigned a, b, c, d, hi;
+    if (__get_cpuid_max(0, NULL) < 7) return 0;
+    __cpuid(1, a, b, c, d);
+    if ((c & (3u << 27)) != 3u << 27) return 0;
+    __asm__ volatile("xgetbv" : "=a"(a), "=d"(hi) : "c"(0));
+    if ((a & 6) != 6) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    return (int)((b >> 5) & 1);
+}
 #endif
 
 /* ws_unmask for a large message about to be parsed: the same pass notes its clean 64-byte blocks
@@ -5172,7 +5189,7 @@ static int ws_unmask_note(unsigned char *p, size_t n, const unsigned char k[4])
     memcpy(&k32, kh, 4); /* the key in its phase at byte h; host order is fine (XOR) */
     int ascii = ws_unmask(p, h, k);
 #ifdef III_AVX2
-    if (ws_avx2 < 0) ws_avx2 = __builtin_cpu_supports("avx2") != 0;
+    if (ws_avx2 < 0) ws_avx2 = ws_cpu_avx2();
     if (ws_avx2) ascii &= ws_note_blocks_avx2(p + h, nb, k32);
     else
 #endif

@@ -867,6 +867,9 @@ static void t_scan_note(void)
 #ifdef III_AVX2
     /* both loops: SSE2, then AVX2 where the CPU has it */
     int has_avx2 = __builtin_cpu_supports("avx2") != 0;
+    /* the engine's own CPUID/XGETBV probe agrees with the compiler's (libgcc's) */
+    CHECK(ws_cpu_avx2() == has_avx2, "ws_cpu_avx2 %d, __builtin_cpu_supports %d", ws_cpu_avx2(),
+          has_avx2);
     for (int simd = 0; simd <= has_avx2; simd++) {
         ws_avx2 = simd;
 #endif
