@@ -12556,6 +12556,22 @@ static void resume_tick(void)
     }
 }
 
+/* The room to give a partial frame of `left` bytes when it moves out of the shared buffer: what
+ * ws_on_data would reserve for it (the whole frame, at most III_BUF_SHRINK beyond what arrived),
+ * so a large message is copied once and its block is not regrown (and copied again) while the
+ * rest of it arrives. Just `left` for a small partial frame (a header and a few bytes commit no
+ * more memory than before they moved) and while the header is incomplete. */
+static size_t loop_keep_size(const unsigned char *p, size_t left)
+{
+    unsigned char mask[4];
+    size_t plen = 0;
+    int op, fin, code;
+    int hl = ws_parse_hdr(p, left, 1, S.set.max_frame_bytes, &op, &fin, &plen, mask, &code);
+    if (left < III_READ_CHUNK || hl <= 0 || plen <= left - (size_t)hl) return left;
+    size_t want = (size_t)hl + plen - left;
+    return left + (want < III_BUF_SHRINK ? want : III_BUF_SHRINK);
+}
+
 /* Reads what the socket has and processes it. A connection with no partial frame pending reads
  * into one shared buffer and is handled from there: only a trailing partial frame is copied into
  * the connection's own buffer. The shared buffer (III_READ_SHARED) is larger than the step a
@@ -12603,7 +12619,8 @@ static void loop_read(struct conn *c)
     size_t left = buf_used(&c->in);
     unsigned char *lp = buf_data(&c->in);
     memset(&c->in, 0, sizeof c->in);
-    if (left && !c->dead && !c->closing && buf_append(&c->in, lp, left) < 0)
+    if (left && !c->dead && !c->closing &&
+        (buf_reserve(&c->in, loop_keep_size(lp, left)) < 0 || buf_append(&c->in, lp, left) < 0))
         conn_oom(c);
 }
 

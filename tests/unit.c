@@ -838,6 +838,63 @@ static void t_splice(void)
     PASS();
 }
 
+/* A large frame arriving in parts (loop_read): when its first part moves out of the shared read
+ * buffer, the connection's buffer gets room for the whole frame, so the parts that follow are
+ * read in place, neither allocating nor moving it, and the message arrives whole; a partial
+ * frame smaller than one read step keeps only its own bytes. */
+static void t_read_keep(void)
+{
+    const char *test_name = "large_frame_moved_out_of_the_shared_buffer_once";
+    int ep0 = S.ep, sv[2];
+    S.ep = -1;
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0, "socketpair");
+    fcntl(sv[0], F_SETFL, fcntl(sv[0], F_GETFL) | O_NONBLOCK);
+    fcntl(sv[1], F_SETFL, fcntl(sv[1], F_GETFL) | O_NONBLOCK);
+    struct conn *c = conn_new(sv[0], "127.0.0.1");
+    CHECK(c, "conn_new");
+    c->kind = CK_OTEL, c->ws = 1; /* a sink: counts the messages it is given */
+    size_t n = (size_t)1 << 20;
+    unsigned char *pay = malloc(n);
+    CHECK(pay, "malloc");
+    for (size_t i = 0; i < n; i++) pay[i] = (unsigned char)i;
+    struct buf f = {0};
+    CHECK(ws_frame(&f, WS_BIN, pay, n, 1) == 0, "frame");
+    /* the message, as fast as the socket takes it, read after each write: the first read finds
+     * c->in empty, so it lands in the shared buffer and its partial frame moves out */
+    size_t sent = 0, moved = 0, allocs0 = 0;
+    unsigned char *p0 = NULL;
+    for (int turn = 0; turn < 100000 && sent < f.len; turn++) {
+        ssize_t w = write(sv[1], f.p + sent, f.len - sent);
+        if (w > 0) sent += (size_t)w;
+        loop_read(c);
+        CHECK(!c->dead, "connection dropped");
+        if (c->otel_frames) break;
+        if (!p0) {
+            CHECK(buf_used(&c->in) >= III_READ_CHUNK && c->in.cap >= f.len,
+                  "the first %zu bytes moved out with room for %zu, not the frame's %zu",
+                  buf_used(&c->in), c->in.cap, f.len);
+            p0 = c->in.p, allocs0 = mem_allocs_total;
+        } else if (c->in.p != p0) {
+            moved++;
+        }
+    }
+    size_t allocs = mem_allocs_total - allocs0;
+    for (int turn = 0; turn < 100 && c->otel_frames == 0; turn++) loop_read(c);
+    CHECK(sent == f.len && c->otel_frames == 1, "the message arrived (%u)", (unsigned)c->otel_frames);
+    CHECK(!moved && !allocs, "the buffer moved %zu times, %zu allocations while the rest arrived",
+          moved, allocs);
+    /* the small case: a header and a few bytes keep only their own room */
+    CHECK(!buf_used(&c->in) && write(sv[1], f.p, 20) == 20, "write");
+    loop_read(c);
+    CHECK(!c->dead && buf_used(&c->in) == 20 && c->in.cap < III_READ_CHUNK,
+          "a 20-byte partial frame kept %zu bytes of room", c->in.cap);
+    free(pay), buf_free(&f);
+    conn_free(c);
+    close(sv[1]);
+    S.ep = ep0;
+    PASS();
+}
+
 static uint64_t rng_state = 1;
 static uint64_t test_rand(void)
 {
@@ -943,6 +1000,7 @@ int main(int argc, char **argv)
     t_alloc_failures();
     t_buf_cache();
     t_splice();
+    t_read_keep();
     t_registry();
     return failed ? 1 : 0;
 }
