@@ -10774,7 +10774,8 @@ static void chan_sweep(int64_t now, int64_t *next)
 /* ==== NATS client ===========================================================================
  * The engine's link to a NATS server (README "Cluster", docs/CLUSTER.md), spoken here in the
  * same poll loop: the client protocol is text lines over TCP (INFO, CONNECT, PING/PONG, SUB,
- * UNSUB, PUB, HPUB, MSG, HMSG, +OK, -ERR). One non-blocking socket; a parser that returns bytes
+ * UNSUB, PUB, HPUB, MSG, HMSG, +OK, -ERR). One non-blocking socket (in the epoll set on Linux,
+ * its output written in the turn that made it: nats_flush); a parser that returns bytes
  * consumed / need more / error over a bounded input buffer (a control line is at most
  * NATS_MAX_LINE bytes, a payload at most the server's max_payload); reconnect with backoff
  * (250 ms doubling to 5 s) across the URL list, resubscribing; output beyond NATS_OUT_MAX drops
@@ -10982,6 +10983,7 @@ struct rin {
 
 static struct {
     int state, fd;
+    unsigned ep_ev;               /* the socket's interest in the epoll set now (0: not in it) */
     struct buf in, out;
     size_t url;                   /* index in the config's urls of the one tried now */
     int64_t next_try, backoff, next_hb, ready_at;
@@ -11131,10 +11133,21 @@ static void cnode_drop(struct cnode *cn, const char *why)
     xfree(cn->name), xfree(cn);
 }
 
+static int ep_nats(short pev);
+
+/* Closes the socket, out of the epoll set first (ep_nats), so that its entry can never be taken
+ * for a later descriptor with the same number. */
+static void nats_close(void)
+{
+    if (CL.fd < 0) return;
+    ep_nats(0);
+    close(CL.fd), CL.fd = -1;
+}
+
 /* Drops the connection: the next attempt, on the next URL, after the backoff. */
 static void nats_drop(const char *why)
 {
-    if (CL.fd >= 0) close(CL.fd), CL.fd = -1;
+    nats_close();
     if (CL.state == NATS_READY || CL.state == NATS_HANDSHAKE)
         LOG(LOG_WARN, "cluster: connection to %s lost: %s; reconnecting",
             S.cfg.cluster.urls[CL.url], why);
@@ -12033,6 +12046,8 @@ static short nats_events(void)
                                                : POLLIN | (buf_used(&CL.out) ? POLLOUT : 0));
 }
 
+static void nats_flush(void);
+
 /* Socket events of the NATS connection. */
 static void nats_on_poll(short re)
 {
@@ -12059,6 +12074,15 @@ static void nats_on_poll(short re)
         }
         if (r > 0) CL.in.len += (size_t)r, nats_input();
     }
+    nats_flush();
+}
+
+/* Writes what CL.out holds, as far as the socket takes it: each turn before the loop waits (and
+ * on POLLOUT), so a published message leaves in the turn that made it, with no wake-up of its
+ * own; POLLOUT is asked for only while the socket does not take everything. */
+static void nats_flush(void)
+{
+    if (CL.state == NATS_CONNECTING) return;
     while (CL.fd >= 0 && buf_used(&CL.out)) {
         ssize_t w = write(CL.fd, buf_data(&CL.out), buf_used(&CL.out));
         if (w > 0) buf_consume(&CL.out, (size_t)w);
@@ -12075,7 +12099,7 @@ static void nats_tick(int64_t now, int64_t *next)
 {
     if (!S.cfg.cluster.nurls) {
         if (CL.state != NATS_OFF) {
-            if (CL.fd >= 0) close(CL.fd), CL.fd = -1;
+            nats_close();
             buf_free(&CL.in), buf_free(&CL.out);
             CL.state = NATS_OFF;
         }
@@ -12158,7 +12182,7 @@ static void nats_leave(void)
 /* Frees the cluster state at exit. */
 static void nats_free(void)
 {
-    if (CL.fd >= 0) close(CL.fd), CL.fd = -1;
+    nats_close();
     buf_free(&CL.in), buf_free(&CL.out);
     for (size_t i = 0; i < CL.nodes.nb; i++)
         for (struct hnode *e = CL.nodes.b[i], *nx; e; e = nx) {
@@ -12720,10 +12744,10 @@ static void ep_sync(struct conn *c)
 #endif
 }
 
-/* epoll also carries the self-pipe and the listener, tagged by the addresses of ep_tag_sig and
- * ep_tag_lfd instead of a conn: a turn with no other descriptor to watch (no worker pipe, no
- * stdout backlog, no NATS) blocks in epoll_wait alone, one syscall per wake-up instead of poll()
- * plus epoll_wait. ep_lfd is the listener registered now (-1: none); ep_listener drops it from
+/* epoll also carries the self-pipe, the listener and the NATS socket (ep_nats, below), tagged by
+ * the addresses of ep_tag_sig, ep_tag_lfd and ep_tag_nats instead of a conn: a turn with no
+ * other descriptor to watch (no worker pipe, no stdout backlog) blocks in epoll_wait alone, one
+ * syscall per wake-up instead of poll() plus epoll_wait. ep_lfd is the listener registered now (-1: none); ep_listener drops it from
  * the set before the listener is closed, so a descriptor number reused later by a connection is
  * never mistaken for it. Either registration failing just puts that descriptor back in poll(). */
 static char ep_tag_sig, ep_tag_lfd;
@@ -12751,6 +12775,35 @@ static void ep_listener(int fd)
     if (ep_lfd >= 0) epoll_ctl(S.ep, EPOLL_CTL_DEL, ep_lfd, NULL);
 #endif
     ep_lfd = fd >= 0 && ep_add(fd, &ep_tag_lfd) == 0 ? fd : -1;
+}
+
+/* The NATS socket in the epoll set too (tagged ep_tag_nats): makes its interest the poll bits
+ * `pev` (POLLIN, POLLOUT; 0 takes it out), one epoll_ctl per change (POLLOUT is wanted only
+ * while a write is short: nats_flush). 0 done; -1 when it cannot be there (no epoll set, or
+ * epoll_ctl failed), and then the loop watches it with poll(). */
+#ifdef III_EPOLL
+static char ep_tag_nats;
+#endif
+static int ep_nats(short pev)
+{
+#ifdef III_EPOLL
+    unsigned ev = (pev & POLLIN ? EPOLLIN : 0u) | (pev & POLLOUT ? EPOLLOUT : 0u);
+    if (ev == CL.ep_ev) return 0;
+    struct epoll_event e;
+    memset(&e, 0, sizeof e);
+    e.events = ev;
+    e.data.ptr = &ep_tag_nats;
+    int op = !ev ? EPOLL_CTL_DEL : CL.ep_ev ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+    if (ep_sig && CL.fd >= 0 && epoll_ctl(S.ep, op, CL.fd, &e) == 0) {
+        CL.ep_ev = ev;
+        return 0;
+    }
+    if (CL.ep_ev && CL.fd >= 0) epoll_ctl(S.ep, EPOLL_CTL_DEL, CL.fd, &e);
+    CL.ep_ev = 0;
+    return ev ? -1 : 0;
+#else
+    return pev ? -1 : 0;
+#endif
 }
 
 /* Writes what c->out holds and keeps the poll interest in step. A closing connection is
@@ -12995,7 +13048,10 @@ static void loop_run(void)
         /* the NATS connection (cluster:), when there is one */
         size_t nidx = SIZE_MAX;
         nats_tick(now, &next);
-        if (nats_events() && n < cap) nidx = n, pf[n].fd = CL.fd, pf[n].events = nats_events(), pc[n++] = NULL;
+        nats_flush();
+        short ne = nats_events();
+        if (ep_nats(ne) < 0 && n < cap)
+            nidx = n, pf[n].fd = CL.fd, pf[n].events = ne, pc[n++] = NULL;
         size_t cidx = n, eidx = SIZE_MAX;
 #ifdef III_EPOLL
         if (S.ep >= 0) eidx = n, pf[n].fd = S.ep, pf[n].events = POLLIN, pc[n++] = NULL;
@@ -13057,6 +13113,12 @@ static void loop_run(void)
             }
             if (evs[i].data.ptr == &ep_tag_lfd) {
                 loop_accept();
+                continue;
+            }
+            if (evs[i].data.ptr == &ep_tag_nats) {
+                unsigned e = evs[i].events;
+                nats_on_poll((short)((e & EPOLLIN ? POLLIN : 0) | (e & EPOLLOUT ? POLLOUT : 0) |
+                                     (e & EPOLLERR ? POLLERR : 0) | (e & EPOLLHUP ? POLLHUP : 0)));
                 continue;
             }
             struct conn *c = evs[i].data.ptr;

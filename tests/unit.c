@@ -895,6 +895,49 @@ static void t_read_keep(void)
     PASS();
 }
 
+/* The NATS socket in the epoll set (ep_nats) and its eager write (nats_flush): its interest
+ * follows the poll bits asked for, with events tagged ep_tag_nats; nats_close takes it out
+ * before closing, so a later descriptor with the same number is not mistaken for it; what
+ * CL.out holds is written at once when connected, and not while the connect is in progress. */
+static void t_nats_epoll(void)
+{
+    const char *test_name = "nats_socket_in_the_epoll_set";
+#ifdef III_EPOLL
+    int ep0 = S.ep, sig0 = ep_sig, sv[2], st0 = CL.state;
+    S.ep = epoll_create1(EPOLL_CLOEXEC), ep_sig = 1;
+    CHECK(S.ep >= 0 && socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0, "epoll, socketpair");
+    fcntl(sv[0], F_SETFL, fcntl(sv[0], F_GETFL) | O_NONBLOCK);
+    CL.fd = sv[0], CL.state = NATS_CONNECTING;
+    buf_puts(&CL.out, "PING\r\n");
+    nats_flush();
+    CHECK(buf_used(&CL.out) == 6, "written while connecting");
+    CL.state = NATS_READY;
+    nats_flush();
+    char got[16] = {0};
+    CHECK(!buf_used(&CL.out) && read(sv[1], got, sizeof got) == 6 && !memcmp(got, "PING\r\n", 6),
+          "not written at once when connected (%zu left)", buf_used(&CL.out));
+    struct epoll_event ev[4];
+    CHECK(ep_nats(POLLIN) == 0 && CL.ep_ev == EPOLLIN, "registered");
+    CHECK(epoll_wait(S.ep, ev, 4, 0) == 0, "an event with nothing to read");
+    CHECK(write(sv[1], "PONG\r\n", 6) == 6, "write");
+    CHECK(epoll_wait(S.ep, ev, 4, 0) == 1 && ev[0].data.ptr == &ep_tag_nats &&
+              ev[0].events == EPOLLIN, "no tagged EPOLLIN");
+    CHECK(ep_nats(POLLIN | POLLOUT) == 0 && epoll_wait(S.ep, ev, 4, 0) == 1 &&
+              ev[0].events == (EPOLLIN | EPOLLOUT), "POLLOUT not added");
+    /* closed: out of the set; a new descriptor with its number stays out of it */
+    nats_close();
+    CHECK(CL.fd == -1 && CL.ep_ev == 0, "close");
+    int again[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, again) == 0, "socketpair");
+    CHECK(write(again[1], "x", 1) == 1 && epoll_wait(S.ep, ev, 4, 0) == 0,
+          "an event after the close (descriptor %d reused as %d)", sv[0], again[0]);
+    close(again[0]), close(again[1]), close(sv[1]), close(S.ep);
+    buf_free(&CL.in), buf_free(&CL.out);
+    S.ep = ep0, ep_sig = sig0, CL.state = st0;
+#endif
+    PASS();
+}
+
 static uint64_t rng_state = 1;
 static uint64_t test_rand(void)
 {
@@ -1001,6 +1044,7 @@ int main(int argc, char **argv)
     t_buf_cache();
     t_splice();
     t_read_keep();
+    t_nats_epoll();
     t_registry();
     return failed ? 1 : 0;
 }
