@@ -32,7 +32,9 @@
  * an allocation failure closes one connection, never the engine, and teardown allocates
  * nothing. Calls in flight, queued registrations, bindings, functions and all memory together
  * are bounded; a bound that is hit is answered (BUSY, 1008, 503), never queued without limit.
- * No scratch buffer is global across anything that can re-enter the router. Limits live in
+ * No scratch buffer is global across anything that can re-enter the router. An idle connection
+ * holds no buffer memory: whole frames are read from one shared block (loop_read), and drained
+ * output blocks are parked for the next connection that writes (opark, bcache). Limits live in
  * iii.h and in the `iii-worker-manager` config block; README "Limits" explains each.
  *
  * TRUST
@@ -524,6 +526,7 @@ struct buf {
     size_t len, cap, off; /* data is p[off..len) */
     size_t lim;           /* 0: no cap; else buf_used() never exceeds it (appends fail) */
     int err;              /* sticky BUF_ENOMEM / BUF_ELIMIT since the last check, else BUF_OK */
+    unsigned char park;   /* a connection's output: its small block is parked when drained */
 };
 
 /* Large blocks (above III_BUF_SHRINK) are not given back to malloc the moment a buffer drains:
@@ -542,7 +545,21 @@ static struct {
     unsigned stamp;      /* counts parks and takes: buf_cache_tick tells an unused cache by it */
 } bcache;
 
-/* Frees parked blocks until at most `keep` bytes are parked. */
+/* Small output blocks (at most III_OUT_PARK_MAX bytes) are not kept by idle connections either:
+ * a connection's output buffer (park set) gives its block up once everything is written
+ * (buf_out_park, from conn_flush), to this stack or, when it is full or parking is off, to
+ * malloc; such a buffer's next first block is the top parked one when that fits. So an idle
+ * worker holds no output memory, while busy connections keep handing the same few blocks round
+ * without calling malloc. Bounds: III_OUT_PARK_N blocks; parking is off with bcache's (limit
+ * 0), and everything parked is freed with bcache after III_BUF_CACHE_MS unused (one stamp). */
+static struct {
+    unsigned char *p[III_OUT_PARK_N];
+    size_t cap[III_OUT_PARK_N];
+    int n;
+} opark;
+
+/* Frees parked blocks until at most `keep` bytes are parked (and, with keep 0, every parked
+ * output block too). */
 static void buf_cache_trim(size_t keep)
 {
     while (bcache.n && bcache.bytes > keep) {
@@ -550,6 +567,21 @@ static void buf_cache_trim(size_t keep)
         bcache.bytes -= bcache.cap[bcache.n];
         xfree(bcache.p[bcache.n]);
     }
+    while (!keep && opark.n) xfree(opark.p[--opark.n]);
+}
+
+/* Gives up a drained output buffer's small block (see opark); a larger one stays. */
+static void buf_out_park(struct buf *b)
+{
+    if (!b->p || b->len != b->off || b->cap > III_OUT_PARK_MAX) return;
+    if (opark.n < III_OUT_PARK_N && bcache.limit) {
+        opark.p[opark.n] = b->p, opark.cap[opark.n++] = b->cap;
+        bcache.stamp++;
+    } else {
+        xfree(b->p);
+    }
+    b->p = NULL;
+    b->len = b->cap = b->off = 0;
 }
 
 /* Releases b's storage: a large block is parked when there is room, else freed. */
@@ -607,10 +639,16 @@ static int buf_grow(struct buf *b, size_t n)
         return -1;
     }
     if (b->cap - b->len >= n) return 0;
+    if (!b->p && b->park && opark.n && opark.cap[opark.n - 1] >= n) {
+        b->p = opark.p[--opark.n], b->cap = opark.cap[opark.n];
+        b->len = b->off = 0;
+        bcache.stamp++;
+        return 0;
+    }
     if (b->off && b->off == b->len) b->off = b->len = 0;
     /* compact instead of growing when over half the block is consumed, or when moving the live
      * bytes down alone makes room: a memmove is cheaper than a bigger block */
-    if (b->off > b->cap / 2 || (b->off && b->cap - (b->len - b->off) >= n)) {
+    if (b->p && (b->off > b->cap / 2 || (b->off && b->cap - (b->len - b->off) >= n))) {
         memmove(b->p, b->p + b->off, b->len - b->off);
         b->len -= b->off;
         b->off = 0;
@@ -5475,7 +5513,7 @@ static struct conn *conn_new(int fd, const char *ip)
     if (!c) return NULL;
     c->fd = fd;
     c->kind = CK_HTTP;
-    c->out.lim = S.set.max_outbound_bytes;
+    c->out.lim = S.set.max_outbound_bytes, c->out.park = 1;
     c->t_accept = c->t_rx = now_ms();
     snprintf(c->ip, sizeof c->ip, "%s", ip);
 #ifdef III_EPOLL
@@ -5543,6 +5581,7 @@ static void conn_flush(struct conn *c)
             conn_abort(c, "write error");
         }
     }
+    if (c->out.park) buf_out_park(&c->out);
 }
 
 /* ==== HTTP ==================================================================================
@@ -12979,7 +13018,7 @@ static void buf_cache_tick(int64_t now, int64_t *next)
     if (mm && mem_live_bytes > mm / 2) lim = 0;
     bcache.limit = lim;
     buf_cache_trim(lim);
-    if (!bcache.n) return;
+    if (!bcache.n && !opark.n) return;
     if (bcache.stamp != seen) seen = bcache.stamp, at = now;
     else if (now - at >= III_BUF_CACHE_MS) {
         buf_cache_trim(0);
@@ -13048,10 +13087,12 @@ static void loop_run(void)
         /* the NATS connection (cluster:), when there is one */
         size_t nidx = SIZE_MAX;
         nats_tick(now, &next);
-        nats_flush();
-        short ne = nats_events();
-        if (ep_nats(ne) < 0 && n < cap)
-            nidx = n, pf[n].fd = CL.fd, pf[n].events = ne, pc[n++] = NULL;
+        if (CL.fd >= 0) {
+            nats_flush();
+            short ne = nats_events();
+            if (ep_nats(ne) < 0 && n < cap)
+                nidx = n, pf[n].fd = CL.fd, pf[n].events = ne, pc[n++] = NULL;
+        }
         size_t cidx = n, eidx = SIZE_MAX;
 #ifdef III_EPOLL
         if (S.ep >= 0) eidx = n, pf[n].fd = S.ep, pf[n].events = POLLIN, pc[n++] = NULL;

@@ -938,6 +938,68 @@ static void t_nats_epoll(void)
     PASS();
 }
 
+/* Output blocks (opark): a connection whose output has all been written holds no block; the
+ * next output takes the parked one back without malloc; a block over III_OUT_PARK_MAX stays
+ * with its connection; a first block the parked one is too small for comes from malloc; with
+ * parking off (bcache.limit 0, memory pressure) a drained block is freed; trimming frees all. */
+static void t_out_park(void)
+{
+    const char *test_name = "idle_connection_holds_no_output_block";
+    int ep0 = S.ep, sv[2];
+    size_t lim0 = bcache.limit, live0 = mem_live_bytes;
+    S.ep = -1, bcache.limit = III_BUF_CACHE;
+    buf_cache_trim(0);
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0, "socketpair");
+    fcntl(sv[0], F_SETFL, fcntl(sv[0], F_GETFL) | O_NONBLOCK);
+    fcntl(sv[1], F_SETFL, fcntl(sv[1], F_GETFL) | O_NONBLOCK);
+    struct conn *c = conn_new(sv[0], "127.0.0.1");
+    CHECK(c && c->out.park, "conn_new");
+    c->kind = CK_WORKER, c->ws = 1;
+    static unsigned char big[8192], got[16384];
+    conn_frame(c, WS_TEXT, "hello", 5);
+    unsigned char *blk = c->out.p;
+    CHECK(blk && c->out.cap <= III_OUT_PARK_MAX, "a small first block (%zu)", c->out.cap);
+    conn_flush(c);
+    CHECK(!c->out.p && !c->out.cap && opark.n == 1 && opark.p[0] == blk, "drained: not parked");
+    CHECK(read(sv[1], got, sizeof got) == 7 && !memcmp(got + 2, "hello", 5), "frame 1 on the wire");
+    size_t a0 = mem_allocs_total;
+    conn_frame(c, WS_TEXT, "again", 5);
+    CHECK(c->out.p == blk && !opark.n && mem_allocs_total == a0, "the parked block not taken back");
+    conn_flush(c);
+    CHECK(read(sv[1], got, sizeof got) == 7 && !memcmp(got + 2, "again", 5), "frame 2 on the wire");
+    /* a first frame bigger than the parked block: malloc; bigger than the park limit: kept */
+    conn_frame(c, WS_BIN, big, sizeof big);
+    CHECK(c->out.p != blk && opark.n == 1 && mem_allocs_total == a0 + 1, "the big frame's block");
+    conn_flush(c);
+    CHECK(c->out.p && c->out.cap > III_OUT_PARK_MAX && opark.n == 1, "a big block left its conn");
+    for (int i = 0; i < 100 && read(sv[1], got, sizeof got) > 0; i++) {
+    }
+    /* parking off: a drained small block goes back to malloc */
+    buf_free(&c->out);
+    bcache.limit = 0;
+    conn_frame(c, WS_TEXT, "three", 5);
+    CHECK(c->out.p == blk && !opark.n, "the parked block not taken");
+    conn_flush(c);
+    CHECK(!c->out.p && !opark.n, "parked with parking off");
+    S.dirty = NULL, S.reap = NULL, S.reap_now = 0;
+    conn_free(c);
+    close(sv[1]);
+    bcache.limit = III_BUF_CACHE;
+    struct buf o = {0};
+    o.park = 1;
+    buf_puts(&o, "x");
+    buf_out_park(&o);
+    CHECK(o.p && !opark.n, "parked with a byte unwritten");
+    buf_consume(&o, 1);
+    buf_out_park(&o);
+    CHECK(!o.p && opark.n == 1, "park");
+    buf_cache_trim(0);
+    CHECK(!opark.n && mem_live_bytes == live0, "trim left %d parked, %zd bytes", opark.n,
+          (ssize_t)(mem_live_bytes - live0));
+    S.ep = ep0, bcache.limit = lim0;
+    PASS();
+}
+
 static uint64_t rng_state = 1;
 static uint64_t test_rand(void)
 {
@@ -1045,6 +1107,7 @@ int main(int argc, char **argv)
     t_splice();
     t_read_keep();
     t_nats_epoll();
+    t_out_park();
     t_registry();
     return failed ? 1 : 0;
 }
