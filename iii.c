@@ -9091,6 +9091,13 @@ static int msg_errbody(const struct jdoc *d, int ti)
 /* 1 if frame d of message type t[0..tl) has every field in the right shape. */
 static int msg_valid(const struct jdoc *d, const char *t, size_t tl)
 {
+    /* bit min(n, 31): some row's type is n bytes long; a type of a length no row has (every
+     * invokefunction) is valid without walking the table. Made on the first call. */
+    static uint32_t lens;
+    if (!lens)
+        for (size_t i = 0; i < sizeof MSG_FIELDS / sizeof MSG_FIELDS[0]; i++)
+            lens |= 1u << (MSG_FIELDS[i].tl < 31 ? MSG_FIELDS[i].tl : 31);
+    if (!(lens >> (tl < 31 ? tl : 31) & 1)) return 1;
     int seen = 0; /* a row of this type was reached: the next other type ends the rows */
     for (size_t i = 0; i < sizeof MSG_FIELDS / sizeof MSG_FIELDS[0]; i++) {
         const struct msg_field *f = &MSG_FIELDS[i];

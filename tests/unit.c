@@ -470,6 +470,26 @@ static void t_json_api(void)
             for (size_t j = 0; j < i; j++)
                 CHECK(strcmp(MSG_FIELDS[i].type, MSG_FIELDS[j].type), "MSG_FIELDS: %s rows apart",
                       MSG_FIELDS[i].type);
+    /* ... and its index of type lengths never skips a type that has rows: a frame with only
+     * its type fails every type that has a required row; invokefunction (no rows) passes */
+    for (size_t i = 0; i < sizeof MSG_FIELDS / sizeof MSG_FIELDS[0]; i++) {
+        if (!(MSG_FIELDS[i].kind & F_REQ)) continue;
+        char fr[96];
+        struct jdoc m = {0};
+        snprintf(fr, sizeof fr, "{\"type\":\"%s\"}", MSG_FIELDS[i].type);
+        CHECK(json_parse(&m, (const unsigned char *)fr, strlen(fr), 2, 1) == 0 &&
+                  !msg_valid(&m, MSG_FIELDS[i].type, MSG_FIELDS[i].tl),
+              "msg_valid: %s without its %s", MSG_FIELDS[i].type, MSG_FIELDS[i].field);
+        xfree(m.t);
+    }
+    {
+        struct jdoc m = {0};
+        const char *fr = "{\"type\":\"invokefunction\",\"function_id\":7}";
+        CHECK(json_parse(&m, (const unsigned char *)fr, strlen(fr), 2, 1) == 0 &&
+                  msg_valid(&m, "invokefunction", 14),
+              "msg_valid: invokefunction has no rows");
+        xfree(m.t);
+    }
     CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-0123456789e\xe6", 36), "uuid: non-ASCII");
     CHECK(!uuid_valid("0123abcd-EF45-6789-aBcD-0123456789eG", 36), "uuid: G");
     CHECK(!uuid_valid("/123abcd-EF45-6789-aBcD-0123456789e`", 36), "uuid: / and `");
