@@ -546,20 +546,21 @@ static struct {
 } bcache;
 
 /* Small output blocks (at most III_OUT_PARK_MAX bytes) are not kept by idle connections either:
- * a connection's output buffer (park set) gives its block up once everything is written
- * (buf_out_park, from conn_flush), to this stack or, when it is full or parking is off, to
- * malloc; such a buffer's next first block is the top parked one when that fits. So an idle
- * worker holds no output memory, while busy connections keep handing the same few blocks round
- * without calling malloc. Bounds: III_OUT_PARK_N blocks; parking is off with bcache's (limit
- * 0), and everything parked is freed with bcache after III_BUF_CACHE_MS unused (one stamp). */
+ * a connection's output buffer (park set) gives its block up to this stack once everything is
+ * written (buf_out_park, from conn_flush), and such a buffer's next first block is a parked one
+ * that fits (buf_out_take). So an idle worker holds no output memory, while busy connections
+ * hand the same few blocks round without calling malloc (unless more than III_OUT_PARK_N of
+ * them drain in one turn: with the stack full a drained block is freed). Bounds: the stack;
+ * under memory pressure (bcache.limit 0) a drained block is freed and the stack emptied, and
+ * the stack is freed after III_BUF_CACHE_MS without a park or a take (its own stamp). */
 static struct {
     unsigned char *p[III_OUT_PARK_N];
     size_t cap[III_OUT_PARK_N];
     int n;
+    unsigned stamp; /* counts parks and takes (buf_cache_tick) */
 } opark;
 
-/* Frees parked blocks until at most `keep` bytes are parked (and, with keep 0, every parked
- * output block too). */
+/* Frees parked large blocks until at most `keep` bytes are parked. */
 static void buf_cache_trim(size_t keep)
 {
     while (bcache.n && bcache.bytes > keep) {
@@ -567,21 +568,42 @@ static void buf_cache_trim(size_t keep)
         bcache.bytes -= bcache.cap[bcache.n];
         xfree(bcache.p[bcache.n]);
     }
-    while (!keep && opark.n) xfree(opark.p[--opark.n]);
 }
 
-/* Gives up a drained output buffer's small block (see opark); a larger one stays. */
+/* Frees every parked output block. */
+static void buf_out_trim(void)
+{
+    while (opark.n) xfree(opark.p[--opark.n]);
+}
+
+/* Gives up a drained output buffer's small block (see opark): parked, or freed when the stack
+ * is full or parking is off; a larger block stays. */
 static void buf_out_park(struct buf *b)
 {
-    if (!b->p || b->len != b->off || b->cap > III_OUT_PARK_MAX) return;
-    if (opark.n < III_OUT_PARK_N && bcache.limit) {
+    if (!b->park || !b->p || b->len != b->off || b->cap > III_OUT_PARK_MAX) return;
+    if (bcache.limit && opark.n < III_OUT_PARK_N) {
         opark.p[opark.n] = b->p, opark.cap[opark.n++] = b->cap;
-        bcache.stamp++;
+        opark.stamp++;
     } else {
         xfree(b->p);
     }
     b->p = NULL;
     b->len = b->cap = b->off = 0;
+}
+
+/* buf_grow's first block for an output buffer: the parked block nearest the top of the stack
+ * with room for n bytes, among the top eight. 1 taken, 0 none fits. */
+static int buf_out_take(struct buf *b, size_t n)
+{
+    for (int i = opark.n - 1; i >= 0 && i >= opark.n - 8; i--) {
+        if (opark.cap[i] < n) continue;
+        b->p = opark.p[i], b->cap = opark.cap[i], b->len = b->off = 0;
+        opark.n--;
+        opark.p[i] = opark.p[opark.n], opark.cap[i] = opark.cap[opark.n];
+        opark.stamp++;
+        return 1;
+    }
+    return 0;
 }
 
 /* Releases b's storage: a large block is parked when there is room, else freed. */
@@ -639,12 +661,7 @@ static int buf_grow(struct buf *b, size_t n)
         return -1;
     }
     if (b->cap - b->len >= n) return 0;
-    if (!b->p && b->park && opark.n && opark.cap[opark.n - 1] >= n) {
-        b->p = opark.p[--opark.n], b->cap = opark.cap[opark.n];
-        b->len = b->off = 0;
-        bcache.stamp++;
-        return 0;
-    }
+    if (!b->p && b->park && opark.n && buf_out_take(b, n)) return 0;
     if (b->off && b->off == b->len) b->off = b->len = 0;
     /* compact instead of growing when over half the block is consumed, or when moving the live
      * bytes down alone makes room: a memmove is cheaper than a bigger block */
@@ -5499,7 +5516,10 @@ static int conn_frame_end(struct conn *c, size_t at)
     }
     if (wsplice.b == &c->out) {
         if (conn_splice_write(c) < 0) return -1;
-        if (!buf_used(&c->out)) return 0; /* all written */
+        if (!buf_used(&c->out)) { /* all written */
+            buf_out_park(&c->out);
+            return 0;
+        }
     }
     conn_dirty(c);
     return 0;
@@ -5581,7 +5601,7 @@ static void conn_flush(struct conn *c)
             conn_abort(c, "write error");
         }
     }
-    if (c->out.park) buf_out_park(&c->out);
+    buf_out_park(&c->out);
 }
 
 /* ==== HTTP ==================================================================================
@@ -6053,6 +6073,11 @@ static void ws_on_message(struct conn *c, int op, const unsigned char *p, size_t
     }
 }
 
+/* The room ws_on_data asks for a partial frame it accepted while c->in was the shared read
+ * buffer (only the connection being read has it: loop_read sets and clears in_borrowed around
+ * one loop_process); loop_read reserves it when the frame moves out. 0: nothing asked. */
+static size_t rd_keep;
+
 /* Parses and handles every complete frame in c->in (RFC 6455 §5): control frames answered,
  * fragments reassembled, text validated as UTF-8 as it arrives (fail fast, §8.1), limits
  * enforced before payload bytes are awaited. Stops at the first incomplete frame. */
@@ -6089,10 +6114,14 @@ static void ws_on_data(struct conn *c)
         }
         if (avail - (size_t)hl < plen) {
             /* wait for the payload: memory follows the bytes that actually arrive (a header alone
-             * must not make the engine commit the declared size), in steps of at most 1 MiB */
+             * must not make the engine commit the declared size), in steps of at most 1 MiB, plus
+             * one read step, so that loop_read's own reserve never regrows (and copies) the block
+             * before the frame is whole. In the shared buffer (borrowed) the room is only noted:
+             * loop_read gives it when the partial frame moves out. */
             size_t want = (size_t)hl + plen - avail;
             if (want > III_BUF_SHRINK) want = III_BUF_SHRINK;
-            if (!c->in_borrowed && buf_reserve(&c->in, want) < 0) conn_oom(c);
+            if (c->in_borrowed) rd_keep = avail + want + III_READ_CHUNK;
+            else if (buf_reserve(&c->in, want + III_READ_CHUNK) < 0) conn_oom(c);
             return;
         }
         unsigned char *pl = p + hl;
@@ -11030,6 +11059,7 @@ struct rin {
 static struct {
     int state, fd;
     unsigned ep_ev;               /* the socket's interest in the epoll set now (0: not in it) */
+    int ep_bad;                   /* epoll_ctl failed for this socket: poll() watches it */
     struct buf in, out;
     size_t url;                   /* index in the config's urls of the one tried now */
     int64_t next_try, backoff, next_hb, ready_at;
@@ -11187,7 +11217,7 @@ static void nats_close(void)
 {
     if (CL.fd < 0) return;
     ep_nats(0);
-    close(CL.fd), CL.fd = -1;
+    close(CL.fd), CL.fd = -1, CL.ep_bad = 0;
 }
 
 /* Drops the connection: the next attempt, on the next URL, after the backoff. */
@@ -12626,22 +12656,6 @@ static void resume_tick(void)
     }
 }
 
-/* The room to give a partial frame of `left` bytes when it moves out of the shared buffer: what
- * ws_on_data would reserve for it (the whole frame, at most III_BUF_SHRINK beyond what arrived),
- * so a large message is copied once and its block is not regrown (and copied again) while the
- * rest of it arrives. Just `left` for a small partial frame (a header and a few bytes commit no
- * more memory than before they moved) and while the header is incomplete. */
-static size_t loop_keep_size(const unsigned char *p, size_t left)
-{
-    unsigned char mask[4];
-    size_t plen = 0;
-    int op, fin, code;
-    int hl = ws_parse_hdr(p, left, 1, S.set.max_frame_bytes, &op, &fin, &plen, mask, &code);
-    if (left < III_READ_CHUNK || hl <= 0 || plen <= left - (size_t)hl) return left;
-    size_t want = (size_t)hl + plen - left;
-    return left + (want < III_BUF_SHRINK ? want : III_BUF_SHRINK);
-}
-
 /* Reads what the socket has and processes it. A connection with no partial frame pending reads
  * into one shared buffer and is handled from there: only a trailing partial frame is copied into
  * the connection's own buffer. The shared buffer (III_READ_SHARED) is larger than the step a
@@ -12683,14 +12697,18 @@ static void loop_read(struct conn *c)
         return;
     }
     c->in.p = shared, c->in.len = (size_t)r, c->in.cap = sizeof shared, c->in.off = 0;
-    c->in_borrowed = 1;
+    c->in_borrowed = 1, rd_keep = 0;
     loop_process(c);
     c->in_borrowed = 0;
     size_t left = buf_used(&c->in);
     unsigned char *lp = buf_data(&c->in);
     memset(&c->in, 0, sizeof c->in);
+    /* a large partial frame ws_on_data accepted gets the room it asked for, so it is copied once
+     * and its block is not regrown while the rest arrives; a small one (a header and a few
+     * bytes) only its own bytes, committing no more memory than before it moved */
+    size_t keep = left >= III_READ_CHUNK && rd_keep > left ? rd_keep : left;
     if (left && !c->dead && !c->closing &&
-        (buf_reserve(&c->in, loop_keep_size(lp, left)) < 0 || buf_append(&c->in, lp, left) < 0))
+        (buf_reserve(&c->in, keep) < 0 || buf_append(&c->in, lp, left) < 0))
         conn_oom(c);
 }
 
@@ -12835,17 +12853,19 @@ static int ep_nats(short pev)
 #ifdef III_EPOLL
     unsigned ev = (pev & POLLIN ? EPOLLIN : 0u) | (pev & POLLOUT ? EPOLLOUT : 0u);
     if (ev == CL.ep_ev) return 0;
+    if (ev && (CL.ep_bad || !ep_sig || CL.fd < 0)) return -1;
     struct epoll_event e;
     memset(&e, 0, sizeof e);
     e.events = ev;
     e.data.ptr = &ep_tag_nats;
     int op = !ev ? EPOLL_CTL_DEL : CL.ep_ev ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
-    if (ep_sig && CL.fd >= 0 && epoll_ctl(S.ep, op, CL.fd, &e) == 0) {
+    if (epoll_ctl(S.ep, op, CL.fd, &e) == 0) {
         CL.ep_ev = ev;
         return 0;
     }
-    if (CL.ep_ev && CL.fd >= 0) epoll_ctl(S.ep, EPOLL_CTL_DEL, CL.fd, &e);
-    CL.ep_ev = 0;
+    /* failed: out of the set for good (until the socket is replaced), watched by poll() */
+    if (CL.ep_ev) epoll_ctl(S.ep, EPOLL_CTL_DEL, CL.fd, &e);
+    CL.ep_ev = 0, CL.ep_bad = 1;
     return ev ? -1 : 0;
 #else
     return pev ? -1 : 0;
@@ -13010,28 +13030,36 @@ static void engine_free_all(void)
     }
     xfree(S.jd.t);
     buf_free(&S.tmp), buf_free(&S.tmp2);
-    buf_cache_trim(0);
+    buf_cache_trim(0), buf_out_trim();
 }
 
-/* The parked large blocks (bcache, Buffer): up to III_BUF_CACHE bytes and an eighth of
- * max_memory_bytes, none once memory is over half the budget; all freed after III_BUF_CACHE_MS
- * without a park or a take. */
+/* 1 when a cache whose park/take counter is `stamp` has gone III_BUF_CACHE_MS unused (*seen and
+ * *at remember the counter and when it last moved); otherwise 0, and *next becomes the time it
+ * would be, if sooner. */
+static int buf_cache_unused(unsigned stamp, unsigned *seen, int64_t *at, int64_t now,
+                            int64_t *next)
+{
+    if (stamp != *seen) *seen = stamp, *at = now;
+    else if (now - *at >= III_BUF_CACHE_MS) return 1;
+    if (*at + III_BUF_CACHE_MS < *next) *next = *at + III_BUF_CACHE_MS;
+    return 0;
+}
+
+/* The parked blocks (bcache and opark, Buffer): large ones up to III_BUF_CACHE bytes and an
+ * eighth of max_memory_bytes; none of either kind once memory is over half the budget; each
+ * kind freed after III_BUF_CACHE_MS without a park or a take of that kind. */
 static void buf_cache_tick(int64_t now, int64_t *next)
 {
-    static unsigned seen;
-    static int64_t at;
+    static unsigned bseen, oseen;
+    static int64_t bat, oat;
     size_t lim = III_BUF_CACHE, mm = S.set.max_memory_bytes;
     if (mm && lim > mm / 8) lim = mm / 8;
     if (mm && mem_live_bytes > mm / 2) lim = 0;
     bcache.limit = lim;
     buf_cache_trim(lim);
-    if (!bcache.n && !opark.n) return;
-    if (bcache.stamp != seen) seen = bcache.stamp, at = now;
-    else if (now - at >= III_BUF_CACHE_MS) {
-        buf_cache_trim(0);
-        return;
-    }
-    if (at + III_BUF_CACHE_MS < *next) *next = at + III_BUF_CACHE_MS;
+    if (!lim) buf_out_trim();
+    if (bcache.n && buf_cache_unused(bcache.stamp, &bseen, &bat, now, next)) buf_cache_trim(0);
+    if (opark.n && buf_cache_unused(opark.stamp, &oseen, &oat, now, next)) buf_out_trim();
 }
 
 /* Drains the self-pipe; the sig_* flags say which signals arrived. */

@@ -180,7 +180,7 @@
 #define III_OUT_PARK_MAX 4096 /* a drained output block this small leaves its connection ... */
 #endif
 #ifndef III_OUT_PARK_N
-#define III_OUT_PARK_N 32 /* ... parked for the next connection's output, at most this many */
+#define III_OUT_PARK_N 256 /* ... parked for the next connection's output, at most this many */
 #endif
 #ifndef III_CHANNEL_TTL_MS
 #define III_CHANNEL_TTL_MS 300000 /* a channel not fully connected after 5 min is swept */

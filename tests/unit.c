@@ -873,18 +873,23 @@ static void t_read_keep(void)
     struct conn *c = conn_new(sv[0], "127.0.0.1");
     CHECK(c, "conn_new");
     c->kind = CK_OTEL, c->ws = 1; /* a sink: counts the messages it is given */
-    size_t n = (size_t)1 << 20;
+    /* just under 1 MiB: a block sized to the frame alone would have to grow for the last read
+     * step (loop_read wants III_READ_CHUNK of room before each read) */
+    size_t n = ((size_t)1 << 20) - 1000;
     unsigned char *pay = malloc(n);
     CHECK(pay, "malloc");
     for (size_t i = 0; i < n; i++) pay[i] = (unsigned char)i;
     struct buf f = {0};
     CHECK(ws_frame(&f, WS_BIN, pay, n, 1) == 0, "frame");
-    /* the message, as fast as the socket takes it, read after each write: the first read finds
-     * c->in empty, so it lands in the shared buffer and its partial frame moves out */
+    int big = 1 << 20;
+    setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
+    /* the first part, 2 read steps, is read into the shared buffer (c->in is empty) and its
+     * partial frame moves out; the rest comes half a read step at a time, read after each */
     size_t sent = 0, moved = 0, allocs0 = 0;
     unsigned char *p0 = NULL;
     for (int turn = 0; turn < 100000 && sent < f.len; turn++) {
-        ssize_t w = write(sv[1], f.p + sent, f.len - sent);
+        size_t step = turn ? III_READ_CHUNK / 2 : 2 * (size_t)III_READ_CHUNK;
+        ssize_t w = write(sv[1], f.p + sent, f.len - sent < step ? f.len - sent : step);
         if (w > 0) sent += (size_t)w;
         loop_read(c);
         CHECK(!c->dead, "connection dropped");
@@ -908,6 +913,16 @@ static void t_read_keep(void)
     loop_read(c);
     CHECK(!c->dead && buf_used(&c->in) == 20 && c->in.cap < III_READ_CHUNK,
           "a 20-byte partial frame kept %zu bytes of room", c->in.cap);
+    /* input held unparsed (a connection waiting for the auth function): its header was never
+     * checked, so it gets only its own bytes, whatever size it declares */
+    buf_free(&c->in);
+    c->auth_wait = 1;
+    size_t held = III_AUTH_HOLD_BYTES < III_READ_CHUNK ? III_READ_CHUNK : III_AUTH_HOLD_BYTES;
+    CHECK(write(sv[1], f.p, held) == (ssize_t)held, "write");
+    loop_read(c);
+    CHECK(buf_used(&c->in) == held && c->in.cap < 2 * held,
+          "%zu held bytes given %zu bytes of room", buf_used(&c->in), c->in.cap);
+    c->auth_wait = 0;
     free(pay), buf_free(&f);
     conn_free(c);
     close(sv[1]);
@@ -944,14 +959,25 @@ static void t_nats_epoll(void)
               ev[0].events == EPOLLIN, "no tagged EPOLLIN");
     CHECK(ep_nats(POLLIN | POLLOUT) == 0 && epoll_wait(S.ep, ev, 4, 0) == 1 &&
               ev[0].events == (EPOLLIN | EPOLLOUT), "POLLOUT not added");
-    /* closed: out of the set; a new descriptor with its number stays out of it */
+    /* closed: out of the set, even while another descriptor (a dup, as a forked child would
+     * hold) keeps the socket itself open, which a bare close() would leave registered */
+    int dupfd = dup(sv[0]);
+    CHECK(dupfd >= 0, "dup");
     nats_close();
     CHECK(CL.fd == -1 && CL.ep_ev == 0, "close");
-    int again[2];
-    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, again) == 0, "socketpair");
-    CHECK(write(again[1], "x", 1) == 1 && epoll_wait(S.ep, ev, 4, 0) == 0,
-          "an event after the close (descriptor %d reused as %d)", sv[0], again[0]);
-    close(again[0]), close(again[1]), close(sv[1]), close(S.ep);
+    CHECK(write(sv[1], "x", 1) == 1 && epoll_wait(S.ep, ev, 4, 0) == 0,
+          "an event for the closed socket (through its dup)");
+    /* an epoll_ctl that fails: poll() watches the socket from then on, without retrying */
+    CL.fd = dupfd, CL.state = NATS_READY;
+    int ep = S.ep, pp[2];
+    CHECK(pipe(pp) == 0, "pipe");
+    S.ep = pp[0]; /* not an epoll descriptor: epoll_ctl fails */
+    CHECK(ep_nats(POLLIN) == -1 && CL.ep_bad && !CL.ep_ev, "a failed registration not reported");
+    S.ep = ep;
+    CHECK(ep_nats(POLLIN) == -1 && !CL.ep_ev, "retried after a failure");
+    nats_close();
+    CHECK(!CL.ep_bad && ep_nats(0) == 0, "the failure outlived its socket");
+    close(pp[0]), close(pp[1]), close(sv[1]), close(S.ep);
     buf_free(&CL.in), buf_free(&CL.out);
     S.ep = ep0, ep_sig = sig0, CL.state = st0;
 #endif
@@ -961,14 +987,17 @@ static void t_nats_epoll(void)
 /* Output blocks (opark): a connection whose output has all been written holds no block; the
  * next output takes the parked one back without malloc; a block over III_OUT_PARK_MAX stays
  * with its connection; a first block the parked one is too small for comes from malloc; with
- * parking off (bcache.limit 0, memory pressure) a drained block is freed; trimming frees all. */
+ * parking off (bcache.limit 0, memory pressure) or with the stack full a drained block is
+ * freed; each kind of parked block (small output, large) is freed after
+ * III_BUF_CACHE_MS without a park or a take of its own kind. */
 static void t_out_park(void)
 {
     const char *test_name = "idle_connection_holds_no_output_block";
     int ep0 = S.ep, sv[2];
     size_t lim0 = bcache.limit, live0 = mem_live_bytes;
     S.ep = -1, bcache.limit = III_BUF_CACHE;
-    buf_cache_trim(0);
+    buf_cache_trim(0), buf_out_trim();
+    live0 = mem_live_bytes;
     CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0, "socketpair");
     fcntl(sv[0], F_SETFL, fcntl(sv[0], F_GETFL) | O_NONBLOCK);
     fcntl(sv[1], F_SETFL, fcntl(sv[1], F_GETFL) | O_NONBLOCK);
@@ -1001,10 +1030,25 @@ static void t_out_park(void)
     CHECK(c->out.p == blk && !opark.n, "the parked block not taken");
     conn_flush(c);
     CHECK(!c->out.p && !opark.n, "parked with parking off");
+    /* the stack full: a drained block is freed */
+    bcache.limit = III_BUF_CACHE;
+    for (int i = 0; i < III_OUT_PARK_N; i++) {
+        struct buf t = {0};
+        buf_puts(&t, "t"); /* (its own block: park set only after, or it would take one) */
+        buf_consume(&t, 1);
+        t.park = 1;
+        buf_out_park(&t);
+    }
+    CHECK(opark.n == III_OUT_PARK_N, "filling the stack");
+    conn_frame(c, WS_BIN, big, 1000); /* (bigger than the parked blocks: malloc'd) */
+    unsigned char *own = c->out.p;
+    CHECK(own && c->out.cap <= III_OUT_PARK_MAX && opark.n == III_OUT_PARK_N, "a block of its own");
+    conn_flush(c);
+    CHECK(!c->out.p && opark.n == III_OUT_PARK_N, "kept, or parked on a full stack");
+    buf_out_trim();
     S.dirty = NULL, S.reap = NULL, S.reap_now = 0;
     conn_free(c);
     close(sv[1]);
-    bcache.limit = III_BUF_CACHE;
     struct buf o = {0};
     o.park = 1;
     buf_puts(&o, "x");
@@ -1013,9 +1057,27 @@ static void t_out_park(void)
     buf_consume(&o, 1);
     buf_out_park(&o);
     CHECK(!o.p && opark.n == 1, "park");
-    buf_cache_trim(0);
-    CHECK(!opark.n && mem_live_bytes == live0, "trim left %d parked, %zd bytes", opark.n,
-          (ssize_t)(mem_live_bytes - live0));
+    /* each kind of parked block is freed after III_BUF_CACHE_MS without its own use: steady
+     * small output does not keep a large block parked, nor the reverse */
+    struct buf L = {0};
+    static unsigned char z[4096];
+    for (size_t i = 0; i <= III_BUF_SHRINK; i += sizeof z) buf_append(&L, z, sizeof z);
+    buf_consume(&L, buf_used(&L)); /* drained above III_BUF_SHRINK: parked in bcache */
+    CHECK(bcache.n == 1 && opark.n == 1, "both kinds parked (%d, %d)", bcache.n, opark.n);
+    int64_t t0 = 1000000, nx;
+    for (int64_t t = t0; t <= t0 + 2 * III_BUF_CACHE_MS; t += 100) {
+        nx = INT64_MAX;
+        buf_puts(&o, "y"), buf_consume(&o, 1), buf_out_park(&o); /* small output goes on */
+        buf_cache_tick(t, &nx);
+    }
+    CHECK(!bcache.n && opark.n == 1, "the large block kept by small traffic (%d, %d)", bcache.n,
+          opark.n);
+    for (int64_t t = t0 + 2 * III_BUF_CACHE_MS; t <= t0 + 4 * III_BUF_CACHE_MS; t += 100) {
+        nx = INT64_MAX;
+        buf_cache_tick(t, &nx);
+    }
+    CHECK(!opark.n && mem_live_bytes == live0, "the unused stack kept %d blocks, %zd bytes",
+          opark.n, (ssize_t)(mem_live_bytes - live0));
     S.ep = ep0, bcache.limit = lim0;
     PASS();
 }
