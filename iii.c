@@ -12811,9 +12811,10 @@ static void ep_sync(struct conn *c)
 /* epoll also carries the self-pipe, the listener and the NATS socket (ep_nats, below), tagged by
  * the addresses of ep_tag_sig, ep_tag_lfd and ep_tag_nats instead of a conn: a turn with no
  * other descriptor to watch (no worker pipe, no stdout backlog) blocks in epoll_wait alone, one
- * syscall per wake-up instead of poll() plus epoll_wait. ep_lfd is the listener registered now (-1: none); ep_listener drops it from
- * the set before the listener is closed, so a descriptor number reused later by a connection is
- * never mistaken for it. Either registration failing just puts that descriptor back in poll(). */
+ * syscall per wake-up instead of poll() plus epoll_wait. ep_lfd is the listener registered now
+ * (-1: none); ep_listener drops it from the set before the listener is closed, so a descriptor
+ * number reused later by a connection is never mistaken for it. Either registration failing
+ * just puts that descriptor back in poll(). */
 static char ep_tag_sig, ep_tag_lfd;
 static int ep_lfd = -1, ep_sig;
 
